@@ -1,0 +1,116 @@
+"""Every queue name, header and Redis key prefix, in one place.
+
+All names hang off a *namespace* (default ``farebox``) so that a test run, or a second pipeline
+on the same broker, can live beside production without touching it: the intake of the default
+namespace is exactly ``farebox.jobs`` as CONTRACT.md fixes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "farebox"
+STAGES = ("dedup", "route", "execute", "account")
+
+# AMQP headers farebox sets on its own messages.
+H_REASON = "x-farebox-reason"  # why a message was dead-lettered (never prompt text)
+H_STAGE = "x-farebox-stage"  # the stage that dead-lettered it
+H_CODE = "x-farebox-code"  # the error code the caller receives
+H_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
+
+CONTENT_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Queue and exchange names for one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def intake(self) -> str:
+        return f"{self.namespace}.jobs"
+
+    @property
+    def recheck(self) -> str:
+        """Coalesced waiters come back to the dedup stage through here."""
+        return f"{self.namespace}.recheck"
+
+    @property
+    def wait(self) -> str:
+        """A classic queue with a message TTL: a waiter sits here, then dead-letters to recheck."""
+        return f"{self.namespace}.wait"
+
+    @property
+    def wait_exchange(self) -> str:
+        return f"{self.namespace}.wait.dlx"
+
+    @property
+    def route(self) -> str:
+        return f"{self.namespace}.route"
+
+    def execute(self, provider: str) -> str:
+        return f"{self.namespace}.execute.{provider}"
+
+    @property
+    def account(self) -> str:
+        return f"{self.namespace}.account"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.namespace}.dlx"
+
+    @property
+    def dead(self) -> str:
+        """Where dead-lettered messages are kept for people to inspect."""
+        return f"{self.namespace}.dead"
+
+    @property
+    def dead_notify(self) -> str:
+        """A second copy of every dead letter, consumed to send the caller its error result."""
+        return f"{self.namespace}.dead.notify"
+
+    @property
+    def alerts_exchange(self) -> str:
+        return f"{self.namespace}.alerts"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Redis key builders for one prefix (default ``farebox:``)."""
+
+    prefix: str = "farebox:"
+
+    def cache(self, key: str) -> str:
+        return f"{self.prefix}cache:{key}"
+
+    def inflight(self, key: str) -> str:
+        return f"{self.prefix}inflight:{key}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.prefix}result:{job_id}"
+
+    def outcome(self, job_id: str) -> str:
+        """A provider answer kept between the call and the hand-off, so a redelivery never calls twice."""
+        return f"{self.prefix}outcome:{job_id}"
+
+    def ledger_entry(self, job_id: str) -> str:
+        return f"{self.prefix}ledger:job:{job_id}"
+
+    @property
+    def ledger_stream(self) -> str:
+        return f"{self.prefix}ledger:stream"
+
+    def ledger_agg(self, day: str) -> str:
+        """Hash of aggregates for one UTC day; fields are ``tenant|provider|model|metric``."""
+        return f"{self.prefix}ledger:day:{day}"
+
+    @property
+    def ledger_days(self) -> str:
+        return f"{self.prefix}ledger:days"
+
+    def budget(self, tenant: str, period: str) -> str:
+        return f"{self.prefix}budget:{tenant}:{period}"
+
+    def provider_health(self, provider: str) -> str:
+        return f"{self.prefix}health:{provider}"

@@ -1,0 +1,95 @@
+"""The error tree every stage speaks.
+
+Three families, and only the worker shell (workers/runtime.py) decides what each one means for a
+message:
+
+* ``RetryableError``: the world is temporarily in the way (a provider 5xx, a 429, Redis or the
+  broker away). The shell holds or requeues the message and tries again.
+* ``PermanentError``: this job can never succeed as written (bad input, unknown model, a provider
+  4xx). The shell turns it into an error result for the caller; it is never retried.
+* ``BlockedError``: the job is fine but policy refuses it (personal data, budget). Also ends in an
+  error result, with its own code so callers can tell refusal from failure.
+
+``code`` is the stable ``error.code`` of the result (see CONTRACT.md). ``str(err)`` is the
+message shown to the caller: it must be actionable and must never contain prompt text or secrets.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class FareboxError(Exception):
+    """Base of every error farebox raises on purpose."""
+
+    code: ClassVar[str] = "internal"
+
+
+class RetryableError(FareboxError):
+    """Transient: trying again later may succeed."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentError(FareboxError):
+    """The job cannot succeed as written; retrying is pointless."""
+
+
+class BlockedError(FareboxError):
+    """Policy refuses the job."""
+
+    code: ClassVar[str] = "blocked"
+
+
+# --- permanent -------------------------------------------------------------------------------
+class InvalidRequest(PermanentError):
+    code: ClassVar[str] = "invalid_request"
+
+
+class ProviderRejected(PermanentError):
+    """The provider answered with a 4xx other than 429: the request itself is wrong."""
+
+    code: ClassVar[str] = "provider_error"
+
+
+class ProviderExhausted(PermanentError):
+    """Retries and every fallback candidate are spent."""
+
+    code: ClassVar[str] = "provider_error"
+
+
+class DeadlineExceeded(PermanentError):
+    code: ClassVar[str] = "timeout"
+
+
+# --- blocked ---------------------------------------------------------------------------------
+class PolicyBlocked(BlockedError):
+    code: ClassVar[str] = "blocked"
+
+
+class BudgetExceeded(BlockedError):
+    code: ClassVar[str] = "budget_exceeded"
+
+
+# --- retryable -------------------------------------------------------------------------------
+class ProviderUnavailable(RetryableError):
+    """5xx, timeout, connection error, malformed response."""
+
+    code: ClassVar[str] = "provider_error"
+
+
+class RateLimited(ProviderUnavailable):
+    """429; ``retry_after_s`` carries the provider's Retry-After when it sent one."""
+
+
+class DependencyUnavailable(RetryableError):
+    """Redis or the broker cannot be reached right now."""
+
+
+ERROR_CODES = frozenset(
+    {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"}
+)

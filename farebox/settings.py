@@ -1,0 +1,55 @@
+"""One settings object, read from the environment once and passed in (never a global)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from farebox.constants import DEFAULT_NAMESPACE, RedisKeys, Topology
+
+CATALOG_DIR = Path(__file__).resolve().parent.parent / "catalog"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAREBOX_", frozen=True, extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    redis_url: str = "redis://localhost:6379/0"
+    catalog: Path = CATALOG_DIR / "model_costs.json"
+    policy: Path = CATALOG_DIR / "policy.json"
+    cache_ttl_s: int = Field(3600, ge=0)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+
+    # Not in the contract's table, but needed to run two pipelines (or a test run) on one broker.
+    namespace: str = Field(DEFAULT_NAMESPACE, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    redis_prefix: str = "farebox:"
+
+    # Delivery knobs.
+    prefetch: int = Field(64, ge=1, le=10_000)
+    delivery_limit: int = Field(5, ge=1, le=1000)
+    intake_max_length: int = Field(100_000, ge=1)
+    stage_max_length: int = Field(100_000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    result_ttl_s: int = Field(86_400, ge=60)
+    # Coalesced waiters re-check this often; the leader's lease bounds how long they trust it.
+    coalesce_poll_ms: int = Field(100, ge=10)
+    leader_lease_s: int = Field(300, ge=1)
+
+    # Provider calls.
+    provider_timeout_s: float = Field(60.0, gt=0)
+    provider_max_attempts: int = Field(4, ge=1, le=20)
+    provider_concurrency: int = Field(256, ge=1)
+    emulator_port: int = Field(8099, ge=1, le=65535)
+
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.namespace)
+
+    @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.redis_prefix)

@@ -1,0 +1,18 @@
+"""Pydantic message models: the wire job and result (CONTRACT.md) and the internal envelope."""
+
+from schemas.envelope import Envelope, Outcome, RouteDecision
+from schemas.job import CacheOptions, ChatMessage, Job
+from schemas.result import ErrorInfo, JobResult, RouteInfo, Usage
+
+__all__ = [
+    "CacheOptions",
+    "ChatMessage",
+    "Envelope",
+    "ErrorInfo",
+    "Job",
+    "JobResult",
+    "Outcome",
+    "RouteDecision",
+    "RouteInfo",
+    "Usage",
+]

@@ -1,0 +1,64 @@
+"""The job a producer publishes to ``farebox.jobs`` (wire schema version 1)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "user", "assistant"]
+Task = Literal["summarize", "classify", "extract", "reason", "code", "generate", "explain", "chat"]
+Quality = Literal["low", "medium", "high"]
+CacheMode = Literal["use", "bypass", "refresh"]
+
+MAX_MESSAGES = 1000
+MAX_CACHE_TTL_S = 30 * 86_400
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    content: str
+
+
+class CacheOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: CacheMode = "use"
+    ttl_s: int | None = Field(None, ge=0, le=MAX_CACHE_TTL_S)
+
+
+class Job(BaseModel):
+    """A prompt job. Unknown fields are refused, so a typo (``qualty``) is an error, not a default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1
+    job_id: str | None = Field(None, min_length=1, max_length=200)
+    tenant: str = Field("default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    prompt: str | None = Field(None, min_length=1)
+    task: Task | None = None
+    quality: Quality = "medium"
+    model: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.:@/-]+$", max_length=200)
+    user_tier: str | None = Field(None, max_length=64)
+    max_tokens: int = Field(256, ge=1, le=1_000_000)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    cache: CacheOptions = CacheOptions()
+    deadline_s: float | None = Field(None, gt=0, le=7 * 86_400)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of_prompt_or_messages(self) -> Job:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    @property
+    def chat(self) -> tuple[ChatMessage, ...]:
+        """The conversation, with ``prompt`` read as one user message."""
+        if self.messages is not None:
+            return self.messages
+        assert self.prompt is not None
+        return (ChatMessage(role="user", content=self.prompt),)

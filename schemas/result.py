@@ -1,0 +1,53 @@
+"""The result farebox publishes to the caller's ``reply_to`` (CONTRACT.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ErrorCode = Literal["invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"]
+CacheStatus = Literal["miss", "hit", "coalesced"]
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    cached_input_tokens: int = Field(0, ge=0)
+
+
+class RouteInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reason: str
+    candidates: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] = ()  # provider/model tried first and given up on, in order
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    code: ErrorCode
+    message: str
+
+
+class JobResult(BaseModel):
+    # Callers parse this; new optional fields may appear, so it is lenient on read.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    job_id: str
+    status: Literal["ok", "error"]
+    content: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    baseline_cost_usd: float = 0.0
+    cache: CacheStatus = "miss"
+    route: RouteInfo | None = None
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tenant: str | None = None
+    latency_ms: float | None = None
