@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     provider_max_attempts: int = Field(4, ge=1, le=20)
     provider_concurrency: int = Field(256, ge=1)
     emulator_port: int = Field(8099, ge=1, le=65535)
+    # Where providers without an API key are sent; default: the local emulator on emulator_port.
+    emulator_url: str | None = None
 
     log_json: bool = False
     log_level: str = "INFO"

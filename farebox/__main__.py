@@ -1,0 +1,5 @@
+import sys
+
+from farebox.cli import main
+
+sys.exit(main())

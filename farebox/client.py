@@ -1,0 +1,232 @@
+"""The Python producer library.
+
+    async with FareboxClient.from_settings(Settings()) as fb:
+        result = await fb.complete({"prompt": "Say hi", "tenant": "acme"}, timeout=30)
+        async for result in fb.stream(jobs, max_in_flight=256):
+            ...
+
+Every publish waits for the broker's confirm. When the intake is full (it rejects publishes
+beyond its max length) the publish is retried with backoff: the producer is slowed down, and no
+job is dropped. Results come back on an exclusive reply queue, matched by correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from pydantic import ValidationError
+
+from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
+from farebox.errors import DeadlineExceeded, DependencyUnavailable, InvalidRequest
+from farebox.settings import Settings
+from schemas import ErrorInfo, Job, JobResult
+from workers.decode import describe_validation_error
+
+log = logging.getLogger("farebox.client")
+
+JobLike = Job | Mapping[str, Any] | str
+
+
+def as_job(job: JobLike) -> Job:
+    """A Job from a Job, a dict in the wire format, or a bare prompt string."""
+    if isinstance(job, Job):
+        return job
+    try:
+        if isinstance(job, str):
+            return Job(prompt=job)
+        return Job.model_validate(dict(job))
+    except ValidationError as err:
+        raise InvalidRequest("invalid job: " + describe_validation_error(err)) from None
+
+
+def client_timeout_result(job_id: str, waited_s: float) -> JobResult:
+    return JobResult(job_id=job_id, status="error", error=ErrorInfo(
+        code="timeout", message=f"no result within {waited_s:.0f}s (client-side wait); the job may still "
+                                "finish: resubmit with the same job_id to get its result without a second charge"))
+
+
+class FareboxClient:
+    def __init__(self, amqp_url: str, *, namespace: str = DEFAULT_NAMESPACE,
+                 wait_for_pipeline_s: float = 30.0) -> None:
+        self.amqp_url = amqp_url
+        self.topology = Topology(namespace)
+        self.wait_for_pipeline_s = wait_for_pipeline_s
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._reply_queue: AbstractQueue | None = None
+        self._waiters: dict[str, asyncio.Future[JobResult]] = {}
+        self._stream_inbox: asyncio.Queue[JobResult] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> FareboxClient:
+        return cls(settings.amqp_url, namespace=settings.namespace, **kwargs)
+
+    async def __aenter__(self) -> FareboxClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.amqp_url, client_properties={"connection_name": "farebox-client"})
+        except (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError) as err:
+            raise DependencyUnavailable(f"cannot reach RabbitMQ at the configured FAREBOX_AMQP_URL "
+                                        f"({type(err).__name__})") from None
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel  # type: ignore[assignment]
+        await self._wait_for_intake()
+        self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._reply_queue.consume(self._on_reply, no_ack=True)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def _wait_for_intake(self) -> None:
+        """The workers declare the intake; give a pipeline that is starting up time to do so."""
+        assert self._connection is not None
+        deadline = time.monotonic() + self.wait_for_pipeline_s
+        while True:
+            probe = await self._connection.channel()
+            try:
+                await probe.declare_queue(self.topology.intake, passive=True)
+                return
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                if time.monotonic() >= deadline:
+                    raise DependencyUnavailable(
+                        f"queue {self.topology.intake!r} does not exist: is the pipeline running? "
+                        "(start it with `farebox up`)") from None
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await probe.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            result = JobResult.model_validate_json(message.body)
+        except ValidationError:
+            log.warning("dropping a reply that is not a farebox result")
+            return
+        waiter = self._waiters.pop(message.correlation_id or "", None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+        elif self._stream_inbox is not None:
+            self._stream_inbox.put_nowait(result)
+
+    async def publish(self, job: JobLike, *, correlation_id: str | None = None) -> Job:
+        """Publish one job (confirmed; retried while the intake is full). Returns it with its job_id."""
+        assert self._channel is not None and self._reply_queue is not None, "call connect() first"
+        parsed = as_job(job)
+        if parsed.job_id is None:
+            parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
+        assert parsed.job_id is not None
+        message = aio_pika.Message(
+            body=parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode(),
+            content_type=CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            reply_to=self._reply_queue.name, correlation_id=correlation_id or parsed.job_id,
+            message_id=parsed.job_id, timestamp=time.time())
+        delay = 0.05
+        while True:
+            try:
+                await self._channel.default_exchange.publish(message, self.topology.intake, timeout=30)
+                return parsed
+            except aiormq.exceptions.PublishError:
+                raise DependencyUnavailable(f"queue {self.topology.intake!r} is gone: is the pipeline "
+                                            "running?") from None
+            except aiormq.exceptions.DeliveryError:
+                pass  # the intake is full: back off and try again (back-pressure, not loss)
+            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError, TimeoutError, RuntimeError):
+                log.warning("publish interrupted; retrying once the connection is back")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def complete(self, job: JobLike, *, timeout: float = 120.0) -> JobResult:
+        """Publish one job and wait for its result (DeadlineExceeded after ``timeout`` seconds)."""
+        correlation_id = str(uuid.uuid4())
+        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._waiters[correlation_id] = future
+        try:
+            await self.publish(job, correlation_id=correlation_id)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within {timeout:.0f}s") from None
+        finally:
+            self._waiters.pop(correlation_id, None)
+
+    async def stream(self, jobs: Iterable[JobLike] | AsyncIterable[JobLike], *, max_in_flight: int = 256,
+                     idle_timeout_s: float = 300.0) -> AsyncIterator[JobResult]:
+        """Publish jobs with at most ``max_in_flight`` unanswered, yielding results as they arrive
+        (in completion order). A repeated result for a job already answered is dropped."""
+        inbox: asyncio.Queue[JobResult] = asyncio.Queue()
+        self._stream_inbox = inbox
+        outstanding: set[str] = set()
+        slots = asyncio.Semaphore(max_in_flight)
+        done_publishing = asyncio.Event()
+
+        async def feed() -> None:
+            try:
+                async for job in _aiter(jobs):
+                    await slots.acquire()
+                    parsed = as_job(job)
+                    if parsed.job_id is None:
+                        parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
+                    assert parsed.job_id is not None
+                    outstanding.add(parsed.job_id)
+                    await self.publish(parsed)
+            finally:
+                done_publishing.set()
+
+        feeder = asyncio.create_task(feed())
+        last_result = time.monotonic()
+        try:
+            while not (done_publishing.is_set() and not outstanding):
+                if feeder.done() and feeder.exception() is not None:
+                    raise feeder.exception()  # type: ignore[misc]
+                try:
+                    result = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                except TimeoutError:
+                    if outstanding and time.monotonic() - last_result > idle_timeout_s:
+                        expired = sorted(outstanding)
+                        outstanding.clear()
+                        for job_id in expired:
+                            slots.release()
+                            yield client_timeout_result(job_id, idle_timeout_s)
+                        last_result = time.monotonic()
+                    continue
+                last_result = time.monotonic()
+                if result.job_id not in outstanding:
+                    continue
+                outstanding.discard(result.job_id)
+                slots.release()
+                yield result
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feeder
+            self._stream_inbox = None
+
+
+async def _aiter(jobs: Iterable[JobLike] | AsyncIterable[JobLike]) -> AsyncIterator[JobLike]:
+    if isinstance(jobs, AsyncIterable):
+        async for job in jobs:
+            yield job
+    else:
+        for job in jobs:
+            yield job
+            await asyncio.sleep(0)

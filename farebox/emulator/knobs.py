@@ -1,0 +1,48 @@
+"""The emulator's knobs, read from ``FAREBOX_EMULATOR_*`` so ``farebox up`` can pass them on."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EmulatorKnobs(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAREBOX_EMULATOR_", frozen=True, extra="ignore")
+
+    port: int = Field(8099, ge=0, le=65535)  # 0 = any free port (tests)
+    host: str = "127.0.0.1"
+    latency_ms: float = Field(0.0, ge=0.0)
+    fail_rate: float = Field(0.0, ge=0.0, le=1.0)
+    rate_limit_rate: float = Field(0.0, ge=0.0, le=1.0)
+    timeout_rate: float = Field(0.0, ge=0.0, le=1.0)
+    malformed_rate: float = Field(0.0, ge=0.0, le=1.0)
+    truncated_rate: float = Field(0.0, ge=0.0, le=1.0)
+    faulty: str = ""
+    seed: int | None = None
+    retry_after_s: float = Field(1.0, ge=0.0)
+    # How long a "timeout" request hangs: far beyond any sane client timeout, yet finite so a
+    # forgotten emulator cannot pin memory forever.
+    hang_s: float = Field(3600.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _rates_fit(self) -> EmulatorKnobs:
+        # One draw picks at most one fault, so the shares must fit in a single unit interval.
+        if self.fault_total > 1.0 + 1e-9:
+            raise ValueError("the fault rates add up to more than 1")
+        return self
+
+    @property
+    def fault_total(self) -> float:
+        return (
+            self.fail_rate + self.rate_limit_rate + self.timeout_rate + self.malformed_rate
+            + self.truncated_rate
+        )
+
+    @property
+    def faulty_providers(self) -> frozenset[str]:
+        """Providers the fault rates apply to; empty means every provider."""
+        return frozenset(p.strip().lower() for p in self.faulty.split(",") if p.strip())
+
+    def faults_apply_to(self, provider: str) -> bool:
+        chosen = self.faulty_providers
+        return not chosen or provider.lower() in chosen

@@ -1,0 +1,35 @@
+"""Prometheus metrics, one registry per process, with the seed's names (CONTRACT.md).
+
+Label sets are fixed here so every process exports the same shape; prompts never become labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter(
+    "llm_proxy_request_total", "Jobs completed, by model and whether the cache served them",
+    ["model", "provider", "cache_hit"],
+)
+COST = Counter("llm_proxy_cost_total", "USD charged for provider calls", ["model", "provider"])
+TOKENS_IN = Counter("llm_proxy_token_count_input_total", "Input tokens billed", ["model"])
+TOKENS_OUT = Counter("llm_proxy_token_count_output_total", "Output tokens billed", ["model"])
+LATENCY = Histogram(
+    "llm_proxy_latency_seconds", "Provider call latency", ["model", "provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SAVINGS = Counter("llm_proxy_savings_total", "USD saved versus the baseline model (routing + cache)")
+ERRORS = Counter("llm_proxy_errors_total", "Errors by stage and result code", ["stage", "code"])
+RETRIES = Counter("llm_proxy_retries_total", "Provider call retries", ["provider"])
+BUDGET_USED = Gauge("llm_proxy_budget_used_ratio", "Share of the tenant's budget spent this period",
+                    ["tenant", "period"])
+MESSAGES = Counter("farebox_messages_total", "Messages handled by a stage, by outcome", ["stage", "outcome"])
+REDIS_UP = Gauge("farebox_redis_available", "1 while this process can reach Redis", ["stage"])
+CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")
+
+
+def serve_metrics(port: int) -> int:
+    """Expose /metrics on ``port`` (0 = do not serve). Returns the port."""
+    if port:
+        start_http_server(port, addr="0.0.0.0")  # noqa: S104 - scraped by Prometheus from other hosts
+    return port

@@ -1,0 +1,150 @@
+"""Fixtures over the real RabbitMQ and Redis.
+
+URLs come from FAREBOX_AMQP_URL / FAREBOX_REDIS_URL, else the local services, else testcontainers
+when a Docker engine is there; under CI=true a missing service fails the run with a clear message.
+Every test gets its own broker namespace (queue prefix) and Redis key prefix, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from farebox.settings import Settings
+from tests.support.pipeline import InProcessPipeline
+
+LOCAL_AMQP = "amqp://guest:guest@localhost:5672/"
+LOCAL_REDIS = "redis://localhost:6379/0"
+
+
+def _answers(url: str, default_port: int) -> bool:
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "localhost", u.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Services:
+    amqp_url: str
+    redis_url: str
+
+
+def _docker_services(stack: contextlib.ExitStack) -> Services | None:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception:
+        return None
+    from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+    from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+
+    rabbit = stack.enter_context(RabbitMqContainer("rabbitmq:3.13-management"))
+    redis = stack.enter_context(RedisContainer("redis:7"))
+    amqp = f"amqp://guest:guest@{rabbit.get_container_host_ip()}:{rabbit.get_exposed_port(5672)}/"
+    return Services(amqp, f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0")
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    amqp = os.environ.get("FAREBOX_AMQP_URL", LOCAL_AMQP)
+    redis = os.environ.get("FAREBOX_REDIS_URL", LOCAL_REDIS)
+    with contextlib.ExitStack() as stack:
+        if _answers(amqp, 5672) and _answers(redis, 6379):
+            yield Services(amqp, redis)
+            return
+        found = _docker_services(stack)
+        if found is not None:
+            yield found
+            return
+        message = (f"RabbitMQ ({amqp}) or Redis ({redis}) is not answering and no Docker engine is available; "
+                   "start them (see README, 'Running the tests') or set FAREBOX_AMQP_URL/FAREBOX_REDIS_URL")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def settings(services: Services) -> Settings:
+    run = uuid.uuid4().hex[:10]
+    return Settings(amqp_url=services.amqp_url, redis_url=services.redis_url, namespace=f"fbtest-{run}",
+                    redis_prefix=f"fbtest:{run}:", metrics_port=0, coalesce_poll_ms=50,
+                    emulator_url=os.environ.get("FAREBOX_TEST_EMULATOR_URL"))
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
+    for i in range(0, len(keys), 500):
+        await client.delete(*keys[i:i + 500])
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def emulator() -> AsyncIterator[str]:
+    """The provider emulator over real HTTP on loopback, for the whole session."""
+    from farebox.emulator.knobs import EmulatorKnobs
+    from farebox.emulator.server import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(EmulatorKnobs(port=port, host="127.0.0.1"), ready=ready))
+    await asyncio.wait_for(ready.wait(), 20)
+    yield f"http://127.0.0.1:{port}"
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture
+async def emulator_stats(emulator: str) -> AsyncIterator[EmulatorStats]:
+    stats = EmulatorStats(emulator)
+    await stats.reset()
+    yield stats
+
+
+class EmulatorStats:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def reset(self) -> None:
+        async with httpx.AsyncClient() as c:
+            (await c.post(f"{self.url}/_emulator/reset")).raise_for_status()
+
+    async def requests(self) -> dict[str, int]:
+        async with httpx.AsyncClient() as c:
+            r = await c.get(f"{self.url}/_emulator/stats")
+            r.raise_for_status()
+            data: dict[str, int] = r.json()["requests"]
+            return data
+
+    async def total(self) -> int:
+        return sum((await self.requests()).values())
+
+
+@pytest.fixture
+async def pipeline(settings: Settings, redis: Redis, emulator: str,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[InProcessPipeline]:
+    """Every stage running in this event loop against the real broker and Redis."""
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    p = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator}))
+    yield p
+    await p.close()

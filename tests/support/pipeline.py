@@ -1,0 +1,117 @@
+"""Test harnesses: the pipeline's stages in this event loop, or as real OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+
+import aio_pika
+from redis.asyncio import Redis
+
+from catalog.loader import load_catalog
+from farebox.client import FareboxClient
+from farebox.settings import Settings
+from workers.main import run_stage
+from workers.topology import delete_topology
+
+ALL_STAGES = ("dedup", "route", "execute:openai", "execute:anthropic", "execute:google", "account")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"FAREBOX_{name.upper()}"] = str(value)
+    return env
+
+
+class InProcessPipeline:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stops: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self, *stages: str) -> None:
+        for spec in stages or ALL_STAGES:
+            stage, _, provider = spec.partition(":")
+            stop, ready = asyncio.Event(), asyncio.Event()
+
+            async def on_ready(ready: asyncio.Event = ready) -> None:
+                ready.set()
+
+            task = asyncio.create_task(run_stage(self.settings, stage, provider=provider or None,
+                                                 stop=stop, on_ready=on_ready))
+            self._stops[spec], self._tasks[spec] = stop, task
+            waiter = asyncio.create_task(ready.wait())
+            await asyncio.wait([waiter, task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()  # raise what killed it
+            assert ready.is_set(), f"stage {spec} did not become ready"
+
+    async def stop(self, *stages: str) -> None:
+        for spec in stages:
+            self._stops[spec].set()
+            await asyncio.wait_for(self._tasks.pop(spec), 60)
+            del self._stops[spec]
+
+    def client(self, **kwargs: object) -> FareboxClient:
+        return FareboxClient.from_settings(self.settings, **kwargs)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.stop(*list(self._stops))
+        await drop_namespace(self.settings)
+
+
+async def drop_namespace(settings: Settings) -> None:
+    providers = load_catalog(settings.catalog).providers()
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            await delete_topology(await connection.channel(), settings, providers)
+
+
+async def ledger_entries(redis: Redis, settings: Settings) -> list[str]:
+    prefix = settings.keys.ledger_entry("")
+    return [k.decode()[len(prefix):] async for k in redis.scan_iter(match=prefix + "*", count=1000)]
+
+
+class ProcessPipeline:
+    """Each stage as ``python -m farebox worker ...``, so a test can kill -9 one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = settings_env(settings)
+
+    def start(self, stages: Iterable[str] = ALL_STAGES) -> None:
+        for spec in stages:
+            self.start_one(spec)
+
+    def start_one(self, spec: str) -> None:
+        stage, _, provider = spec.partition(":")
+        argv = [sys.executable, "-m", "farebox", "worker", stage] + (["--provider", provider] if provider else [])
+        self.procs[spec] = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+
+    def kill9(self, spec: str) -> None:
+        self.procs[spec].send_signal(signal.SIGKILL)
+        self.procs[spec].wait(10)
+
+    def terminate(self) -> list[int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = []
+        for p in self.procs.values():
+            try:
+                codes.append(p.wait(60))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(None)
+        return codes

@@ -1,0 +1,142 @@
+"""Failure paths of the backbone: bad input, poison messages, a full intake, a dead caller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import aio_pika
+import pytest
+from redis.asyncio import Redis
+
+from farebox.constants import H_CODE, H_REASON
+from farebox.settings import Settings
+from tests.support.pipeline import InProcessPipeline, ledger_entries
+from tests.test_pipeline import _get
+
+
+async def _publish_raw(settings: Settings, body: bytes, reply_to: str, **props: object) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=reply_to, **props), routing_key=settings.topology.intake)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe garbage", "not UTF-8"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"prompt": "x", "max_tokens": -5}', "max_tokens"),
+    (b'{"prompt": "x", "qualty": "high"}', "qualty"),
+    (b'{"tenant": "acme"}', "prompt"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested"),
+])
+async def test_bad_message_gets_typed_error_and_lands_in_dead_queue(
+        pipeline: InProcessPipeline, settings: Settings, redis: Redis, body: bytes, fragment: str) -> None:
+    await pipeline.start("dedup", "account")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"), routing_key=settings.topology.intake)
+        reply = await _get(replies)
+        dead = await _get(await channel.get_queue(settings.topology.dead))
+    result = json.loads(reply.body)
+    assert result["status"] == "error" and result["error"]["code"] == "invalid_request"
+    assert fragment in result["error"]["message"]
+    assert reply.correlation_id == "c1"
+    assert dead.body == body
+    assert fragment in dead.headers[H_REASON] and dead.headers[H_CODE] == "invalid_request"
+    assert len(await ledger_entries(redis, settings)) == 1
+
+
+async def test_oversized_body_is_refused_without_reading_it(pipeline: InProcessPipeline,
+                                                            settings: Settings) -> None:
+    await pipeline.start("dedup", "account")
+    big = json.dumps({"prompt": "x" * (settings.max_body_bytes + 10)}).encode()
+    async with pipeline.client() as client:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            replies = await channel.declare_queue(exclusive=True)
+            await channel.default_exchange.publish(aio_pika.Message(big, reply_to=replies.name),
+                                                   routing_key=settings.topology.intake)
+            result = json.loads((await _get(replies)).body)
+        assert client is not None
+    assert result["error"]["code"] == "invalid_request" and "limit" in result["error"]["message"]
+    assert "xxxx" not in result["error"]["message"]
+
+
+async def test_poison_message_hits_delivery_limit_and_caller_gets_internal_error(
+        pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that crashes its stage every time is dead-lettered by the broker after the delivery
+    limit, not retried forever, and the caller still hears about it."""
+    import workers.route as route_module
+
+    real = route_module.choose_route
+
+    def crash_on_poison(job, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if job.tenant == "poison":
+            raise RuntimeError("simulated bug")
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(route_module, "choose_route", crash_on_poison)
+    await pipeline.start()
+    async with pipeline.client() as client:
+        poison, good = await asyncio.gather(
+            client.complete({"prompt": "boom", "tenant": "poison", "job_id": "p-1"}, timeout=60),
+            client.complete({"prompt": "fine", "tenant": "acme", "job_id": "g-1"}, timeout=60))
+    assert good.status == "ok"
+    assert poison.status == "error" and poison.error is not None and poison.error.code == "internal"
+    assert "delivery limit" in poison.error.message
+    assert sorted(await ledger_entries(redis, settings)) == ["g-1", "p-1"]
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        dead = await _get(await (await connection.channel()).get_queue(settings.topology.dead))
+    assert json.loads(dead.body)["job_id"] == "p-1"
+
+
+async def test_full_intake_pushes_back_and_loses_nothing(settings: Settings, redis: Redis, emulator: str) -> None:
+    """With the intake capped at 5 and no consumer yet, publishes are nacked; the client waits
+    and retries, and once the pipeline runs every job completes."""
+    small = settings.model_copy(update={"intake_max_length": 5, "emulator_url": emulator})
+    p = InProcessPipeline(small)
+    try:
+        await p.start("route", "execute:openai", "execute:anthropic", "execute:google", "account")  # no dedup
+        jobs = [{"prompt": f"item {i}", "job_id": f"j{i}"} for i in range(25)]
+        async with p.client() as client:
+            collected = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=25)))
+            await asyncio.sleep(2.0)
+            assert not collected.done()
+            connection = await aio_pika.connect(small.amqp_url)
+            async with connection:
+                queue = await (await connection.channel()).declare_queue(small.topology.intake, passive=True)
+                assert queue.declaration_result.message_count == 5  # capped, the rest held back
+            await p.start("dedup")
+            results = await asyncio.wait_for(collected, 60)
+        assert sorted(r.job_id for r in results) == sorted(j["job_id"] for j in jobs)
+        assert all(r.status == "ok" for r in results)
+    finally:
+        await p.close()
+
+
+async def test_result_for_a_vanished_caller_is_dropped_not_retried(pipeline: InProcessPipeline,
+                                                                   settings: Settings, redis: Redis) -> None:
+    await pipeline.start()
+    job_id = str(uuid.uuid4())
+    await _publish_raw(settings, json.dumps({"prompt": "hi", "job_id": job_id}).encode(),
+                       reply_to="amq.gen-no-such-queue")
+    for _ in range(200):
+        if job_id in await ledger_entries(redis, settings):
+            break
+        await asyncio.sleep(0.05)
+    assert job_id in await ledger_entries(redis, settings)
+    async with pipeline.client() as client:  # the pipeline is still healthy afterwards
+        assert (await client.complete({"prompt": "next"}, timeout=30)).status == "ok"
+
+
+async def _collect(stream):  # type: ignore[no-untyped-def]
+    return [r async for r in stream]

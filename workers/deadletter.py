@@ -1,0 +1,112 @@
+"""Answers dead letters: every message dead-lettered (undecodable, or over the delivery limit)
+reaches ``<ns>.dead.notify`` as a copy; this stage gives its caller a typed error result and the
+job its one ledger entry, and frees a coalescing lease it held so waiters take over. The original
+stays in ``<ns>.dead`` for people to inspect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from farebox.constants import H_CODE, H_REASON
+from farebox.errors import FareboxError
+from farebox.settings import Settings
+from schemas import Envelope, ErrorInfo, JobResult
+from workers.account import record_and_reply
+from workers.ledger import Ledger
+from workers.redis_health import RedisHealth
+from workers.runtime import Delivery, Handled
+
+ERROR_CODES = {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"}
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    job_id: str
+    tenant: str
+    code: str
+    reason: str
+    reply_to: str | None
+    correlation_id: str | None
+    lease_key: str | None
+    metadata: dict[str, Any]
+
+
+def _death_reason(headers: dict[str, Any]) -> str:
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        first = deaths[0]
+        reason = first.get("reason", b"")
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        queue = first.get("queue", b"")
+        queue = queue.decode() if isinstance(queue, bytes) else str(queue)
+        if reason == "delivery_limit":
+            return (f"the job failed repeatedly in {queue} and hit the delivery limit; "
+                    f"it is kept in the dead-letter queue for inspection")
+        return f"dead-lettered from {queue} ({reason})"
+    return "dead-lettered"
+
+
+def read_dead_letter(delivery: Delivery) -> DeadLetter:
+    """Best effort: whatever the body is (garbage included), produce a typed error to answer."""
+    headers = dict(delivery.headers)
+    code = headers.get(H_CODE)
+    code = code.decode() if isinstance(code, bytes) else code
+    reason = headers.get(H_REASON)
+    reason = reason.decode() if isinstance(reason, bytes) else reason
+    job_id = tenant = lease = None
+    metadata: dict[str, Any] = {}
+    try:
+        env = Envelope.model_validate_json(delivery.body)
+        job_id, tenant, lease, metadata = env.job_id, env.job.tenant, env.coalesce_key, env.job.metadata
+    except (ValidationError, ValueError):
+        try:
+            data = json.loads(delivery.body)
+            if isinstance(data, dict):
+                job_id = data.get("job_id") if isinstance(data.get("job_id"), str) else None
+                tenant = data.get("tenant") if isinstance(data.get("tenant"), str) else None
+        except (ValueError, RecursionError):
+            pass
+    if not job_id:
+        # Deterministic, so a redelivered dead letter is still recorded only once.
+        job_id = delivery.message_id or "invalid-" + hashlib.sha256(delivery.body).hexdigest()[:24]
+    return DeadLetter(
+        job_id=job_id[:200], tenant=(tenant or "default")[:64],
+        code=code if code in ERROR_CODES else "internal",
+        reason=str(reason) if reason else _death_reason(headers),
+        reply_to=delivery.reply_to or None, correlation_id=delivery.correlation_id,
+        lease_key=lease, metadata=metadata,
+    )
+
+
+class DeadLetterStage:
+    name = "deadletter"
+
+    def __init__(self, settings: Settings, redis: Redis, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.ledger = Ledger(redis, settings.keys, result_ttl_s=settings.result_ttl_s)
+        self.health = RedisHealth(self.name)
+
+    def input_queues(self) -> Sequence[str]:
+        return (self.settings.topology.dead_notify,)
+
+    def decode(self, delivery: Delivery) -> DeadLetter:
+        return read_dead_letter(delivery)
+
+    def fail(self, item: object, err: FareboxError) -> Handled:
+        return Handled([])
+
+    async def handle(self, item: DeadLetter, delivery: Delivery) -> Handled:
+        result = JobResult(job_id=item.job_id, tenant=item.tenant, status="error", metadata=item.metadata,
+                           error=ErrorInfo(code=item.code, message=item.reason))  # type: ignore[arg-type]
+        return await record_and_reply(self.ledger, self.health, result, None, item.lease_key,
+                                      item.reply_to, item.correlation_id, self.clock)

@@ -1,0 +1,92 @@
+"""Dedup/cache stage: serve repeats from the cache, coalesce identical jobs in flight, replay
+results for a job_id already done, and pass everything else to the router.
+
+Coalescing: the first job for a key takes a lease in Redis (``SET NX`` with the job id as value)
+and goes on as the leader. Identical jobs that arrive meanwhile park in the broker's wait queue and
+come back through ``recheck`` every ``coalesce_poll_ms``: by then the cache holds the leader's
+answer (-> "coalesced", cost 0), or the leader failed and released its lease (-> the waiter takes
+over as leader), or the lease expired (a leader that never finished; same). The wait is a broker
+timer, so no waiter depends on any worker staying alive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
+
+from farebox import metrics
+from farebox.errors import DeadlineExceeded
+from farebox.settings import Settings
+from schemas import Envelope, Outcome
+from workers.cache_keys import CacheRules
+from workers.decode import envelope_from_intake, envelope_from_internal
+from workers.redis_health import REDIS_DOWN, RedisHealth
+from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
+
+
+class DedupStage(EnvelopeStage):
+    name = "dedup"
+
+    def __init__(self, settings: Settings, redis: Redis, rules: Callable[[], CacheRules],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.rules = rules
+        self.clock = clock
+        self.topo = settings.topology
+        self.account_queue = self.topo.account
+        self.keys = settings.keys
+        self.health = RedisHealth(self.name)
+
+    def input_queues(self) -> Sequence[str]:
+        return (self.topo.intake, self.topo.recheck)
+
+    def decode(self, delivery: Delivery) -> Envelope:
+        if delivery.queue == self.topo.recheck:
+            return envelope_from_internal(delivery)
+        return envelope_from_intake(delivery, self.settings, self.rules(), self.clock())
+
+    async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
+        if env.deadline_at is not None and self.clock() > env.deadline_at:
+            raise DeadlineExceeded("the job passed its deadline_s before a provider was called")
+        try:
+            handled = await self._decide(env, delivery)
+        except REDIS_DOWN as err:
+            self.health.down(err)
+            metrics.CACHE_BYPASSED.inc()
+            return Handled([envelope_publish(env, self.topo.route)])
+        self.health.ok()
+        return handled
+
+    async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
+        if await self.redis.exists(self.keys.result(env.job_id)):
+            # A job_id already answered (a producer retry): the account stage replays its result.
+            return Handled([envelope_publish(env, self.topo.account)])
+        if env.cache_key is not None and env.job.cache.mode == "use":
+            cached = await self.redis.get(self.keys.cache(env.cache_key))
+            if cached is not None:
+                status = "coalesced" if env.waits else "hit"
+                served = env.model_copy(update={"outcome": Outcome.model_validate_json(cached),
+                                                "cache_status": status})
+                return Handled([envelope_publish(served, self.topo.account)])
+        if env.coalesce_key is not None and not await self._lead(env, delivery):
+            waiting = env.model_copy(update={"waits": env.waits + 1})
+            return Handled([envelope_publish(waiting, self.topo.wait)])
+        return Handled([envelope_publish(env, self.topo.route)])
+
+    async def _lead(self, env: Envelope, delivery: Delivery) -> bool:
+        """True when this job is (or may become) the leader for its key."""
+        assert env.coalesce_key is not None
+        lease = self.keys.inflight(env.coalesce_key)
+        if await self.redis.set(lease, env.job_id, nx=True, ex=self.settings.leader_lease_s):
+            return True
+        holder = await self.redis.get(lease)
+        if holder is None:  # released between the two calls: try once more next round
+            return False
+        if holder.decode() != env.job_id:
+            return False
+        # The lease is this job's own. A redelivery of the leader goes on; a second copy of the
+        # same job_id (a producer retry, fresh or back from waiting) waits for the first instead.
+        return delivery.redelivered

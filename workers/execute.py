@@ -1,0 +1,124 @@
+"""Execute stage, one per provider: call the provider with retries, fall back down the router's
+candidate list when a provider gives out, and hand the answer to the account stage.
+
+A provider answer is stored in Redis (keyed by job id) before it is handed on, so a redelivery
+after a crash re-uses it instead of calling (and paying) again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
+
+from farebox import metrics
+from farebox.errors import DeadlineExceeded, InvalidRequest, ProviderExhausted, RetryableError
+from farebox.settings import Settings
+from schemas import Envelope, Outcome
+from workers.decode import envelope_from_internal
+from workers.health import ProviderHealth
+from workers.providers.base import ProviderAdapter, ProviderRequest
+from workers.providers.retry import call_with_retries
+from workers.redis_health import REDIS_DOWN
+from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
+
+log = logging.getLogger("farebox.execute")
+
+OUTCOME_TTL_S = 3600
+CIRCUIT_THRESHOLD = 5  # consecutive jobs that exhausted their retries
+CIRCUIT_COOL_DOWN_S = 30.0
+
+
+def next_target(env: Envelope, failed: str) -> str | None:
+    """The next candidate the router listed that has not failed yet."""
+    assert env.route is not None
+    tried = set(env.fallbacks) | {failed}
+    return next((c for c in env.route.candidates if c not in tried), None)
+
+
+class ExecuteStage(EnvelopeStage):
+    name = "execute"
+
+    def __init__(self, settings: Settings, provider: str, adapter: ProviderAdapter, redis: Redis,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.adapter = adapter
+        self.redis = redis
+        self.clock = clock
+        self.topo = settings.topology
+        self.account_queue = self.topo.account
+        self.health = ProviderHealth(redis, settings.keys, clock=clock)
+        self._slots = asyncio.Semaphore(settings.provider_concurrency)
+        self._consecutive_failures = 0
+
+    def input_queues(self) -> Sequence[str]:
+        return (self.topo.execute(self.provider),)
+
+    def decode(self, delivery: Delivery) -> Envelope:
+        return envelope_from_internal(delivery)
+
+    async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
+        if env.route is None:
+            raise InvalidRequest("internal: the job reached execute without a route")
+        if env.deadline_at is not None and self.clock() >= env.deadline_at:
+            raise DeadlineExceeded("the job passed its deadline_s before the provider call")
+        if delivery.redelivered:
+            kept = await self._kept_outcome(env.job_id)
+            if kept is not None:
+                return Handled([envelope_publish(env.model_copy(update={"outcome": kept}), self.account_queue)])
+        request = ProviderRequest(model=env.route.model, messages=env.job.chat, max_tokens=env.job.max_tokens,
+                                  temperature=env.job.temperature, timeout_s=self.settings.provider_timeout_s)
+        started = self.clock()
+        try:
+            async with self._slots:
+                reply, retries = await call_with_retries(
+                    self.adapter, request, max_attempts=self.settings.provider_max_attempts,
+                    deadline_at=env.deadline_at, on_retry=self._on_retry)
+        except RetryableError as err:
+            return await self._fall_back(env, err)
+        self._consecutive_failures = 0
+        latency = self.clock() - started
+        metrics.LATENCY.labels(env.route.model, self.provider).observe(latency)
+        outcome = Outcome(content=reply.content, provider=self.provider, model=env.route.model,
+                          usage=reply.usage, latency_s=round(latency, 4), retries=retries)
+        await self._keep_outcome(env.job_id, outcome)
+        return Handled([envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)])
+
+    def _on_retry(self, err: BaseException, delay: float) -> None:
+        metrics.RETRIES.labels(self.provider).inc()
+
+    async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
+        assert env.route is not None
+        failed = env.route.target
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= CIRCUIT_THRESHOLD:
+            log.warning("provider %s: %d jobs in a row exhausted their retries; circuit open for %.0fs",
+                        self.provider, self._consecutive_failures, CIRCUIT_COOL_DOWN_S)
+            await self.health.open_circuit(self.provider, CIRCUIT_COOL_DOWN_S)
+            self._consecutive_failures = 0
+        target = next_target(env, failed)
+        if target is None:
+            raise ProviderExhausted(f"{failed} failed after retries ({err}); no fallback candidate left")
+        provider, model = target.split("/", 1)
+        route = env.route.model_copy(update={
+            "provider": provider, "model": model,
+            "reason": f"{env.route.reason}; fell back from {failed} ({type(err).__name__})"})
+        moved = env.model_copy(update={"route": route, "fallbacks": (*env.fallbacks, failed)})
+        return Handled([envelope_publish(moved, self.topo.execute(provider))])
+
+    async def _kept_outcome(self, job_id: str) -> Outcome | None:
+        try:
+            raw = await self.redis.get(self.settings.keys.outcome(job_id))
+        except REDIS_DOWN:
+            return None
+        return Outcome.model_validate_json(raw) if raw else None
+
+    async def _keep_outcome(self, job_id: str, outcome: Outcome) -> None:
+        try:
+            await self.redis.set(self.settings.keys.outcome(job_id), outcome.model_dump_json(), ex=OUTCOME_TTL_S)
+        except REDIS_DOWN:
+            pass  # only costs a repeat call if this exact message is redelivered

@@ -1,0 +1,42 @@
+"""Provider health shared through Redis: the execute stage opens a circuit for a provider/model
+after repeated failures; the router reads which ones are open and routes around them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from redis.asyncio import Redis
+
+from farebox.constants import RedisKeys
+from workers.redis_health import REDIS_DOWN
+
+LOCAL_CACHE_S = 1.0  # the router asks Redis at most once a second per process
+
+
+class ProviderHealth:
+    def __init__(self, redis: Redis, keys: RedisKeys, *, clock: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.clock = clock
+        self._cached: frozenset[str] = frozenset()
+        self._cached_at = -1e9
+
+    async def unhealthy(self, providers: Iterable[str]) -> frozenset[str]:
+        now = self.clock()
+        if now - self._cached_at < LOCAL_CACHE_S:
+            return self._cached
+        names = sorted(providers)
+        try:
+            values = await self.redis.mget([self.keys.provider_health(p) for p in names]) if names else []
+        except REDIS_DOWN:
+            values = [None] * len(names)  # without Redis every provider counts as healthy
+        self._cached = frozenset(p for p, v in zip(names, values, strict=True) if v is not None)
+        self._cached_at = now
+        return self._cached
+
+    async def open_circuit(self, provider: str, cool_down_s: float) -> None:
+        try:
+            await self.redis.set(self.keys.provider_health(provider), b"open", px=int(cool_down_s * 1000))
+        except REDIS_DOWN:
+            pass

@@ -1,0 +1,105 @@
+"""Builds one stage worker from settings and runs it until SIGTERM/SIGINT, then drains.
+
+``farebox worker STAGE`` lands here; ``farebox up`` runs one of these per OS process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+import httpx
+from redis.asyncio import Redis
+
+from catalog.store import CatalogStore
+from farebox import metrics
+from farebox.settings import Settings
+from workers.account import AccountStage
+from workers.cache_keys import rules_from_policy
+from workers.deadletter import DeadLetterStage
+from workers.dedup import DedupStage
+from workers.execute import ExecuteStage
+from workers.providers.registry import build_adapter, provider_configs
+from workers.route import RouteStage
+from workers.runtime import StageCore, Worker
+
+log = logging.getLogger("farebox.worker")
+
+
+def make_redis(settings: Settings) -> Redis:
+    # Short timeouts: a Redis outage must be noticed in about a second, not stall the pipeline.
+    return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
+                          health_check_interval=10)
+
+
+def emulator_url(settings: Settings) -> str:
+    return settings.emulator_url or f"http://127.0.0.1:{settings.emulator_port}"
+
+
+async def run_stage(settings: Settings, stage: str, *, provider: str | None = None,
+                    stop: asyncio.Event | None = None,
+                    on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run one stage (``account`` also answers dead letters) until ``stop`` is set."""
+    stop = stop or asyncio.Event()
+    store = CatalogStore(settings.catalog, settings.policy)
+    catalog, _ = store.current()
+    providers = catalog.providers()
+    redis = make_redis(settings)
+    http: httpx.AsyncClient | None = None
+    cores: list[StageCore]
+    if stage == "dedup":
+        cores = [DedupStage(settings, redis, lambda: rules_from_policy(store.current()[1]))]
+    elif stage == "route":
+        cores = [RouteStage(settings, store, redis)]
+    elif stage == "execute":
+        if not provider:
+            raise SystemExit("farebox worker execute needs --provider NAME")
+        configs = provider_configs(os.environ, emulator_url=emulator_url(settings))
+        if provider not in configs:
+            raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
+        limits = httpx.Limits(max_connections=settings.provider_concurrency,
+                              max_keepalive_connections=settings.provider_concurrency)
+        http = httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_s)
+        adapter = build_adapter(configs[provider], http)
+        cores = [ExecuteStage(settings, provider, adapter, redis)]
+    elif stage == "account":
+        cores = [AccountStage(settings, store, redis), DeadLetterStage(settings, redis)]
+    else:
+        raise SystemExit(f"unknown stage {stage!r}; one of dedup, route, execute, account")
+    workers = [Worker(settings, core, providers) for core in cores]
+    try:
+        tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+        if on_ready is not None:
+            all_ready = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in workers)))
+            await asyncio.wait([all_ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if all_ready.done():
+                await on_ready()
+            else:
+                all_ready.cancel()
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        if http is not None:
+            await http.aclose()
+        await redis.aclose()
+
+
+def worker_main(settings: Settings, stage: str, provider: str | None) -> int:
+    if settings.metrics_port:
+        with contextlib.suppress(OSError):
+            metrics.serve_metrics(settings.metrics_port)
+            log.info("stage %s: metrics on :%d/metrics", stage, settings.metrics_port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_stage(settings, stage, provider=provider, stop=stop)
+
+    asyncio.run(main())
+    return 0

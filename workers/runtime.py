@@ -1,0 +1,300 @@
+"""The one shell every stage runs in: decode -> handle -> publish with confirms -> ack.
+
+A stage core never sees channels or acks. It turns a decoded ``Envelope`` into the messages to
+publish next (``Handled``); this module publishes them with publisher confirms and acks the input
+only after every publish is confirmed, so a crash at any point leaves the input unacked and the
+broker redelivers it. What each error family means for the message is decided here and only here:
+
+* decode failure (``PermanentError`` from ``decode``) -> dead-letter with the reason;
+* ``PermanentError``/``BlockedError`` from ``handle`` -> an error result through the account stage;
+* ``RetryableError`` -> requeue after the hinted delay (the queue's delivery limit bounds this);
+* anything else -> requeue; a message that keeps failing hits the delivery limit and is
+  dead-lettered by the broker, and the dead-letter consumer sends the caller an ``internal`` error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from farebox import metrics
+from farebox.constants import CONTENT_TYPE, H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
+from farebox.errors import BlockedError, FareboxError, PermanentError, RetryableError
+from farebox.settings import Settings
+from schemas import Envelope, ErrorInfo
+from workers.topology import declare_topology
+
+log = logging.getLogger("farebox.runtime")
+
+MAX_PUBLISH_BACKOFF_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One message a stage wants sent. ``caller_reply``: a result for a caller whose queue may be
+    gone; unroutable is then logged and dropped rather than retried."""
+
+    routing_key: str
+    body: bytes
+    exchange: str = ""
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    message_id: str | None = None
+    caller_reply: bool = False
+
+
+@dataclass(frozen=True)
+class Handled:
+    publishes: Sequence[Publish]
+    # Runs after every publish is confirmed and before the ack (the account stage finishes a
+    # ledger write here when Redis was away at first).
+    after_publish: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a core may know about the incoming message: never the channel."""
+
+    queue: str
+    body: bytes
+    redelivered: bool
+    delivery_count: int
+    headers: Mapping[str, Any]
+    reply_to: str | None
+    correlation_id: str | None
+    message_id: str | None
+    timestamp: float | None
+
+
+class StageCore(Protocol):
+    name: str
+
+    def input_queues(self) -> Sequence[str]: ...
+
+    def decode(self, delivery: Delivery) -> Any: ...
+
+    async def handle(self, item: Any, delivery: Delivery) -> Handled: ...
+
+    def fail(self, item: Any, err: FareboxError) -> Handled:
+        """What a permanent/blocked error from ``handle`` turns into (normally an error result)."""
+        ...
+
+
+class EnvelopeStage:
+    """Mixin for stages whose input is an Envelope: a permanent error becomes an error result,
+    which the account stage records and sends to the caller."""
+
+    account_queue: str
+
+    def fail(self, item: Any, err: FareboxError) -> Handled:
+        assert isinstance(item, Envelope)
+        return Handled([envelope_publish(with_error(item, err), self.account_queue)])
+
+
+def envelope_publish(env: Envelope, queue: str) -> Publish:
+    """Hand an envelope to the next stage; reply_to/correlation_id ride along in the properties so
+    that a dead-lettered internal message can still be answered."""
+    return Publish(
+        routing_key=queue,
+        body=env.model_dump_json(exclude_defaults=True).encode(),
+        reply_to=env.reply_to,
+        correlation_id=env.correlation_id,
+        message_id=env.job_id,
+    )
+
+
+def with_error(env: Envelope, err: FareboxError) -> Envelope:
+    return env.model_copy(update={"error": ErrorInfo(code=err.code, message=str(err))})  # type: ignore[arg-type]
+
+
+def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
+    headers = dict(message.headers or {})
+    count = headers.get(H_DELIVERY_COUNT, 0)
+    ts = message.timestamp
+    return Delivery(
+        queue=queue,
+        body=message.body,
+        redelivered=bool(message.redelivered),
+        delivery_count=int(count) if isinstance(count, int) else 0,
+        headers=headers,
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=ts.timestamp() if ts is not None else None,
+    )
+
+
+def dead_letter_publish(settings: Settings, delivery: Delivery, stage: str, err: FareboxError) -> Publish:
+    # The reason is our own error text, which never quotes the body (see farebox.errors).
+    return Publish(
+        exchange=settings.topology.dead_exchange,
+        routing_key=delivery.queue,
+        body=delivery.body,
+        headers={H_REASON: str(err)[:500], H_STAGE: stage, H_CODE: err.code},
+        reply_to=delivery.reply_to,
+        correlation_id=delivery.correlation_id,
+        message_id=delivery.message_id,
+    )
+
+
+class Worker:
+    """Runs one stage core against the broker until ``stop`` is set, then drains."""
+
+    def __init__(self, settings: Settings, core: StageCore, providers: Sequence[str]) -> None:
+        self.settings = settings
+        self.core = core
+        self.providers = list(providers)
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._channel: AbstractRobustChannel | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"farebox-{self.settings.namespace}-{self.core.name}"},
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._channel = channel  # type: ignore[assignment]
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            await declare_topology(channel, self.settings, self.providers)
+            consumers = []
+            for name in self.core.input_queues():
+                queue = await channel.get_queue(name, ensure=False)
+                tag = await queue.consume(self._callback(name))
+                consumers.append((queue, tag))
+            log.info("stage %s consuming %s", self.core.name, ", ".join(self.core.input_queues()))
+            self.ready.set()
+            await stop.wait()
+            log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
+            for queue, tag in consumers:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
+        finally:
+            await connection.close()
+
+    def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inflight += 1
+            self._idle.clear()
+            try:
+                await self._process(message, queue)
+            except Exception:  # the shell must never die on one message
+                log.exception("stage %s: unexpected failure handling a message", self.core.name)
+                await _settle(message, requeue=True)
+            finally:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.set()
+
+        return on_message
+
+    async def _process(self, message: AbstractIncomingMessage, queue: str) -> None:
+        stage = self.core.name
+        delivery = to_delivery(message, queue)
+        try:
+            env = self.core.decode(delivery)
+        except PermanentError as err:
+            metrics.ERRORS.labels(stage, err.code).inc()
+            metrics.MESSAGES.labels(stage, "dead_lettered").inc()
+            log.warning("stage %s: dead-lettering an undecodable message: %s", stage, err)
+            await self._publish(dead_letter_publish(self.settings, delivery, stage, err))
+            await _settle(message, ack=True)
+            return
+        try:
+            handled = await self.core.handle(env, delivery)
+            outcome = "ok"
+        except (PermanentError, BlockedError) as err:
+            metrics.ERRORS.labels(stage, err.code).inc()
+            handled = self.core.fail(env, err)
+            outcome = err.code
+        except RetryableError as err:
+            metrics.ERRORS.labels(stage, "retryable").inc()
+            delay = min(err.retry_after_s or 1.0, 10.0)
+            log.warning("stage %s: job %s will be retried in %.1fs: %s", stage, _job_id(env), delay, err)
+            await asyncio.sleep(delay)
+            await _settle(message, requeue=True)
+            return
+        except Exception:
+            metrics.ERRORS.labels(stage, "internal").inc()
+            log.exception("stage %s: job %s failed (delivery %d); requeued", stage, _job_id(env),
+                          delivery.delivery_count + 1)
+            await asyncio.sleep(0.5)
+            await _settle(message, requeue=True)
+            return
+        for publish in handled.publishes:
+            await self._publish(publish)
+        if handled.after_publish is not None:
+            await handled.after_publish()
+        metrics.MESSAGES.labels(stage, outcome).inc()
+        await _settle(message, ack=True)
+
+    async def _publish(self, p: Publish) -> None:
+        """Publish with confirms; wait and retry while the target queue is full (reject-publish
+        nack) or the connection is being restored, so nothing is acked before it is safe."""
+        assert self._channel is not None
+        message = aio_pika.Message(
+            body=p.body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=dict(p.headers) or None,
+            correlation_id=p.correlation_id,
+            reply_to=p.reply_to,
+            message_id=p.message_id,
+            timestamp=time.time(),
+        )
+        delay = 0.02
+        while True:
+            try:
+                channel = self._channel
+                if p.exchange:
+                    exchange = await channel.get_exchange(p.exchange, ensure=False)
+                else:
+                    exchange = channel.default_exchange
+                await exchange.publish(message, p.routing_key, mandatory=True, timeout=30)
+                return
+            except aiormq.exceptions.PublishError:
+                if p.caller_reply:
+                    metrics.MESSAGES.labels(self.core.name, "reply_unroutable").inc()
+                    log.warning("stage %s: reply queue is gone; result dropped (it stays in the "
+                                "result store for a retry with the same job_id)", self.core.name)
+                    return
+                raise
+            except aiormq.exceptions.DeliveryError:
+                pass  # nacked: the next queue is full; hold the input and wait (back-pressure)
+            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError, TimeoutError, RuntimeError) as err:
+                log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_PUBLISH_BACKOFF_S)
+
+
+def _job_id(item: Any) -> str:
+    return str(getattr(item, "job_id", "?"))
+
+
+async def _settle(message: AbstractIncomingMessage, *, ack: bool = False, requeue: bool = False) -> None:
+    # After a connection loss the delivery tag belongs to a dead channel: the broker has already
+    # requeued the message, so failing to settle it here is expected and harmless.
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.nack(requeue=requeue)
+    except Exception as err:  # noqa: BLE001
+        log.info("could not settle a message (%s); the broker redelivers it", type(err).__name__)
