@@ -22,7 +22,9 @@ class PiiFinding:
     end: int
 
 
-_DIGIT = re.compile(r"\d")
+# Every card, SSN and US phone has three digits followed (maybe after one separator) by two more.
+_DIGIT_RUN = re.compile(r"\d{3}[ .-]?\d\d")
+_IBAN_START = re.compile(r"[A-Z]{2}\d\d")
 _EMAIL = re.compile(
     r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b"
 )
@@ -47,16 +49,23 @@ _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 
 # E.164 and international: "+" country code then groups; US: (415) 555-0100, 415-555-0100, 415.555.0100.
 _PHONE_INTL = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,5}\)?){1,5}(?!\d)")
-_PHONE_US = re.compile(r"(?:\(\d{3}\) ?|\d{3}[.-])\d{3}[.-]\d{4}(?![\d-])|\d{3} \d{3} \d{4}(?!\d)")
+_PHONE_US = re.compile(r"\d{3}([ .-])\d{3}\1\d{4}(?![\d-])")  # one separator throughout: 415-555-0100
+_PHONE_US_PAREN = re.compile(r"\(\d{3}\) ?\d{3}[ .-]\d{4}(?![\d-])")  # (415) 555-0100
 
-_SECRETS = re.compile(
-    r"\bsk-ant-[A-Za-z0-9_-]{20,}"  # Anthropic
-    r"|\bsk-(?:proj-|svcacct-)?[A-Za-z0-9_-]{20,}"  # OpenAI
-    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
-    r"|\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}"  # GitHub
-    r"|\bAIza[0-9A-Za-z_-]{35,}"  # Google API key
-    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)"
+# (literal the key must contain, pattern starting with that literal). The literal is tested with ``in``
+# first, which is far cheaper than running the regex over prose that cannot match.
+_SECRETS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("sk-", re.compile(r"sk-(?:ant-|proj-|svcacct-)?[A-Za-z0-9_-]{20,}")),  # Anthropic, OpenAI
+    ("AKIA", re.compile(r"AKIA[0-9A-Z]{16}\b")),  # AWS access key id
+    ("ASIA", re.compile(r"ASIA[0-9A-Z]{16}\b")),  # AWS temporary key id
+    ("gh", re.compile(r"gh[pousr]_[A-Za-z0-9]{36,}\b")),  # GitHub tokens
+    ("github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{40,}")),
+    ("AIza", re.compile(r"AIza[0-9A-Za-z_-]{35,}")),  # Google API key
+    ("xox", re.compile(r"xox[abprs]-[A-Za-z0-9-]{10,}")),  # Slack
+    (
+        "PRIVATE KEY",
+        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)"),
+    ),
 )
 _BEARER = re.compile(r"(?i)\bBearer\s+([A-Za-z0-9._~+/=-]{16,})")
 # key = value where the key says "secret"; only the value is reported, so redaction keeps the key readable.
@@ -127,17 +136,22 @@ def _ibans(text: str) -> Iterable[PiiFinding]:
             s = s[:cut]
 
 
-def _phones(text: str) -> Iterable[PiiFinding]:
-    if "+" in text:
-        for m in _PHONE_INTL.finditer(text):
-            n = sum(c.isdigit() for c in m.group())
-            if 8 <= n <= 15:
-                yield PiiFinding("phone", m.start(), m.end())
-    for m in _PHONE_US.finditer(text):
-        digits = re.sub(r"\D", "", m.group())
-        # US area codes never start with 0 or 1.
-        if digits[0] not in "01" and _clear_before(text, m.start(), "+-_"):
+def _phones_intl(text: str) -> Iterable[PiiFinding]:
+    for m in _PHONE_INTL.finditer(text):
+        n = sum(c.isdigit() for c in m.group())
+        if 8 <= n <= 15:
             yield PiiFinding("phone", m.start(), m.end())
+
+
+def _phones_us(text: str) -> Iterable[PiiFinding]:
+    for m in _PHONE_US.finditer(text):
+        # US area codes never start with 0 or 1.
+        if m.group()[0] not in "01" and _clear_before(text, m.start(), "+-_"):
+            yield PiiFinding("phone", m.start(), m.end())
+    if "(" in text:
+        for m in _PHONE_US_PAREN.finditer(text):
+            if m.group()[1] not in "01":
+                yield PiiFinding("phone", m.start(), m.end())
 
 
 def _ssns(text: str, lower: str) -> Iterable[PiiFinding]:
@@ -153,15 +167,16 @@ def _ssns(text: str, lower: str) -> Iterable[PiiFinding]:
             yield PiiFinding("ssn", m.start(1), m.end(1))
 
 
-# Literal substrings one of the _SECRETS patterns needs: ``in`` tests are far cheaper than the regex.
-_SECRET_HINTS = ("sk-", "AKIA", "ASIA", "gh", "AIza", "xox", "PRIVATE KEY")
+# Words _ASSIGNED needs (lower-cased), tested with ``in`` before the regex runs.
 _ASSIGNED_HINTS = ("key", "secret", "token", "passw")
 
 
 def _secrets(text: str, lower: str) -> Iterable[PiiFinding]:
-    if any(h in text for h in _SECRET_HINTS):
-        for m in _SECRETS.finditer(text):
-            yield PiiFinding("secret", m.start(), m.end())
+    for hint, pattern in _SECRETS:
+        if hint in text:
+            for m in pattern.finditer(text):
+                if _clear_before(text, m.start(), "_-"):
+                    yield PiiFinding("secret", m.start(), m.end())
     if "bearer" in lower:
         for m in _BEARER.finditer(text):
             yield PiiFinding("secret", m.start(1), m.end(1))
@@ -180,11 +195,15 @@ def scan(text: str) -> list[PiiFinding]:
     lower = text.lower()
     if "@" in text:
         found.extend(PiiFinding("email", m.start(), m.end()) for m in _EMAIL.finditer(text))
-    if _DIGIT.search(text):  # cards, SSNs, IBANs and phones all contain digits; prose skips four scans
+    # Cheap gates first: most prompts have no run of 5+ digits, no "+" and no "XX00" IBAN start.
+    if _DIGIT_RUN.search(text):
         found.extend(_cards(text))
         found.extend(_ssns(text, lower))
+        found.extend(_phones_us(text))
+    if "+" in text:
+        found.extend(_phones_intl(text))
+    if _IBAN_START.search(text):
         found.extend(_ibans(text))
-        found.extend(_phones(text))
     found.extend(_secrets(text, lower))
     if len(found) <= 1:
         return found

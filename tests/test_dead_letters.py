@@ -114,7 +114,8 @@ async def test_full_intake_pushes_back_and_loses_nothing(settings: Settings, red
             connection = await aio_pika.connect(small.amqp_url)
             async with connection:
                 queue = await (await connection.channel()).declare_queue(small.topology.intake, passive=True)
-                assert queue.declaration_result.message_count == 5  # capped, the rest held back
+                # Capped (a quorum queue may admit one past the limit), the rest held back by the client.
+                assert 5 <= queue.declaration_result.message_count <= 6
             await p.start("dedup")
             results = await asyncio.wait_for(collected, 60)
         assert sorted(r.job_id for r in results) == sorted(j["job_id"] for j in jobs)

@@ -64,17 +64,30 @@ class DedupStage(EnvelopeStage):
         if await self.redis.exists(self.keys.result(env.job_id)):
             # A job_id already answered (a producer retry): the account stage replays its result.
             return Handled([envelope_publish(env, self.topo.account)])
-        if env.cache_key is not None and env.job.cache.mode == "use":
-            cached = await self.redis.get(self.keys.cache(env.cache_key))
-            if cached is not None:
-                status = "coalesced" if env.waits else "hit"
-                served = env.model_copy(update={"outcome": Outcome.model_validate_json(cached),
-                                                "cache_status": status})
-                return Handled([envelope_publish(served, self.topo.account)])
-        if env.coalesce_key is not None and not await self._lead(env, delivery):
-            waiting = env.model_copy(update={"waits": env.waits + 1})
-            return Handled([envelope_publish(waiting, self.topo.wait)])
+        served = await self._from_cache(env)
+        if served is not None:
+            return served
+        if env.coalesce_key is not None:
+            if not await self._lead(env, delivery):
+                waiting = env.model_copy(update={"waits": env.waits + 1})
+                return Handled([envelope_publish(waiting, self.topo.wait)])
+            # The previous leader may have filled the cache and released the lease between our
+            # lookup and our lease: look again before paying for a call.
+            served = await self._from_cache(env)
+            if served is not None:
+                await self.redis.delete(self.keys.inflight(env.coalesce_key))
+                return served
         return Handled([envelope_publish(env, self.topo.route)])
+
+    async def _from_cache(self, env: Envelope) -> Handled | None:
+        if env.cache_key is None or env.job.cache.mode != "use":
+            return None
+        cached = await self.redis.get(self.keys.cache(env.cache_key))
+        if cached is None:
+            return None
+        status = "coalesced" if env.waits else "hit"
+        served = env.model_copy(update={"outcome": Outcome.model_validate_json(cached), "cache_status": status})
+        return Handled([envelope_publish(served, self.topo.account)])
 
     async def _lead(self, env: Envelope, delivery: Delivery) -> bool:
         """True when this job is (or may become) the leader for its key."""

@@ -31,7 +31,7 @@ from farebox.constants import CONTENT_TYPE, H_CODE, H_DELIVERY_COUNT, H_REASON, 
 from farebox.errors import BlockedError, FareboxError, PermanentError, RetryableError
 from farebox.settings import Settings
 from schemas import Envelope, ErrorInfo
-from workers.topology import declare_topology
+from workers.topology import declare_topology, queue_plan
 
 log = logging.getLogger("farebox.runtime")
 
@@ -164,6 +164,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         connection: AbstractRobustConnection = await aio_pika.connect_robust(
             self.settings.amqp_url,
+            reconnect_interval=1.0,
             client_properties={"connection_name": f"farebox-{self.settings.namespace}-{self.core.name}"},
         )
         try:
@@ -172,8 +173,10 @@ class Worker:
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             await declare_topology(channel, self.settings, self.providers)
             consumers = []
+            plan = queue_plan(self.settings, self.providers)
             for name in self.core.input_queues():
-                queue = await channel.get_queue(name, ensure=False)
+                # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
+                queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
                 tag = await queue.consume(self._callback(name))
                 consumers.append((queue, tag))
             log.info("stage %s consuming %s", self.core.name, ", ".join(self.core.input_queues()))

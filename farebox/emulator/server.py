@@ -33,7 +33,9 @@ def _bind(host: str, port: int) -> socket.socket:
     # Binding here, not in uvicorn, turns "port in use" into an OSError for the caller instead
     # of uvicorn's sys.exit, and lets port 0 pick a free port that we can then report.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio only sets TCP_NODELAY on accepted sockets that do, and without it
+    # every response waits ~40 ms on Nagle plus delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

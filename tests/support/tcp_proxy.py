@@ -26,6 +26,10 @@ class TcpProxy:
             self._server.close()
             await self._server.wait_closed()
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers) // 2
+
     def cut(self) -> int:
         """Drop every open connection (both directions). Returns how many were cut."""
         n = 0

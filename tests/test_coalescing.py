@@ -1,0 +1,55 @@
+"""Cache and in-flight dedup against the real services (issue 4's acceptance checks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from farebox.settings import Settings
+from tests.conftest import EmulatorStats
+from tests.support.pipeline import InProcessPipeline, ledger_entries
+
+WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "make_workload.py"
+
+
+async def test_200_identical_jobs_make_one_provider_call(pipeline: InProcessPipeline, redis: Redis,
+                                                         settings: Settings,
+                                                         emulator_stats: EmulatorStats) -> None:
+    await pipeline.start()
+    jobs = [{"prompt": "Explain quorum queues in one line.", "tenant": "acme", "job_id": f"same-{i}"}
+            for i in range(200)]
+    async with pipeline.client() as client:
+        results = [r async for r in client.stream(jobs, max_in_flight=200)]
+    assert len(results) == 200 and all(r.status == "ok" for r in results)
+    caches = sorted(r.cache for r in results)
+    assert caches.count("miss") == 1 and caches.count("hit") + caches.count("coalesced") == 199
+    assert len({r.content for r in results}) == 1
+    assert await emulator_stats.total() == 1
+    assert len(await ledger_entries(redis, settings)) == 200
+    assert sum(r.cost_usd for r in results) == max(r.cost_usd for r in results)  # charged once
+
+
+def make_workload(jobs: int, dup_rate: float, seed: int = 3) -> tuple[list[dict[str, object]], dict[str, int]]:
+    run = subprocess.run([sys.executable, str(WORKLOADS), "--jobs", str(jobs), "--dup-rate", str(dup_rate),
+                          "--seed", str(seed)], capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in run.stdout.splitlines()], json.loads(run.stderr)
+
+
+async def test_workload_provider_calls_equal_unique_keys(pipeline: InProcessPipeline,
+                                                         emulator_stats: EmulatorStats) -> None:
+    jobs, summary = make_workload(2000, 0.3)
+    await pipeline.start()
+    async with pipeline.client() as client:
+        results = [r async for r in client.stream(jobs, max_in_flight=400)]
+    assert len(results) == len(jobs) == summary["jobs"]
+    assert sorted(r.job_id for r in results) == sorted(str(j["job_id"]) for j in jobs)
+    calls = await emulator_stats.total()
+    served = sum(1 for r in results if r.cache in ("hit", "coalesced"))
+    errors = [r for r in results if r.status != "ok"]
+    assert not errors, errors[:3]
+    assert calls == summary["unique_keys"], (calls, summary)
+    assert served == summary["repeats"]

@@ -1,0 +1,81 @@
+"""estimate: expected cost under the policy vs everything on the baseline, without calling anyone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from catalog.estimate import estimate_jobs, estimate_lines
+from catalog.loader import load_catalog
+from catalog.policy import load_policy
+from farebox.settings import CATALOG_DIR
+from schemas import Job
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[object, object]:
+    return load_catalog(CATALOG_DIR / "model_costs.json"), load_policy(CATALOG_DIR / "policy.json")
+
+
+JOBS = [
+    {
+        "prompt": "Answer with the letter of the correct option only. A) 1 B) 2",
+        "task": "classify",
+        "max_tokens": 5,
+    },
+    {"prompt": "Summarize the following passage in two sentences. The sky is blue.", "task": "summarize"},
+    {
+        "prompt": "Natalia sold clips to 48 friends. How many?",
+        "task": "reason",
+        "quality": "high",
+        "max_tokens": 400,
+    },
+    {"prompt": "Contact me at jane.doe@example.com. Extract the key facts as JSON.", "task": "extract"},
+    {"prompt": "hello", "model": "openai/gpt-4o-mini"},
+]
+
+
+def test_estimate_jobs(data: tuple[object, object]) -> None:
+    catalog, policy = data
+    report = estimate_jobs((Job.model_validate(j) for j in JOBS), catalog, policy)  # type: ignore[arg-type]
+    assert report.jobs == report.total.jobs == 5 and report.blocked == report.invalid == 0
+    assert report.redacted == 1
+    assert 0 < report.total.cost_usd < report.total.baseline_cost_usd
+    assert set(report.by_task) == {"classify", "summarize", "reason", "extract", "chat"}
+    assert set(report.by_tier) <= {"low", "medium", "high"}
+    assert sum(b.jobs for b in report.by_model.values()) == 5
+    assert report.by_model["openai/gpt-4o-mini"].jobs == 1
+    assert sum(b.cost_usd for b in report.by_task.values()) == pytest.approx(report.total.cost_usd)
+    d = report.as_dict()
+    assert d["savings_usd"] == pytest.approx(d["baseline_cost_usd"] - d["cost_usd"]) and d["savings_pct"] > 0
+    json.dumps(d)  # serialisable as-is for --json
+
+
+def test_estimate_lines_counts_bad_lines(data: tuple[object, object]) -> None:
+    catalog, policy = data
+    lines = [
+        json.dumps(JOBS[0]),
+        "",  # blank lines are skipped, not counted
+        "{not json",
+        json.dumps({"prompt": "secret prompt text", "qualty": "high"}),  # typo: refused, not defaulted
+        json.dumps({"prompt": "x", "model": "nope/nope"}),  # unknown pin
+        json.dumps({"prompt": "my SSN is 078-05-1120", "model": "openai/gpt-4o"}),
+    ]
+    policy_block = policy.model_copy(update={"pii": policy.pii.model_copy(update={"action": "block"})})  # type: ignore[attr-defined]
+    report = estimate_lines(lines, catalog, policy_block)  # type: ignore[arg-type]
+    assert report.jobs == 5 and report.total.jobs == 1 and report.invalid == 3 and report.blocked == 1
+    assert [n for n, _ in report.invalid_examples] == [3, 4, 5]
+    messages = " ".join(m for _, m in report.invalid_examples)
+    assert "not valid JSON" in messages and "qualty" in messages and "unknown model 'nope/nope'" in messages
+    assert "secret prompt text" not in messages
+
+
+def test_estimate_workload_file(data: tuple[object, object], tmp_path: Path) -> None:
+    catalog, policy = data
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(j) for j in JOBS * 20) + "\n")
+    with path.open() as f:
+        report = estimate_lines(f, catalog, policy)  # type: ignore[arg-type]
+    assert report.total.jobs == 100 and report.savings_usd > 0
