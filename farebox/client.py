@@ -23,7 +23,12 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 from pydantic import ValidationError
 
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
@@ -87,7 +92,7 @@ class FareboxClient:
             raise DependencyUnavailable(f"cannot reach RabbitMQ at the configured FAREBOX_AMQP_URL "
                                         f"({type(err).__name__})") from None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel  # type: ignore[assignment]
+        self._channel = channel
         await self._wait_for_intake()
         self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await self._reply_queue.consume(self._on_reply, no_ack=True)

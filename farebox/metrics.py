@@ -31,5 +31,5 @@ CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the 
 def serve_metrics(port: int) -> int:
     """Expose /metrics on ``port`` (0 = do not serve). Returns the port."""
     if port:
-        start_http_server(port, addr="0.0.0.0")  # noqa: S104 - scraped by Prometheus from other hosts
+        start_http_server(port, addr="0.0.0.0")
     return port

@@ -19,15 +19,19 @@ METRICS = ("jobs", "cost_nusd", "baseline_nusd", "input_tokens", "output_tokens"
 NANO = 1_000_000_000
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def load_rows(redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since: str | None = None,
                     tenant: str | None = None) -> list[dict[str, Any]]:
-    days = sorted(d.decode() for d in await redis.smembers(keys.ledger_days))
+    days = sorted(_text(d) for d in await redis.smembers(keys.ledger_days))
     groups: dict[tuple[str, ...], dict[str, int]] = defaultdict(lambda: dict.fromkeys(METRICS, 0))
     for day in days:
         if since and day < since:
             continue
         for field, value in (await redis.hgetall(keys.ledger_agg(day))).items():
-            t, p, m, metric = field.decode().split("|", 3)
+            t, p, m, metric = _text(field).split("|", 3)
             if tenant and t != tenant:
                 continue
             dims = {"tenant": t, "provider": p, "model": m, "day": day}

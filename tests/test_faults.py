@@ -11,7 +11,13 @@ from redis.asyncio import Redis
 
 from farebox.report import load_rows, totals
 from farebox.settings import Settings
-from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, ledger_entries
+from tests.support.pipeline import (
+    ALL_STAGES,
+    InProcessPipeline,
+    ProcessPipeline,
+    drop_namespace,
+    ledger_entries,
+)
 from tests.support.tcp_proxy import TcpProxy
 
 

@@ -107,6 +107,6 @@ class DeadLetterStage:
 
     async def handle(self, item: DeadLetter, delivery: Delivery) -> Handled:
         result = JobResult(job_id=item.job_id, tenant=item.tenant, status="error", metadata=item.metadata,
-                           error=ErrorInfo(code=item.code, message=item.reason))  # type: ignore[arg-type]
+                           error=ErrorInfo(code=item.code, message=item.reason))
         return await record_and_reply(self.ledger, self.health, result, None, item.lease_key,
                                       item.reply_to, item.correlation_id, self.clock)

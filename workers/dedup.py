@@ -98,7 +98,7 @@ class DedupStage(EnvelopeStage):
         holder = await self.redis.get(lease)
         if holder is None:  # released between the two calls: try once more next round
             return False
-        if holder.decode() != env.job_id:
+        if (holder.decode() if isinstance(holder, bytes) else holder) != env.job_id:
             return False
         # The lease is this job's own. A redelivery of the leader goes on; a second copy of the
         # same job_id (a producer retry, fresh or back from waiting) waits for the first instead.

@@ -81,8 +81,8 @@ class Ledger:
         self._script = redis.register_script(_RECORD)
 
     async def stored_result(self, job_id: str) -> bytes | None:
-        value: bytes | None = await self.redis.get(self.keys.result(job_id))
-        return value
+        value = await self.redis.get(self.keys.result(job_id))
+        return value.encode() if isinstance(value, str) else value
 
     async def record(self, result: JobResult, *, ts: float, cache: CacheFill | None,
                      lease_key: str | None) -> bytes | None:
@@ -99,7 +99,7 @@ class Ledger:
             self.keys.cache(cache.key) if cache else self.keys.cache("-"),
             self.keys.inflight(lease_key) if lease_key else self.keys.inflight("-"),
         ]
-        args = [
+        args: list[str | int | float] = [
             result.model_dump_json(), self.result_ttl_s, entry_json(result, ts=ts), field_prefix,
             nano(result.cost_usd), nano(result.baseline_cost_usd),
             result.usage.input_tokens, result.usage.output_tokens,

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from redis.asyncio import Redis
@@ -75,7 +76,8 @@ async def run_stage(settings: Settings, stage: str, *, provider: str | None = No
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         if on_ready is not None:
             all_ready = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in workers)))
-            await asyncio.wait([all_ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            pending: list[asyncio.Future[Any]] = [all_ready, *tasks]
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if all_ready.done():
                 await on_ready()
             else:

@@ -21,7 +21,7 @@ def build_result(env: Envelope, catalog: Catalog, policy: Policy, *, now: float)
         target = env.route
         return JobResult(status="error", error=error, cache=env.cache_status,
                          provider=target.provider if target else None,
-                         model=target.model if target else None, **common)  # type: ignore[arg-type]
+                         model=target.model if target else None, **common)
     out = env.outcome
     usage: Usage = out.usage
     baseline = baseline_cost_usd(policy, catalog, usage)
@@ -32,4 +32,4 @@ def build_result(env: Envelope, catalog: Catalog, policy: Policy, *, now: float)
         cost = 0.0  # a hit or a coalesced duplicate costs nothing; its baseline shows the saving
     return JobResult(status="ok", content=out.content, provider=out.provider, model=out.model, usage=usage,
                      cost_usd=cost, baseline_cost_usd=baseline, cache=env.cache_status,
-                     **common)  # type: ignore[arg-type]
+                     **common)

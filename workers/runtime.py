@@ -115,7 +115,7 @@ def envelope_publish(env: Envelope, queue: str) -> Publish:
 
 
 def with_error(env: Envelope, err: FareboxError) -> Envelope:
-    return env.model_copy(update={"error": ErrorInfo(code=err.code, message=str(err))})  # type: ignore[arg-type]
+    return env.model_copy(update={"error": ErrorInfo(code=err.code, message=str(err))})
 
 
 def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
@@ -169,7 +169,7 @@ class Worker:
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._channel = channel  # type: ignore[assignment]
+            self._channel = channel
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             await declare_topology(channel, self.settings, self.providers)
             consumers = []
@@ -299,5 +299,5 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool = False, requeu
             await message.ack()
         else:
             await message.nack(requeue=requeue)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         log.info("could not settle a message (%s); the broker redelivers it", type(err).__name__)
