@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from farebox.tokens import count_text
 
@@ -35,23 +35,43 @@ class Answer:
 
 
 def fake_answer(model: str, pairs: Sequence[tuple[str, str]], max_tokens: int) -> Answer:
-    key = json.dumps([model, [list(p) for p in pairs], max_tokens], ensure_ascii=False)
-    digest = hashlib.sha256(key.encode()).digest()
-    want = MIN_WANT + digest[0] % WANT_SPREAD
+    return _fake_answer(model, tuple((str(r), str(c)) for r, c in pairs), max_tokens)
+
+
+@lru_cache(maxsize=2048)  # load tests repeat prompts; the answer is a pure function of them
+def _fake_answer(model: str, pairs: tuple[tuple[str, str], ...], max_tokens: int) -> Answer:
+    key = json.dumps([model, pairs, max_tokens], ensure_ascii=False).encode()
+    want = MIN_WANT + hashlib.sha256(key).digest()[0] % WANT_SPREAD
     budget = min(want, max_tokens)
-    rng = random.Random(digest)
+    # One hash byte per word: deterministic and much cheaper than a seeded random.Random.
+    picks = hashlib.shake_256(key).digest(budget)
 
     words = [*f"Emulated answer from {model}:".split()]
-    words += [rng.choice(WORDS) for _ in range(budget)]
-    text = ""
-    tokens = 0
+    words += [WORDS[b % len(WORDS)] for b in picks]
+    # Count word by word (cached) instead of re-encoding the growing text: this runs on every
+    # request, and a load test sends thousands at once.
+    pieces: list[str] = []
+    total = 0
     for word in words:
-        candidate = f"{text} {word}" if text else word
-        n = count_text(candidate)
-        if n > budget:
+        piece = f" {word}" if pieces else word
+        n = _piece_tokens(piece)
+        if total + n > budget:
             break
-        text, tokens = candidate, n
+        pieces.append(piece)
+        total += n
+    text = "".join(pieces)
+    tokens = count_text(text)
+    # BPE can merge across pieces differently than piece by piece; trim until the real count fits.
+    while tokens > budget and pieces:
+        pieces.pop()
+        text = "".join(pieces)
+        tokens = count_text(text)
     if not text:
         # Even max_tokens=1 gets a non-empty reply; "ok" is a single token.
         text, tokens = "ok", count_text("ok")
     return Answer(text=text, tokens=tokens, hit_limit=want > max_tokens)
+
+
+@lru_cache(maxsize=4096)
+def _piece_tokens(piece: str) -> int:
+    return count_text(piece)
