@@ -24,5 +24,5 @@ USER farebox
 # 9464: Prometheus metrics of a worker; 8099: the provider emulator.
 EXPOSE 9464 8099
 
-ENTRYPOINT ["python"]
+ENTRYPOINT ["farebox"]
 CMD ["--help"]

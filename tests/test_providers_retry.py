@@ -138,3 +138,19 @@ async def test_injected_clock_decides_the_deadline() -> None:
     with pytest.raises(DeadlineExceeded):
         await call_with_retries(calls, REQUEST, max_attempts=5, deadline_at=1000.9, clock=lambda: now[0])
     assert now[0] == 1001.0  # one call; after it the deadline had passed, so no second one
+
+
+async def test_cancellation_is_not_swallowed() -> None:
+    started = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    slow = OpenAIAdapter(httpx.AsyncClient(transport=httpx.MockTransport(hang)), "http://x/v1", None)
+    task = asyncio.create_task(call_with_retries(slow, REQUEST, max_attempts=5, deadline_at=None))
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
