@@ -9,13 +9,12 @@ import httpx
 from farebox.errors import InvalidRequest
 from schemas import Usage
 from workers.providers.base import (
+    JsonAdapter,
     MalformedResponse,
     ProviderReply,
     ProviderRequest,
     estimated_reply,
     field,
-    malformed,
-    post_json,
     token_int,
 )
 
@@ -23,7 +22,7 @@ API_VERSION = "2023-06-01"
 MAX_TEMPERATURE = 1.0  # Anthropic's range is 0..1 where the job schema allows 0..2
 
 
-class AnthropicAdapter:
+class AnthropicAdapter(JsonAdapter):
     def __init__(
         self, client: httpx.AsyncClient, base_url: str, api_key: str | None, *, name: str = "anthropic"
     ) -> None:
@@ -64,15 +63,8 @@ class AnthropicAdapter:
             headers["x-api-key"] = self._api_key
         return headers
 
-    async def complete(self, request: ProviderRequest) -> ProviderReply:
-        data = await post_json(
-            self._client, self.name, self._url, headers=self.headers(), body=self.body(request),
-            timeout_s=request.timeout_s, secret=self._api_key,
-        )
-        try:
-            return self.parse(request, data)
-        except MalformedResponse as exc:
-            raise malformed(self.name, exc) from None
+    def endpoint(self, request: ProviderRequest) -> str:
+        return self._url
 
     def parse(self, request: ProviderRequest, data: Any) -> ProviderReply:
         blocks = field(data, "content")

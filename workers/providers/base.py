@@ -167,6 +167,38 @@ async def post_json(
     return check_response(provider, response, secrets=(secret,))
 
 
+class JsonAdapter:
+    """The one request/reply loop every HTTP+JSON adapter shares: a subclass says where to POST,
+    what to send and how to read the answer; sending, error mapping and malformed-reply handling
+    live here once."""
+
+    name: str
+    _client: httpx.AsyncClient
+    _api_key: str | None
+
+    def endpoint(self, request: ProviderRequest) -> str:
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def body(self, request: ProviderRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse(self, request: ProviderRequest, data: Any) -> ProviderReply:
+        raise NotImplementedError
+
+    async def complete(self, request: ProviderRequest) -> ProviderReply:
+        data = await post_json(
+            self._client, self.name, self.endpoint(request), headers=self.headers(),
+            body=self.body(request), timeout_s=request.timeout_s, secret=self._api_key,
+        )
+        try:
+            return self.parse(request, data)
+        except MalformedResponse as exc:
+            raise malformed(self.name, exc) from None
+
+
 # --- helpers for reading replies -------------------------------------------------------------
 def field(obj: Any, *path: str | int) -> Any:
     """``obj[path0][path1]...``; raises MalformedResponse naming the missing path."""

@@ -9,20 +9,19 @@ import httpx
 from farebox.errors import InvalidRequest, ProviderRejected
 from schemas import Usage
 from workers.providers.base import (
+    JsonAdapter,
     MalformedResponse,
     ProviderReply,
     ProviderRequest,
     estimated_reply,
     field,
-    malformed,
-    post_json,
     token_int,
 )
 
 _ROLES = {"user": "user", "assistant": "model"}
 
 
-class GeminiAdapter:
+class GeminiAdapter(JsonAdapter):
     def __init__(
         self, client: httpx.AsyncClient, base_url: str, api_key: str | None, *, name: str = "google"
     ) -> None:
@@ -63,15 +62,8 @@ class GeminiAdapter:
         # The key goes in a header, never in ?key=, so it cannot leak through a logged URL.
         return {"x-goog-api-key": self._api_key} if self._api_key else {}
 
-    async def complete(self, request: ProviderRequest) -> ProviderReply:
-        data = await post_json(
-            self._client, self.name, self.url(request.model), headers=self.headers(),
-            body=self.body(request), timeout_s=request.timeout_s, secret=self._api_key,
-        )
-        try:
-            return self.parse(request, data)
-        except MalformedResponse as exc:
-            raise malformed(self.name, exc) from None
+    def endpoint(self, request: ProviderRequest) -> str:
+        return self.url(request.model)
 
     def parse(self, request: ProviderRequest, data: Any) -> ProviderReply:
         if not isinstance(data, dict):

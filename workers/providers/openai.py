@@ -8,13 +8,12 @@ import httpx
 
 from schemas import Usage
 from workers.providers.base import (
+    JsonAdapter,
     MalformedResponse,
     ProviderReply,
     ProviderRequest,
     estimated_reply,
     field,
-    malformed,
-    post_json,
     token_int,
 )
 
@@ -22,7 +21,7 @@ from workers.providers.base import (
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 
-class OpenAIAdapter:
+class OpenAIAdapter(JsonAdapter):
     def __init__(
         self,
         client: httpx.AsyncClient,
@@ -56,15 +55,8 @@ class OpenAIAdapter:
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
-    async def complete(self, request: ProviderRequest) -> ProviderReply:
-        data = await post_json(
-            self._client, self.name, self._url, headers=self.headers(), body=self.body(request),
-            timeout_s=request.timeout_s, secret=self._api_key,
-        )
-        try:
-            return self.parse(request, data)
-        except MalformedResponse as exc:
-            raise malformed(self.name, exc) from None
+    def endpoint(self, request: ProviderRequest) -> str:
+        return self._url
 
     def parse(self, request: ProviderRequest, data: Any) -> ProviderReply:
         message = field(data, "choices", 0, "message")
