@@ -61,45 +61,41 @@ class DedupStage(EnvelopeStage):
         return handled
 
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
-        if await self.redis.exists(self.keys.result(env.job_id)):
+        # Two round trips at most on this hot path: one read, then one atomic lease attempt.
+        use_cache = env.cache_key is not None and env.job.cache.mode == "use"
+        cache_key = self.keys.cache(env.cache_key or "-")
+        read = self.redis.pipeline(transaction=False)
+        read.exists(self.keys.result(env.job_id))
+        if use_cache:
+            read.get(cache_key)
+        answered, *cached = await read.execute()
+        if answered:
             # A job_id already answered (a producer retry): the account stage replays its result.
             return Handled([envelope_publish(env, self.topo.account)])
-        served = await self._from_cache(env)
-        if served is not None:
-            return served
-        if env.coalesce_key is not None:
-            if not await self._lead(env, delivery):
-                waiting = env.model_copy(update={"waits": env.waits + 1})
-                return Handled([envelope_publish(waiting, self.topo.wait)])
-            # The previous leader may have filled the cache and released the lease between our
-            # lookup and our lease: look again before paying for a call.
-            served = await self._from_cache(env)
-            if served is not None:
-                await self.redis.delete(self.keys.inflight(env.coalesce_key))
-                return served
-        return Handled([envelope_publish(env, self.topo.route)])
+        if use_cache and cached[0] is not None:
+            return self._serve(env, cached[0])
+        if env.coalesce_key is None:
+            return Handled([envelope_publish(env, self.topo.route)])
+        lease = self.keys.inflight(env.coalesce_key)
+        # MULTI, so the cache read happens after the lease attempt: a leader that filled the cache
+        # and released its lease since our first read is seen here, and nobody pays twice.
+        attempt = self.redis.pipeline(transaction=True)
+        attempt.set(lease, env.job_id, nx=True, ex=self.settings.leader_lease_s)
+        attempt.get(lease)
+        if use_cache:
+            attempt.get(cache_key)
+        took, holder, *cached = await attempt.execute()
+        if use_cache and cached[0] is not None:
+            return self._serve(env, cached[0])  # the account stage releases a lease we took
+        own = (holder.decode() if isinstance(holder, bytes) else holder) == env.job_id
+        # A lease already ours: a redelivery of the leader goes on; a second copy of the same
+        # job_id (a producer retry, fresh or back from waiting) waits for the first instead.
+        if took or (own and delivery.redelivered):
+            return Handled([envelope_publish(env, self.topo.route)])
+        waiting = env.model_copy(update={"waits": env.waits + 1})
+        return Handled([envelope_publish(waiting, self.topo.wait)])
 
-    async def _from_cache(self, env: Envelope) -> Handled | None:
-        if env.cache_key is None or env.job.cache.mode != "use":
-            return None
-        cached = await self.redis.get(self.keys.cache(env.cache_key))
-        if cached is None:
-            return None
+    def _serve(self, env: Envelope, cached: bytes) -> Handled:
         status = "coalesced" if env.waits else "hit"
         served = env.model_copy(update={"outcome": Outcome.model_validate_json(cached), "cache_status": status})
         return Handled([envelope_publish(served, self.topo.account)])
-
-    async def _lead(self, env: Envelope, delivery: Delivery) -> bool:
-        """True when this job is (or may become) the leader for its key."""
-        assert env.coalesce_key is not None
-        lease = self.keys.inflight(env.coalesce_key)
-        if await self.redis.set(lease, env.job_id, nx=True, ex=self.settings.leader_lease_s):
-            return True
-        holder = await self.redis.get(lease)
-        if holder is None:  # released between the two calls: try once more next round
-            return False
-        if (holder.decode() if isinstance(holder, bytes) else holder) != env.job_id:
-            return False
-        # The lease is this job's own. A redelivery of the leader goes on; a second copy of the
-        # same job_id (a producer retry, fresh or back from waiting) waits for the first instead.
-        return delivery.redelivered
