@@ -43,6 +43,11 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Library chatter (reconnect attempts, per-request lines) stays out unless asked for.
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library loggers stay at WARNING whatever farebox's level: at DEBUG, aiormq logs whole AMQP
+    frames, and a frame is a job body with its prompt."""
     for noisy in ("aio_pika", "aiormq", "httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -69,6 +69,7 @@ async def _run_child(child: Child, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         child.started_at = time.monotonic()
         child.process = await asyncio.create_subprocess_exec(*child.argv, env=child.env)
+        print(f"farebox: {child.name} started (pid {child.process.pid})", flush=True)
         code = await child.process.wait()
         if stopping.is_set():
             return
