@@ -7,7 +7,6 @@ after a crash re-uses it instead of calling (and paying) again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,8 @@ from farebox.settings import Settings
 from schemas import Envelope, Outcome
 from workers.decode import envelope_from_internal
 from workers.health import ProviderHealth
-from workers.providers.base import ProviderAdapter, ProviderRequest
+from workers.providers.base import ProviderRequest
+from workers.providers.pool import AdapterPool
 from workers.providers.retry import call_with_retries
 from workers.redis_health import REDIS_DOWN
 from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
@@ -42,17 +42,18 @@ def next_target(env: Envelope, failed: str) -> str | None:
 class ExecuteStage(EnvelopeStage):
     name = "execute"
 
-    def __init__(self, settings: Settings, provider: str, adapter: ProviderAdapter, redis: Redis,
+    def __init__(self, settings: Settings, provider: str, adapters: AdapterPool, redis: Redis,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.provider = provider
-        self.adapter = adapter
+        self.adapters = adapters
+        # Enough unacked messages to keep every call slot busy (I/O-bound, not CPU-bound).
+        self.prefetch = max(settings.prefetch, settings.provider_concurrency)
         self.redis = redis
         self.clock = clock
         self.topo = settings.topology
         self.account_queue = self.topo.account
         self.health = ProviderHealth(redis, settings.keys, clock=clock)
-        self._slots = asyncio.Semaphore(settings.provider_concurrency)
         self._consecutive_failures = 0
 
     def input_queues(self) -> Sequence[str]:
@@ -74,9 +75,9 @@ class ExecuteStage(EnvelopeStage):
                                   temperature=env.job.temperature, timeout_s=self.settings.provider_timeout_s)
         started = self.clock()
         try:
-            async with self._slots:
+            async with self.adapters.adapter() as adapter:
                 reply, retries = await call_with_retries(
-                    self.adapter, request, max_attempts=self.settings.provider_max_attempts,
+                    adapter, request, max_attempts=self.settings.provider_max_attempts,
                     deadline_at=env.deadline_at, on_retry=self._on_retry)
         except RetryableError as err:
             return await self._fall_back(env, err)

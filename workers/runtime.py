@@ -170,7 +170,7 @@ class Worker:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             self._channel = channel
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            await channel.set_qos(prefetch_count=getattr(self.core, "prefetch", self.settings.prefetch))
             await declare_topology(channel, self.settings, self.providers)
             consumers = []
             plan = queue_plan(self.settings, self.providers)
