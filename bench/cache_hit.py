@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from farebox.client import FareboxClient  # noqa: E402
 from farebox.settings import Settings  # noqa: E402
-from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace  # noqa: E402
+from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
 
 PROMPT = {"prompt": "Classify the sentiment: I love this queue.", "task": "classify", "tenant": "acme"}
 
@@ -52,6 +52,7 @@ async def one_run(singles: int, bulk: int) -> tuple[float, float, float]:
     finally:
         procs.terminate()
         await drop_namespace(settings)
+        await drop_redis_prefix(settings)
 
 
 async def main() -> None:

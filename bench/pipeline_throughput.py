@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from farebox.client import FareboxClient  # noqa: E402
 from farebox.settings import Settings  # noqa: E402
-from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace  # noqa: E402
+from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
 
 WORKLOAD = ROOT.parent / "shared" / "workloads" / "make_workload.py"
 
@@ -78,6 +78,7 @@ async def one_run(jobs: list[dict[str, object]], singles: int, seed: int) -> tup
     finally:
         procs.terminate()
         await drop_namespace(settings)
+        await drop_redis_prefix(settings)
 
 
 async def main() -> None:

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
 
     # Provider calls.
     provider_timeout_s: float = Field(60.0, gt=0)
-    provider_max_attempts: int = Field(4, ge=1, le=20)
+    provider_max_attempts: int = Field(4, ge=1, le=20)  # per candidate
+    provider_retry_budget: int = Field(8, ge=0, le=100)  # retries per job, across all candidates
     provider_concurrency: int = Field(256, ge=1)
     emulator_port: int = Field(8099, ge=1, le=65535)
     # Where providers without an API key are sent; default: the local emulator on emulator_port.

@@ -58,6 +58,7 @@ class Envelope(BaseModel):
     waits: int = Field(0, ge=0)  # times this job has waited for a coalesced leader
     route: RouteDecision | None = None
     fallbacks: tuple[str, ...] = ()  # targets that failed, in order
+    retries: int = Field(0, ge=0)  # provider retries spent so far, across fallbacks
     outcome: Outcome | None = None
     cache_status: CacheStatus = "miss"
     error: ErrorInfo | None = None

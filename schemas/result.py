@@ -51,3 +51,4 @@ class JobResult(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     tenant: str | None = None
     latency_ms: float | None = None
+    retries: int = 0  # provider call retries this job needed, across fallbacks

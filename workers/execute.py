@@ -32,11 +32,13 @@ CIRCUIT_THRESHOLD = 5  # consecutive jobs that exhausted their retries
 CIRCUIT_COOL_DOWN_S = 30.0
 
 
-def next_target(env: Envelope, failed: str) -> str | None:
-    """The next candidate the router listed that has not failed yet."""
+def next_target(env: Envelope, failed: str, unhealthy: frozenset[str] = frozenset()) -> str | None:
+    """The next candidate the router listed that has not failed yet and whose provider's circuit
+    is not open."""
     assert env.route is not None
     tried = set(env.fallbacks) | {failed}
-    return next((c for c in env.route.candidates if c not in tried), None)
+    return next((c for c in env.route.candidates
+                 if c not in tried and c not in unhealthy and c.split("/", 1)[0] not in unhealthy), None)
 
 
 class ExecuteStage(EnvelopeStage):
@@ -74,13 +76,22 @@ class ExecuteStage(EnvelopeStage):
         request = ProviderRequest(model=env.route.model, messages=env.job.chat, max_tokens=env.job.max_tokens,
                                   temperature=env.job.temperature, timeout_s=self.settings.provider_timeout_s)
         started = self.clock()
+        # The retry budget is per job, across every candidate it falls back to.
+        budget_left = max(0, self.settings.provider_retry_budget - env.retries)
+        retried = 0
+
+        def on_retry(err: BaseException, delay: float) -> None:
+            nonlocal retried
+            retried += 1
+            metrics.RETRIES.labels(self.provider).inc()
+
         try:
             async with self.adapters.adapter() as adapter:
                 reply, retries = await call_with_retries(
-                    adapter, request, max_attempts=self.settings.provider_max_attempts,
-                    deadline_at=env.deadline_at, on_retry=self._on_retry)
+                    adapter, request, max_attempts=min(self.settings.provider_max_attempts, budget_left + 1),
+                    deadline_at=env.deadline_at, on_retry=on_retry)
         except RetryableError as err:
-            return await self._fall_back(env, err)
+            return await self._fall_back(env.model_copy(update={"retries": env.retries + retried}), err)
         self._consecutive_failures = 0
         latency = self.clock() - started
         metrics.LATENCY.labels(env.route.model, self.provider).observe(latency)
@@ -88,9 +99,6 @@ class ExecuteStage(EnvelopeStage):
                           usage=reply.usage, latency_s=round(latency, 4), retries=retries)
         await self._keep_outcome(env.job_id, outcome)
         return Handled([envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)])
-
-    def _on_retry(self, err: BaseException, delay: float) -> None:
-        metrics.RETRIES.labels(self.provider).inc()
 
     async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
         assert env.route is not None
@@ -101,9 +109,11 @@ class ExecuteStage(EnvelopeStage):
                         self.provider, self._consecutive_failures, CIRCUIT_COOL_DOWN_S)
             await self.health.open_circuit(self.provider, CIRCUIT_COOL_DOWN_S)
             self._consecutive_failures = 0
-        target = next_target(env, failed)
+        providers = {c.split("/", 1)[0] for c in env.route.candidates}
+        target = next_target(env, failed, await self.health.unhealthy(providers))
         if target is None:
-            raise ProviderExhausted(f"{failed} failed after retries ({err}); no fallback candidate left")
+            raise ProviderExhausted(f"{failed} failed after {env.retries} retries in all ({err}); "
+                                    "no healthy fallback candidate left")
         provider, model = target.split("/", 1)
         route = env.route.model_copy(update={
             "provider": provider, "model": model,

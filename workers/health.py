@@ -21,12 +21,15 @@ class ProviderHealth:
         self.clock = clock
         self._cached: frozenset[str] = frozenset()
         self._cached_at = -1e9
+        self._names: list[str] = []
 
     async def unhealthy(self, providers: Iterable[str]) -> frozenset[str]:
+        """Those of ``providers`` whose circuit is open."""
         now = self.clock()
-        if now - self._cached_at < LOCAL_CACHE_S:
+        names = sorted(set(providers))
+        if now - self._cached_at < LOCAL_CACHE_S and names == self._names:
             return self._cached
-        names = sorted(providers)
+        self._names = names
         try:
             values = await self.redis.mget([self.keys.provider_health(p) for p in names]) if names else []
         except REDIS_DOWN:

@@ -19,7 +19,7 @@ def build_result(env: Envelope, catalog: Catalog, policy: Policy, *, now: float)
     if env.error is not None or env.outcome is None:
         error = env.error or ErrorInfo(code="internal", message="the job finished without an answer")
         target = env.route
-        return JobResult(status="error", error=error, cache=env.cache_status,
+        return JobResult(status="error", error=error, cache=env.cache_status, retries=env.retries,
                          provider=target.provider if target else None,
                          model=target.model if target else None, **common)
     out = env.outcome
@@ -32,4 +32,5 @@ def build_result(env: Envelope, catalog: Catalog, policy: Policy, *, now: float)
         cost = 0.0  # a hit or a coalesced duplicate costs nothing; its baseline shows the saving
     return JobResult(status="ok", content=out.content, provider=out.provider, model=out.model, usage=usage,
                      cost_usd=cost, baseline_cost_usd=baseline, cache=env.cache_status,
+                     retries=env.retries + (out.retries if env.cache_status == "miss" else 0),
                      **common)
