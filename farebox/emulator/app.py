@@ -36,6 +36,8 @@ class EmulatorState:
     knobs: EmulatorKnobs
     requests: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
+    peak_in_flight: int = 0  # the most requests open at once: what a client's I/O concurrency reached
     # Set on shutdown so hung "timeout" requests give up and the server can stop promptly.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     fault_rng: random.Random = field(init=False)
@@ -78,6 +80,16 @@ def _error(wire: Wire, kind: ErrorKind, message: str, param: str | None = None,
 
 async def _handle(request: Request, wire: Wire, provider: str, path_model: str | None = None) -> Response:
     state = _state(request)
+    state.in_flight += 1
+    state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+    try:
+        return await _answer(request, state, wire, provider, path_model)
+    finally:
+        state.in_flight -= 1
+
+
+async def _answer(request: Request, state: EmulatorState, wire: Wire, provider: str,
+                  path_model: str | None) -> Response:
     try:
         body: Any = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -146,13 +158,15 @@ async def gemini_generate(request: Request) -> Response:
 
 async def stats(request: Request) -> Response:
     state = _state(request)
-    return JSONResponse({"requests": dict(state.requests), "faults": dict(state.faults)})
+    return JSONResponse({"requests": dict(state.requests), "faults": dict(state.faults),
+                         "in_flight": state.in_flight, "peak_in_flight": state.peak_in_flight})
 
 
 async def reset(request: Request) -> Response:
     state = _state(request)
     state.requests.clear()
     state.faults.clear()
+    state.peak_in_flight = state.in_flight
     return JSONResponse({"requests": {}, "faults": {}})
 
 
