@@ -113,7 +113,7 @@ async def test_stats_count_per_provider_and_model_and_reset() -> None:
     assert seen["requests"] == {"openai/gpt-4o-mini": 2, "vllm/llama3": 1,
                                 "anthropic/claude-3-5-haiku-latest": 1, "google/gemini-2.0-flash": 1}
     assert seen["faults"] == {"bad_request": 1}
-    assert reset.status_code == 200 and after == {"requests": {}, "faults": {}}
+    assert reset.status_code == 200 and after == {"requests": {}, "faults": {}, "in_flight": 0, "peak_in_flight": 0}
     assert health.status_code == 200
 
 
