@@ -112,5 +112,11 @@ class RedisKeys:
     def budget(self, tenant: str, period: str) -> str:
         return f"{self.prefix}budget:{tenant}:{period}"
 
+    def rate_bucket(self, provider: str, dimension: str) -> str:
+        return f"{self.prefix}rate:{provider}:{dimension}"
+
+    def concurrency(self, provider: str) -> str:
+        return f"{self.prefix}slots:{provider}"
+
     def provider_health(self, provider: str) -> str:
         return f"{self.prefix}health:{provider}"

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farebox.constants import DEFAULT_NAMESPACE, RedisKeys, Topology
 
 CATALOG_DIR = Path(__file__).resolve().parent.parent / "catalog"
+
+
+class ProviderLimits(BaseModel):
+    """One provider's limits, shared by all its execute replicas (workers/limits.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens per minute (prompt + max_tokens)
+    concurrency: int | None = Field(None, ge=1)  # calls in flight
 
 
 class Settings(BaseSettings):
@@ -41,7 +51,9 @@ class Settings(BaseSettings):
     provider_timeout_s: float = Field(60.0, gt=0)
     provider_max_attempts: int = Field(4, ge=1, le=20)  # per candidate
     provider_retry_budget: int = Field(8, ge=0, le=100)  # retries per job, across all candidates
-    provider_concurrency: int = Field(256, ge=1)
+    provider_concurrency: int = Field(256, ge=1)  # calls in flight per execute process
+    # JSON, e.g. '{"openai": {"rpm": 500, "tpm": 200000, "concurrency": 64}}'
+    provider_limits: dict[str, ProviderLimits] = Field(default_factory=dict)
     emulator_port: int = Field(8099, ge=1, le=65535)
     # Where providers without an API key are sent; default: the local emulator on emulator_port.
     emulator_url: str | None = None

@@ -135,6 +135,13 @@ class EmulatorStats:
             data: dict[str, int] = r.json()["requests"]
             return data
 
+    async def snapshot(self) -> dict[str, object]:
+        async with httpx.AsyncClient() as c:
+            r = await c.get(f"{self.url}/_emulator/stats")
+            r.raise_for_status()
+            data: dict[str, object] = r.json()
+            return data
+
     async def total(self) -> int:
         return sum((await self.requests()).values())
 

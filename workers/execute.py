@@ -15,10 +15,11 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.errors import DeadlineExceeded, InvalidRequest, ProviderExhausted, RetryableError
-from farebox.settings import Settings
+from farebox.settings import ProviderLimits, Settings
 from schemas import Envelope, Outcome
 from workers.decode import envelope_from_internal
 from workers.health import ProviderHealth
+from workers.limits import LimitedAdapter, SharedLimiter
 from workers.providers.base import ProviderRequest
 from workers.providers.pool import AdapterPool
 from workers.providers.retry import call_with_retries
@@ -28,7 +29,8 @@ from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
 log = logging.getLogger("farebox.execute")
 
 OUTCOME_TTL_S = 3600
-CIRCUIT_THRESHOLD = 5  # consecutive jobs that exhausted their retries
+CIRCUIT_THRESHOLD = 5  # consecutive jobs on one provider/model that exhausted their retries
+PROVIDER_CIRCUIT_THRESHOLD = 10  # the same across all of a provider's models: the provider is down
 CIRCUIT_COOL_DOWN_S = 30.0
 
 
@@ -49,6 +51,8 @@ class ExecuteStage(EnvelopeStage):
         self.settings = settings
         self.provider = provider
         self.adapters = adapters
+        self.limiter = SharedLimiter(redis, settings.keys, provider,
+                                     settings.provider_limits.get(provider, ProviderLimits()), clock=clock)
         # Enough unacked messages to keep every call slot busy (I/O-bound, not CPU-bound).
         self.prefetch = max(settings.prefetch, settings.provider_concurrency)
         self.redis = redis
@@ -56,7 +60,7 @@ class ExecuteStage(EnvelopeStage):
         self.topo = settings.topology
         self.account_queue = self.topo.account
         self.health = ProviderHealth(redis, settings.keys, clock=clock)
-        self._consecutive_failures = 0
+        self._failures: dict[str, int] = {}  # consecutive exhausted jobs by target, and by provider
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.execute(self.provider),)
@@ -87,12 +91,14 @@ class ExecuteStage(EnvelopeStage):
 
         try:
             async with self.adapters.adapter() as adapter:
+                limited = LimitedAdapter(adapter, self.limiter, env.deadline_at) if self.limiter.active else adapter
                 reply, retries = await call_with_retries(
-                    adapter, request, max_attempts=min(self.settings.provider_max_attempts, budget_left + 1),
+                    limited, request, max_attempts=min(self.settings.provider_max_attempts, budget_left + 1),
                     deadline_at=env.deadline_at, on_retry=on_retry)
         except RetryableError as err:
             return await self._fall_back(env.model_copy(update={"retries": env.retries + retried}), err)
-        self._consecutive_failures = 0
+        self._failures.pop(env.route.target, None)
+        self._failures.pop(self.provider, None)
         latency = self.clock() - started
         metrics.LATENCY.labels(env.route.model, self.provider).observe(latency)
         outcome = Outcome(content=reply.content, provider=self.provider, model=env.route.model,
@@ -103,14 +109,15 @@ class ExecuteStage(EnvelopeStage):
     async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
         assert env.route is not None
         failed = env.route.target
-        self._consecutive_failures += 1
-        if self._consecutive_failures >= CIRCUIT_THRESHOLD:
-            log.warning("provider %s: %d jobs in a row exhausted their retries; circuit open for %.0fs",
-                        self.provider, self._consecutive_failures, CIRCUIT_COOL_DOWN_S)
-            await self.health.open_circuit(self.provider, CIRCUIT_COOL_DOWN_S)
-            self._consecutive_failures = 0
-        providers = {c.split("/", 1)[0] for c in env.route.candidates}
-        target = next_target(env, failed, await self.health.unhealthy(providers))
+        for name, threshold in ((failed, CIRCUIT_THRESHOLD), (self.provider, PROVIDER_CIRCUIT_THRESHOLD)):
+            self._failures[name] = self._failures.get(name, 0) + 1
+            if self._failures[name] >= threshold:
+                log.warning("%s: %d jobs in a row exhausted their retries; circuit open for %.0fs",
+                            name, self._failures[name], CIRCUIT_COOL_DOWN_S)
+                await self.health.open_circuit(name, CIRCUIT_COOL_DOWN_S)
+                self._failures[name] = 0
+        names = {*env.route.candidates, *(c.split("/", 1)[0] for c in env.route.candidates)}
+        target = next_target(env, failed, await self.health.unhealthy(names))
         if target is None:
             raise ProviderExhausted(f"{failed} failed after {env.retries} retries in all ({err}); "
                                     "no healthy fallback candidate left")

@@ -1,5 +1,6 @@
 """Provider health shared through Redis: the execute stage opens a circuit for a provider/model
-after repeated failures; the router reads which ones are open and routes around them."""
+(or a whole provider) after repeated failures; the router and the fallback read which ones are
+open and route around them. Names are "provider" or "provider/model"."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ class ProviderHealth:
         self._cached_at = now
         return self._cached
 
-    async def open_circuit(self, provider: str, cool_down_s: float) -> None:
+    async def open_circuit(self, name: str, cool_down_s: float) -> None:
         try:
-            await self.redis.set(self.keys.provider_health(provider), b"open", px=int(cool_down_s * 1000))
+            await self.redis.set(self.keys.provider_health(name), b"open", px=int(cool_down_s * 1000))
         except REDIS_DOWN:
             pass

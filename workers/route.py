@@ -40,7 +40,8 @@ class RouteStage(EnvelopeStage):
         catalog, policy = self.store.current()
         job = env.job
         input_tokens = count_messages((m.role, m.content) for m in job.chat)
-        unhealthy = await self.health.unhealthy(catalog.providers())
+        # Circuits open per provider/model, and per provider when all its models fail.
+        unhealthy = await self.health.unhealthy([*catalog.providers(), *catalog.models])
         routed = choose_route(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy)
         update: dict[str, object] = {"route": routed.decision}
         if routed.messages != job.chat:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -25,9 +26,9 @@ ALL_STAGES = ("dedup", "route", "execute:openai", "execute:anthropic", "execute:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child process these settings."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            env[f"FAREBOX_{name.upper()}"] = str(value)
+            env[f"FAREBOX_{name.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
     return env
 
 
@@ -39,7 +40,7 @@ class InProcessPipeline:
 
     async def start(self, *stages: str) -> None:
         for spec in stages or ALL_STAGES:
-            stage, _, provider = spec.partition(":")
+            stage, _, provider = spec.split("#")[0].partition(":")  # "execute:google#2": a second replica
             stop, ready = asyncio.Event(), asyncio.Event()
 
             async def on_ready(ready: asyncio.Event = ready) -> None:
