@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # Where providers without an API key are sent; default: the local emulator on emulator_port.
     emulator_url: str | None = None
 
+    alert_webhook_url: str | None = None  # budget alerts are also POSTed here as JSON
+
     log_json: bool = False
     log_level: str = "INFO"
 

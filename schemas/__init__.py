@@ -1,10 +1,11 @@
 """Pydantic message models: the wire job and result (CONTRACT.md) and the internal envelope."""
 
-from schemas.envelope import Envelope, Outcome, RouteDecision
+from schemas.envelope import BudgetHold, Envelope, Outcome, RouteDecision
 from schemas.job import CacheOptions, ChatMessage, Job
 from schemas.result import ErrorInfo, JobResult, RouteInfo, Usage
 
 __all__ = [
+    "BudgetHold",
     "CacheOptions",
     "ChatMessage",
     "Envelope",

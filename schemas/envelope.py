@@ -30,6 +30,18 @@ class RouteDecision(BaseModel):
         return f"{self.provider}/{self.model}"
 
 
+class BudgetHold(BaseModel):
+    """A budget this job reserved against; the account stage settles it with the actual cost."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str  # the Redis hash for this tenant (and user tier) and period
+    tenant: str
+    period: str  # e.g. "month:2026-11"
+    limit_usd: float
+    alerts: tuple[float, ...] = ()
+
+
 class Outcome(BaseModel):
     """What a provider answered (or what the cache held)."""
 
@@ -59,6 +71,7 @@ class Envelope(BaseModel):
     route: RouteDecision | None = None
     fallbacks: tuple[str, ...] = ()  # targets that failed, in order
     retries: int = Field(0, ge=0)  # provider retries spent so far, across fallbacks
+    budgets: tuple[BudgetHold, ...] = ()  # reservations to settle (route.reserved_usd each)
     outcome: Outcome | None = None
     cache_status: CacheStatus = "miss"
     error: ErrorInfo | None = None

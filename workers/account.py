@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
@@ -20,9 +21,11 @@ from catalog.store import CatalogStore
 from farebox import metrics
 from farebox.errors import FareboxError
 from farebox.settings import Settings
-from schemas import Envelope, JobResult
+from schemas import BudgetHold, Envelope, JobResult
+from workers.budgets import BudgetAlerts
+from workers.cache_keys import prompt_hash
 from workers.decode import envelope_from_internal
-from workers.ledger import CacheFill, Ledger
+from workers.ledger import CacheFill, Ledger, Recorded
 from workers.redis_health import REDIS_DOWN, RedisHealth
 from workers.results import build_result
 from workers.runtime import Delivery, Handled, Publish
@@ -62,8 +65,7 @@ class AccountStage:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.ledger = Ledger(redis, settings.keys, result_ttl_s=settings.result_ttl_s)
-        self.health = RedisHealth(self.name)
+        self.recorder = Recorder(settings, redis, self.name, clock)
 
     def input_queues(self) -> Sequence[str]:
         return (self.settings.topology.account,)
@@ -79,8 +81,16 @@ class AccountStage:
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
         catalog, policy = self.store.current()
         result = build_result(env, catalog, policy, now=self.clock())
-        return await record_and_reply(self.ledger, self.health, result, self._cache_fill(env, result),
-                                      env.coalesce_key, env.reply_to, env.correlation_id, self.clock)
+        # One structured line per job; the prompt only as a hash.
+        log.info("job %s %s", result.job_id, result.status, extra={
+            "job_id": result.job_id, "tenant": result.tenant, "stage": self.name, "model": result.model,
+            "provider": result.provider, "cost_usd": result.cost_usd, "cache": result.cache,
+            "latency_ms": result.latency_ms, "retries": result.retries, "prompt_hash": prompt_hash(env.job),
+            "code": result.error.code if result.error else None})
+        return await self.recorder.record_and_reply(Recording(
+            result=result, cache=self._cache_fill(env, result), lease_key=env.coalesce_key, reply_to=env.reply_to,
+            correlation_id=env.correlation_id, budgets=env.budgets,
+            reserved_usd=env.route.reserved_usd if env.route else 0.0))
 
     def _cache_fill(self, env: Envelope, result: JobResult) -> CacheFill | None:
         if env.cache_key is None or result.status != "ok" or env.cache_status != "miss" or env.outcome is None:
@@ -91,31 +101,58 @@ class AccountStage:
         return CacheFill(env.cache_key, env.outcome.model_dump_json(), ttl)
 
 
-async def record_and_reply(ledger: Ledger, health: RedisHealth, result: JobResult, cache: CacheFill | None,
-                           lease_key: str | None, reply_to: str | None, correlation_id: str | None,
-                           clock: Callable[[], float]) -> Handled:
-    body = result.model_dump_json().encode()
-    try:
-        existing = await ledger.record(result, ts=clock(), cache=cache, lease_key=lease_key)
-    except REDIS_DOWN as err:
-        health.down(err)
+@dataclass(frozen=True)
+class Recording:
+    """Everything the ledger script needs for one finished job."""
 
-        async def settle_ledger() -> None:
-            delay = 0.2
-            while True:
-                await asyncio.sleep(delay)
-                try:
-                    if await ledger.record(result, ts=clock(), cache=cache, lease_key=lease_key) is None:
-                        observe(result)
-                    health.ok()
-                    return
-                except REDIS_DOWN:
-                    delay = min(delay * 2, LEDGER_RETRY_MAX_S)
+    result: JobResult
+    cache: CacheFill | None = None
+    lease_key: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    budgets: tuple[BudgetHold, ...] = ()
+    reserved_usd: float = 0.0
 
-        return Handled(result_publish(body, reply_to, correlation_id, result.job_id), after_publish=settle_ledger)
-    health.ok()
-    if existing is not None:
-        metrics.MESSAGES.labels("account", "replayed").inc()
-        return Handled(result_publish(existing, reply_to, correlation_id, result.job_id))
-    observe(result)
-    return Handled(result_publish(body, reply_to, correlation_id, result.job_id))
+
+class Recorder:
+    """Ledger write (once), result publish, budget alerts: shared by the account and dead-letter stages."""
+
+    def __init__(self, settings: Settings, redis: Redis, stage: str, clock: Callable[[], float]) -> None:
+        self.ledger = Ledger(redis, settings.keys, result_ttl_s=settings.result_ttl_s)
+        self.alerts = BudgetAlerts(redis, settings)
+        self.health = RedisHealth(stage)
+        self.clock = clock
+
+    async def record_and_reply(self, rec: Recording) -> Handled:
+        result = rec.result
+        body = result.model_dump_json().encode()
+        reply = result_publish(body, rec.reply_to, rec.correlation_id, result.job_id)
+        try:
+            recorded = await self._record(rec)
+        except REDIS_DOWN as err:
+            self.health.down(err)
+
+            async def settle_ledger() -> None:
+                delay = 0.2
+                while True:
+                    await asyncio.sleep(delay)
+                    try:
+                        if (await self._record(rec)).existing is None:
+                            observe(result)
+                        self.health.ok()
+                        return
+                    except REDIS_DOWN:
+                        delay = min(delay * 2, LEDGER_RETRY_MAX_S)
+
+            return Handled(reply, after_publish=settle_ledger)
+        self.health.ok()
+        if recorded.existing is not None:
+            metrics.MESSAGES.labels("account", "replayed").inc()
+            return Handled(result_publish(recorded.existing, rec.reply_to, rec.correlation_id, result.job_id))
+        observe(result)
+        alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []
+        return Handled([*reply, *alerts])
+
+    async def _record(self, rec: Recording) -> Recorded:
+        return await self.ledger.record(rec.result, ts=self.clock(), cache=rec.cache, lease_key=rec.lease_key,
+                                        budgets=rec.budgets, reserved_usd=rec.reserved_usd)

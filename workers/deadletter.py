@@ -19,10 +19,8 @@ from redis.asyncio import Redis
 from farebox.constants import H_CODE, H_REASON
 from farebox.errors import FareboxError
 from farebox.settings import Settings
-from schemas import Envelope, ErrorInfo, JobResult
-from workers.account import record_and_reply
-from workers.ledger import Ledger
-from workers.redis_health import RedisHealth
+from schemas import BudgetHold, Envelope, ErrorInfo, JobResult
+from workers.account import Recorder, Recording
 from workers.runtime import Delivery, Handled
 
 ERROR_CODES = {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"}
@@ -38,6 +36,8 @@ class DeadLetter:
     correlation_id: str | None
     lease_key: str | None
     metadata: dict[str, Any]
+    budgets: tuple[BudgetHold, ...] = ()  # a reservation the dead job still holds
+    reserved_usd: float = 0.0
 
 
 def _death_reason(headers: dict[str, Any]) -> str:
@@ -64,9 +64,12 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
     reason = reason.decode() if isinstance(reason, bytes) else reason
     job_id = tenant = lease = None
     metadata: dict[str, Any] = {}
+    budgets: tuple[BudgetHold, ...] = ()
+    reserved = 0.0
     try:
         env = Envelope.model_validate_json(delivery.body)
         job_id, tenant, lease, metadata = env.job_id, env.job.tenant, env.coalesce_key, env.job.metadata
+        budgets, reserved = env.budgets, env.route.reserved_usd if env.route else 0.0
     except (ValidationError, ValueError):
         try:
             data = json.loads(delivery.body)
@@ -83,7 +86,7 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
         code=code if code in ERROR_CODES else "internal",
         reason=str(reason) if reason else _death_reason(headers),
         reply_to=delivery.reply_to or None, correlation_id=delivery.correlation_id,
-        lease_key=lease, metadata=metadata,
+        lease_key=lease, metadata=metadata, budgets=budgets, reserved_usd=reserved,
     )
 
 
@@ -93,8 +96,7 @@ class DeadLetterStage:
     def __init__(self, settings: Settings, redis: Redis, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
-        self.ledger = Ledger(redis, settings.keys, result_ttl_s=settings.result_ttl_s)
-        self.health = RedisHealth(self.name)
+        self.recorder = Recorder(settings, redis, self.name, clock)
 
     def input_queues(self) -> Sequence[str]:
         return (self.settings.topology.dead_notify,)
@@ -108,5 +110,6 @@ class DeadLetterStage:
     async def handle(self, item: DeadLetter, delivery: Delivery) -> Handled:
         result = JobResult(job_id=item.job_id, tenant=item.tenant, status="error", metadata=item.metadata,
                            error=ErrorInfo(code=item.code, message=item.reason))
-        return await record_and_reply(self.ledger, self.health, result, None, item.lease_key,
-                                      item.reply_to, item.correlation_id, self.clock)
+        return await self.recorder.record_and_reply(Recording(
+            result=result, lease_key=item.lease_key, reply_to=item.reply_to, correlation_id=item.correlation_id,
+            budgets=item.budgets, reserved_usd=item.reserved_usd))

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from farebox.constants import RedisKeys
-from schemas import JobResult
+from schemas import BudgetHold, JobResult
 
 NANO = 1_000_000_000
 STREAM_MAXLEN = 1_000_000
 
 _RECORD = """
 local existing = redis.call('GET', KEYS[1])
+local spent = {}
 if not existing then
   if redis.call('SET', KEYS[2], ARGV[3], 'NX') then
+    -- Budgets this job reserved against: release the reservation, add the actual cost.
+    for i = 8, #KEYS do
+      redis.call('HINCRBY', KEYS[i], 'reserved_nusd', -tonumber(ARGV[16]))
+      spent[#spent + 1] = redis.call('HINCRBY', KEYS[i], 'spent_nusd', ARGV[5])
+    end
     local p = ARGV[4]
     redis.call('HINCRBY', KEYS[3], p .. 'jobs', 1)
     redis.call('HINCRBY', KEYS[3], p .. 'cost_nusd', ARGV[5])
@@ -43,8 +50,14 @@ end
 if ARGV[14] ~= '' and redis.call('GET', KEYS[7]) == ARGV[14] then
   redis.call('DEL', KEYS[7])
 end
-return existing
+return {existing or false, unpack(spent)}
 """
+
+
+@dataclass(frozen=True)
+class Recorded:
+    existing: bytes | None
+    spent_usd: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,10 +97,11 @@ class Ledger:
         value = await self.redis.get(self.keys.result(job_id))
         return value.encode() if isinstance(value, str) else value
 
-    async def record(self, result: JobResult, *, ts: float, cache: CacheFill | None,
-                     lease_key: str | None) -> bytes | None:
-        """Record the job once. Returns the previously stored result when the job was already
-        recorded (the caller then replays that one), else None."""
+    async def record(self, result: JobResult, *, ts: float, cache: CacheFill | None, lease_key: str | None,
+                     budgets: Sequence[BudgetHold] = (), reserved_usd: float = 0.0) -> Recorded:
+        """Record the job once. ``existing`` is the previously stored result when the job was
+        already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
+        after settling this job (empty on a replay)."""
         day = utc_day(ts)
         field_prefix = f"{result.tenant or 'default'}|{result.provider or '-'}|{result.model or '-'}|"
         keys = [
@@ -98,6 +112,7 @@ class Ledger:
             self.keys.ledger_stream,
             self.keys.cache(cache.key) if cache else self.keys.cache("-"),
             self.keys.inflight(lease_key) if lease_key else self.keys.inflight("-"),
+            *(hold.key for hold in budgets),
         ]
         args: list[str | int | float] = [
             result.model_dump_json(), self.result_ttl_s, entry_json(result, ts=ts), field_prefix,
@@ -105,7 +120,9 @@ class Ledger:
             result.usage.input_tokens, result.usage.output_tokens,
             1 if result.cache != "miss" else 0, 1 if result.status == "error" else 0, day,
             cache.value if cache else "", cache.ttl_s if cache else 0,
-            result.job_id if lease_key else "", STREAM_MAXLEN,
+            result.job_id if lease_key else "", STREAM_MAXLEN, nano(reserved_usd),
         ]
-        existing: bytes | None = await self._script(keys=keys, args=args)
-        return existing
+        reply = await self._script(keys=keys, args=args)
+        existing = reply[0] if reply else None
+        return Recorded(existing=existing.encode() if isinstance(existing, str) else existing,
+                        spent_usd=tuple(int(v) / NANO for v in reply[1:]))

@@ -52,6 +52,7 @@ class Publish:
     reply_to: str | None = None
     message_id: str | None = None
     caller_reply: bool = False
+    mandatory: bool = True  # False: no queue bound is fine (alerts nobody listens to yet)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class Worker:
                     exchange = await channel.get_exchange(p.exchange, ensure=False)
                 else:
                     exchange = channel.default_exchange
-                await exchange.publish(message, p.routing_key, mandatory=True, timeout=30)
+                await exchange.publish(message, p.routing_key, mandatory=p.mandatory, timeout=30)
                 return
             except aiormq.exceptions.PublishError:
                 if p.caller_reply:

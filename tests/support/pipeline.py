@@ -110,8 +110,13 @@ class ProcessPipeline:
     def start_one(self, spec: str) -> None:
         stage, _, provider = spec.partition(":")
         argv = [sys.executable, "-m", "farebox", "worker", stage] + (["--provider", provider] if provider else [])
-        self.procs[spec] = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+        env = dict(self.env)
+        if self.settings.metrics_port:  # each process its own port, as `farebox up` gives them
+            env["FAREBOX_METRICS_PORT"] = str(self.metrics_port(spec))
+        self.procs[spec] = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def metrics_port(self, spec: str) -> int:
+        return self.settings.metrics_port + list(ALL_STAGES).index(spec)
 
     def kill9(self, spec: str) -> None:
         self.procs[spec].send_signal(signal.SIGKILL)
