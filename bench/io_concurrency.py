@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
+from common import cores, emulator_process, process_pipeline, publish_table, wait_for_emulator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from farebox.client import FareboxClient  # noqa: E402
-from farebox.settings import Settings  # noqa: E402
-from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
+from farebox.client import FareboxClient
 
 PORT = 8097
 
@@ -33,40 +25,26 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--latency-ms", type=int, default=1000)
     a = ap.parse_args()
-    emulator = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-        [sys.executable, "-m", "farebox", "emulator", "--port", str(PORT), "--latency-ms", str(a.latency_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = uuid.uuid4().hex[:8]
-    settings = Settings(namespace=f"fbbench-{run}", redis_prefix=f"fbbench:{run}:", metrics_port=0,
-                        emulator_url=f"http://127.0.0.1:{PORT}")
-    procs = ProcessPipeline(settings)
-    procs.start(ALL_STAGES)
-    jobs = [{"prompt": f"Summarize record {run}-{i}.", "task": "summarize", "quality": "low", "max_tokens": 30,
-             "job_id": f"{run}-{i}"} for i in range(a.jobs)]
-    try:
-        await asyncio.sleep(2)
-        async with httpx.AsyncClient() as http:
-            await http.post(f"http://127.0.0.1:{PORT}/_emulator/reset")
+    tag = uuid.uuid4().hex[:8]
+    jobs = [{"prompt": f"Summarize record {tag}-{i}.", "task": "summarize", "quality": "low", "max_tokens": 30,
+             "job_id": f"{tag}-{i}"} for i in range(a.jobs)]
+    by_provider: dict[str, int] = {}
+    with emulator_process(PORT, latency_ms=a.latency_ms) as emulator:
+        await wait_for_emulator()
+        async with process_pipeline(emulator) as (settings, _), httpx.AsyncClient() as http:
+            await http.post(f"{emulator}/_emulator/reset")
             async with FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
                 t0 = time.perf_counter()
-                providers: dict[str, int] = {}
                 async for r in client.stream(jobs, max_in_flight=a.jobs):
-                    providers[r.provider or "-"] = providers.get(r.provider or "-", 0) + 1
+                    by_provider[r.provider or "-"] = by_provider.get(r.provider or "-", 0) + 1
                 elapsed = time.perf_counter() - t0
-            stats = (await http.get(f"http://127.0.0.1:{PORT}/_emulator/stats")).json()
-    finally:
-        procs.terminate()
-        emulator.terminate()
-        await drop_namespace(settings)
-        await drop_redis_prefix(settings)
-    table = "\n".join([
-        f"# I/O concurrency of one execute process ({os.cpu_count()} cores, emulator latency "
-        f"{a.latency_ms} ms +-50%, FAREBOX_PROVIDER_CONCURRENCY={settings.provider_concurrency})", "",
+            stats = (await http.get(f"{emulator}/_emulator/stats")).json()
+    publish_table("io_concurrency", "\n".join([
+        f"# I/O concurrency of one execute process ({cores()} cores, emulator latency {a.latency_ms} ms +-50%, "
+        f"FAREBOX_PROVIDER_CONCURRENCY={settings.provider_concurrency})", "",
         "| jobs | results by provider | elapsed s | jobs/s | peak provider calls in flight |",
         "|---|---|---|---|---|",
-        f"| {a.jobs} | {providers} | {elapsed:.1f} | {a.jobs / elapsed:.0f} | {stats['peak_in_flight']} |", ""])
-    print(table)
-    (ROOT / "bench" / "results" / "io_concurrency.md").write_text(table)
+        f"| {a.jobs} | {by_provider} | {elapsed:.1f} | {a.jobs / elapsed:.0f} | {stats['peak_in_flight']} |", ""]))
 
 
 if __name__ == "__main__":

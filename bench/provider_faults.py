@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import time
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import cores, publish_table
 
-from farebox.emulator.knobs import EmulatorKnobs  # noqa: E402
-from farebox.settings import Settings  # noqa: E402
-from tests.support.pipeline import drop_redis_prefix  # noqa: E402
-from tests.test_provider_faults import FAULTY, jobs, run_jobs  # noqa: E402
+from farebox.emulator.knobs import EmulatorKnobs
+from farebox.settings import Settings
+from tests.support.pipeline import drop_redis_prefix
+from tests.test_provider_faults import FAULTY, jobs, run_jobs
 
 SCENARIOS = {
     f"{FAULTY}: 20% 5xx, 10% 429, 5% timeouts": dict(fail_rate=0.2, rate_limit_rate=0.1, timeout_rate=0.05,
@@ -50,11 +46,10 @@ async def main() -> None:
                     f"{sum(r.retries for r in results) / n:.2f} | "
                     f"{sum(1 for r in results if r.route and r.route.fallbacks)} | "
                     f"{max((r.latency_ms or 0) for r in results) / 1000:.1f} | {elapsed:.0f} |")
-    table = "\n".join([f"# Provider faults ({os.cpu_count()} cores, in-process pipeline, provider timeout 1 s)", "",
+    title = f"# Provider faults ({cores()} cores, in-process pipeline, provider timeout 1 s)"
+    publish_table("provider_faults", "\n".join([title, "",
                        "| scenario | jobs | results | ok | error codes | retries/job | fell back | slowest job s "
-                       "| run s |", "|---|---|---|---|---|---|---|---|---|", *rows, ""])
-    print(table)
-    (ROOT / "bench" / "results" / "provider_faults.md").write_text(table)
+                       "| run s |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""What the pipeline benchmarks share: an emulator process, a pipeline of real worker processes in
+a namespace of its own (removed afterwards, Redis keys included), and the table format."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from farebox.settings import Settings  # noqa: E402
+from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+@contextlib.contextmanager
+def emulator_process(port: int, *, latency_ms: int = 0) -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "farebox", "emulator", "--port", str(port),
+                             "--latency-ms", str(latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def process_pipeline(emulator_url: str) -> AsyncIterator[tuple[Settings, ProcessPipeline]]:
+    """Every stage as its own OS process, as `farebox up` runs them."""
+    run = uuid.uuid4().hex[:8]
+    settings = Settings(namespace=f"fbbench-{run}", redis_prefix=f"fbbench:{run}:", metrics_port=0,
+                        emulator_url=emulator_url)
+    procs = ProcessPipeline(settings)
+    procs.start(ALL_STAGES)
+    try:
+        yield settings, procs
+    finally:
+        procs.terminate()
+        await drop_namespace(settings)
+        await drop_redis_prefix(settings)
+
+
+async def wait_for_emulator() -> None:
+    await asyncio.sleep(2)
+
+
+def spread(xs: Sequence[float], spec: str) -> str:
+    """Median with min and max, as every multi-run figure is shown."""
+    return f"{statistics.median(xs):{spec}} (min {min(xs):{spec}}, max {max(xs):{spec}})"
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    return sorted_values[max(0, int(len(sorted_values) * p) - 1)]
+
+
+def publish_table(name: str, table: str) -> None:
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(table)
+
+
+def cores() -> int:
+    return os.cpu_count() or 1
