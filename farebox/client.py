@@ -71,6 +71,7 @@ class FareboxClient:
         self._reply_queue: AbstractQueue | None = None
         self._waiters: dict[str, asyncio.Future[JobResult]] = {}
         self._stream_inbox: asyncio.Queue[JobResult] | None = None
+        self.repeats_dropped = 0  # repeated results (same job_id) that stream() did not yield again
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> FareboxClient:
@@ -216,6 +217,7 @@ class FareboxClient:
                     continue
                 last_result = time.monotonic()
                 if result.job_id not in outstanding:
+                    self.repeats_dropped += 1
                     continue
                 outstanding.discard(result.job_id)
                 slots.release()
