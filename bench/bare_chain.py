@@ -1,0 +1,135 @@
+"""The ceiling: a bare aio-pika chain with farebox's hops (intake -> dedup -> route -> execute ->
+account -> reply), the same durability (quorum queues, persistent messages, publisher confirms,
+ack after the next publish is confirmed, prefetch 64, uvloop), one OS process per hop, and no work.
+
+    python bench/bare_chain.py hop NAMESPACE I N     # one hop process (the driver starts these)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import uvloop
+
+AMQP = "amqp://guest:guest@localhost:5672/"
+HOPS = 4
+QUEUE_ARGS = {"x-queue-type": "quorum"}
+
+
+def queue(ns: str, i: int) -> str:
+    return f"{ns}.h{i}"
+
+
+async def hop(ns: str, i: int, n_hops: int) -> None:
+    connection = await aio_pika.connect_robust(AMQP)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=64)
+    source = await channel.declare_queue(queue(ns, i), durable=True, arguments=QUEUE_ARGS)
+    if i + 1 < n_hops:
+        await channel.declare_queue(queue(ns, i + 1), durable=True, arguments=QUEUE_ARGS)
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
+        out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                               correlation_id=message.correlation_id, reply_to=message.reply_to)
+        await channel.default_exchange.publish(out, target or "")
+        await message.ack()
+
+    await source.consume(on_message)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def bare_chain(n_hops: int = HOPS) -> AsyncIterator[str]:
+    ns = f"fbbare-{uuid.uuid4().hex[:8]}"
+    procs = [subprocess.Popen([sys.executable, __file__, "hop", ns, str(i), str(n_hops)])  # noqa: ASYNC220
+             for i in range(n_hops)]
+    try:
+        connection = await aio_pika.connect(AMQP)
+        async with connection:
+            channel = await connection.channel()
+            for i in range(n_hops):  # wait until each hop has declared its queue and consumes
+                for _ in range(200):
+                    try:
+                        q = await channel.declare_queue(queue(ns, i), passive=True)
+                        if q.declaration_result.consumer_count:
+                            break
+                    except aio_pika.exceptions.ChannelNotFoundEntity:
+                        channel = await connection.channel()
+                    await asyncio.sleep(0.05)
+        yield ns
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(20)
+        connection = await aio_pika.connect(AMQP)
+        async with connection:
+            channel = await connection.channel()
+            for i in range(n_hops):
+                await channel.queue_delete(queue(ns, i))
+
+
+async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
+    """Jobs/s for n messages through the chain, at most max_in_flight unanswered (like the client)."""
+    connection = await aio_pika.connect(AMQP)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        replies = await channel.declare_queue(exclusive=True)
+        done = asyncio.Event()
+        slots = asyncio.Semaphore(max_in_flight)
+        count = 0
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count
+            count += 1
+            slots.release()
+            if count == n:
+                done.set()
+
+        await replies.consume(on_reply, no_ack=True)
+        t0 = time.perf_counter()
+        for k in range(n):
+            await slots.acquire()
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
+                                 correlation_id=str(k)), queue(ns, 0))
+        await done.wait()
+        return n / (time.perf_counter() - t0)
+
+
+async def one_at_a_time(ns: str, n: int, body: bytes) -> list[float]:
+    connection = await aio_pika.connect(AMQP)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        replies = await channel.declare_queue(exclusive=True)
+        inbox: asyncio.Queue[None] = asyncio.Queue()
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            inbox.put_nowait(None)
+
+        await replies.consume(on_reply, no_ack=True)
+        lat = []
+        for k in range(n):
+            t = time.perf_counter()
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
+                                 correlation_id=str(k)), queue(ns, 0))
+            await inbox.get()
+            lat.append((time.perf_counter() - t) * 1000)
+        return lat
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hop"]:
+    uvloop.run(hop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
