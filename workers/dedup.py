@@ -25,6 +25,30 @@ from workers.decode import envelope_from_intake, envelope_from_internal
 from workers.redis_health import REDIS_DOWN, RedisHealth
 from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
 
+# One round trip, atomic: answered job_id? cached answer? else take (or find) the lease. Being
+# atomic, a leader that fills the cache and releases its lease can never slip in between.
+_DECIDE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'answered'}
+end
+if ARGV[3] == '1' then
+  local cached = redis.call('GET', KEYS[2])
+  if cached then
+    return {'cached', cached}
+  end
+end
+if ARGV[4] ~= '1' then
+  return {'route'}
+end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return {'lead'}
+end
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+  return {'own'}
+end
+return {'wait'}
+"""
+
 
 class DedupStage(EnvelopeStage):
     name = "dedup"
@@ -39,6 +63,7 @@ class DedupStage(EnvelopeStage):
         self.account_queue = self.topo.account
         self.keys = settings.keys
         self.health = RedisHealth(self.name)
+        self._decide_script = redis.register_script(_DECIDE)
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.intake, self.topo.recheck)
@@ -61,36 +86,21 @@ class DedupStage(EnvelopeStage):
         return handled
 
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
-        # Two round trips at most on this hot path: one read, then one atomic lease attempt.
         use_cache = env.cache_key is not None and env.job.cache.mode == "use"
-        cache_key = self.keys.cache(env.cache_key or "-")
-        read = self.redis.pipeline(transaction=False)
-        read.exists(self.keys.result(env.job_id))
-        if use_cache:
-            read.get(cache_key)
-        answered, *cached = await read.execute()
-        if answered:
+        keys = [self.keys.result(env.job_id), self.keys.cache(env.cache_key or "-"),
+                self.keys.inflight(env.coalesce_key or "-")]
+        args: list[str | int] = [env.job_id, self.settings.leader_lease_s, int(use_cache),
+                                 int(env.coalesce_key is not None)]
+        state, *value = await self._decide_script(keys=keys, args=args)
+        state = state.decode() if isinstance(state, bytes) else state
+        if state == "answered":
             # A job_id already answered (a producer retry): the account stage replays its result.
             return Handled([envelope_publish(env, self.topo.account)])
-        if use_cache and cached[0] is not None:
-            return self._serve(env, cached[0])
-        if env.coalesce_key is None:
-            return Handled([envelope_publish(env, self.topo.route)])
-        lease = self.keys.inflight(env.coalesce_key)
-        # MULTI, so the cache read happens after the lease attempt: a leader that filled the cache
-        # and released its lease since our first read is seen here, and nobody pays twice.
-        attempt = self.redis.pipeline(transaction=True)
-        attempt.set(lease, env.job_id, nx=True, ex=self.settings.leader_lease_s)
-        attempt.get(lease)
-        if use_cache:
-            attempt.get(cache_key)
-        took, holder, *cached = await attempt.execute()
-        if use_cache and cached[0] is not None:
-            return self._serve(env, cached[0])  # the account stage releases a lease we took
-        own = (holder.decode() if isinstance(holder, bytes) else holder) == env.job_id
+        if state == "cached":
+            return self._serve(env, value[0])  # the account stage releases a lease we held
         # A lease already ours: a redelivery of the leader goes on; a second copy of the same
         # job_id (a producer retry, fresh or back from waiting) waits for the first instead.
-        if took or (own and delivery.redelivered):
+        if state in ("route", "lead") or (state == "own" and delivery.redelivered):
             return Handled([envelope_publish(env, self.topo.route)])
         waiting = env.model_copy(update={"waits": env.waits + 1})
         return Handled([envelope_publish(waiting, self.topo.wait)])
