@@ -76,11 +76,40 @@ async def drain(queue: aio_pika.abc.AbstractQueue) -> list[dict[str, Any]]:
     return out
 
 
+class WebhookSink:
+    """A tiny HTTP server that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> WebhookSink:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/alerts"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        self.bodies.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
 async def test_tiny_budget_alerts_once_each_then_rejects(settings: Settings, emulator: str,
                                                          tmp_path: Path) -> None:
     est, actual, _ = await calibrate(settings, emulator, tmp_path)
     limit = est + 3.5 * actual  # room for about four jobs once the first is settled
-    s = settings.model_copy(update={"emulator_url": emulator, "policy": policy_with(tmp_path, [
+    webhook = await WebhookSink().__aenter__()
+    s = settings.model_copy(update={"emulator_url": emulator, "alert_webhook_url": webhook.url,
+                                    "policy": policy_with(tmp_path, [
         {"tenant": "tiny", "period": "day", "limit_usd": limit, "alerts": [0.5, 0.8, 1.0], "action": "reject"}])})
     p = InProcessPipeline(s)
     try:
@@ -93,6 +122,7 @@ async def test_tiny_budget_alerts_once_each_then_rejects(settings: Settings, emu
             fired = await drain(alerts)
     finally:
         await p.close()
+        await webhook.__aexit__()
     statuses = [r.status for r in results]
     assert "ok" in statuses and "error" in statuses
     first_refusal = statuses.index("error")
@@ -104,6 +134,7 @@ async def test_tiny_budget_alerts_once_each_then_rejects(settings: Settings, emu
     assert other.status == "ok"  # another tenant is not affected
     assert sorted(a["threshold"] for a in fired) == [0.5, 0.8, 1.0]  # each exactly once
     assert {a["tenant"] for a in fired} == {"tiny"}
+    assert sorted(b["threshold"] for b in webhook.bodies) == [0.5, 0.8, 1.0]  # the webhook got each once
 
 
 async def test_downgrade_keeps_serving_on_the_cheapest_model(settings: Settings, emulator: str,
