@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import uvloop
 
-AMQP = "amqp://guest:guest@localhost:5672/"
+AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 HOPS = 4
 QUEUE_ARGS = {"x-queue-type": "quorum"}
 

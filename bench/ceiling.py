@@ -23,7 +23,9 @@ from pipeline_throughput import WORKLOAD, workload
 from farebox.client import FareboxClient
 
 
-async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: int) -> tuple[float, list[float]]:
+async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: int,
+                       in_flight: int) -> tuple[float, list[float], list[float]]:
+    """jobs/s, then one-at-a-time latencies of fresh jobs and of cache hits."""
     async with process_pipeline(emulator) as (settings, _), \
             FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
         run = settings.namespace
@@ -31,15 +33,20 @@ async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: in
         tagged = [dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)]
         t0 = time.perf_counter()
         n = 0
-        async for _ in client.stream(tagged, max_in_flight=1000):
+        async for _ in client.stream(tagged, max_in_flight=in_flight):
             n += 1
         rate = n / (time.perf_counter() - t0)
-        lat = []
-        for i in range(singles):
-            t = time.perf_counter()
-            await client.complete({"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5}, timeout=60)
-            lat.append((time.perf_counter() - t) * 1000)
-    return rate, sorted(lat)
+        fresh = [await timed(client, {"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5})
+                 for i in range(singles)]
+        hits = [await timed(client, {"prompt": "warm up"}) for _ in range(singles)]
+    return rate, sorted(fresh), sorted(hits)
+
+
+async def timed(client: FareboxClient, job: dict[str, object]) -> float:
+    t = time.perf_counter()
+    r = await client.complete(job, timeout=60)
+    assert r.status == "ok", r.error
+    return (time.perf_counter() - t) * 1000
 
 
 async def main() -> None:
@@ -47,36 +54,54 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--singles", type=int, default=100)
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 1000],
+                    help="unanswered jobs the producer allows (both sides); one set of rows per value")
     a = ap.parse_args()
     fresh, repeats = workload(a.jobs, 1), workload_with_repeats(a.jobs)
     body = json.dumps(fresh[0]).encode()
-    bare: list[float] = []
-    fb0: list[float] = []
-    fb30: list[float] = []
-    bare_lat: list[float] = []
-    fb_lat: list[float] = []
+    rates: dict[tuple[str, int], list[float]] = {}
+    lat: dict[str, list[float]] = {}
     with emulator_process(8099) as emulator:
         await wait_for_emulator()
         for _ in range(a.runs):  # alternate, so drift on this noisy machine hits both alike
-            async with bare_chain() as ns:
-                bare.append(await drive(ns, a.jobs, max_in_flight=1000, body=body))
-                bare_lat.append(statistics.median(await one_at_a_time(ns, a.singles, body)))
-            rate, lat = await farebox_rate(emulator, fresh, a.singles)
-            fb0.append(rate)
-            fb_lat.append(statistics.median(lat))
-            fb30.append((await farebox_rate(emulator, repeats, 0))[0])
-    ratio0 = [f / b for f, b in zip(fb0, bare, strict=True)]
-    ratio30 = [f / b for f, b in zip(fb30, bare, strict=True)]
+            for k, in_flight in enumerate(a.in_flight):
+                singles = a.singles if k == 0 else 0
+                async with bare_chain() as ns:
+                    rates.setdefault(("bare", in_flight), []).append(
+                        await drive(ns, a.jobs, max_in_flight=in_flight, body=body))
+                    if singles:
+                        lat.setdefault("bare", []).append(statistics.median(await one_at_a_time(ns, singles, body)))
+                if singles:
+                    async with bare_chain(n_hops=1) as ns:
+                        lat.setdefault("bare1", []).append(statistics.median(await one_at_a_time(ns, singles, body)))
+                rate, fresh_lat, hit_lat = await farebox_rate(emulator, fresh, singles, in_flight)
+                rates.setdefault(("fb0", in_flight), []).append(rate)
+                if singles:
+                    lat.setdefault("fb", []).append(statistics.median(fresh_lat))
+                    lat.setdefault("hit", []).append(statistics.median(hit_lat))
+                rates.setdefault(("fb30", in_flight), []).append(
+                    (await farebox_rate(emulator, repeats, 0, in_flight))[0])
+    rows = []
+    for in_flight in a.in_flight:
+        bare = rates[("bare", in_flight)]
+        fb0, fb30 = rates[("fb0", in_flight)], rates[("fb30", in_flight)]
+        rows += [f"| {in_flight} in flight: bare chain jobs/s | {spread(bare, '.0f')} |",
+                 f"| {in_flight} in flight: farebox jobs/s, 0% repeats | {spread(fb0, '.0f')} |",
+                 f"| {in_flight} in flight: farebox jobs/s, 30% repeats | {spread(fb30, '.0f')} |",
+                 f"| {in_flight} in flight: **ratio farebox/bare, 0% repeats** | {spread(ratios(fb0, bare), '.2f')} |",
+                 f"| {in_flight} in flight: ratio farebox/bare, 30% repeats | {spread(ratios(fb30, bare), '.2f')} |"]
     publish_table("ceiling", "\n".join([
         f"# farebox vs the bare aio-pika chain ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs)", "",
-        "| measure | median (min, max) |", "|---|---|",
-        f"| bare chain jobs/s | {spread(bare, '.0f')} |",
-        f"| farebox jobs/s, 0% repeats | {spread(fb0, '.0f')} |",
-        f"| farebox jobs/s, 30% repeats | {spread(fb30, '.0f')} |",
-        f"| ratio farebox/bare, 0% repeats | {spread(ratio0, '.2f')} |",
-        f"| ratio farebox/bare, 30% repeats | {spread(ratio30, '.2f')} |",
-        f"| one at a time p50 ms, bare chain | {spread(bare_lat, '.1f')} |",
-        f"| one at a time p50 ms, farebox | {spread(fb_lat, '.1f')} |", ""]))
+        "| measure | median (min, max) |", "|---|---|", *rows,
+        f"| one at a time p50 ms, bare chain (4 hops + reply) | {spread(lat['bare'], '.1f')} |",
+        f"| one at a time p50 ms, farebox (fresh job, emulator at 0 ms) | {spread(lat['fb'], '.1f')} |",
+        f"| one at a time p50 ms, one bare hop + reply | {spread(lat['bare1'], '.1f')} |",
+        f"| one at a time p50 ms, farebox cache hit (intake -> dedup -> reply) | {spread(lat['hit'], '.1f')} |", "",
+        "Ratios are taken run by run (each farebox run against the bare run just before it).", ""]))
+
+
+def ratios(xs: list[float], base: list[float]) -> list[float]:
+    return [x / b for x, b in zip(xs, base, strict=True)]
 
 
 def workload_with_repeats(n: int) -> list[dict[str, object]]:

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 from farebox.settings import Settings  # noqa: E402
 from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
+# run_all --smoke points this elsewhere, so a smoke run never overwrites the measured tables
+RESULTS = Path(os.environ.get("FAREBOX_BENCH_RESULTS", ROOT / "bench" / "results"))
 
 
 @contextlib.contextmanager
@@ -70,3 +71,50 @@ def publish_table(name: str, table: str) -> None:
 
 def cores() -> int:
     return os.cpu_count() or 1
+
+
+# --- process accounting from Linux /proc (no psutil in the project's dependencies) -------------------------------
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory the process has had (VmHWM), MiB."""
+    return _status_kb(pid, "VmHWM") / 1024
+
+
+def process_tree(root: int) -> list[int]:
+    """root and every descendant alive now (uvicorn workers, multiprocessing children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def pids_of(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def broker_pids() -> list[int]:
+    return pids_of("beam.smp")
+
+
+def redis_pids() -> list[int]:
+    return pids_of("redis-server .*:6379")

@@ -13,38 +13,46 @@ import time
 import uuid
 
 import httpx
-from common import cores, emulator_process, process_pipeline, publish_table, wait_for_emulator
+from common import cores, emulator_process, process_pipeline, publish_table, spread, wait_for_emulator
 
 from farebox.client import FareboxClient
 
 PORT = 8097
 
 
+async def one_run(emulator: str, n: int) -> tuple[float, int, dict[str, int], int]:
+    tag = uuid.uuid4().hex[:8]
+    jobs = [{"prompt": f"Summarize record {tag}-{i}.", "task": "summarize", "quality": "low", "max_tokens": 30,
+             "job_id": f"{tag}-{i}"} for i in range(n)]
+    by_provider: dict[str, int] = {}
+    async with process_pipeline(emulator) as (settings, _), httpx.AsyncClient() as http:
+        await http.post(f"{emulator}/_emulator/reset")
+        async with FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+            t0 = time.perf_counter()
+            async for r in client.stream(jobs, max_in_flight=n):
+                by_provider[r.provider or "-"] = by_provider.get(r.provider or "-", 0) + 1
+            rate = n / (time.perf_counter() - t0)
+        stats = (await http.get(f"{emulator}/_emulator/stats")).json()
+    return rate, stats["peak_in_flight"], by_provider, settings.provider_concurrency
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--latency-ms", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
-    tag = uuid.uuid4().hex[:8]
-    jobs = [{"prompt": f"Summarize record {tag}-{i}.", "task": "summarize", "quality": "low", "max_tokens": 30,
-             "job_id": f"{tag}-{i}"} for i in range(a.jobs)]
-    by_provider: dict[str, int] = {}
     with emulator_process(PORT, latency_ms=a.latency_ms) as emulator:
         await wait_for_emulator()
-        async with process_pipeline(emulator) as (settings, _), httpx.AsyncClient() as http:
-            await http.post(f"{emulator}/_emulator/reset")
-            async with FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
-                t0 = time.perf_counter()
-                async for r in client.stream(jobs, max_in_flight=a.jobs):
-                    by_provider[r.provider or "-"] = by_provider.get(r.provider or "-", 0) + 1
-                elapsed = time.perf_counter() - t0
-            stats = (await http.get(f"{emulator}/_emulator/stats")).json()
+        rows = [await one_run(emulator, a.jobs) for _ in range(a.runs)]
+    rates, peaks = [r[0] for r in rows], [r[1] for r in rows]
     publish_table("io_concurrency", "\n".join([
-        f"# I/O concurrency of one execute process ({cores()} cores, emulator latency {a.latency_ms} ms +-50%, "
-        f"FAREBOX_PROVIDER_CONCURRENCY={settings.provider_concurrency})", "",
-        "| jobs | results by provider | elapsed s | jobs/s | peak provider calls in flight |",
-        "|---|---|---|---|---|",
-        f"| {a.jobs} | {by_provider} | {elapsed:.1f} | {a.jobs / elapsed:.0f} | {stats['peak_in_flight']} |", ""]))
+        f"# I/O concurrency of one execute process ({cores()} cores, {a.runs} runs, emulator latency {a.latency_ms} ms "
+        f"+-50%, FAREBOX_PROVIDER_CONCURRENCY={rows[0][3]})", "",
+        "| measure | median (min, max) |", "|---|---|",
+        f"| jobs/s, {a.jobs} jobs all on one provider | {spread(rates, '.0f')} |",
+        f"| peak provider calls in flight | {spread(peaks, '.0f')} |", "",
+        f"Results by provider (last run): {rows[-1][2]}.", ""]))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import (
     ROOT,
+    broker_pids,
     cores,
+    cpu_s,
     emulator_process,
+    peak_rss_mb,
     percentile,
     process_pipeline,
     publish_table,
@@ -32,17 +34,7 @@ from farebox.client import FareboxClient
 
 WORKLOAD = ROOT.parent / "shared" / "workloads" / "make_workload.py"
 CPU: dict[str, list[float]] = {}
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def broker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+RSS: dict[str, list[float]] = {}
 
 
 def workload(n: int, seed: int) -> list[dict[str, object]]:
@@ -73,6 +65,8 @@ async def one_run(emulator: str, jobs: list[dict[str, object]], singles: int) ->
             t = time.perf_counter()
             await client.complete({"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5}, timeout=60)
             lat.append((time.perf_counter() - t) * 1000)
+        for name, proc in procs.procs.items():  # read before the pipeline stops and the pids go away
+            RSS.setdefault(name, []).append(peak_rss_mb(proc.pid))
     lat.sort()
     return rate, statistics.median(lat), percentile(lat, 0.99)
 
@@ -94,9 +88,11 @@ async def main() -> None:
         f"| jobs/s, {a.jobs} jobs from make_workload --dup-rate 0 | {spread(rates, '.0f')} |",
         f"| one job at a time, p50 ms ({a.singles} jobs) | {spread(p50s, '.1f')} |",
         f"| one job at a time, p99 ms | {spread(p99s, '.1f')} |", "",
-        "CPU ms per job during the bulk run, by process (emulator not included):", "",
-        "| process | CPU ms/job, median |", "|---|---|",
-        *[f"| {name} | {statistics.median(v):.2f} |" for name, v in sorted(CPU.items())], ""]))
+        "CPU ms per job during the bulk run, by process (emulator not included), and each stage process's peak",
+        "resident memory (VmHWM) over the run:", "",
+        "| process | CPU ms/job | peak RSS MiB |", "|---|---|---|",
+        *[f"| {name} | {spread(v, '.2f')} | {spread(RSS[name], '.0f') if name in RSS else '-'} |"
+          for name, v in sorted(CPU.items())], ""]))
 
 
 if __name__ == "__main__":
