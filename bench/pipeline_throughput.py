@@ -24,8 +24,10 @@ from common import (
     emulator_process,
     peak_rss_mb,
     percentile,
+    pids_of,
     process_pipeline,
     publish_table,
+    redis_pids,
     spread,
     wait_for_emulator,
 )
@@ -33,6 +35,7 @@ from common import (
 from farebox.client import FareboxClient
 
 WORKLOAD = ROOT.parent / "shared" / "workloads" / "make_workload.py"
+PORT = 8099
 CPU: dict[str, list[float]] = {}
 RSS: dict[str, list[float]] = {}
 
@@ -52,6 +55,9 @@ async def one_run(emulator: str, jobs: list[dict[str, object]], singles: int) ->
         watched = {name: p.pid for name, p in procs.procs.items()}
         watched.update({f"rabbitmq#{i}": pid for i, pid in enumerate(broker_pids())})
         watched["bench client"] = os.getpid()
+        watched.update({f"emulator (stands in for the provider)#{i}": pid
+                        for i, pid in enumerate(pids_of(f"emulator --port {PORT}"))})
+        watched.update({f"redis#{i}": pid for i, pid in enumerate(redis_pids())})
         before = {name: cpu_s(pid) for name, pid in watched.items()}
         t0 = time.perf_counter()
         n = 0
@@ -78,7 +84,7 @@ async def main() -> None:
     ap.add_argument("--singles", type=int, default=200)
     a = ap.parse_args()
     jobs = workload(a.jobs, 1)
-    with emulator_process(8099) as emulator:
+    with emulator_process(PORT) as emulator:
         await wait_for_emulator()
         rows = [await one_run(emulator, jobs, a.singles) for _ in range(a.runs)]
     rates, p50s, p99s = zip(*rows, strict=True)
@@ -88,7 +94,7 @@ async def main() -> None:
         f"| jobs/s, {a.jobs} jobs from make_workload --dup-rate 0 | {spread(rates, '.0f')} |",
         f"| one job at a time, p50 ms ({a.singles} jobs) | {spread(p50s, '.1f')} |",
         f"| one job at a time, p99 ms | {spread(p99s, '.1f')} |", "",
-        "CPU ms per job during the bulk run, by process (emulator not included), and each stage process's peak",
+        "CPU ms per job during the bulk run, by process, and each stage process's peak",
         "resident memory (VmHWM) over the run:", "",
         "| process | CPU ms/job | peak RSS MiB |", "|---|---|---|",
         *[f"| {name} | {spread(v, '.2f')} | {spread(RSS[name], '.0f') if name in RSS else '-'} |"
