@@ -17,25 +17,44 @@ import sys
 import time
 
 from bare_chain import bare_chain, drive, one_at_a_time
-from common import cores, emulator_process, process_pipeline, publish_table, spread, wait_for_emulator
+from common import (
+    CpuGroups,
+    broker_pids,
+    cores,
+    emulator_process,
+    pids_of,
+    process_pipeline,
+    publish_table,
+    redis_pids,
+    spread,
+    wait_for_emulator,
+)
 from pipeline_throughput import WORKLOAD, workload
 
 from farebox.client import FareboxClient
 
+EMULATOR_PORT = 8099
+CPU: dict[tuple[str, str], list[float]] = {}  # (side, process group) -> CPU ms per job, one per run
+
 
 async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: int,
-                       in_flight: int) -> tuple[float, list[float], list[float]]:
+                       in_flight: int, cpu_side: str | None = None) -> tuple[float, list[float], list[float]]:
     """jobs/s, then one-at-a-time latencies of fresh jobs and of cache hits."""
-    async with process_pipeline(emulator) as (settings, _), \
+    async with process_pipeline(emulator) as (settings, procs), \
             FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
         run = settings.namespace
         await client.complete({"prompt": "warm up", "job_id": f"warm-{run}"}, timeout=60)
         tagged = [dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)]
+        meter = CpuGroups({"stage processes": [p.pid for p in procs.procs.values()], "broker": broker_pids(),
+                           "emulator": pids_of(f"emulator --port {EMULATOR_PORT}"), "redis": redis_pids()})
         t0 = time.perf_counter()
         n = 0
         async for _ in client.stream(tagged, max_in_flight=in_flight):
             n += 1
         rate = n / (time.perf_counter() - t0)
+        if cpu_side:
+            for group, ms in meter.per_job_ms(n).items():
+                CPU.setdefault((cpu_side, group), []).append(ms)
         fresh = [await timed(client, {"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5})
                  for i in range(singles)]
         hits = [await timed(client, {"prompt": "warm up"}) for _ in range(singles)]
@@ -61,20 +80,26 @@ async def main() -> None:
     body = json.dumps(fresh[0]).encode()
     rates: dict[tuple[str, int], list[float]] = {}
     lat: dict[str, list[float]] = {}
-    with emulator_process(8099) as emulator:
+    with emulator_process(EMULATOR_PORT) as emulator:
         await wait_for_emulator()
         for _ in range(a.runs):  # alternate, so drift on this noisy machine hits both alike
             for k, in_flight in enumerate(a.in_flight):
                 singles = a.singles if k == 0 else 0
+                measured = in_flight == a.in_flight[-1]  # CPU per job is reported for the last setting
                 async with bare_chain() as ns:
+                    meter = CpuGroups({"stage processes": pids_of(f"bare_chain.py hop {ns} "), "broker": broker_pids()})
                     rates.setdefault(("bare", in_flight), []).append(
                         await drive(ns, a.jobs, max_in_flight=in_flight, body=body))
+                    if measured:
+                        for group, ms in meter.per_job_ms(a.jobs).items():
+                            CPU.setdefault(("bare", group), []).append(ms)
                     if singles:
                         lat.setdefault("bare", []).append(statistics.median(await one_at_a_time(ns, singles, body)))
                 if singles:
                     async with bare_chain(n_hops=1) as ns:
                         lat.setdefault("bare1", []).append(statistics.median(await one_at_a_time(ns, singles, body)))
-                rate, fresh_lat, hit_lat = await farebox_rate(emulator, fresh, singles, in_flight)
+                rate, fresh_lat, hit_lat = await farebox_rate(emulator, fresh, singles, in_flight,
+                                                              "farebox" if measured else None)
                 rates.setdefault(("fb0", in_flight), []).append(rate)
                 if singles:
                     lat.setdefault("fb", []).append(statistics.median(fresh_lat))
@@ -97,7 +122,24 @@ async def main() -> None:
         f"| one at a time p50 ms, farebox (fresh job, emulator at 0 ms) | {spread(lat['fb'], '.1f')} |",
         f"| one at a time p50 ms, one bare hop + reply | {spread(lat['bare1'], '.1f')} |",
         f"| one at a time p50 ms, farebox cache hit (intake -> dedup -> reply) | {spread(lat['hit'], '.1f')} |", "",
-        "Ratios are taken run by run (each farebox run against the bare run just before it).", ""]))
+        "Ratios are taken run by run (each farebox run against the bare run just before it).", "",
+        *cpu_table(a.in_flight[-1]), ""]))
+
+
+def cpu_table(in_flight: int) -> list[str]:
+    """Where the CPU goes, per job, on both sides: the two cores are the limit on both."""
+    groups = ("stage processes", "broker", "emulator", "redis")
+    bare_total = [sum(xs) for xs in zip(*(CPU[("bare", g)] for g in groups[:2]), strict=True)]
+    fare_total = [sum(xs) for xs in zip(*(CPU[("farebox", g)] for g in groups), strict=True)]
+    rows = [f"| {g} | {spread(CPU[('bare', g)], '.2f') if ('bare', g) in CPU else '-'} | "
+            f"{spread(CPU[('farebox', g)], '.2f')} |" for g in groups]
+    # If each farebox stage cost no more than a bare hop, only the emulator and Redis would be extra:
+    cap = [b / (b + CPU[("farebox", "emulator")][i] + CPU[("farebox", "redis")][i]) for i, b in enumerate(bare_total)]
+    return [f"CPU ms per job at {in_flight} in flight, by process group (the bare chain's stage processes are its "
+            "4 hops):", "", "| process group | bare chain | farebox |", "|---|---|---|", *rows,
+            f"| total | {spread(bare_total, '.2f')} | {spread(fare_total, '.2f')} |", "",
+            "Ratio ceiling if every farebox stage cost only what a bare hop costs (the emulator and Redis still "
+            f"share the two cores): {spread(cap, '.2f')}."]
 
 
 def ratios(xs: list[float], base: list[float]) -> list[float]:

@@ -118,3 +118,22 @@ def broker_pids() -> list[int]:
 
 def redis_pids() -> list[int]:
     return pids_of("redis-server .*:6379")
+
+
+class CpuGroups:
+    """CPU used by named groups of processes from construction to per_job_ms()."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.before = {name: self._used(pids) for name, pids in groups.items()}
+
+    @staticmethod
+    def _used(pids: list[int]) -> float:
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                total += cpu_s(pid)
+        return total
+
+    def per_job_ms(self, n: int) -> dict[str, float]:
+        return {name: (self._used(pids) - self.before[name]) * 1000 / n for name, pids in self.groups.items()}
