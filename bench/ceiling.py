@@ -22,6 +22,7 @@ from common import (
     broker_pids,
     cores,
     emulator_process,
+    percentile,
     pids_of,
     process_pipeline,
     publish_table,
@@ -72,7 +73,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--singles", type=int, default=100)
+    ap.add_argument("--singles", type=int, default=200)
     ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 1000],
                     help="unanswered jobs the producer allows (both sides); one set of rows per value")
     a = ap.parse_args()
@@ -94,16 +95,16 @@ async def main() -> None:
                         for group, ms in meter.per_job_ms(a.jobs).items():
                             CPU.setdefault(("bare", group), []).append(ms)
                     if singles:
-                        lat.setdefault("bare", []).append(statistics.median(await one_at_a_time(ns, singles, body)))
+                        note(lat, "bare", await one_at_a_time(ns, singles, body))
                 if singles:
                     async with bare_chain(n_hops=1) as ns:
-                        lat.setdefault("bare1", []).append(statistics.median(await one_at_a_time(ns, singles, body)))
+                        note(lat, "bare1", await one_at_a_time(ns, singles, body))
                 rate, fresh_lat, hit_lat = await farebox_rate(emulator, fresh, singles, in_flight,
                                                               "farebox" if measured else None)
                 rates.setdefault(("fb0", in_flight), []).append(rate)
                 if singles:
-                    lat.setdefault("fb", []).append(statistics.median(fresh_lat))
-                    lat.setdefault("hit", []).append(statistics.median(hit_lat))
+                    note(lat, "fb", fresh_lat)
+                    note(lat, "hit", hit_lat)
                 rates.setdefault(("fb30", in_flight), []).append(
                     (await farebox_rate(emulator, repeats, 0, in_flight))[0])
     rows = []
@@ -118,10 +119,10 @@ async def main() -> None:
     publish_table("ceiling", "\n".join([
         f"# farebox vs the bare aio-pika chain ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs)", "",
         "| measure | median (min, max) |", "|---|---|", *rows,
-        f"| one at a time p50 ms, bare chain (4 hops + reply) | {spread(lat['bare'], '.1f')} |",
-        f"| one at a time p50 ms, farebox (fresh job, emulator at 0 ms) | {spread(lat['fb'], '.1f')} |",
-        f"| one at a time p50 ms, one bare hop + reply | {spread(lat['bare1'], '.1f')} |",
-        f"| one at a time p50 ms, farebox cache hit (intake -> dedup -> reply) | {spread(lat['hit'], '.1f')} |", "",
+        *[f"| one at a time {q} ms, {label} | {spread(lat[key + q], '.1f')} |" for key, label in (
+            ("bare", "bare chain (4 hops + reply)"), ("fb", "farebox (fresh job, emulator at 0 ms)"),
+            ("bare1", "one bare hop + reply"), ("hit", "farebox cache hit (intake -> dedup -> reply)"))
+          for q in ("p50", "p99")], "",
         "Ratios are taken run by run (each farebox run against the bare run just before it).", "",
         *cpu_table(a.in_flight[-1]), ""]))
 
@@ -140,6 +141,12 @@ def cpu_table(in_flight: int) -> list[str]:
             f"| total | {spread(bare_total, '.2f')} | {spread(fare_total, '.2f')} |", "",
             "Ratio ceiling if every farebox stage cost only what a bare hop costs (the emulator and Redis still "
             f"share the two cores): {spread(cap, '.2f')}."]
+
+
+def note(lat: dict[str, list[float]], key: str, sample: list[float]) -> None:
+    ordered = sorted(sample)
+    lat.setdefault(key + "p50", []).append(statistics.median(ordered))
+    lat.setdefault(key + "p99", []).append(percentile(ordered, 0.99))
 
 
 def ratios(xs: list[float], base: list[float]) -> list[float]:
