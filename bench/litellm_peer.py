@@ -39,9 +39,9 @@ from typing import Any
 import httpx
 from common import (
     ROOT,
+    CpuGroups,
     broker_pids,
     cores,
-    cpu_s,
     emulator_process,
     peak_rss_mb,
     process_pipeline,
@@ -157,24 +157,6 @@ class Side:
     errors: list[float] = field(default_factory=list)
 
 
-class Meter:
-    """CPU seconds used by a set of processes between start() and per_request()."""
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
-        self.before: dict[int, float] = {}
-
-    def start(self) -> None:
-        self.before = {pid: cpu_s(pid) for pid in self.pids}
-
-    def per_request_ms(self, n: int) -> float:
-        used = 0.0
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                used += cpu_s(pid) - self.before.get(pid, 0.0)
-        return used * 1000 / n
-
-
 async def provider_calls(emulator: str) -> int:
     async with httpx.AsyncClient() as http:
         return sum((await http.get(f"{emulator}/_emulator/stats")).json()["requests"].values())
@@ -224,11 +206,9 @@ async def litellm_side(exe: Path, emulator: str, jobs: Sequence[dict[str, Any]],
         await http_drive(url, warm, 4)
         await reset_emulator(emulator)
         tree = process_tree(pid)
-        meters = [Meter(tree), Meter(broker_pids()), Meter(redis_pids())]
-        for m in meters:
-            m.start()
+        meter = CpuGroups({"proxy": tree, "broker": broker_pids(), "redis": redis_pids()})
         rate, errors = await http_drive(url, [openai_body(j) for j in jobs], a.concurrency)
-        _record(side, rate, errors, [m.per_request_ms(len(jobs)) for m in meters], await provider_calls(emulator),
+        _record(side, rate, errors, meter.per_job_ms(len(jobs)), await provider_calls(emulator),
                 sum(peak_rss_mb(p) for p in tree))
         if singles:
             side.added_p50.append(await http_singles(url, "/v1/chat/completions", [openai_body(j) for j in singles],
@@ -245,16 +225,14 @@ async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side
             pass
         await reset_emulator(emulator)
         stages = [p.pid for p in procs.procs.values()]
-        meters = [Meter(stages), Meter(broker_pids()), Meter(redis_pids())]
-        for m in meters:
-            m.start()
+        meter = CpuGroups({"proxy": stages, "broker": broker_pids(), "redis": redis_pids()})
         errors = 0
         t0 = time.perf_counter()
         async for r in client.stream([dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)],
                                      max_in_flight=a.concurrency):
             errors += r.status != "ok"
         rate = len(jobs) / (time.perf_counter() - t0)
-        _record(side, rate, errors, [m.per_request_ms(len(jobs)) for m in meters], await provider_calls(emulator),
+        _record(side, rate, errors, meter.per_job_ms(len(jobs)), await provider_calls(emulator),
                 sum(peak_rss_mb(p) for p in stages))
         if singles:
             lat = []
@@ -266,12 +244,12 @@ async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side
             side.added_p50.append(statistics.median(lat) - direct_p50)
 
 
-def _record(side: Side, rate: float, errors: int, cpu: list[float], calls: int, peak_mb: float) -> None:
+def _record(side: Side, rate: float, errors: int, cpu: dict[str, float], calls: int, peak_mb: float) -> None:
     side.rate.append(rate)
     side.errors.append(errors)
-    side.cpu_ms.append(cpu[0])
-    side.broker_ms.append(cpu[1])
-    side.redis_ms.append(cpu[2])
+    side.cpu_ms.append(cpu["proxy"])
+    side.broker_ms.append(cpu["broker"])
+    side.redis_ms.append(cpu["redis"])
     side.provider_calls.append(calls)
     side.peak_mb.append(peak_mb)
 
