@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from farebox.settings import Settings
-from tests.support.pipeline import InProcessPipeline
+from tests.support.pipeline import InProcessPipeline, drop_redis_prefix
 
 LOCAL_AMQP = "amqp://guest:guest@localhost:5672/"
 LOCAL_REDIS = "redis://localhost:6379/0"
@@ -78,11 +78,15 @@ def services() -> Iterator[Services]:
 
 
 @pytest.fixture
-def settings(services: Services) -> Settings:
+async def settings(services: Services) -> AsyncIterator[Settings]:
+    """A queue namespace and Redis key prefix of the test's own; the keys go when the test ends
+    (whichever fixtures or processes wrote them)."""
     run = uuid.uuid4().hex[:10]
-    return Settings(amqp_url=services.amqp_url, redis_url=services.redis_url, namespace=f"fbtest-{run}",
-                    redis_prefix=f"fbtest:{run}:", metrics_port=0, coalesce_poll_ms=50,
-                    emulator_url=os.environ.get("FAREBOX_TEST_EMULATOR_URL"))
+    s = Settings(amqp_url=services.amqp_url, redis_url=services.redis_url, namespace=f"fbtest-{run}",
+                 redis_prefix=f"fbtest:{run}:", metrics_port=0, coalesce_poll_ms=50,
+                 emulator_url=os.environ.get("FAREBOX_TEST_EMULATOR_URL"))
+    yield s
+    await drop_redis_prefix(s)
 
 
 @pytest.fixture
