@@ -12,8 +12,26 @@ DUP_RATE=${DUP_RATE:-0.3}
 OUT=${OUT:-out/demo-results.jsonl}
 mkdir -p out
 export FAREBOX_NAMESPACE=${FAREBOX_NAMESPACE:-farebox-demo}
-# A fresh ledger/cache prefix per run, so the report below shows this run only.
-export FAREBOX_REDIS_PREFIX=${FAREBOX_REDIS_PREFIX:-farebox-demo-$(date +%s):}
+# A fresh ledger/cache prefix per run, so the report below shows this run only; the previous demo
+# runs' keys are removed (only theirs: keys under farebox-demo-<timestamp>:), so repeated demos
+# do not pile up in Redis.
+if [ -z "${FAREBOX_REDIS_PREFIX:-}" ]; then
+  export FAREBOX_REDIS_PREFIX="farebox-demo-$(date +%s):"
+  .venv/bin/python - <<'PY'
+import asyncio, os, re
+from farebox.settings import Settings
+from redis.asyncio import Redis
+
+async def main() -> None:
+    redis = Redis.from_url(Settings().redis_url)
+    old = [k async for k in redis.scan_iter(match="farebox-demo-*", count=1000) if re.match(rb"farebox-demo-\d+:", k)]
+    for i in range(0, len(old), 500):
+        await redis.delete(*old[i:i + 500])
+    await redis.aclose()
+
+asyncio.run(main())
+PY
+fi
 WORKLOAD=../shared/workloads/make_workload.py
 if [ -f "$WORKLOAD" ]; then
   .venv/bin/python "$WORKLOAD" --jobs "$JOBS" --dup-rate "$DUP_RATE" --seed 7 > out/demo-jobs.jsonl 2> out/demo-workload.json
@@ -34,3 +52,5 @@ echo "demo: first results (full file: $OUT)"
 .venv/bin/python examples/show_results.py "$OUT" 5
 echo
 .venv/bin/farebox report --by tenant,model
+echo "demo: this run's ledger is under Redis prefix $FAREBOX_REDIS_PREFIX until the next demo run" \
+  "(FAREBOX_REDIS_PREFIX=$FAREBOX_REDIS_PREFIX .venv/bin/farebox report shows it again)"
