@@ -58,14 +58,15 @@ async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: in
                 CPU.setdefault((cpu_side, group), []).append(ms)
         fresh = [await timed(client, {"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5})
                  for i in range(singles)]
-        hits = [await timed(client, {"prompt": "warm up"}) for _ in range(singles)]
+        hits = [await timed(client, {"prompt": "warm up"}, cache="hit") for _ in range(singles)]
     return rate, sorted(fresh), sorted(hits)
 
 
-async def timed(client: FareboxClient, job: dict[str, object]) -> float:
+async def timed(client: FareboxClient, job: dict[str, object], cache: str | None = None) -> float:
     t = time.perf_counter()
     r = await client.complete(job, timeout=60)
-    assert r.status == "ok", r.error
+    if r.status != "ok" or (cache and r.cache != cache):
+        raise SystemExit(f"unexpected result while timing: status {r.status}, cache {r.cache}, {r.error}")
     return (time.perf_counter() - t) * 1000
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,15 +25,34 @@ from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, 
 RESULTS = Path(os.environ.get("FAREBOX_BENCH_RESULTS", ROOT / "bench" / "results"))
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the servers bind (SO_REUSEADDR): connections of an earlier run in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 @contextlib.contextmanager
 def emulator_process(port: int, *, latency_ms: int = 0) -> Iterator[str]:
+    # A port already taken (a `farebox up` or demo emulator on it) would let the bench measure a
+    # foreign emulator without noticing, and count its CPU: refuse instead.
+    if not port_is_free(port):
+        raise SystemExit(f"port {port} is taken; stop whatever listens there before benchmarking")
     proc = subprocess.Popen([sys.executable, "-m", "farebox", "emulator", "--port", str(port),
                              "--latency-ms", str(latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 @contextlib.asynccontextmanager
@@ -92,6 +113,11 @@ def peak_rss_mb(pid: int) -> float:
     return _status_kb(pid, "VmHWM") / 1024
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory now (VmRSS), MiB."""
+    return _status_kb(pid, "VmRSS") / 1024
+
+
 def process_tree(root: int) -> list[int]:
     """root and every descendant alive now (uvicorn workers, multiprocessing children)."""
     children: dict[int, list[int]] = {}
@@ -117,23 +143,26 @@ def broker_pids() -> list[int]:
 
 
 def redis_pids() -> list[int]:
-    return pids_of("redis-server .*:6379")
+    """The redis-server that FAREBOX_REDIS_URL (or the default) points at, found by its port."""
+    port = urlsplit(Settings().redis_url).port or 6379
+    return pids_of(f"redis-server .*:{port}( |$)")
 
 
 class CpuGroups:
-    """CPU used by named groups of processes from construction to per_job_ms()."""
+    """CPU used by named groups of processes from construction to per_job_ms(). The baseline is per
+    process, so a process that exits mid-run cannot make a group's figure low or negative: it
+    fails the measurement instead."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
-        self.before = {name: self._used(pids) for name, pids in groups.items()}
-
-    @staticmethod
-    def _used(pids: list[int]) -> float:
-        total = 0.0
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                total += cpu_s(pid)
-        return total
+        self.before = {pid: cpu_s(pid) for pids in groups.values() for pid in pids}
 
     def per_job_ms(self, n: int) -> dict[str, float]:
-        return {name: (self._used(pids) - self.before[name]) * 1000 / n for name, pids in self.groups.items()}
+        out = {}
+        for name, pids in self.groups.items():
+            try:
+                used = sum(cpu_s(pid) - self.before[pid] for pid in pids)
+            except OSError as err:
+                raise SystemExit(f"a {name} process exited during the measurement ({err})") from err
+            out[name] = used * 1000 / n
+        return out

@@ -24,6 +24,8 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from common import (
@@ -44,16 +47,20 @@ from common import (
     cores,
     emulator_process,
     peak_rss_mb,
+    port_is_free,
     process_pipeline,
     process_tree,
     publish_table,
     redis_pids,
+    rss_mb,
     spread,
     wait_for_emulator,
 )
+from http_driver import KeepAlive
 from pipeline_throughput import WORKLOAD
 
 from farebox.client import FareboxClient
+from farebox.settings import Settings
 
 LITELLM_VERSION = "1.106.12"  # newest release whose [proxy] extra resolves from PyPI on 2026-11-27
 SAFE_FLOOR = (1, 83, 7)
@@ -70,31 +77,66 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(part) for part in v.split(".")[:3])
 
 
+KNOWN_PTH = {"distutils-precedence.pth"}  # setuptools' own, in every virtual environment
+
+
+def _code_running_pth() -> list[Path]:
+    """.pth files that would run code at every start of the venv's Python (lines beginning with
+    `import` are executed by site.py), other than setuptools' own; litellm_init.pth in any case."""
+    found = []
+    for pth in VENV.glob("lib/python*/site-packages/*.pth"):
+        lines = pth.read_text(errors="replace").splitlines()
+        if pth.name == "litellm_init.pth" or (pth.name not in KNOWN_PTH and any(
+                line.startswith(("import ", "import\t")) for line in lines)):
+            found.append(pth)
+    return found
+
+
+def _refuse_if_planted() -> None:
+    planted = _code_running_pth()
+    if planted:
+        shutil.rmtree(VENV)
+        raise SystemExit(f"refusing to run: {', '.join(map(str, planted))} would run code at every start of the "
+                         f"venv's Python (litellm_init.pth was the 1.82.7/1.82.8 malware's hook); {VENV} removed")
+
+
+def _installed_version() -> str | None:
+    """Read from the dist-info, so no interpreter of the venv runs before the .pth check."""
+    for meta in VENV.glob("lib/python*/site-packages/litellm-*.dist-info/METADATA"):
+        for line in meta.read_text(errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def ensure_litellm() -> Path:
     if LITELLM_VERSION in KNOWN_MALICIOUS or _version_tuple(LITELLM_VERSION) < SAFE_FLOOR:
         raise SystemExit(f"refusing litellm=={LITELLM_VERSION}: older than 1.83.7 or a known malicious release")
+    if VENV.exists():
+        _refuse_if_planted()  # before any of the venv's own Python runs
     python = VENV / "bin" / "python"
     if not python.exists():
         venv.create(VENV, with_pip=True)
-    have = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                          capture_output=True, text=True).stdout.strip()
-    if have != LITELLM_VERSION:
+    if _installed_version() != LITELLM_VERSION:
         print(f"installing litellm[proxy]=={LITELLM_VERSION} into {VENV} ...", file=sys.stderr)
-        subprocess.run([python, "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
-    planted = sorted(VENV.rglob("litellm_init.pth"))
-    if planted:
-        raise SystemExit(f"refusing to run: {', '.join(map(str, planted))} exists (the 1.82.7/1.82.8 malware's hook)")
+        # Wheels only: no package's build script runs during the install.
+        subprocess.run([python, "-m", "pip", "install", "-q", "--only-binary=:all:",
+                        f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    _refuse_if_planted()
     return VENV / "bin" / "litellm"
 
 
 @contextlib.contextmanager
 def litellm_proxy(exe: Path, emulator: str, *, cache_namespace: str | None, workers: int) -> Iterator[tuple[str, int]]:
     """The proxy on 127.0.0.1 with one model served by the emulator; yields (url, pid)."""
+    if not port_is_free(PROXY_PORT):
+        raise SystemExit(f"port {PROXY_PORT} is taken (a stale proxy?); free it before benchmarking")
     with tempfile.TemporaryDirectory(prefix="fbbench-litellm-") as tmp:
         settings: dict[str, Any] = {"telemetry": False}
         if cache_namespace:
-            settings.update(cache=True, cache_params={"type": "redis", "host": "127.0.0.1", "port": 6379,
-                                                      "namespace": cache_namespace})
+            redis = urlsplit(Settings().redis_url)  # the Redis farebox uses, so both sides share one server
+            settings.update(cache=True, cache_params={"type": "redis", "host": redis.hostname or "127.0.0.1",
+                                                      "port": redis.port or 6379, "namespace": cache_namespace})
         config = {"model_list": [{"model_name": MODEL, "litellm_params": {
             "model": f"openai/{MODEL}", "api_base": f"{emulator}/openai/v1", "api_key": "sk-emulator"}}],
             "litellm_settings": settings}
@@ -110,9 +152,21 @@ def litellm_proxy(exe: Path, emulator: str, *, cache_namespace: str | None, work
                 _wait_until_up(url, proc, Path(tmp) / "proxy.log")
                 yield url, proc.pid
             finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 15)
-                proc.wait(30)
+                _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the proxy's process group (uvicorn workers included), SIGKILL what is left after 30 s,
+    so no stale proxy keeps the port for the next run."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
 
 
 
@@ -122,7 +176,9 @@ def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         if proc.poll() is not None:
             raise SystemExit(f"the LiteLLM proxy exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200:
+            # An authenticated call: only the proxy we started knows this run's key.
+            if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {MASTER_KEY}"},
+                         timeout=2).status_code == 200:
                 return
         time.sleep(0.5)
     raise SystemExit(f"the LiteLLM proxy did not answer in 180 s:\n{log.read_text()[-3000:]}")
@@ -153,6 +209,8 @@ class Side:
     redis_ms: list[float] = field(default_factory=list)
     added_p50: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
+    infra_mb: list[float] = field(default_factory=list)  # RabbitMQ and Redis, where the system uses them
+    driver_ms: list[float] = field(default_factory=list)  # the bench process that sends the load
     provider_calls: list[float] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
 
@@ -168,18 +226,20 @@ async def reset_emulator(emulator: str) -> None:
 
 
 async def http_drive(url: str, bodies: Sequence[dict[str, Any]], concurrency: int) -> tuple[float, int]:
-    """requests/s with `concurrency` callers; one single-connection client each, because one shared httpx
-    pool costs CPU per request in proportion to its connections and would slow the caller, not the proxy."""
+    """requests/s with `concurrency` callers, each on a persistent connection of its own (bench/http_driver.py:
+    a lean client, because the driver shares the cores with the proxy)."""
     todo = iter(bodies)
     errors = 0
 
     async def caller() -> None:
         nonlocal errors
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1),
-                                     headers={"Authorization": f"Bearer {MASTER_KEY}"}) as http:
+        conn = KeepAlive(url, {"Authorization": f"Bearer {MASTER_KEY}"})
+        try:
             for body in todo:
-                r = await http.post("/v1/chat/completions", json=body)
-                errors += r.status_code != 200
+                status, _ = await conn.post("/v1/chat/completions", body)
+                errors += status != 200
+        finally:
+            await conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -187,14 +247,18 @@ async def http_drive(url: str, bodies: Sequence[dict[str, Any]], concurrency: in
 
 
 async def http_singles(url: str, path: str, bodies: Sequence[dict[str, Any]], auth: bool) -> float:
-    """p50 ms, one request at a time."""
-    headers = {"Authorization": f"Bearer {MASTER_KEY}"} if auth else {}
+    """p50 ms, one request at a time (the same lean client for the proxy and the direct emulator call)."""
+    conn = KeepAlive(url, {"Authorization": f"Bearer {MASTER_KEY}"} if auth else {})
     lat = []
-    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
+    try:
         for body in bodies:
             t = time.perf_counter()
-            (await http.post(path, json=body)).raise_for_status()
+            status, payload = await conn.post(path, body)
             lat.append((time.perf_counter() - t) * 1000)
+            if status != 200:
+                raise SystemExit(f"{url}{path} answered {status}: {payload[:300]!r}")
+    finally:
+        await conn.close()
     return statistics.median(lat)
 
 
@@ -206,10 +270,10 @@ async def litellm_side(exe: Path, emulator: str, jobs: Sequence[dict[str, Any]],
         await http_drive(url, warm, 4)
         await reset_emulator(emulator)
         tree = process_tree(pid)
-        meter = CpuGroups({"proxy": tree, "broker": broker_pids(), "redis": redis_pids()})
+        meter = CpuGroups({"proxy": tree, "broker": broker_pids(), "redis": redis_pids(), "driver": [os.getpid()]})
         rate, errors = await http_drive(url, [openai_body(j) for j in jobs], a.concurrency)
         _record(side, rate, errors, meter.per_job_ms(len(jobs)), await provider_calls(emulator),
-                sum(peak_rss_mb(p) for p in tree))
+                sum(peak_rss_mb(p) for p in tree), redis_pids() if cache_namespace else [])
         if singles:
             side.added_p50.append(await http_singles(url, "/v1/chat/completions", [openai_body(j) for j in singles],
                                                      auth=True) - direct_p50)
@@ -225,7 +289,7 @@ async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side
             pass
         await reset_emulator(emulator)
         stages = [p.pid for p in procs.procs.values()]
-        meter = CpuGroups({"proxy": stages, "broker": broker_pids(), "redis": redis_pids()})
+        meter = CpuGroups({"proxy": stages, "broker": broker_pids(), "redis": redis_pids(), "driver": [os.getpid()]})
         errors = 0
         t0 = time.perf_counter()
         async for r in client.stream([dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)],
@@ -233,7 +297,7 @@ async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side
             errors += r.status != "ok"
         rate = len(jobs) / (time.perf_counter() - t0)
         _record(side, rate, errors, meter.per_job_ms(len(jobs)), await provider_calls(emulator),
-                sum(peak_rss_mb(p) for p in stages))
+                sum(peak_rss_mb(p) for p in stages), broker_pids() + redis_pids())
         if singles:
             lat = []
             for i, job in enumerate(singles):
@@ -244,7 +308,10 @@ async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side
             side.added_p50.append(statistics.median(lat) - direct_p50)
 
 
-def _record(side: Side, rate: float, errors: int, cpu: dict[str, float], calls: int, peak_mb: float) -> None:
+def _record(side: Side, rate: float, errors: int, cpu: dict[str, float], calls: int, peak_mb: float,
+            infra: list[int]) -> None:
+    side.infra_mb.append(sum(rss_mb(pid) for pid in infra))
+    side.driver_ms.append(cpu["driver"])
     side.rate.append(rate)
     side.errors.append(errors)
     side.cpu_ms.append(cpu["proxy"])
@@ -256,7 +323,7 @@ def _record(side: Side, rate: float, errors: int, cpu: dict[str, float], calls: 
 
 async def drop_litellm_keys(namespace: str) -> None:
     from redis.asyncio import Redis
-    async with Redis() as redis:
+    async with Redis.from_url(Settings().redis_url) as redis:
         async for key in redis.scan_iter(match=f"{namespace}*", count=1000):
             await redis.delete(key)
 
@@ -298,6 +365,7 @@ async def main() -> None:
                 await drop_litellm_keys(namespace)
             await farebox_side(emulator, repeats, fare30, a, singles=(), direct_p50=0)
     total = [[c + b + r for c, b, r in zip(s.cpu_ms, s.broker_ms, s.redis_ms, strict=True)] for s in (lite0, fare0)]
+    memory = [[p + i for p, i in zip(s.peak_mb, s.infra_mb, strict=True)] for s in (lite0, fare0)]
     publish_table("litellm_peer", "\n".join([
         f"# farebox vs the LiteLLM proxy {LITELLM_VERSION} ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs, "
         f"{a.concurrency} in flight, emulator at 0 ms, LiteLLM --num_workers {a.litellm_workers})", "",
@@ -310,16 +378,26 @@ async def main() -> None:
         row("CPU ms/request: all of the above", total[0], total[1], ".2f"),
         row("p50 added latency ms, one at a time (over a direct emulator call)", lite0.added_p50, fare0.added_p50,
             ".1f"),
-        row("peak RSS MiB, sum of its processes", lite0.peak_mb, fare0.peak_mb, ".0f"),
+        row("CPU ms/request: the bench process driving the load (HTTP callers / FareboxClient)", lite0.driver_ms,
+            fare0.driver_ms, ".2f", ratio=False),
+        row("peak RSS MiB, sum of its processes (proxy tree / stage processes)", lite0.peak_mb, fare0.peak_mb, ".0f"),
+        row("RSS MiB at the end of the run, RabbitMQ + Redis it needs (none for LiteLLM without cache)",
+            lite0.infra_mb, fare0.infra_mb, ".0f", ratio=False),
+        row("memory, both of the above", memory[0], memory[1], ".0f"),
         row("errors", lite0.errors, fare0.errors, ".0f", ratio=False),
         row("30% repeats, Redis cache on: requests/s", lite30.rate, fare30.rate, ".0f"),
         row("30% repeats: provider calls", lite30.provider_calls, fare30.provider_calls, ".0f"),
         row("30% repeats: CPU ms/request, proxy / stages", lite30.cpu_ms, fare30.cpu_ms, ".2f"),
+        row("30% repeats: RSS MiB of RabbitMQ + Redis it uses", lite30.infra_mb, fare30.infra_mb, ".0f", ratio=False),
         row("30% repeats: errors", lite30.errors, fare30.errors, ".0f", ratio=False), "",
         f"Direct emulator call, one at a time, p50 ms: {spread(direct, '.1f')}. Jobs: make_workload.py --jobs {a.jobs} "
         f"(--dup-rate 0 --seed 1 and --dup-rate 0.3 --seed 2). LiteLLM sends every job to openai/{MODEL}; farebox "
         "routes each by its policy (all providers are the emulator). farebox's figures include routing, PII scan, "
-        "budgets, the ledger and durable queues; LiteLLM's include its spend tracking and logging defaults.", ""]))
+        "budgets, the ledger and durable queues; LiteLLM's include its spend tracking and logging defaults. "
+        "RabbitMQ's and Redis's memory is the whole server's (other data included), not farebox's share.", ""]))
+    failed = sum(sum(s.errors) for s in (lite0, fare0, lite30, fare30))
+    if failed:
+        raise SystemExit(f"{failed:.0f} request(s) failed: the figures above are not comparable")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The whole benchmark harness in one command: every table of bench/results/ from at least three
-runs (median with min and max), one script after another so they never compete for the cores.
+"""The benchmark harness in one command: the tables of issue 8 (pipeline_throughput, ceiling,
+cache_hit, io_concurrency, cost, litellm_peer) from at least three runs each (median with min and
+max), one script after another so they never compete for the cores. The long fault runs
+(provider_faults.py, chaos.py) and route_speed.py stay separate.
 
-    .venv/bin/python bench/run_all.py            # the full set, about 40 minutes on 2 cores
+    .venv/bin/python bench/run_all.py            # the full set, about 20 minutes on 2 cores
     .venv/bin/python bench/run_all.py --smoke    # every script once on tiny inputs (~1 minute), tables to a temp dir
     .venv/bin/python bench/run_all.py --only ceiling litellm_peer
 """

@@ -12,19 +12,23 @@ DUP_RATE=${DUP_RATE:-0.3}
 OUT=${OUT:-out/demo-results.jsonl}
 mkdir -p out
 export FAREBOX_NAMESPACE=${FAREBOX_NAMESPACE:-farebox-demo}
-# A fresh ledger/cache prefix per run, so the report below shows this run only; the previous demo
-# runs' keys are removed (only theirs: keys under farebox-demo-<timestamp>:), so repeated demos
-# do not pile up in Redis.
+# A fresh ledger/cache prefix per run, so the report below shows this run only; earlier demo runs'
+# keys are removed (only theirs: keys under farebox-demo-<timestamp>: with a timestamp over an
+# hour old, so a demo running at the same time keeps its own), so repeated demos do not pile up.
 if [ -z "${FAREBOX_REDIS_PREFIX:-}" ]; then
   export FAREBOX_REDIS_PREFIX="farebox-demo-$(date +%s):"
   .venv/bin/python - <<'PY'
-import asyncio, os, re
+import asyncio, re, time
 from farebox.settings import Settings
 from redis.asyncio import Redis
 
+def stale(key: bytes) -> bool:
+    m = re.match(rb"farebox-demo-(\d+):", key)
+    return m is not None and int(m.group(1)) < time.time() - 3600
+
 async def main() -> None:
     redis = Redis.from_url(Settings().redis_url)
-    old = [k async for k in redis.scan_iter(match="farebox-demo-*", count=1000) if re.match(rb"farebox-demo-\d+:", k)]
+    old = [k async for k in redis.scan_iter(match="farebox-demo-*", count=1000) if stale(k)]
     for i in range(0, len(old), 500):
         await redis.delete(*old[i:i + 500])
     await redis.aclose()
@@ -52,5 +56,5 @@ echo "demo: first results (full file: $OUT)"
 .venv/bin/python examples/show_results.py "$OUT" 5
 echo
 .venv/bin/farebox report --by tenant,model
-echo "demo: this run's ledger is under Redis prefix $FAREBOX_REDIS_PREFIX until the next demo run" \
+echo "demo: this run's ledger is under Redis prefix $FAREBOX_REDIS_PREFIX until a demo run an hour later" \
   "(FAREBOX_REDIS_PREFIX=$FAREBOX_REDIS_PREFIX .venv/bin/farebox report shows it again)"

@@ -75,6 +75,9 @@ async def test_clients_share_one_ssl_context(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(httpx, "create_ssl_context", counting)
     pool = AdapterPool(FakeAdapter, size=3, timeout_s=1)  # type: ignore[arg-type]
     async with pool.adapter() as a1, pool.adapter() as a2, pool.adapter() as a3:
-        assert len({id(a.client) for a in (a1, a2, a3)}) == 3  # type: ignore[attr-defined]
+        clients = [a.client for a in (a1, a2, a3)]  # type: ignore[attr-defined]
+        assert len({id(c) for c in clients}) == 3
     assert len(built) == 1
+    # ... and every client's connection pool really uses it (httpx 0.28 internals)
+    assert all(c._transport._pool._ssl_context is built[0] for c in clients)
     await pool.aclose()
