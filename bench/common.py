@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +57,12 @@ def emulator_process(port: int, *, latency_ms: int = 0) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def process_pipeline(emulator_url: str) -> AsyncIterator[tuple[Settings, ProcessPipeline]]:
-    """Every stage as its own OS process, as `farebox up` runs them."""
+async def process_pipeline(emulator_url: str, **overrides: Any) -> AsyncIterator[tuple[Settings, ProcessPipeline]]:
+    """Every stage as its own OS process, as `farebox up` runs them (settings overrides reach them
+    through the environment)."""
     run = uuid.uuid4().hex[:8]
     settings = Settings(namespace=f"fbbench-{run}", redis_prefix=f"fbbench:{run}:", metrics_port=0,
-                        emulator_url=emulator_url)
+                        emulator_url=emulator_url, **overrides)
     procs = ProcessPipeline(settings)
     procs.start(ALL_STAGES)
     try:

@@ -26,7 +26,8 @@ SUITE: dict[str, tuple[list[str], list[str] | None]] = {
     "ceiling": (["--jobs", "3000", "--runs", "3"], ["--jobs", "200", "--runs", "1", "--singles", "10",
                                                     "--in-flight", "64"]),
     "cache_hit": (["--runs", "3"], ["--runs", "1", "--singles", "10", "--bulk", "200"]),
-    "io_concurrency": (["--jobs", "5000", "--runs", "3"], ["--jobs", "200", "--runs", "1", "--latency-ms", "200"]),
+    "io_concurrency": (["--jobs", "5000", "--runs", "3"], ["--jobs", "200", "--runs", "1", "--latency-ms", "200",
+                                                                 "--provider-concurrency", "64"]),
     "cost": (["--jobs", "10000", "--runs", "3"], ["--jobs", "200", "--runs", "1"]),
     "litellm_peer": (["--jobs", "3000", "--runs", "3"], None),
 }
