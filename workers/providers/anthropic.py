@@ -6,7 +6,6 @@ from typing import Any
 
 import httpx
 
-from farebox.errors import InvalidRequest
 from schemas import Usage
 from workers.providers.base import (
     JsonAdapter,
@@ -15,6 +14,7 @@ from workers.providers.base import (
     ProviderRequest,
     estimated_reply,
     field,
+    system_and_turns,
     token_int,
 )
 
@@ -35,26 +35,15 @@ class AnthropicAdapter(JsonAdapter):
         return f"AnthropicAdapter(name={self.name!r}, url={self._url!r})"
 
     def body(self, request: ProviderRequest) -> dict[str, Any]:
-        system = [m.content for m in request.messages if m.role == "system"]
-        turns: list[dict[str, str]] = []
-        for m in request.messages:
-            if m.role == "system":
-                continue
-            # The API wants user and assistant to alternate; consecutive turns of one role merge.
-            if turns and turns[-1]["role"] == m.role:
-                turns[-1]["content"] += "\n\n" + m.content
-            else:
-                turns.append({"role": m.role, "content": m.content})
-        if not turns:
-            raise InvalidRequest("anthropic needs at least one user or assistant message, not only system")
+        system, turns = system_and_turns(request, "anthropic")
         body: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": turns,
+            "messages": [{"role": role, "content": "\n\n".join(contents)} for role, contents in turns],
             "temperature": min(request.temperature, MAX_TEMPERATURE),
         }
         if system:
-            body["system"] = "\n\n".join(system)
+            body["system"] = system
         return body
 
     def headers(self) -> dict[str, str]:

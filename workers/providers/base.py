@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from farebox.errors import ProviderRejected, ProviderUnavailable, RateLimited
+from farebox.errors import InvalidRequest, ProviderRejected, ProviderUnavailable, RateLimited
 from farebox.tokens import count_messages, count_text
 from schemas import ChatMessage, Usage
 
@@ -225,3 +225,21 @@ def token_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
+
+
+def system_and_turns(request: ProviderRequest, provider: str) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """The system messages joined, and the rest as (role, contents) turns where consecutive messages
+    of one role are merged: the Anthropic and Gemini APIs want user and assistant to alternate and
+    take the system prompt apart from the turns."""
+    system = [m.content for m in request.messages if m.role == "system"]
+    turns: list[tuple[str, list[str]]] = []
+    for m in request.messages:
+        if m.role == "system":
+            continue
+        if turns and turns[-1][0] == m.role:
+            turns[-1][1].append(m.content)
+        else:
+            turns.append((m.role, [m.content]))
+    if not turns:
+        raise InvalidRequest(f"{provider} needs at least one user or assistant message, not only system")
+    return ("\n\n".join(system) if system else None), turns

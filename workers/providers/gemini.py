@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from farebox.errors import InvalidRequest, ProviderRejected
+from farebox.errors import ProviderRejected
 from schemas import Usage
 from workers.providers.base import (
     JsonAdapter,
@@ -15,6 +15,7 @@ from workers.providers.base import (
     ProviderRequest,
     estimated_reply,
     field,
+    system_and_turns,
     token_int,
 )
 
@@ -38,24 +39,13 @@ class GeminiAdapter(JsonAdapter):
         return f"{self._base}/models/{model.removeprefix('models/')}:generateContent"
 
     def body(self, request: ProviderRequest) -> dict[str, Any]:
-        system = [m.content for m in request.messages if m.role == "system"]
-        contents: list[dict[str, Any]] = []
-        for m in request.messages:
-            if m.role == "system":
-                continue
-            role = _ROLES[m.role]
-            if contents and contents[-1]["role"] == role:
-                contents[-1]["parts"].append({"text": m.content})  # same-role turns share a content
-            else:
-                contents.append({"role": role, "parts": [{"text": m.content}]})
-        if not contents:
-            raise InvalidRequest("gemini needs at least one user or assistant message, not only system")
+        system, turns = system_and_turns(request, "gemini")
         body: dict[str, Any] = {
-            "contents": contents,
+            "contents": [{"role": _ROLES[role], "parts": [{"text": c} for c in contents]} for role, contents in turns],
             "generationConfig": {"maxOutputTokens": request.max_tokens, "temperature": request.temperature},
         }
         if system:
-            body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+            body["systemInstruction"] = {"parts": [{"text": system}]}
         return body
 
     def headers(self) -> dict[str, str]:
