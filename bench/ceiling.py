@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 from bare_chain import bare_chain, drive, one_at_a_time
@@ -22,6 +20,7 @@ from common import (
     broker_pids,
     cores,
     emulator_process,
+    make_workload,
     percentile,
     pids_of,
     process_pipeline,
@@ -30,7 +29,6 @@ from common import (
     spread,
     wait_for_emulator,
 )
-from pipeline_throughput import WORKLOAD, workload
 
 from farebox.client import FareboxClient
 
@@ -78,7 +76,7 @@ async def main() -> None:
     ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 1000],
                     help="unanswered jobs the producer allows (both sides); one set of rows per value")
     a = ap.parse_args()
-    fresh, repeats = workload(a.jobs, 1), workload_with_repeats(a.jobs)
+    fresh, repeats = make_workload(a.jobs, 0, seed=1)[0], make_workload(a.jobs, 0.3, seed=2)[0]
     body = json.dumps(fresh[0]).encode()
     rates: dict[tuple[str, int], list[float]] = {}
     lat: dict[str, list[float]] = {}
@@ -152,12 +150,6 @@ def note(lat: dict[str, list[float]], key: str, sample: list[float]) -> None:
 
 def ratios(xs: list[float], base: list[float]) -> list[float]:
     return [x / b for x, b in zip(xs, base, strict=True)]
-
-
-def workload_with_repeats(n: int) -> list[dict[str, object]]:
-    out = subprocess.run([sys.executable, str(WORKLOAD), "--jobs", str(n), "--dup-rate", "0.3", "--seed", "2"],
-                         capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
 
 
 if __name__ == "__main__":

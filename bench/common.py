@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from farebox.settings import Settings  # noqa: E402
 from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
+from tests.support.workload import make_workload as make_workload  # noqa: E402  (re-exported for the scripts)
 
 # run_all --smoke points this elsewhere, so a smoke run never overwrites the measured tables
 RESULTS = Path(os.environ.get("FAREBOX_BENCH_RESULTS", ROOT / "bench" / "results"))

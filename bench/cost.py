@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from common import cores, emulator_process, process_pipeline, publish_table, spread, wait_for_emulator
-from pipeline_throughput import WORKLOAD
+from common import cores, emulator_process, make_workload, process_pipeline, publish_table, spread, wait_for_emulator
 
 from catalog.policy import load_policy
 from farebox.client import FareboxClient
@@ -36,12 +32,6 @@ class Totals:
     ok: int
     cache: Counter[str]
     models: Counter[str]
-
-
-def workload(n: int, dup_rate: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    out = subprocess.run([sys.executable, str(WORKLOAD), "--jobs", str(n), "--dup-rate", str(dup_rate), "--seed", "1"],
-                         capture_output=True, text=True, check=True)
-    return [json.loads(line) for line in out.stdout.splitlines()], json.loads(out.stderr.strip().splitlines()[-1])
 
 
 async def through_farebox(emulator: str, jobs: list[dict[str, Any]]) -> Totals:
@@ -65,7 +55,7 @@ async def main() -> None:
     ap.add_argument("--dup-rate", type=float, default=0.3)
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
-    jobs, shape = workload(a.jobs, a.dup_rate)
+    jobs, shape = make_workload(a.jobs, a.dup_rate, seed=1)
     baseline_model = load_policy(Settings().policy).baseline_model
     pinned = [dict(j, model=baseline_model, cache={"mode": "bypass"}) for j in jobs]
     routed: list[Totals] = []

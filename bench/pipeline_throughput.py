@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 from common import (
-    ROOT,
+    CpuGroups,
     broker_pids,
     cores,
-    cpu_s,
     emulator_process,
+    make_workload,
     peak_rss_mb,
     percentile,
     pids_of,
@@ -34,16 +31,9 @@ from common import (
 
 from farebox.client import FareboxClient
 
-WORKLOAD = ROOT.parent / "shared" / "workloads" / "make_workload.py"
 PORT = 8099
 CPU: dict[str, list[float]] = {}
 RSS: dict[str, list[float]] = {}
-
-
-def workload(n: int, seed: int) -> list[dict[str, object]]:
-    out = subprocess.run([sys.executable, str(WORKLOAD), "--jobs", str(n), "--dup-rate", "0", "--seed", str(seed)],
-                         capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
 
 
 async def one_run(emulator: str, jobs: list[dict[str, object]], singles: int) -> tuple[float, float, float]:
@@ -58,14 +48,14 @@ async def one_run(emulator: str, jobs: list[dict[str, object]], singles: int) ->
         watched.update({f"emulator (stands in for the provider)#{i}": pid
                         for i, pid in enumerate(pids_of(f"emulator --port {PORT}"))})
         watched.update({f"redis#{i}": pid for i, pid in enumerate(redis_pids())})
-        before = {name: cpu_s(pid) for name, pid in watched.items()}
+        meter = CpuGroups({name: [pid] for name, pid in watched.items()})
         t0 = time.perf_counter()
         n = 0
         async for _ in client.stream(tagged, max_in_flight=1000):
             n += 1
         rate = n / (time.perf_counter() - t0)
-        for name, pid in watched.items():  # CPU ms per job, by process
-            CPU.setdefault(name, []).append((cpu_s(pid) - before[name]) * 1000 / n)
+        for name, ms in meter.per_job_ms(n).items():
+            CPU.setdefault(name, []).append(ms)
         lat = []
         for i in range(singles):
             t = time.perf_counter()
@@ -83,7 +73,7 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--singles", type=int, default=200)
     a = ap.parse_args()
-    jobs = workload(a.jobs, 1)
+    jobs, _ = make_workload(a.jobs, 0, seed=1)
     with emulator_process(PORT) as emulator:
         await wait_for_emulator()
         rows = [await one_run(emulator, jobs, a.singles) for _ in range(a.runs)]

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from farebox.settings import Settings
 from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, settings_env
-from tests.test_coalescing import make_workload
+from tests.support.workload import make_workload
 
 
 def free_port_block(n: int) -> int:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 from redis.asyncio import Redis
 
 from farebox.settings import Settings
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import InProcessPipeline, ledger_entries
-
-WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "make_workload.py"
+from tests.support.workload import make_workload
 
 
 async def test_200_identical_jobs_make_one_provider_call(pipeline: InProcessPipeline, redis: Redis,
@@ -31,12 +25,6 @@ async def test_200_identical_jobs_make_one_provider_call(pipeline: InProcessPipe
     assert await emulator_stats.total() == 1
     assert len(await ledger_entries(redis, settings)) == 200
     assert sum(r.cost_usd for r in results) == max(r.cost_usd for r in results)  # charged once
-
-
-def make_workload(jobs: int, dup_rate: float, seed: int = 3) -> tuple[list[dict[str, object]], dict[str, int]]:
-    run = subprocess.run([sys.executable, str(WORKLOADS), "--jobs", str(jobs), "--dup-rate", str(dup_rate),
-                          "--seed", str(seed)], capture_output=True, text=True, check=True)
-    return [json.loads(line) for line in run.stdout.splitlines()], json.loads(run.stderr)
 
 
 async def test_workload_provider_calls_equal_unique_keys(pipeline: InProcessPipeline,
