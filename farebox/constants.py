@@ -109,6 +109,9 @@ class RedisKeys:
     def ledger_days(self) -> str:
         return f"{self.prefix}ledger:days"
 
+    def reservation(self, job_id: str) -> str:
+        return f"{self.prefix}reservation:{job_id}"
+
     def budget(self, tenant: str, period: str) -> str:
         return f"{self.prefix}budget:{tenant}:{period}"
 
@@ -120,3 +123,8 @@ class RedisKeys:
 
     def provider_health(self, provider: str) -> str:
         return f"{self.prefix}health:{provider}"
+
+
+def as_text(value: bytes | str) -> str:
+    """Redis replies and AMQP header values arrive as bytes or str, depending on the client."""
+    return value.decode() if isinstance(value, bytes) else value

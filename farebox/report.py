@@ -12,26 +12,22 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from farebox.constants import RedisKeys
+from farebox.constants import RedisKeys, as_text
 
 DIMENSIONS = ("tenant", "provider", "model", "day")
 METRICS = ("jobs", "cost_nusd", "baseline_nusd", "input_tokens", "output_tokens", "cache_hits", "errors")
 NANO = 1_000_000_000
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def load_rows(redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since: str | None = None,
                     tenant: str | None = None) -> list[dict[str, Any]]:
-    days = sorted(_text(d) for d in await redis.smembers(keys.ledger_days))
+    days = sorted(as_text(d) for d in await redis.smembers(keys.ledger_days))
     groups: dict[tuple[str, ...], dict[str, int]] = defaultdict(lambda: dict.fromkeys(METRICS, 0))
     for day in days:
         if since and day < since:
             continue
         for field, value in (await redis.hgetall(keys.ledger_agg(day))).items():
-            t, p, m, metric = _text(field).split("|", 3)
+            t, p, m, metric = as_text(field).split("|", 3)
             if tenant and t != tenant:
                 continue
             dims = {"tenant": t, "provider": p, "model": m, "day": day}

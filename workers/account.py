@@ -125,10 +125,10 @@ class Recorder:
 
     async def record_and_reply(self, rec: Recording) -> Handled:
         result = rec.result
-        body = result.model_dump_json().encode()
-        reply = result_publish(body, rec.reply_to, rec.correlation_id, result.job_id)
+        result_json = result.model_dump_json()
+        reply = result_publish(result_json.encode(), rec.reply_to, rec.correlation_id, result.job_id)
         try:
-            recorded = await self._record(rec)
+            recorded = await self._record(rec, result_json)
         except REDIS_DOWN as err:
             self.health.down(err)
 
@@ -137,7 +137,7 @@ class Recorder:
                 while True:
                     await asyncio.sleep(delay)
                     try:
-                        if (await self._record(rec)).existing is None:
+                        if (await self._record(rec, result_json)).existing is None:
                             observe(result)
                         self.health.ok()
                         return
@@ -153,6 +153,6 @@ class Recorder:
         alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []
         return Handled([*reply, *alerts])
 
-    async def _record(self, rec: Recording) -> Recorded:
+    async def _record(self, rec: Recording, result_json: str) -> Recorded:
         return await self.ledger.record(rec.result, ts=self.clock(), cache=rec.cache, lease_key=rec.lease_key,
-                                        budgets=rec.budgets, reserved_usd=rec.reserved_usd)
+                                        budgets=rec.budgets, reserved_usd=rec.reserved_usd, result_json=result_json)

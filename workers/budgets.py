@@ -23,7 +23,7 @@ from farebox import metrics
 from farebox.constants import RedisKeys
 from farebox.settings import Settings
 from schemas import BudgetHold
-from workers.ledger import nano
+from workers.ledger import NANO, nano
 from workers.runtime import Publish
 
 log = logging.getLogger("farebox.budget")
@@ -87,12 +87,11 @@ class BudgetBook:
         args: list[str | int] = ["force" if force else "check", nano(estimate_usd)]
         args += [nano(h.limit_usd) for h in holds]
         args.append(PERIOD_TTL_S)
-        marker = f"{self.keys.prefix}reservation:{job_id}"
-        return int(await self._reserve(keys=[marker, *(h.key for h in holds)], args=args))
+        return int(await self._reserve(keys=[self.keys.reservation(job_id), *(h.key for h in holds)], args=args))
 
     async def spent_usd(self, hold: BudgetHold) -> float:
         value = await self.redis.hget(hold.key, "spent_nusd")
-        return int(value or 0) / 1_000_000_000
+        return int(value or 0) / NANO
 
 
 class BudgetAlerts:
@@ -114,10 +113,11 @@ class BudgetAlerts:
         for hold, spent in zip(holds, spent_usd, strict=False):
             ratio = max(spent / hold.limit_usd, 1.0 if exhausted else 0.0)
             metrics.BUDGET_USED.labels(hold.tenant, hold.period.split(":")[0]).set(ratio)
+            fired = f"{hold.key}:alerts"
             for threshold in hold.alerts:
-                if ratio < threshold or not await self.redis.sadd(f"{hold.key}:alerts", f"{threshold:g}"):
+                if ratio < threshold or not await self.redis.sadd(fired, f"{threshold:g}"):
                     continue
-                await self.redis.expire(f"{hold.key}:alerts", PERIOD_TTL_S)
+                await self.redis.expire(fired, PERIOD_TTL_S)
                 alert = {"type": "budget", "tenant": hold.tenant, "period": hold.period,
                          "threshold": threshold, "spent_usd": round(spent, 9), "limit_usd": hold.limit_usd,
                          "ts": round(time.time(), 3)}

@@ -16,14 +16,12 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from farebox.constants import H_CODE, H_REASON
-from farebox.errors import FareboxError
+from farebox.constants import H_CODE, H_REASON, as_text
+from farebox.errors import ERROR_CODES, FareboxError
 from farebox.settings import Settings
 from schemas import BudgetHold, Envelope, ErrorInfo, JobResult
 from workers.account import Recorder, Recording
 from workers.runtime import Delivery, Handled
-
-ERROR_CODES = {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"}
 
 
 @dataclass(frozen=True)
@@ -44,10 +42,7 @@ def _death_reason(headers: dict[str, Any]) -> str:
     deaths = headers.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         first = deaths[0]
-        reason = first.get("reason", b"")
-        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-        queue = first.get("queue", b"")
-        queue = queue.decode() if isinstance(queue, bytes) else str(queue)
+        reason, queue = as_text(first.get("reason", b"")), as_text(first.get("queue", b""))
         if reason == "delivery_limit":
             return (f"the job failed repeatedly in {queue} and hit the delivery limit; "
                     f"it is kept in the dead-letter queue for inspection")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 
 from farebox import metrics
+from farebox.constants import as_text
 from farebox.errors import DeadlineExceeded
 from farebox.settings import Settings
 from schemas import Envelope, Outcome
@@ -92,7 +93,7 @@ class DedupStage(EnvelopeStage):
         args: list[str | int] = [env.job_id, self.settings.leader_lease_s, int(use_cache),
                                  int(env.coalesce_key is not None)]
         state, *value = await self._decide_script(keys=keys, args=args)
-        state = state.decode() if isinstance(state, bytes) else state
+        state = as_text(state)
         if state == "answered":
             # A job_id already answered (a producer retry): the account stage replays its result.
             return Handled([envelope_publish(env, self.topo.account)])

@@ -93,15 +93,13 @@ class Ledger:
         self.result_ttl_s = result_ttl_s
         self._script = redis.register_script(_RECORD)
 
-    async def stored_result(self, job_id: str) -> bytes | None:
-        value = await self.redis.get(self.keys.result(job_id))
-        return value.encode() if isinstance(value, str) else value
-
     async def record(self, result: JobResult, *, ts: float, cache: CacheFill | None, lease_key: str | None,
-                     budgets: Sequence[BudgetHold] = (), reserved_usd: float = 0.0) -> Recorded:
+                     budgets: Sequence[BudgetHold] = (), reserved_usd: float = 0.0,
+                     result_json: str | None = None) -> Recorded:
         """Record the job once. ``existing`` is the previously stored result when the job was
         already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
-        after settling this job (empty on a replay)."""
+        after settling this job (empty on a replay). ``result_json`` is the result already
+        serialised by the caller (the reply body), so it is not serialised twice."""
         day = utc_day(ts)
         field_prefix = f"{result.tenant or 'default'}|{result.provider or '-'}|{result.model or '-'}|"
         keys = [
@@ -115,7 +113,7 @@ class Ledger:
             *(hold.key for hold in budgets),
         ]
         args: list[str | int | float] = [
-            result.model_dump_json(), self.result_ttl_s, entry_json(result, ts=ts), field_prefix,
+            result_json or result.model_dump_json(), self.result_ttl_s, entry_json(result, ts=ts), field_prefix,
             nano(result.cost_usd), nano(result.baseline_cost_usd),
             result.usage.input_tokens, result.usage.output_tokens,
             1 if result.cache != "miss" else 0, 1 if result.status == "error" else 0, day,

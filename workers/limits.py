@@ -163,6 +163,9 @@ class LimitedAdapter:
         self._deadline_at = deadline_at
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
-        tokens = count_messages((m.role, m.content) for m in request.messages) + request.max_tokens
+        # Counting the prompt costs CPU on every attempt; only a tokens-per-minute limit reads it.
+        tokens = 0
+        if self._limiter.limits.tpm:
+            tokens = count_messages((m.role, m.content) for m in request.messages) + request.max_tokens
         async with self._limiter.call(tokens, self._deadline_at):
             return await self._adapter.complete(request)

@@ -20,7 +20,7 @@ from catalog.store import CatalogStore
 from farebox import metrics
 from farebox.settings import Settings
 from workers.account import AccountStage
-from workers.cache_keys import rules_from_policy
+from workers.cache_keys import CacheRules, rules_from_policy
 from workers.deadletter import DeadLetterStage
 from workers.dedup import DedupStage
 from workers.execute import ExecuteStage
@@ -42,6 +42,22 @@ def emulator_url(settings: Settings) -> str:
     return settings.emulator_url or f"http://127.0.0.1:{settings.emulator_port}"
 
 
+def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:
+    """The cache rules of the policy in force, rebuilt only when a reload brings a new Policy (not
+    once per job)."""
+    seen: object = None
+    rules: CacheRules | None = None
+
+    def current() -> CacheRules:
+        nonlocal seen, rules
+        policy = store.current()[1]
+        if rules is None or policy is not seen:
+            seen, rules = policy, rules_from_policy(policy)
+        return rules
+
+    return current
+
+
 async def run_stage(settings: Settings, stage: str, *, provider: str | None = None,
                     stop: asyncio.Event | None = None,
                     on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -54,7 +70,7 @@ async def run_stage(settings: Settings, stage: str, *, provider: str | None = No
     pool: AdapterPool | None = None
     cores: list[StageCore]
     if stage == "dedup":
-        cores = [DedupStage(settings, redis, lambda: rules_from_policy(store.current()[1]))]
+        cores = [DedupStage(settings, redis, current_cache_rules(store))]
     elif stage == "route":
         cores = [RouteStage(settings, store, redis)]
     elif stage == "execute":
