@@ -78,9 +78,12 @@ def services() -> Iterator[Services]:
 
 
 @pytest.fixture
-async def settings(services: Services) -> AsyncIterator[Settings]:
+async def settings(services: Services, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
     """A queue namespace and Redis key prefix of the test's own; the keys go when the test ends
-    (whichever fixtures or processes wrote them)."""
+    (whichever fixtures or processes wrote them). Provider API keys from the shell are removed, so
+    no pipeline a test starts (in process or as child processes) calls a real provider."""
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
     run = uuid.uuid4().hex[:10]
     s = Settings(amqp_url=services.amqp_url, redis_url=services.redis_url, namespace=f"fbtest-{run}",
                  redis_prefix=f"fbtest:{run}:", metrics_port=0, coalesce_poll_ms=50,
@@ -93,10 +96,7 @@ async def settings(services: Services) -> AsyncIterator[Settings]:
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client = Redis.from_url(settings.redis_url)
     yield client
-    keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
-    for i in range(0, len(keys), 500):
-        await client.delete(*keys[i:i + 500])
-    await client.aclose()
+    await client.aclose()  # the keys go with the settings fixture
 
 
 @pytest.fixture(scope="session")
@@ -133,11 +133,8 @@ class EmulatorStats:
             (await c.post(f"{self.url}/_emulator/reset")).raise_for_status()
 
     async def requests(self) -> dict[str, int]:
-        async with httpx.AsyncClient() as c:
-            r = await c.get(f"{self.url}/_emulator/stats")
-            r.raise_for_status()
-            data: dict[str, int] = r.json()["requests"]
-            return data
+        data: dict[str, int] = (await self.snapshot())["requests"]  # type: ignore[assignment]
+        return data
 
     async def snapshot(self) -> dict[str, object]:
         async with httpx.AsyncClient() as c:
@@ -151,11 +148,8 @@ class EmulatorStats:
 
 
 @pytest.fixture
-async def pipeline(settings: Settings, redis: Redis, emulator: str,
-                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[InProcessPipeline]:
+async def pipeline(settings: Settings, redis: Redis, emulator: str) -> AsyncIterator[InProcessPipeline]:
     """Every stage running in this event loop against the real broker and Redis."""
-    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
     p = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator}))
     yield p
     await p.close()

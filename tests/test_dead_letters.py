@@ -12,8 +12,7 @@ from redis.asyncio import Redis
 
 from farebox.constants import H_CODE, H_REASON
 from farebox.settings import Settings
-from tests.support.pipeline import InProcessPipeline, ledger_entries
-from tests.test_pipeline import _get
+from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
 
 
 async def _publish_raw(settings: Settings, body: bytes, reply_to: str, **props: object) -> None:
@@ -42,8 +41,8 @@ async def test_bad_message_gets_typed_error_and_lands_in_dead_queue(
         replies = await channel.declare_queue(exclusive=True)
         await channel.default_exchange.publish(
             aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"), routing_key=settings.topology.intake)
-        reply = await _get(replies)
-        dead = await _get(await channel.get_queue(settings.topology.dead))
+        reply = await get_message(replies)
+        dead = await get_message(await channel.get_queue(settings.topology.dead))
     result = json.loads(reply.body)
     assert result["status"] == "error" and result["error"]["code"] == "invalid_request"
     assert fragment in result["error"]["message"]
@@ -57,15 +56,13 @@ async def test_oversized_body_is_refused_without_reading_it(pipeline: InProcessP
                                                             settings: Settings) -> None:
     await pipeline.start("dedup", "account")
     big = json.dumps({"prompt": "x" * (settings.max_body_bytes + 10)}).encode()
-    async with pipeline.client() as client:
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            replies = await channel.declare_queue(exclusive=True)
-            await channel.default_exchange.publish(aio_pika.Message(big, reply_to=replies.name),
-                                                   routing_key=settings.topology.intake)
-            result = json.loads((await _get(replies)).body)
-        assert client is not None
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(aio_pika.Message(big, reply_to=replies.name),
+                                               routing_key=settings.topology.intake)
+        result = json.loads((await get_message(replies)).body)
     assert result["error"]["code"] == "invalid_request" and "limit" in result["error"]["message"]
     assert "xxxx" not in result["error"]["message"]
 
@@ -95,7 +92,7 @@ async def test_poison_message_hits_delivery_limit_and_caller_gets_internal_error
     assert sorted(await ledger_entries(redis, settings)) == ["g-1", "p-1"]
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
-        dead = await _get(await (await connection.channel()).get_queue(settings.topology.dead))
+        dead = await get_message(await (await connection.channel()).get_queue(settings.topology.dead))
     assert json.loads(dead.body)["job_id"] == "p-1"
 
 
@@ -108,7 +105,7 @@ async def test_full_intake_pushes_back_and_loses_nothing(settings: Settings, red
         await p.start("route", "execute:openai", "execute:anthropic", "execute:google", "account")  # no dedup
         jobs = [{"prompt": f"item {i}", "job_id": f"j{i}"} for i in range(25)]
         async with p.client() as client:
-            collected = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=25)))
+            collected = asyncio.create_task(collect(client.stream(jobs, max_in_flight=25)))
             await asyncio.sleep(2.0)
             assert not collected.done()
             connection = await aio_pika.connect(small.amqp_url)
@@ -137,7 +134,3 @@ async def test_result_for_a_vanished_caller_is_dropped_not_retried(pipeline: InP
     assert job_id in await ledger_entries(redis, settings)
     async with pipeline.client() as client:  # the pipeline is still healthy afterwards
         assert (await client.complete({"prompt": "next"}, timeout=30)).status == "ok"
-
-
-async def _collect(stream):  # type: ignore[no-untyped-def]
-    return [r async for r in stream]

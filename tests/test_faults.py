@@ -11,28 +11,22 @@ from redis.asyncio import Redis
 
 from farebox.report import load_rows, totals
 from farebox.settings import Settings
+from tests.support.chaos import distinct_jobs
 from tests.support.pipeline import (
     ALL_STAGES,
     InProcessPipeline,
     ProcessPipeline,
+    collect,
     drop_namespace,
     ledger_entries,
 )
-from tests.support.tcp_proxy import TcpProxy
-
-
-def distinct_jobs(n: int, tag: str) -> list[dict[str, object]]:
-    return [{"prompt": f"{tag}: summarize record {i}", "task": "summarize", "quality": "low", "max_tokens": 30,
-             "tenant": "acme", "job_id": f"{tag}-{i}"} for i in range(n)]
+from tests.support.tcp_proxy import proxy_in_front_of
 
 
 async def test_workers_resume_after_the_network_drops_every_connection(
         settings: Settings, redis: Redis, emulator: str) -> None:
-    proxy = TcpProxy("127.0.0.1", 5672)
-    await proxy.start()
-    host_url = settings.amqp_url.replace("localhost:5672", f"127.0.0.1:{proxy.port}")
-    assert host_url != settings.amqp_url, "the test expects the local broker on 5672"
-    via_proxy = settings.model_copy(update={"amqp_url": host_url, "emulator_url": emulator})
+    proxy, proxied_url = await proxy_in_front_of(settings.amqp_url)
+    via_proxy = settings.model_copy(update={"amqp_url": proxied_url, "emulator_url": emulator})
     p = InProcessPipeline(via_proxy)
     try:
         await p.start()
@@ -40,7 +34,7 @@ async def test_workers_resume_after_the_network_drops_every_connection(
         # The client talks to the broker directly: only the workers lose their connections.
         direct = InProcessPipeline(settings)
         async with direct.client() as client:
-            collecting = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=300)))
+            collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=300)))
             for _ in range(2):
                 await asyncio.sleep(1.0)
                 for _ in range(300):  # until the workers have reconnected
@@ -63,7 +57,7 @@ async def test_workers_resume_after_the_broker_closes_their_connections(
     await pipeline.start()
     jobs = distinct_jobs(400, "brokerclose")
     async with pipeline.client() as client:
-        collecting = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=200)))
+        collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=200)))
         await asyncio.sleep(0.8)
         closed = await asyncio.to_thread(close_connections, f"farebox-{settings.namespace}-")
         assert closed >= 5
@@ -92,7 +86,7 @@ async def test_kill9_of_each_stage_loses_nothing_and_charges_once(
     jobs = distinct_jobs(2000, "kill9")
     try:
         async with InProcessPipeline(s).client(wait_for_pipeline_s=60) as client:
-            collecting = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=2000)))
+            collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=2000)))
             for spec in ("dedup", "route", *[x for x in ALL_STAGES if x.startswith("execute")], "account"):
                 await asyncio.sleep(0.7)
                 procs.kill9(spec)
@@ -108,7 +102,3 @@ async def test_kill9_of_each_stage_loses_nothing_and_charges_once(
     finally:
         procs.terminate()
         await drop_namespace(s)
-
-
-async def _collect(stream):  # type: ignore[no-untyped-def]
-    return [r async for r in stream]

@@ -15,7 +15,7 @@ from farebox.errors import DeadlineExceeded
 from farebox.settings import ProviderLimits, Settings
 from schemas import ChatMessage
 from tests.conftest import EmulatorStats
-from tests.support.pipeline import InProcessPipeline
+from tests.support.pipeline import InProcessPipeline, collect
 from workers.limits import LimitedAdapter, SharedLimiter
 from workers.providers.base import ProviderReply, ProviderRequest
 
@@ -77,13 +77,9 @@ async def test_two_execute_replicas_share_one_concurrency_limit(settings: Settin
             jobs = [{"prompt": f"Summarize item {i}.", "task": "summarize", "quality": "low", "job_id": f"c{i}"}
                     for i in range(30)]
             async with p.client() as client:
-                results = await asyncio.wait_for(_collect(client.stream(jobs, max_in_flight=30)), 120)
+                results = await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=30)), 120)
             stats = await EmulatorStats(url).snapshot()
         finally:
             await p.close()
     assert len(results) == 30 and all(r.status == "ok" and r.provider == "google" for r in results)
     assert 1 <= stats["peak_in_flight"] <= 3
-
-
-async def _collect(stream):  # type: ignore[no-untyped-def]
-    return [r async for r in stream]

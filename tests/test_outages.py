@@ -16,8 +16,15 @@ from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.settings import Settings
 from tests.conftest import EmulatorStats
-from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, ledger_entries
-from tests.test_faults import _collect, distinct_jobs
+from tests.support.chaos import distinct_jobs
+from tests.support.pipeline import (
+    ALL_STAGES,
+    InProcessPipeline,
+    ProcessPipeline,
+    collect,
+    drop_namespace,
+    ledger_entries,
+)
 
 
 def free_port() -> int:
@@ -80,7 +87,7 @@ async def test_redis_outage_mid_run_loses_nothing_and_the_ledger_catches_up(
     try:
         await p.start()
         async with p.client() as client:
-            collecting = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=100)))
+            collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=100)))
             await asyncio.sleep(0.8)
             own_redis.stop()
             await asyncio.sleep(2.0)
@@ -112,7 +119,7 @@ async def test_kill9_of_the_leaders_worker_still_answers_every_waiter(
                 for i in range(50)]
         try:
             async with InProcessPipeline(s).client(wait_for_pipeline_s=60) as client:
-                collecting = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=50)))
+                collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=50)))
                 for _ in range(100):  # until the leader's provider call is under way
                     if await stats.total() >= 1:
                         break

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
@@ -11,7 +10,7 @@ from redis.asyncio import Redis
 
 from farebox.settings import Settings
 from tests.conftest import EmulatorStats
-from tests.support.pipeline import InProcessPipeline, ledger_entries
+from tests.support.pipeline import InProcessPipeline, get_message, ledger_entries
 
 
 def job(prompt: str, **kw: object) -> dict[str, object]:
@@ -85,19 +84,8 @@ async def test_any_amqp_client_can_publish_a_job(pipeline: InProcessPipeline, se
                              correlation_id="corr-1", message_id="msg-1",
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=settings.topology.intake)
-        message = await _get(replies)
+        message = await get_message(replies)
     result = json.loads(message.body)
     assert message.correlation_id == "corr-1"
     assert result["job_id"] == "msg-1" and result["status"] == "ok" and result["cache"] == "miss"
     assert set(result) >= {"content", "provider", "model", "usage", "cost_usd", "baseline_cost_usd", "route"}
-
-
-async def _get(queue: aio_pika.abc.AbstractQueue, timeout: float = 30) -> aio_pika.abc.AbstractIncomingMessage:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        message = await queue.get(fail=False)
-        if message is not None:
-            await message.ack()
-            return message
-        assert asyncio.get_running_loop().time() < deadline, "no message arrived"
-        await asyncio.sleep(0.05)

@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
 from farebox.settings import Settings
-from tests.support.pipeline import drop_namespace, ledger_entries, settings_env
-from tests.test_faults import _collect, distinct_jobs
+from tests.support.chaos import distinct_jobs
+from tests.support.pipeline import collect, drop_namespace, ledger_entries, settings_env
 
 STARTED = re.compile(r"farebox: (\S+) started \(pid (\d+)\)")
 
@@ -49,7 +49,7 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
     try:
         jobs = distinct_jobs(300, "up")
         async with FareboxClient.from_settings(s, wait_for_pipeline_s=60) as client:
-            collecting = asyncio.create_task(_collect(client.stream(jobs, max_in_flight=100)))
+            collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=100)))
             for _ in range(100):
                 if "route" in pids:
                     break

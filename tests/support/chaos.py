@@ -14,7 +14,7 @@ from farebox.report import load_rows, totals
 from farebox.settings import Settings
 from schemas import JobResult
 from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, ledger_entries
-from tests.support.tcp_proxy import TcpProxy
+from tests.support.tcp_proxy import proxy_in_front_of
 
 
 @dataclass
@@ -105,11 +105,8 @@ async def broker_outage(settings: Settings, redis: Redis, emulator: str, *, jobs
                         cuts: int = 2, outage_s: float = 3.0) -> FaultReport:
     """A TCP proxy between the workers and the broker drops every connection and refuses new ones
     for ``outage_s``; resume = first result after the broker is reachable again."""
-    proxy = TcpProxy("127.0.0.1", 5672)
-    await proxy.start()
-    via = settings.model_copy(update={"amqp_url": settings.amqp_url.replace("localhost:5672",
-                                                                             f"127.0.0.1:{proxy.port}"),
-                                      "emulator_url": emulator})
+    proxy, proxied_url = await proxy_in_front_of(settings.amqp_url)
+    via = settings.model_copy(update={"amqp_url": proxied_url, "emulator_url": emulator})
     report = FaultReport(f"network drop + {outage_s:.0f}s broker outage x{cuts}", jobs)
     batch = distinct_jobs(jobs, f"net{settings.namespace[-6:]}")
     p = InProcessPipeline(via)

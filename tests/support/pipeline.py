@@ -9,7 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
+from typing import TypeVar
 
 import aio_pika
 from redis.asyncio import Redis
@@ -19,6 +20,8 @@ from farebox.client import FareboxClient
 from farebox.settings import CATALOG_DIR, Settings
 from workers.main import run_stage
 from workers.topology import delete_topology
+
+T = TypeVar("T")
 
 ALL_STAGES = ("dedup", "route", "execute:openai", "execute:anthropic", "execute:google", "account")
 
@@ -134,3 +137,20 @@ class ProcessPipeline:
                 p.kill()
                 codes.append(None)
         return codes
+
+
+async def collect(stream: AsyncIterable[T]) -> list[T]:
+    """Everything an async iterator yields (a client's result stream, say)."""
+    return [item async for item in stream]
+
+
+async def get_message(queue: aio_pika.abc.AbstractQueue, timeout: float = 30) -> aio_pika.abc.AbstractIncomingMessage:
+    """The next message on ``queue``, acked; fails the test if none arrives in ``timeout`` s."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        message = await queue.get(fail=False)
+        if message is not None:
+            await message.ack()
+            return message
+        assert asyncio.get_running_loop().time() < deadline, "no message arrived"
+        await asyncio.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -66,3 +67,15 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
+
+
+async def proxy_in_front_of(url: str) -> tuple[TcpProxy, str]:
+    """A started proxy to the host and port of ``url`` (amqp://user:pass@host:port/vhost), and the
+    same URL pointing at the proxy instead: whatever broker the tests were given, its connections
+    really go through the proxy, so cutting it cuts them."""
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    auth = parts.netloc.rpartition("@")[0]
+    via = urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}127.0.0.1:{proxy.port}"))
+    return proxy, via
