@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, field
 
 from farebox.settings import Settings
-from workers.providers.registry import provider_configs
+from workers.providers.registry import emulator_url, provider_configs
 
 log = logging.getLogger("farebox.up")
 
-KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
 MAX_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 30.0  # a child that ran this long resets its backoff
 STOP_GRACE_S = 45.0
@@ -47,8 +46,7 @@ def plan_children(settings: Settings, env: dict[str, str], *, scale: dict[str, i
     children: list[Child] = []
     port = settings.metrics_port
     if use_emulator:
-        emu_url = f"http://127.0.0.1:{settings.emulator_port}"
-        base_env["FAREBOX_EMULATOR_URL"] = emu_url
+        base_env["FAREBOX_EMULATOR_URL"] = emulator_url(settings)
         children.append(Child("emulator", [*exe, "emulator", "--port", str(settings.emulator_port)],
                               base_env, None))
     providers = sorted(provider_configs(base_env, emulator_url=base_env.get("FAREBOX_EMULATOR_URL")))
@@ -84,13 +82,22 @@ async def _run_child(child: Child, stopping: asyncio.Event) -> None:
         child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
 
 
+def emulated_providers(settings: Settings, env: dict[str, str]) -> list[str]:
+    """The providers the workers will send to the emulator: the registry's own rule (no key and no
+    base URL), so `up` starts an emulator exactly when some execute stage will call it."""
+    configs = provider_configs(env, emulator_url=emulator_url(settings))
+    return sorted(name for name, config in configs.items() if config.emulated)
+
+
 async def run_up(settings: Settings, *, scale: dict[str, int]) -> int:
     env = dict(os.environ)
-    use_emulator = not any(env.get(k) for k in KEY_VARS)
+    # Start an emulator when any provider needs one and FAREBOX_EMULATOR_URL does not point at one.
+    emulated = emulated_providers(settings, env)
+    use_emulator = bool(emulated) and settings.emulator_url is None
     children = plan_children(settings, env, scale=scale, use_emulator=use_emulator)
-    if use_emulator:
-        print(f"farebox: no provider API key set; using the local emulator at "
-              f"http://127.0.0.1:{settings.emulator_port} for every provider", flush=True)
+    if emulated:
+        print(f"farebox: no API key for {', '.join(emulated)}; using the local emulator at {emulator_url(settings)}",
+              flush=True)
     for c in children:
         where = f"metrics :{c.metrics_port}" if c.metrics_port else "no metrics"
         print(f"farebox: {c.name:<18} {where}", flush=True)

@@ -257,8 +257,7 @@ def test_environment_names_are_real_settings(farebox_services: dict[str, dict[st
 
 def test_worker_environment(workers: dict[str, dict[str, Any]], clean_env: pytest.MonkeyPatch) -> None:
     from farebox.settings import Settings
-    from workers.main import emulator_url
-    from workers.providers.registry import BUILTINS, provider_configs
+    from workers.providers.registry import BUILTINS, emulator_url, provider_configs
 
     assert set(workers) >= {"dedup", "route", "account"}
     for name, s in workers.items():

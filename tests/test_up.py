@@ -4,16 +4,19 @@ SIGTERM drains and exits 0, and no job is lost on the way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import socket
 import sys
 
+import pytest
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
 from farebox.settings import Settings
+from farebox.supervisor import emulated_providers
 from tests.support.chaos import distinct_jobs
 from tests.support.pipeline import collect, drop_namespace, ledger_entries, settings_env
 
@@ -31,8 +34,11 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
     s = settings.model_copy(update={"emulator_port": free_port(), "emulator_url": None})
     env = settings_env(s)
     env.pop("FAREBOX_EMULATOR_URL", None)
+    # A session of its own: if an assertion fails, the finally below kills `up` and every child
+    # (orphans holding the stdout pipe would keep `up.wait()` from ever returning).
     up = await asyncio.create_subprocess_exec(sys.executable, "-m", "farebox", "up", env=env,
-                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                              start_new_session=True)
     assert up.stdout is not None
     output: list[str] = []
     pids: dict[str, list[int]] = {}
@@ -78,7 +84,19 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
         assert len(await ledger_entries(redis, s)) == len(jobs)
     finally:
         if up.returncode is None:
-            up.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(up.pid, signal.SIGKILL)
             await up.wait()
         reader.cancel()
         await drop_namespace(s)
+
+
+@pytest.mark.parametrize(("env", "emulated"), [
+    ({}, ["anthropic", "google", "openai"]),
+    ({"OPENAI_API_KEY": "sk-x"}, ["anthropic", "google"]),  # only the keyless ones need the emulator
+    ({"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "a", "GEMINI_API_KEY": "g"}, []),
+    ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, ["anthropic", "google"]),  # a keyless local server
+])
+def test_up_starts_the_emulator_for_exactly_the_providers_without_a_key(env: dict[str, str],
+                                                                          emulated: list[str]) -> None:
+    assert emulated_providers(Settings(), env) == emulated

@@ -25,7 +25,7 @@ from workers.deadletter import DeadLetterStage
 from workers.dedup import DedupStage
 from workers.execute import ExecuteStage
 from workers.providers.pool import AdapterPool
-from workers.providers.registry import build_adapter, provider_configs
+from workers.providers.registry import build_adapter, emulator_url, provider_configs
 from workers.route import RouteStage
 from workers.runtime import StageCore, Worker
 
@@ -36,10 +36,6 @@ def make_redis(settings: Settings) -> Redis:
     # Short timeouts: a Redis outage must be noticed in about a second, not stall the pipeline.
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
                           health_check_interval=10)
-
-
-def emulator_url(settings: Settings) -> str:
-    return settings.emulator_url or f"http://127.0.0.1:{settings.emulator_port}"
 
 
 def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:

@@ -9,6 +9,7 @@ from typing import Literal
 
 import httpx
 
+from farebox.settings import Settings
 from workers.providers.anthropic import AnthropicAdapter
 from workers.providers.base import ProviderAdapter
 from workers.providers.gemini import GeminiAdapter
@@ -71,6 +72,11 @@ def _extras(env: Mapping[str, str]) -> dict[str, ProviderConfig]:
             api_key=_env(env, key_env_name(name)),
         )
     return extras
+
+
+def emulator_url(settings: Settings) -> str:
+    """Where providers without a key are sent: FAREBOX_EMULATOR_URL, else the local emulator."""
+    return settings.emulator_url or f"http://127.0.0.1:{settings.emulator_port}"
 
 
 def provider_configs(env: Mapping[str, str], *, emulator_url: str | None) -> dict[str, ProviderConfig]:
