@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from farebox.constants import STAGES
 from farebox.errors import FareboxError
 from farebox.logs import setup_logging
 from farebox.settings import Settings
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("worker", help="run one stage (any number of replicas, any host)")
-    p.add_argument("stage", choices=["dedup", "route", "execute", "account"])
+    p.add_argument("stage", choices=STAGES)
     p.add_argument("--provider", help="with execute: the provider whose queue to serve")
     p.set_defaults(func=_cmd_worker)
 

@@ -32,10 +32,9 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
-from farebox.errors import DeadlineExceeded, DependencyUnavailable, InvalidRequest
+from farebox.errors import DeadlineExceeded, DependencyUnavailable, InvalidRequest, describe_validation_error
 from farebox.settings import Settings
 from schemas import ErrorInfo, Job, JobResult
-from workers.decode import describe_validation_error
 
 log = logging.getLogger("farebox.client")
 

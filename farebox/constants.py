@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "farebox"
 STAGES = ("dedup", "route", "execute", "account")
+NANO = 1_000_000_000  # money is kept in Redis as integer nano-dollars
 
 # AMQP headers farebox sets on its own messages.
 H_REASON = "x-farebox-reason"  # why a message was dead-lettered (never prompt text)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import ValidationError
+
 
 class FareboxError(Exception):
     """Base of every error farebox raises on purpose."""
@@ -93,3 +95,15 @@ class DependencyUnavailable(RetryableError):
 ERROR_CODES = frozenset(
     {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"}
 )
+
+
+def describe_validation_error(err: ValidationError, limit: int = 5) -> str:
+    """A pydantic error as one line for a typed InvalidRequest: where and what, never the input."""
+    parts = []
+    for item in err.errors(include_input=False, include_url=False)[:limit]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    more = len(err.errors()) - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

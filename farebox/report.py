@@ -12,11 +12,10 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from farebox.constants import RedisKeys, as_text
+from farebox.constants import NANO, RedisKeys, as_text
 
 DIMENSIONS = ("tenant", "provider", "model", "day")
 METRICS = ("jobs", "cost_nusd", "baseline_nusd", "input_tokens", "output_tokens", "cache_hits", "errors")
-NANO = 1_000_000_000
 
 
 async def load_rows(redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since: str | None = None,

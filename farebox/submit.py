@@ -104,7 +104,8 @@ def read_jobs(path: Path, skip: set[int], bad: list[JobResult], summary: Summary
                 data = json.loads(text)
                 if not isinstance(data, dict):
                     raise InvalidRequest("a line must be a JSON object")
-                data.setdefault("job_id", stable_job_id(line_no, text))
+                if "job_id" not in data:  # hashing every line only for the ones without an id
+                    data["job_id"] = stable_job_id(line_no, text)
                 job = as_job(data)
             except (ValueError, InvalidRequest) as err:
                 job_id = stable_job_id(line_no, text)
@@ -131,7 +132,7 @@ async def submit(settings: Settings, path: Path, out: Path | None, *, max_in_fli
     console = console or Console(stderr=True)
     summary = Summary()
     skip = answered_ids(out) if out else set()
-    total = count_lines(path)
+    total = None if quiet else count_lines(path)  # a second pass over the file, for the progress bar only
     bad: list[JobResult] = []
     sink: IO[str] = out.open("a", encoding="utf-8") if out else sys.stdout
     started = time.monotonic()

@@ -20,10 +20,10 @@ from redis.asyncio import Redis
 
 from catalog.policy import Budget, Policy
 from farebox import metrics
-from farebox.constants import RedisKeys
+from farebox.constants import NANO, RedisKeys
 from farebox.settings import Settings
 from schemas import BudgetHold
-from workers.ledger import NANO, nano
+from workers.ledger import nano
 from workers.runtime import Publish
 
 log = logging.getLogger("farebox.budget")

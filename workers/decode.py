@@ -11,22 +11,11 @@ import uuid
 
 from pydantic import ValidationError
 
-from farebox.errors import InvalidRequest
+from farebox.errors import InvalidRequest, describe_validation_error
 from farebox.settings import Settings
 from schemas import Envelope, Job
 from workers.cache_keys import CacheRules, cache_key, is_cacheable
 from workers.runtime import Delivery
-
-
-def describe_validation_error(err: ValidationError, limit: int = 5) -> str:
-    parts = []
-    for item in err.errors(include_input=False, include_url=False)[:limit]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
-    more = len(err.errors()) - limit
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
 
 
 def parse_job(body: bytes, max_body_bytes: int) -> Job:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from farebox.constants import RedisKeys
+from farebox.constants import NANO, RedisKeys
 from schemas import BudgetHold, JobResult
 
-NANO = 1_000_000_000
 STREAM_MAXLEN = 1_000_000
 
 _RECORD = """
