@@ -24,6 +24,8 @@ RETRIES = Counter("llm_proxy_retries_total", "Provider call retries", ["provider
 BUDGET_USED = Gauge("llm_proxy_budget_used_ratio", "Share of the tenant's budget spent this period",
                     ["tenant", "period"])
 BUDGET_ALERTS = Counter("farebox_budget_alerts_total", "Budget alert thresholds crossed", ["tenant", "threshold"])
+BATCH_SIZE = Histogram("farebox_batch_jobs", "Jobs per message sent to the next stage", ["stage"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 MESSAGES = Counter("farebox_messages_total", "Messages handled by a stage, by outcome", ["stage", "outcome"])
 REDIS_UP = Gauge("farebox_redis_available", "1 while this process can reach Redis", ["stage"])
 CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     # Delivery knobs.
     prefetch: int = Field(64, ge=1, le=10_000)
+    # Jobs per message between stages (1: one each) and how long a part-full batch may wait.
+    batch_max: int = Field(32, ge=1, le=1000)
+    batch_linger_ms: float = Field(10.0, ge=0, le=1000)
     delivery_limit: int = Field(5, ge=1, le=1000)
     intake_max_length: int = Field(100_000, ge=1)
     stage_max_length: int = Field(100_000, ge=1)

@@ -58,6 +58,8 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
     reason = headers.get(H_REASON)
     reason = reason.decode() if isinstance(reason, bytes) else reason
     job_id = tenant = lease = None
+    # A job from a batch message has no properties of its own: its envelope knows the caller.
+    reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
     metadata: dict[str, Any] = {}
     budgets: tuple[BudgetHold, ...] = ()
     reserved = 0.0
@@ -65,6 +67,7 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
         env = Envelope.model_validate_json(delivery.body)
         job_id, tenant, lease, metadata = env.job_id, env.job.tenant, env.coalesce_key, env.job.metadata
         budgets, reserved = env.budgets, env.route.reserved_usd if env.route else 0.0
+        reply_to, correlation_id = env.reply_to or reply_to, env.correlation_id or correlation_id
     except (ValidationError, ValueError):
         try:
             data = json.loads(delivery.body)
@@ -80,7 +83,7 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
         job_id=job_id[:200], tenant=(tenant or "default")[:64],
         code=code if code in ERROR_CODES else "internal",
         reason=str(reason) if reason else _death_reason(headers),
-        reply_to=delivery.reply_to or None, correlation_id=delivery.correlation_id,
+        reply_to=reply_to or None, correlation_id=correlation_id,
         lease_key=lease, metadata=metadata, budgets=budgets, reserved_usd=reserved,
     )
 

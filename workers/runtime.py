@@ -31,6 +31,7 @@ from farebox.constants import CONTENT_TYPE, H_CODE, H_DELIVERY_COUNT, H_REASON, 
 from farebox.errors import BlockedError, FareboxError, PermanentError, RetryableError
 from farebox.settings import Settings
 from schemas import Envelope, ErrorInfo
+from workers.batching import Batcher, batch_count, split_batch
 from workers.topology import declare_topology, queue_plan
 
 log = logging.getLogger("farebox.runtime")
@@ -52,6 +53,7 @@ class Publish:
     reply_to: str | None = None
     message_id: str | None = None
     caller_reply: bool = False
+    content_type: str = CONTENT_TYPE
     mandatory: bool = True  # False: no queue bound is fine (alerts nobody listens to yet)
 
 
@@ -156,7 +158,12 @@ class Worker:
         self.settings = settings
         self.core = core
         self.providers = list(providers)
-        self._inflight = 0
+        self._inflight = 0  # messages (a batch is one)
+        self._busy = 0  # jobs received and not yet handled; at 0 a part-full batch goes out
+        # Jobs handled at once: what the prefetch allows for messages of one job each.
+        self._slots = asyncio.Semaphore(getattr(core, "prefetch", settings.prefetch))
+        self._batcher = (Batcher(self._publish, core.name, max_items=settings.batch_max,
+                                 linger_s=settings.batch_linger_ms / 1000) if settings.batch_max > 1 else None)
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractRobustChannel | None = None
@@ -195,6 +202,7 @@ class Worker:
     def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inflight += 1
+            self._busy += 1
             self._idle.clear()
             try:
                 await self._process(message, queue)
@@ -209,44 +217,111 @@ class Worker:
         return on_message
 
     async def _process(self, message: AbstractIncomingMessage, queue: str) -> None:
-        stage = self.core.name
         delivery = to_delivery(message, queue)
+        count = batch_count(delivery)
+        if count is None:
+            ack = await self._job(delivery, batched=False)
+            await _settle(message, ack=ack, requeue=not ack)
+            return
+        try:
+            jobs = split_batch(delivery, count)
+        except PermanentError as err:
+            self._done_handling()
+            await self._dead_letter(delivery, err)
+            await _settle(message, ack=True)
+            return
+        self._busy += len(jobs) - 1  # on_message counted the message as one
+        done = await asyncio.gather(*(self._job(job, batched=True) for job in jobs), return_exceptions=True)
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:
+            # Every job was settled its own way except these; requeueing the batch repeats the
+            # others downstream, which every stage tolerates (at-least-once, idempotent ledger).
+            log.error("stage %s: %d job(s) of a batch of %d failed unexpectedly (%s); batch requeued",
+                      self.core.name, len(failed), len(jobs), type(failed[0]).__name__)
+        await _settle(message, ack=not failed, requeue=bool(failed))
+
+    async def _job(self, delivery: Delivery, *, batched: bool) -> bool:
+        """One job: True when its input may be acked, False to requeue it (a message of its own).
+        A job of a batch that must be retried goes back to its queue alone, so the rest of the
+        batch is not repeated; its retries are then bounded by the delivery limit as usual."""
+        sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
+        try:
+            async with self._slots:
+                verdict = await self._decide(delivery)
+            if isinstance(verdict, Handled):
+                sending = self._enqueue(verdict)  # before the count drops, so a flush takes them
+        finally:
+            self._done_handling()
+        if isinstance(verdict, Handled):
+            direct, confirms = sending
+            for p in direct:
+                await self._publish(p)
+            for confirmed in confirms:
+                await confirmed
+            if verdict.after_publish is not None:
+                await verdict.after_publish()
+            return True
+        if isinstance(verdict, FareboxError):
+            await self._dead_letter(delivery, verdict)
+            return True
+        await asyncio.sleep(verdict)
+        if not batched:
+            return False
+        await self._publish(Publish(routing_key=delivery.queue, body=delivery.body))
+        return True
+
+    async def _decide(self, delivery: Delivery) -> Handled | PermanentError | float:
+        """Decode and handle: what to publish, an undecodable body's error, or a retry delay."""
+        stage = self.core.name
         try:
             env = self.core.decode(delivery)
         except PermanentError as err:
-            metrics.ERRORS.labels(stage, err.code).inc()
-            metrics.MESSAGES.labels(stage, "dead_lettered").inc()
-            log.warning("stage %s: dead-lettering an undecodable message: %s", stage, err)
-            await self._publish(dead_letter_publish(self.settings, delivery, stage, err))
-            await _settle(message, ack=True)
-            return
+            return err
         try:
             handled = await self.core.handle(env, delivery)
-            outcome = "ok"
+            metrics.MESSAGES.labels(stage, "ok").inc()
+            return handled
         except (PermanentError, BlockedError) as err:
             metrics.ERRORS.labels(stage, err.code).inc()
-            handled = self.core.fail(env, err)
-            outcome = err.code
+            metrics.MESSAGES.labels(stage, err.code).inc()
+            return self.core.fail(env, err)
         except RetryableError as err:
             metrics.ERRORS.labels(stage, "retryable").inc()
             delay = min(err.retry_after_s or 1.0, 10.0)
             log.warning("stage %s: job %s will be retried in %.1fs: %s", stage, _job_id(env), delay, err)
-            await asyncio.sleep(delay)
-            await _settle(message, requeue=True)
-            return
+            return delay
         except Exception:
             metrics.ERRORS.labels(stage, "internal").inc()
             log.exception("stage %s: job %s failed (delivery %d); requeued", stage, _job_id(env),
                           delivery.delivery_count + 1)
-            await asyncio.sleep(0.5)
-            await _settle(message, requeue=True)
-            return
-        for publish in handled.publishes:
-            await self._publish(publish)
-        if handled.after_publish is not None:
-            await handled.after_publish()
-        metrics.MESSAGES.labels(stage, outcome).inc()
-        await _settle(message, ack=True)
+            return 0.5
+
+    def _done_handling(self) -> None:
+        self._busy -= 1
+        if self._busy == 0 and self._batcher is not None:
+            self._batcher.flush_all()  # nothing else can join: do not make these wait
+
+    def _enqueue(self, handled: Handled) -> tuple[list[Publish], list[asyncio.Future[None]]]:
+        """Hand the batchable publishes to the batcher now; the rest are published one by one."""
+        batcher, direct = self._batcher, []
+        batched: list[asyncio.Future[None]] = []
+        for p in handled.publishes:
+            if batcher is not None and self._batches(p):
+                batched.append(batcher.add(p))
+            else:
+                direct.append(p)
+        return direct, batched
+
+    def _batches(self, p: Publish) -> bool:
+        return (not p.exchange and not p.headers and p.mandatory and not p.caller_reply
+                and self.settings.topology.is_batched(p.routing_key))
+
+    async def _dead_letter(self, delivery: Delivery, err: PermanentError) -> None:
+        stage = self.core.name
+        metrics.ERRORS.labels(stage, err.code).inc()
+        metrics.MESSAGES.labels(stage, "dead_lettered").inc()
+        log.warning("stage %s: dead-lettering an undecodable message: %s", stage, err)
+        await self._publish(dead_letter_publish(self.settings, delivery, stage, err))
 
     async def _publish(self, p: Publish) -> None:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish
@@ -254,7 +329,7 @@ class Worker:
         assert self._channel is not None
         message = aio_pika.Message(
             body=p.body,
-            content_type=CONTENT_TYPE,
+            content_type=p.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers=dict(p.headers) or None,
             correlation_id=p.correlation_id,

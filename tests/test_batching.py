@@ -1,0 +1,225 @@
+"""Several jobs per message between stages (workers/batching.py): the coalescing rules as pure
+units, then batches on the real broker — formed under load, not holding a lone job back, and a
+failing job of a batch settled alone without repeating the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+
+import aio_pika
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from farebox.constants import H_BATCH, Topology
+from farebox.errors import PermanentError
+from farebox.settings import Settings
+from schemas import Envelope, Job
+from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
+from workers.batching import Batcher, batch_count, split_batch
+from workers.runtime import Delivery, Publish
+
+
+def _delivery(body: bytes, headers: dict[str, object]) -> Delivery:
+    return Delivery(queue="q", body=body, redelivered=True, delivery_count=2, headers=headers, reply_to=None,
+                    correlation_id=None, message_id=None, timestamp=None)
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({}, None),
+    ({H_BATCH: 3}, 3),
+    ({H_BATCH: "3"}, None),
+    ({H_BATCH: True}, None),
+])
+def test_batch_count(headers: dict[str, object], expected: int | None) -> None:
+    assert batch_count(_delivery(b"{}", headers)) == expected
+
+
+@pytest.mark.parametrize("body, count, jobs", [
+    (b'{"a":1}', 1, [b'{"a":1}']),
+    (b'{"a":1}\n{"b":2}\n{"c":3}', 3, [b'{"a":1}', b'{"b":2}', b'{"c":3}']),
+    (b'{"a":1}\n{"b":2}', 3, None),
+    (b'{"a":1}\n{"b":2}', 1, None),
+    (b"", 0, None),
+])
+def test_split_batch(body: bytes, count: int, jobs: list[bytes] | None) -> None:
+    delivery = _delivery(body, {H_BATCH: count})
+    if jobs is None:
+        with pytest.raises(PermanentError, match="holds"):
+            split_batch(delivery, count)
+        return
+    parts = split_batch(delivery, count)
+    assert [p.body for p in parts] == jobs
+    assert all(p.redelivered and p.delivery_count == 2 and p.queue == "q" for p in parts)
+
+
+@pytest.mark.parametrize("queue, batched", [
+    ("fb.route", True), ("fb.account", True), ("fb.execute.openai", True),
+    ("fb.jobs", False), ("fb.recheck", False), ("fb.wait", False), ("fb.dead", False),
+    ("fb.dead.notify", False), ("amq.gen-reply", False), ("other.route", False),
+])
+def test_only_internal_hops_are_batched(queue: str, batched: bool) -> None:
+    assert Topology("fb").is_batched(queue) is batched
+
+
+class Sent:
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.messages: list[Publish] = []
+        self.fail = fail
+
+    async def __call__(self, p: Publish) -> None:
+        await asyncio.sleep(0)
+        if self.fail is not None:
+            raise self.fail
+        self.messages.append(p)
+
+
+def _bodies(messages: Sequence[Publish]) -> list[bytes]:
+    return [m.body for m in messages]
+
+
+async def test_batcher_sends_a_full_batch_at_once_and_the_rest_on_flush() -> None:
+    sent = Sent()
+    batcher = Batcher(sent, "t", max_items=3, linger_s=60)
+    waits = [batcher.add(Publish(routing_key="q", body=f'{{"n":{i}}}'.encode())) for i in range(4)]
+    await asyncio.gather(*waits[:3])
+    assert _bodies(sent.messages) == [b'{"n":0}\n{"n":1}\n{"n":2}']
+    assert sent.messages[0].headers == {H_BATCH: 3} and sent.messages[0].content_type == "application/x-ndjson"
+    assert not waits[3].done()
+    batcher.flush_all()
+    await waits[3]
+    assert _bodies(sent.messages)[1] == b'{"n":3}'  # alone: an ordinary message, no batch header
+    assert sent.messages[1].headers == {}
+
+
+async def test_batcher_keeps_queues_apart_and_lingers_at_most_linger() -> None:
+    sent = Sent()
+    batcher = Batcher(sent, "t", max_items=100, linger_s=0.05)
+    a = batcher.add(Publish(routing_key="a", body=b"1", reply_to="r", correlation_id="c", message_id="m"))
+    b = [batcher.add(Publish(routing_key="b", body=f"{i}".encode())) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(a, *b), 5)
+    by_key = {m.routing_key: m for m in sent.messages}
+    assert by_key["a"].body == b"1" and by_key["a"].reply_to == "r"  # a lone publish keeps its properties
+    assert by_key["b"].body == b"0\n1" and by_key["b"].reply_to is None
+
+
+async def test_a_failed_send_fails_every_publish_in_the_batch() -> None:
+    batcher = Batcher(Sent(fail=ConnectionError("gone")), "t", max_items=2, linger_s=60)
+    waits = [batcher.add(Publish(routing_key="q", body=b"x")) for _ in range(2)]
+    results = await asyncio.gather(*waits, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+
+def _batched_jobs(stage: str) -> tuple[float, float]:
+    """(messages, jobs) this process's batcher has sent for a stage."""
+    count = REGISTRY.get_sample_value("farebox_batch_jobs_count", {"stage": stage}) or 0.0
+    total = REGISTRY.get_sample_value("farebox_batch_jobs_sum", {"stage": stage}) or 0.0
+    return count, total
+
+
+async def test_batches_form_under_load_and_every_job_is_answered_once(pipeline: InProcessPipeline) -> None:
+    before = _batched_jobs("dedup")
+    await pipeline.start()
+    jobs = [{"prompt": f"summarise item {i}", "job_id": f"b{i}", "max_tokens": 20} for i in range(300)]
+    async with pipeline.client() as client:
+        results = await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=300)), 120)
+    assert sorted(r.job_id for r in results) == sorted(j["job_id"] for j in jobs)
+    assert all(r.status == "ok" for r in results)
+    messages, sent = (a - b for a, b in zip(_batched_jobs("dedup"), before, strict=True))
+    assert sent == 300 and messages < sent  # some messages carried more than one job
+
+
+async def test_a_lone_job_is_not_held_for_the_linger(settings: Settings, redis: Redis, emulator: str) -> None:
+    """With a linger of ten minutes, a job on its own still goes through every hop at once."""
+    p = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator, "batch_linger_ms": 600_000}))
+    try:
+        await p.start()
+        async with p.client() as client:
+            result = await client.complete({"prompt": "alone", "job_id": "lone-1"}, timeout=30)
+        assert result.status == "ok"
+    finally:
+        await p.close()
+
+
+def _envelope(job_id: str, tenant: str, reply_to: str) -> bytes:
+    env = Envelope(job_id=job_id, job=Job(prompt=f"question {job_id}", tenant=tenant), reply_to=reply_to,
+                   correlation_id=job_id, received_at=time.time(), coalesce_key=f"job:{job_id}")
+    return env.model_dump_json(exclude_defaults=True).encode()
+
+
+async def _publish_batch(settings: Settings, queue: str, bodies: Sequence[bytes], count: int | None = None) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"\n".join(bodies), headers={H_BATCH: len(bodies) if count is None else count}),
+            routing_key=queue)
+
+
+async def _replies(channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.AbstractQueue,
+                   n: int) -> list[dict[str, object]]:
+    got = [json.loads((await get_message(queue, timeout=60)).body) for _ in range(n)]
+    await asyncio.sleep(1.0)  # anything repeated would have arrived by now
+    assert await queue.get(fail=False) is None, "a job of the batch was answered twice"
+    return got
+
+
+async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_once(
+        pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.route as route_module
+
+    real = route_module.choose_route
+
+    def crash_on_poison(job, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if job.tenant == "poison":
+            raise RuntimeError("simulated bug")
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(route_module, "choose_route", crash_on_poison)
+    await pipeline.start()
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        bodies = [_envelope("g-1", "acme", replies.name), _envelope("p-1", "poison", replies.name),
+                  _envelope("g-2", "acme", replies.name)]
+        await _publish_batch(settings, settings.topology.route, bodies)
+        got = {r["job_id"]: r for r in await _replies(channel, replies, 3)}
+    assert got["g-1"]["status"] == "ok" and got["g-2"]["status"] == "ok"
+    poison = got["p-1"]
+    assert poison["status"] == "error" and poison["error"]["code"] == "internal"  # type: ignore[index]
+    assert "delivery limit" in poison["error"]["message"]  # type: ignore[index]
+    assert sorted(await ledger_entries(redis, settings)) == ["g-1", "g-2", "p-1"]
+
+
+async def test_a_dead_lettered_batch_answers_every_caller_in_it(pipeline: InProcessPipeline,
+                                                                settings: Settings) -> None:
+    """The broker dead-letters a whole batch (delivery limit): each job's caller gets its error."""
+    await pipeline.start("account")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        bodies = [_envelope(f"d-{i}", "acme", replies.name) for i in range(3)]
+        await _publish_batch(settings, settings.topology.dead_notify, bodies)
+        got = await _replies(channel, replies, 3)
+    assert sorted(str(r["job_id"]) for r in got) == ["d-0", "d-1", "d-2"]
+    assert all(r["status"] == "error" for r in got)
+
+
+async def test_a_malformed_batch_is_dead_lettered_not_looped(pipeline: InProcessPipeline, settings: Settings) -> None:
+    await pipeline.start("route", "account")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await _publish_batch(settings, settings.topology.route, [b'{"v":1}', b"garbage"], count=5)
+        dead = await get_message(await channel.get_queue(settings.topology.dead), timeout=30)
+        assert dead.headers is not None and "holds" in str(dead.headers.get("x-farebox-reason"))
+        await asyncio.sleep(1.0)
+        notify = await channel.declare_queue(settings.topology.dead_notify, passive=True)
+        assert notify.declaration_result.message_count == 0  # answered once, not dead-lettered again
+        again = await (await channel.get_queue(settings.topology.dead)).get(fail=False)
+        assert again is None

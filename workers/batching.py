@@ -1,0 +1,110 @@
+"""Several jobs per AMQP message between stages.
+
+Per job, a bare aio-pika hop (publish, confirm, deliver, ack) costs about as much CPU in the
+worker and in the broker as all of a stage's own work; measured in bench/ceiling.py it was two
+thirds of the pipeline's CPU. So a stage's outgoing messages to the same internal queue are
+coalesced into one message of up to ``batch_max`` envelopes, one per line (pydantic's JSON never
+holds a raw newline), with ``x-farebox-batch`` giving the count. Only the internal hops are
+batched (route, execute.*, account); the intake, replies, alerts and the coalescing queues keep one
+message per job, as CONTRACT.md and the broker-side timers need.
+
+When a batch is sent (Nagle with auto-cork, in spirit):
+* at ``batch_max`` envelopes;
+* as soon as nothing else in this worker is still being handled, so a job on its own is never
+  held back (one job at a time goes through without waiting);
+* at the latest ``batch_linger_ms`` after its first envelope, so a slow neighbour (a provider call
+  of a second) does not hold finished jobs back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from farebox import metrics
+from farebox.constants import H_BATCH
+from farebox.errors import PermanentError
+
+if TYPE_CHECKING:
+    from workers.runtime import Delivery, Publish
+
+BATCH_CONTENT_TYPE = "application/x-ndjson"
+
+
+def batch_count(delivery: Delivery) -> int | None:
+    """How many envelopes the message holds, or None for a message with one job."""
+    count = delivery.headers.get(H_BATCH)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+def split_batch(delivery: Delivery, count: int) -> list[Delivery]:
+    """One Delivery per envelope; each keeps the batch's headers and redelivery state (a batch
+    redelivered after a crash is redelivered for every job in it)."""
+    bodies = delivery.body.split(b"\n")
+    if count < 1 or len(bodies) != count:
+        raise PermanentError(f"a batch message says it holds {count} job(s) but holds {len(bodies)}")
+    return [replace(delivery, body=body) for body in bodies]
+
+
+class Batcher:
+    """Coalesces publishes to the same queue; ``add`` returns a future that resolves when the
+    message holding the publish is confirmed (or fails as the publish failed)."""
+
+    def __init__(self, send: Callable[[Publish], Awaitable[None]], stage: str, *, max_items: int,
+                 linger_s: float) -> None:
+        self._send = send
+        self._stage = stage
+        self._max = max_items
+        self._linger_s = linger_s
+        self._pending: dict[str, list[tuple[Publish, asyncio.Future[None]]]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def add(self, publish: Publish) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        key = publish.routing_key
+        batch = self._pending.setdefault(key, [])
+        batch.append((publish, done))
+        if len(batch) >= self._max:
+            self._flush(key)
+        elif len(batch) == 1:
+            self._timers[key] = loop.call_later(self._linger_s, self._flush, key)
+        return done
+
+    def flush_all(self) -> None:
+        for key in list(self._pending):
+            self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._pending.pop(key, None)
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send_batch(key, batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_batch(self, key: str, batch: Sequence[tuple[Publish, asyncio.Future[None]]]) -> None:
+        metrics.BATCH_SIZE.labels(self._stage).observe(len(batch))
+        if len(batch) == 1:
+            message = batch[0][0]
+        else:
+            message = replace(batch[0][0], body=b"\n".join(p.body for p, _ in batch), headers={H_BATCH: len(batch)},
+                              content_type=BATCH_CONTENT_TYPE, reply_to=None, correlation_id=None,
+                              message_id=None)
+        try:
+            await self._send(message)
+        except BaseException as err:
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(err)
+            if not isinstance(err, Exception):
+                raise
+        else:
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
