@@ -81,18 +81,15 @@ def _bodies(messages: Sequence[Publish]) -> list[bytes]:
     return [m.body for m in messages]
 
 
-async def test_batcher_sends_a_full_batch_at_once_and_the_rest_on_flush() -> None:
+async def test_batcher_sends_a_full_batch_at_once_and_the_rest_when_it_is_confirmed() -> None:
     sent = Sent()
     batcher = Batcher(sent, "t", max_items=3, linger_s=60)
     waits = [batcher.add(Publish(routing_key="q", body=f'{{"n":{i}}}'.encode())) for i in range(4)]
-    await asyncio.gather(*waits[:3])
-    assert _bodies(sent.messages) == [b'{"n":0}\n{"n":1}\n{"n":2}']
-    assert sent.messages[0].headers == {H_BATCH: 3} and sent.messages[0].content_type == "application/x-ndjson"
     assert not waits[3].done()
-    batcher.flush_all()
-    await waits[3]
-    assert _bodies(sent.messages)[1] == b'{"n":3}'  # alone: an ordinary message, no batch header
-    assert sent.messages[1].headers == {}
+    await asyncio.wait_for(asyncio.gather(*waits), 5)  # no flush call, no linger: the confirm sends it
+    assert _bodies(sent.messages) == [b'{"n":0}\n{"n":1}\n{"n":2}', b'{"n":3}']
+    assert sent.messages[0].headers == {H_BATCH: 3} and sent.messages[0].content_type == "application/x-ndjson"
+    assert sent.messages[1].headers == {}  # alone: an ordinary message, no batch header
 
 
 async def test_batcher_keeps_queues_apart_and_lingers_at_most_linger() -> None:
@@ -223,3 +220,27 @@ async def test_a_malformed_batch_is_dead_lettered_not_looped(pipeline: InProcess
         assert notify.declaration_result.message_count == 0  # answered once, not dead-lettered again
         again = await (await channel.get_queue(settings.topology.dead)).get(fail=False)
         assert again is None
+
+
+async def test_idle_flush_waits_behind_an_unconfirmed_batch_then_sends_what_joined() -> None:
+    confirm = asyncio.Event()
+    sent: list[Publish] = []
+
+    async def send(p: Publish) -> None:
+        sent.append(p)
+        await confirm.wait()
+
+    batcher = Batcher(send, "t", max_items=100, linger_s=60)
+    first = batcher.add(Publish(routing_key="q", body=b"1"))
+    batcher.flush_idle()
+    await asyncio.sleep(0.01)
+    assert [p.body for p in sent] == [b"1"]  # nothing in flight: sent at once
+    later = [batcher.add(Publish(routing_key="q", body=f"{i}".encode())) for i in (2, 3)]
+    batcher.flush_idle()
+    other = batcher.add(Publish(routing_key="other", body=b"x"))
+    batcher.flush_idle()
+    await asyncio.sleep(0.01)
+    assert [p.body for p in sent] == [b"1", b"x"]  # "q" waits behind its unconfirmed batch; "other" does not
+    confirm.set()
+    await asyncio.wait_for(asyncio.gather(first, other, *later), 5)
+    assert [p.body for p in sent] == [b"1", b"x", b"2\n3"]

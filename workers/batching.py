@@ -1,17 +1,19 @@
 """Several jobs per AMQP message between stages.
 
-Per job, a bare aio-pika hop (publish, confirm, deliver, ack) costs about as much CPU in the
-worker and in the broker as all of a stage's own work; measured in bench/ceiling.py it was two
-thirds of the pipeline's CPU. So a stage's outgoing messages to the same internal queue are
-coalesced into one message of up to ``batch_max`` envelopes, one per line (pydantic's JSON never
-holds a raw newline), with ``x-farebox-batch`` giving the count. Only the internal hops are
-batched (route, execute.*, account); the intake, replies, alerts and the coalescing queues keep one
-message per job, as CONTRACT.md and the broker-side timers need.
+A hop costs the same per message whatever the message holds: publish, confirm, deliver and ack
+came to about 1 ms of CPU per job per hop here, worker and broker together (bench/ceiling.py, the
+bare chain). So a stage's outgoing messages to the same internal queue are coalesced into one
+message of up to ``batch_max`` envelopes, one per line (pydantic's JSON never holds a raw newline),
+with ``x-farebox-batch`` giving the count. Only the internal hops are batched (route, execute.*,
+account); the intake, replies, alerts and the coalescing queues keep one message per job, as
+CONTRACT.md and the broker-side timers need.
 
-When a batch is sent (Nagle with auto-cork, in spirit):
+When a batch is sent (Nagle's algorithm, with the worker's own idleness as the push):
 * at ``batch_max`` envelopes;
-* as soon as nothing else in this worker is still being handled, so a job on its own is never
-  held back (one job at a time goes through without waiting);
+* as soon as nothing else in this worker is still being handled, unless an earlier batch to the
+  same queue still awaits its confirm: then when that confirm comes, with whatever joined
+  meanwhile. A job on its own is never held back; under load the batch size follows the confirm
+  latency by itself;
 * at the latest ``batch_linger_ms`` after its first envelope, so a slow neighbour (a provider call
   of a second) does not hold finished jobs back.
 """
@@ -61,6 +63,7 @@ class Batcher:
         self._pending: dict[str, list[tuple[Publish, asyncio.Future[None]]]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._unconfirmed: dict[str, int] = {}  # batches sent to a queue and not yet confirmed
 
     def add(self, publish: Publish) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -78,12 +81,20 @@ class Batcher:
         for key in list(self._pending):
             self._flush(key)
 
+    def flush_idle(self) -> None:
+        """Nothing else can join now: send what waits, except behind a batch still awaiting its
+        confirm (that batch's confirm sends it, with whatever joined meanwhile)."""
+        for key in list(self._pending):
+            if not self._unconfirmed.get(key):
+                self._flush(key)
+
     def _flush(self, key: str) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
         batch = self._pending.pop(key, None)
         if batch:
+            self._unconfirmed[key] = self._unconfirmed.get(key, 0) + 1
             task = asyncio.get_running_loop().create_task(self._send_batch(key, batch))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
@@ -99,12 +110,19 @@ class Batcher:
         try:
             await self._send(message)
         except BaseException as err:
+            self._confirmed(key)
             for _, done in batch:
                 if not done.done():
                     done.set_exception(err)
             if not isinstance(err, Exception):
                 raise
         else:
+            self._confirmed(key)
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
+
+    def _confirmed(self, key: str) -> None:
+        self._unconfirmed[key] -= 1
+        if not self._unconfirmed[key] and key in self._pending:
+            self._flush(key)

@@ -299,7 +299,7 @@ class Worker:
     def _done_handling(self) -> None:
         self._busy -= 1
         if self._busy == 0 and self._batcher is not None:
-            self._batcher.flush_all()  # nothing else can join: do not make these wait
+            self._batcher.flush_idle()  # nothing else can join: do not make these wait
 
     def _enqueue(self, handled: Handled) -> tuple[list[Publish], list[asyncio.Future[None]]]:
         """Hand the batchable publishes to the batcher now; the rest are published one by one."""
