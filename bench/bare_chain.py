@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 import aio_pika
 import uvloop
 
+from farebox.client import PUBLISH_WINDOW
+
 AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 HOPS = 4
 QUEUE_ARGS = {"x-queue-type": "quorum"}
@@ -100,12 +102,26 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
                 done.set()
 
         await replies.consume(on_reply, no_ack=True)
+        # Like farebox's client: up to PUBLISH_WINDOW publishes await their confirms at once.
+        window = asyncio.Semaphore(PUBLISH_WINDOW)
+        confirming: set[asyncio.Task[object]] = set()
+
+        async def publish(k: int) -> None:
+            try:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
+                                     correlation_id=str(k)), queue(ns, 0))
+            finally:
+                window.release()
+
         t0 = time.perf_counter()
         for k in range(n):
             await slots.acquire()
-            await channel.default_exchange.publish(
-                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
-                                 correlation_id=str(k)), queue(ns, 0))
+            await window.acquire()
+            task = asyncio.create_task(publish(k))
+            confirming.add(task)
+            task.add_done_callback(confirming.discard)
+        await asyncio.gather(*confirming)
         await done.wait()
         return n / (time.perf_counter() - t0)
 

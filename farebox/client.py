@@ -37,6 +37,8 @@ from farebox.settings import Settings
 from schemas import ErrorInfo, Job, JobResult
 
 log = logging.getLogger("farebox.client")
+# Publishes of one stream awaiting their broker confirms at once.
+PUBLISH_WINDOW = 64
 
 JobLike = Job | Mapping[str, Any] | str
 
@@ -185,6 +187,15 @@ class FareboxClient:
         done_publishing = asyncio.Event()
 
         async def feed() -> None:
+            # Several publishes await their confirms at once: one at a time, a producer could
+            # not publish faster than one confirm round trip per job.
+            confirming: set[asyncio.Task[Job]] = set()
+            window = asyncio.Semaphore(PUBLISH_WINDOW)
+
+            def confirmed(task: asyncio.Task[Job]) -> None:
+                window.release()
+                if task.cancelled() or task.exception() is None:
+                    confirming.discard(task)  # a failed one stays, for feed to raise
             try:
                 async for job in _aiter(jobs):
                     await slots.acquire()
@@ -193,8 +204,17 @@ class FareboxClient:
                         parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
                     assert parsed.job_id is not None
                     outstanding.add(parsed.job_id)
-                    await self.publish(parsed)
+                    await window.acquire()
+                    failed = next((t for t in confirming if t.done() and t.exception() is not None), None)
+                    if failed is not None:
+                        failed.result()  # raise what the publish raised (the intake is gone, say)
+                    task = asyncio.create_task(self.publish(parsed))
+                    confirming.add(task)
+                    task.add_done_callback(confirmed)
+                await asyncio.gather(*confirming)
             finally:
+                for task in confirming:
+                    task.cancel()
                 done_publishing.set()
 
         feeder = asyncio.create_task(feed())

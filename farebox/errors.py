@@ -52,6 +52,11 @@ class InvalidRequest(PermanentError):
     code: ClassVar[str] = "invalid_request"
 
 
+class DeliveryLimitReached(PermanentError):
+    """A job of a batch failed on every attempt the delivery limit allows (the broker counts
+    attempts for a message of its own; the shell counts them for a job in a batch)."""
+
+
 class ProviderRejected(PermanentError):
     """The provider answered with a 4xx other than 429: the request itself is wrong."""
 

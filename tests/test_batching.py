@@ -5,6 +5,7 @@ failing job of a batch settled alone without repeating the rest."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -18,9 +19,11 @@ from farebox.constants import H_BATCH, Topology
 from farebox.errors import PermanentError
 from farebox.settings import Settings
 from schemas import Envelope, Job
+from tests.conftest import EmulatorStats
 from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
+from workers import batching
 from workers.batching import Batcher, batch_count, split_batch
-from workers.runtime import Delivery, Publish
+from workers.stage import Delivery, Publish
 
 
 def _delivery(body: bytes, headers: dict[str, object]) -> Delivery:
@@ -92,7 +95,7 @@ async def test_batcher_sends_a_full_batch_at_once_and_the_rest_when_it_is_confir
     assert sent.messages[1].headers == {}  # alone: an ordinary message, no batch header
 
 
-async def test_batcher_keeps_queues_apart_and_lingers_at_most_linger() -> None:
+async def test_batcher_keeps_queues_apart_and_sends_a_part_full_batch_after_the_linger() -> None:
     sent = Sent()
     batcher = Batcher(sent, "t", max_items=100, linger_s=0.05)
     a = batcher.add(Publish(routing_key="a", body=b"1", reply_to="r", correlation_id="c", message_id="m"))
@@ -117,7 +120,8 @@ def _batched_jobs(stage: str) -> tuple[float, float]:
     return count, total
 
 
-async def test_batches_form_under_load_and_every_job_is_answered_once(pipeline: InProcessPipeline) -> None:
+async def test_batches_form_under_load_and_every_job_costs_one_provider_call(
+        pipeline: InProcessPipeline, emulator_stats: EmulatorStats) -> None:
     before = _batched_jobs("dedup")
     await pipeline.start()
     jobs = [{"prompt": f"summarise item {i}", "job_id": f"b{i}", "max_tokens": 20} for i in range(300)]
@@ -125,8 +129,23 @@ async def test_batches_form_under_load_and_every_job_is_answered_once(pipeline: 
         results = await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=300)), 120)
     assert sorted(r.job_id for r in results) == sorted(j["job_id"] for j in jobs)
     assert all(r.status == "ok" for r in results)
+    assert await emulator_stats.total() == 300  # no job of a batch was executed twice
     messages, sent = (a - b for a, b in zip(_batched_jobs("dedup"), before, strict=True))
     assert sent == 300 and messages < sent  # some messages carried more than one job
+
+
+async def test_batching_off_sends_one_job_per_message(settings: Settings, redis: Redis, emulator: str) -> None:
+    before = _batched_jobs("dedup")
+    p = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator, "batch_max": 1}))
+    try:
+        await p.start()
+        jobs = [{"prompt": f"item {i}", "job_id": f"one{i}"} for i in range(40)]
+        async with p.client() as client:
+            results = await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=40)), 60)
+        assert sorted(r.job_id for r in results) == sorted(j["job_id"] for j in jobs)
+    finally:
+        await p.close()
+    assert _batched_jobs("dedup") == before  # the batcher was never used
 
 
 async def test_a_lone_job_is_not_held_for_the_linger(settings: Settings, redis: Redis, emulator: str) -> None:
@@ -164,8 +183,7 @@ async def _replies(channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.Ab
     return got
 
 
-async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_once(
-        pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+def _crash_on_poison(monkeypatch: pytest.MonkeyPatch) -> None:
     import workers.route as route_module
 
     real = route_module.choose_route
@@ -176,6 +194,12 @@ async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_
         return real(job, *args, **kwargs)
 
     monkeypatch.setattr(route_module, "choose_route", crash_on_poison)
+
+
+async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_once(
+        pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch,
+        emulator_stats: EmulatorStats) -> None:
+    _crash_on_poison(monkeypatch)
     await pipeline.start()
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
@@ -185,26 +209,76 @@ async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_
                   _envelope("g-2", "acme", replies.name)]
         await _publish_batch(settings, settings.topology.route, bodies)
         got = {r["job_id"]: r for r in await _replies(channel, replies, 3)}
+        dead = await get_message(await channel.get_queue(settings.topology.dead))
     assert got["g-1"]["status"] == "ok" and got["g-2"]["status"] == "ok"
     poison = got["p-1"]
     assert poison["status"] == "error" and poison["error"]["code"] == "internal"  # type: ignore[index]
     assert "delivery limit" in poison["error"]["message"]  # type: ignore[index]
     assert sorted(await ledger_entries(redis, settings)) == ["g-1", "g-2", "p-1"]
+    assert await emulator_stats.total() == 2
+    assert json.loads(dead.body)["job_id"] == "p-1"  # the failing job alone is kept for inspection
 
 
-async def test_a_dead_lettered_batch_answers_every_caller_in_it(pipeline: InProcessPipeline,
-                                                                settings: Settings) -> None:
-    """The broker dead-letters a whole batch (delivery limit): each job's caller gets its error."""
-    await pipeline.start("account")
+async def test_retrying_a_job_of_a_batch_does_not_stall_a_full_stage_queue(
+        settings: Settings, redis: Redis, emulator: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The route queue holds one message at most and route takes one at a time: while a batch
+    with a crashing job is being retried, the queue is full behind it. The retries must not need
+    room in that queue (republishing there would wait for ever while holding the batch)."""
+    _crash_on_poison(monkeypatch)
+    tight = settings.model_copy(update={"emulator_url": emulator, "stage_max_length": 1, "prefetch": 1})
+    p = InProcessPipeline(tight)
+    try:
+        await p.start()
+        connection = await aio_pika.connect(tight.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            replies = await channel.declare_queue(exclusive=True)
+            await _publish_batch(tight, tight.topology.route, [
+                _envelope("g-1", "acme", replies.name), _envelope("p-1", "poison", replies.name)])
+            accepted = ["g-1", "p-1"]
+            for job_id in ("m-2", "m-3", "m-4"):  # fill the queue while the batch is held
+                with contextlib.suppress(aio_pika.exceptions.DeliveryError):
+                    await _publish_batch(tight, tight.topology.route, [_envelope(job_id, "acme", replies.name)])
+                    accepted.append(job_id)
+            assert len(accepted) < 5, "the route queue never filled up"
+            got = {r["job_id"]: r for r in await _replies(channel, replies, len(accepted))}
+        assert sorted(got) == sorted(accepted)
+        assert got["p-1"]["status"] == "error"
+        assert all(got[j]["status"] == "ok" for j in accepted if j != "p-1")
+    finally:
+        await p.close()
+
+
+async def test_a_batch_the_broker_dead_letters_answers_every_caller_in_it(pipeline: InProcessPipeline,
+                                                                          settings: Settings) -> None:
+    """A batch that crashes its consumer every time (here: this test, rejecting it) reaches the
+    delivery limit; the broker dead-letters it whole, and each job's caller gets its error."""
+    await pipeline.start("account")  # answers dead letters; no route stage, the test plays it
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
         replies = await channel.declare_queue(exclusive=True)
         bodies = [_envelope(f"d-{i}", "acme", replies.name) for i in range(3)]
-        await _publish_batch(settings, settings.topology.dead_notify, bodies)
+        await _publish_batch(settings, settings.topology.route, bodies)
+        route = await channel.get_queue(settings.topology.route)
+        for _ in range(settings.delivery_limit + 1):
+            with contextlib.suppress(aio_pika.exceptions.QueueEmpty):
+                message = await get_message_unacked(route)
+                await message.nack(requeue=True)
         got = await _replies(channel, replies, 3)
     assert sorted(str(r["job_id"]) for r in got) == ["d-0", "d-1", "d-2"]
-    assert all(r["status"] == "error" for r in got)
+    for r in got:
+        assert r["status"] == "error" and r["error"]["code"] == "internal"  # type: ignore[index]
+        assert "delivery limit" in r["error"]["message"]  # type: ignore[index]
+
+
+async def get_message_unacked(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:
+    for _ in range(100):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.1)
+    raise aio_pika.exceptions.QueueEmpty
 
 
 async def test_a_malformed_batch_is_dead_lettered_not_looped(pipeline: InProcessPipeline, settings: Settings) -> None:
@@ -216,10 +290,8 @@ async def test_a_malformed_batch_is_dead_lettered_not_looped(pipeline: InProcess
         dead = await get_message(await channel.get_queue(settings.topology.dead), timeout=30)
         assert dead.headers is not None and "holds" in str(dead.headers.get("x-farebox-reason"))
         await asyncio.sleep(1.0)
-        notify = await channel.declare_queue(settings.topology.dead_notify, passive=True)
-        assert notify.declaration_result.message_count == 0  # answered once, not dead-lettered again
         again = await (await channel.get_queue(settings.topology.dead)).get(fail=False)
-        assert again is None
+        assert again is None  # answered once, not dead-lettered again
 
 
 async def test_idle_flush_waits_behind_an_unconfirmed_batch_then_sends_what_joined() -> None:
@@ -244,3 +316,13 @@ async def test_idle_flush_waits_behind_an_unconfirmed_batch_then_sends_what_join
     confirm.set()
     await asyncio.wait_for(asyncio.gather(first, other, *later), 5)
     assert [p.body for p in sent] == [b"1", b"x", b"2\n3"]
+
+
+async def test_a_batch_stays_under_the_byte_cap_and_a_bigger_envelope_goes_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "BATCH_MAX_BYTES", 10)
+    sent = Sent()
+    batcher = Batcher(sent, "t", max_items=100, linger_s=60)
+    bodies = [b"abcd"] * 5 + [b"x" * 30]
+    await asyncio.wait_for(asyncio.gather(*(batcher.add(Publish(routing_key="q", body=b)) for b in bodies)), 5)
+    assert _bodies(sent.messages) == [b"abcd\nabcd", b"abcd\nabcd", b"abcd", b"x" * 30]

@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from farebox.constants import H_CODE, H_REASON
+from farebox.errors import DependencyUnavailable
 from farebox.settings import Settings
 from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
 
@@ -134,3 +135,14 @@ async def test_result_for_a_vanished_caller_is_dropped_not_retried(pipeline: InP
     assert job_id in await ledger_entries(redis, settings)
     async with pipeline.client() as client:  # the pipeline is still healthy afterwards
         assert (await client.complete({"prompt": "next"}, timeout=30)).status == "ok"
+
+
+async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(pipeline: InProcessPipeline,
+                                                                          settings: Settings) -> None:
+    """Publishes await their confirms several at a time; one that fails still fails the stream."""
+    await pipeline.start("dedup")
+    async with pipeline.client() as client:
+        await pipeline.close()  # stops the stage and deletes the namespace's queues, intake included
+        jobs = [{"prompt": f"item {i}", "job_id": f"gone{i}"} for i in range(200)]
+        with pytest.raises(DependencyUnavailable, match="is gone"):
+            await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=200)), 30)

@@ -28,7 +28,7 @@ from workers.decode import envelope_from_internal
 from workers.ledger import CacheFill, Ledger, Recorded
 from workers.redis_health import REDIS_DOWN, RedisHealth
 from workers.results import build_result
-from workers.runtime import Delivery, Handled, Publish
+from workers.stage import Delivery, Handled, Publish
 
 log = logging.getLogger("farebox.account")
 

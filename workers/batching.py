@@ -23,16 +23,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from farebox import metrics
 from farebox.constants import H_BATCH
 from farebox.errors import PermanentError
-
-if TYPE_CHECKING:
-    from workers.runtime import Delivery, Publish
+from workers.stage import Delivery, Publish
 
 BATCH_CONTENT_TYPE = "application/x-ndjson"
+# Far below any broker's message size limit (16 MiB by default on RabbitMQ 4); an envelope that is
+# bigger on its own (a prompt near FAREBOX_MAX_BODY_BYTES) still goes, alone.
+BATCH_MAX_BYTES = 4 * 1024 * 1024
 
 
 def batch_count(delivery: Delivery) -> int | None:
@@ -61,6 +61,7 @@ class Batcher:
         self._max = max_items
         self._linger_s = linger_s
         self._pending: dict[str, list[tuple[Publish, asyncio.Future[None]]]] = {}
+        self._bytes: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._unconfirmed: dict[str, int] = {}  # batches sent to a queue and not yet confirmed
@@ -69,9 +70,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         key = publish.routing_key
+        if key in self._pending and self._bytes[key] + len(publish.body) > BATCH_MAX_BYTES:
+            self._flush(key)
         batch = self._pending.setdefault(key, [])
         batch.append((publish, done))
-        if len(batch) >= self._max:
+        self._bytes[key] = self._bytes.get(key, 0) + len(publish.body) + 1
+        if len(batch) >= self._max or self._bytes[key] > BATCH_MAX_BYTES:
             self._flush(key)
         elif len(batch) == 1:
             self._timers[key] = loop.call_later(self._linger_s, self._flush, key)
@@ -93,6 +97,7 @@ class Batcher:
         if timer is not None:
             timer.cancel()
         batch = self._pending.pop(key, None)
+        self._bytes.pop(key, None)
         if batch:
             self._unconfirmed[key] = self._unconfirmed.get(key, 0) + 1
             task = asyncio.get_running_loop().create_task(self._send_batch(key, batch))

@@ -24,7 +24,7 @@ from farebox.constants import NANO, RedisKeys
 from farebox.settings import Settings
 from schemas import BudgetHold
 from workers.ledger import nano
-from workers.runtime import Publish
+from workers.stage import Publish
 
 log = logging.getLogger("farebox.budget")
 

@@ -21,7 +21,7 @@ from farebox.errors import ERROR_CODES, FareboxError
 from farebox.settings import Settings
 from schemas import BudgetHold, Envelope, ErrorInfo, JobResult
 from workers.account import Recorder, Recording
-from workers.runtime import Delivery, Handled
+from workers.stage import Delivery, Handled
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ def _death_reason(headers: dict[str, Any]) -> str:
     return "dead-lettered"
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def read_dead_letter(delivery: Delivery) -> DeadLetter:
     """Best effort: whatever the body is (garbage included), produce a typed error to answer."""
     headers = dict(delivery.headers)
@@ -72,8 +76,12 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
         try:
             data = json.loads(delivery.body)
             if isinstance(data, dict):
-                job_id = data.get("job_id") if isinstance(data.get("job_id"), str) else None
-                tenant = data.get("tenant") if isinstance(data.get("tenant"), str) else None
+                job_id = _text(data.get("job_id"))
+                job = data.get("job")
+                tenant = _text(data.get("tenant")) or (_text(job.get("tenant")) if isinstance(job, dict) else None)
+                # An envelope that no longer validates (a job of a batch has no properties of its own).
+                reply_to = reply_to or _text(data.get("reply_to"))
+                correlation_id = correlation_id or _text(data.get("correlation_id"))
         except (ValueError, RecursionError):
             pass
     if not job_id:

@@ -15,7 +15,7 @@ from farebox.errors import InvalidRequest, describe_validation_error
 from farebox.settings import Settings
 from schemas import Envelope, Job
 from workers.cache_keys import CacheRules, cache_key, is_cacheable
-from workers.runtime import Delivery
+from workers.stage import Delivery
 
 
 def parse_job(body: bytes, max_body_bytes: int) -> Job:

@@ -24,7 +24,7 @@ from schemas import Envelope, Outcome
 from workers.cache_keys import CacheRules
 from workers.decode import envelope_from_intake, envelope_from_internal
 from workers.redis_health import REDIS_DOWN, RedisHealth
-from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
+from workers.stage import Delivery, EnvelopeStage, Handled, envelope_publish
 
 # One round trip, atomic: answered job_id? cached answer? else take (or find) the lease. Being
 # atomic, a leader that fills the cache and releases its lease can never slip in between.

@@ -24,7 +24,7 @@ from workers.providers.base import ProviderRequest
 from workers.providers.pool import AdapterPool
 from workers.providers.retry import call_with_retries
 from workers.redis_health import REDIS_DOWN
-from workers.runtime import Delivery, EnvelopeStage, Handled, envelope_publish
+from workers.stage import Delivery, EnvelopeStage, Handled, envelope_publish
 
 log = logging.getLogger("farebox.execute")
 

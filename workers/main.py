@@ -27,7 +27,8 @@ from workers.execute import ExecuteStage
 from workers.providers.pool import AdapterPool
 from workers.providers.registry import build_adapter, emulator_url, provider_configs
 from workers.route import RouteStage
-from workers.runtime import StageCore, Worker
+from workers.runtime import Worker
+from workers.stage import StageCore
 
 log = logging.getLogger("farebox.worker")
 

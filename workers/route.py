@@ -20,7 +20,7 @@ from workers.budgets import BudgetAlerts, BudgetBook, holds_for
 from workers.decode import envelope_from_internal
 from workers.health import ProviderHealth
 from workers.redis_health import REDIS_DOWN
-from workers.runtime import Delivery, EnvelopeStage, Handled, Publish, envelope_publish
+from workers.stage import Delivery, EnvelopeStage, Handled, Publish, envelope_publish
 
 
 class RouteStage(EnvelopeStage):

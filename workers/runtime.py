@@ -10,6 +10,11 @@ broker redelivers it. What each error family means for the message is decided he
 * ``RetryableError`` -> requeue after the hinted delay (the queue's delivery limit bounds this);
 * anything else -> requeue; a message that keeps failing hits the delivery limit and is
   dead-lettered by the broker, and the dead-letter consumer sends the caller an ``internal`` error.
+
+A message between stages may hold a batch of jobs (workers/batching.py). Its jobs are handled
+concurrently and each is settled on its own: a job to retry is retried here, up to the delivery
+limit, then dead-lettered alone, and the batch is acked once every job is settled. Only a crash
+(or a lost connection) brings the whole batch back, marked redelivered.
 """
 
 from __future__ import annotations
@@ -18,107 +23,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from farebox import metrics
-from farebox.constants import CONTENT_TYPE, H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
-from farebox.errors import BlockedError, FareboxError, PermanentError, RetryableError
+from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
+from farebox.errors import BlockedError, DeliveryLimitReached, FareboxError, PermanentError, RetryableError
 from farebox.settings import Settings
-from schemas import Envelope, ErrorInfo
 from workers.batching import Batcher, batch_count, split_batch
+from workers.stage import Delivery, Handled, Publish, StageCore
 from workers.topology import declare_topology, queue_plan
 
 log = logging.getLogger("farebox.runtime")
 
 MAX_PUBLISH_BACKOFF_S = 1.0
 DRAIN_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Publish:
-    """One message a stage wants sent. ``caller_reply``: a result for a caller whose queue may be
-    gone; unroutable is then logged and dropped rather than retried."""
-
-    routing_key: str
-    body: bytes
-    exchange: str = ""
-    headers: Mapping[str, Any] = field(default_factory=dict)
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    message_id: str | None = None
-    caller_reply: bool = False
-    content_type: str = CONTENT_TYPE
-    mandatory: bool = True  # False: no queue bound is fine (alerts nobody listens to yet)
-
-
-@dataclass(frozen=True)
-class Handled:
-    publishes: Sequence[Publish]
-    # Runs after every publish is confirmed and before the ack (the account stage finishes a
-    # ledger write here when Redis was away at first).
-    after_publish: Callable[[], Awaitable[None]] | None = None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a core may know about the incoming message: never the channel."""
-
-    queue: str
-    body: bytes
-    redelivered: bool
-    delivery_count: int
-    headers: Mapping[str, Any]
-    reply_to: str | None
-    correlation_id: str | None
-    message_id: str | None
-    timestamp: float | None
-
-
-class StageCore(Protocol):
-    name: str
-
-    def input_queues(self) -> Sequence[str]: ...
-
-    def decode(self, delivery: Delivery) -> Any: ...
-
-    async def handle(self, item: Any, delivery: Delivery) -> Handled: ...
-
-    def fail(self, item: Any, err: FareboxError) -> Handled:
-        """What a permanent/blocked error from ``handle`` turns into (normally an error result)."""
-        ...
-
-
-class EnvelopeStage:
-    """Mixin for stages whose input is an Envelope: a permanent error becomes an error result,
-    which the account stage records and sends to the caller."""
-
-    account_queue: str
-
-    def fail(self, item: Any, err: FareboxError) -> Handled:
-        assert isinstance(item, Envelope)
-        return Handled([envelope_publish(with_error(item, err), self.account_queue)])
-
-
-def envelope_publish(env: Envelope, queue: str) -> Publish:
-    """Hand an envelope to the next stage; reply_to/correlation_id ride along in the properties so
-    that a dead-lettered internal message can still be answered."""
-    return Publish(
-        routing_key=queue,
-        body=env.model_dump_json(exclude_defaults=True).encode(),
-        reply_to=env.reply_to,
-        correlation_id=env.correlation_id,
-        message_id=env.job_id,
-    )
-
-
-def with_error(env: Envelope, err: FareboxError) -> Envelope:
-    return env.model_copy(update={"error": ErrorInfo(code=err.code, message=str(err))})
 
 
 def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
@@ -202,72 +125,87 @@ class Worker:
     def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inflight += 1
-            self._busy += 1
             self._idle.clear()
+            owed = _Unhandled(self)
             try:
-                await self._process(message, queue)
+                await self._process(message, queue, owed)
             except Exception:  # the shell must never die on one message
                 log.exception("stage %s: unexpected failure handling a message", self.core.name)
                 await _settle(message, requeue=True)
             finally:
+                owed.release_all()
                 self._inflight -= 1
                 if self._inflight == 0:
                     self._idle.set()
 
         return on_message
 
-    async def _process(self, message: AbstractIncomingMessage, queue: str) -> None:
+    async def _process(self, message: AbstractIncomingMessage, queue: str, owed: _Unhandled) -> None:
         delivery = to_delivery(message, queue)
         count = batch_count(delivery)
         if count is None:
-            ack = await self._job(delivery, batched=False)
-            await _settle(message, ack=ack, requeue=not ack)
+            verdict = await self._attempt(delivery, owed.release)
+            if verdict is not True:
+                await asyncio.sleep(verdict)
+            await _settle(message, ack=verdict is True, requeue=verdict is not True)
             return
         try:
             jobs = split_batch(delivery, count)
         except PermanentError as err:
-            self._done_handling()
+            owed.release()
             await self._dead_letter(delivery, err)
             await _settle(message, ack=True)
             return
-        self._busy += len(jobs) - 1  # on_message counted the message as one
-        done = await asyncio.gather(*(self._job(job, batched=True) for job in jobs), return_exceptions=True)
-        failed = [d for d in done if isinstance(d, BaseException)]
-        if failed:
-            # Every job was settled its own way except these; requeueing the batch repeats the
-            # others downstream, which every stage tolerates (at-least-once, idempotent ledger).
-            log.error("stage %s: %d job(s) of a batch of %d failed unexpectedly (%s); batch requeued",
-                      self.core.name, len(failed), len(jobs), type(failed[0]).__name__)
-        await _settle(message, ack=not failed, requeue=bool(failed))
+        owed.add(len(jobs) - 1)
+        await asyncio.gather(*(self._job_of_batch(job, owed.release) for job in jobs))
+        await _settle(message, ack=True)
 
-    async def _job(self, delivery: Delivery, *, batched: bool) -> bool:
-        """One job: True when its input may be acked, False to requeue it (a message of its own).
-        A job of a batch that must be retried goes back to its queue alone, so the rest of the
-        batch is not repeated; its retries are then bounded by the delivery limit as usual."""
+    async def _job_of_batch(self, delivery: Delivery, release: Callable[[], None]) -> None:
+        """A job of a batch is settled on its own, so the rest of the batch is never repeated for
+        it: retried here (not republished: its queue may be full, and waiting for room while
+        holding the batch could stall the stage), up to the delivery limit, then dead-lettered."""
+        attempt = delivery.delivery_count + 1
+        while True:
+            try:
+                verdict = await self._attempt(delivery, release)
+            except Exception:  # publishing failed in a way _publish does not wait out
+                log.exception("stage %s: job of a batch failed (attempt %d)", self.core.name, attempt)
+                verdict = 0.5
+            if verdict is True:
+                return
+            release = _nothing  # counted once, on the first attempt
+            if attempt >= self.settings.delivery_limit:
+                await self._dead_letter(delivery, DeliveryLimitReached(
+                    f"the job failed {attempt} times in {delivery.queue} and hit the delivery limit; "
+                    "it is kept in the dead-letter queue for inspection"))
+                return
+            attempt += 1
+            await asyncio.sleep(verdict)
+
+    async def _attempt(self, delivery: Delivery, release: Callable[[], None]) -> Literal[True] | float:
+        """Decode, handle and publish one job: True once it is settled (published, or dead-lettered
+        as undecodable), else the delay before trying again. ``release`` runs once the job's
+        publishes are queued, so an idle flush of the batcher takes them."""
         sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
         try:
             async with self._slots:
                 verdict = await self._decide(delivery)
             if isinstance(verdict, Handled):
-                sending = self._enqueue(verdict)  # before the count drops, so a flush takes them
+                sending = self._enqueue(verdict)
         finally:
-            self._done_handling()
-        if isinstance(verdict, Handled):
-            direct, confirms = sending
-            for p in direct:
-                await self._publish(p)
-            for confirmed in confirms:
-                await confirmed
-            if verdict.after_publish is not None:
-                await verdict.after_publish()
-            return True
+            release()
         if isinstance(verdict, FareboxError):
             await self._dead_letter(delivery, verdict)
             return True
-        await asyncio.sleep(verdict)
-        if not batched:
-            return False
-        await self._publish(Publish(routing_key=delivery.queue, body=delivery.body))
+        if not isinstance(verdict, Handled):
+            return verdict
+        direct, confirms = sending
+        for p in direct:
+            await self._publish(p)
+        for confirmed in confirms:
+            await confirmed
+        if verdict.after_publish is not None:
+            await verdict.after_publish()
         return True
 
     async def _decide(self, delivery: Delivery) -> Handled | PermanentError | float:
@@ -292,7 +230,7 @@ class Worker:
             return delay
         except Exception:
             metrics.ERRORS.labels(stage, "internal").inc()
-            log.exception("stage %s: job %s failed (delivery %d); requeued", stage, _job_id(env),
+            log.exception("stage %s: job %s failed (delivery %d); it will be retried", stage, _job_id(env),
                           delivery.delivery_count + 1)
             return 0.5
 
@@ -320,7 +258,7 @@ class Worker:
         stage = self.core.name
         metrics.ERRORS.labels(stage, err.code).inc()
         metrics.MESSAGES.labels(stage, "dead_lettered").inc()
-        log.warning("stage %s: dead-lettering an undecodable message: %s", stage, err)
+        log.warning("stage %s: dead-lettering a job: %s", stage, err)
         await self._publish(dead_letter_publish(self.settings, delivery, stage, err))
 
     async def _publish(self, p: Publish) -> None:
@@ -361,6 +299,34 @@ class Worker:
                 log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_PUBLISH_BACKOFF_S)
+
+
+class _Unhandled:
+    """The jobs of one message counted in ``Worker._busy`` and not handled yet. Each is released
+    once, whichever way the message goes (a job cancelled before it ran included), so the count
+    cannot stick above zero and stop idle flushes."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self.jobs = 0
+        self.add(1)
+
+    def add(self, n: int) -> None:
+        self.jobs += n
+        self._worker._busy += n
+
+    def release(self) -> None:
+        if self.jobs > 0:
+            self.jobs -= 1
+            self._worker._done_handling()
+
+    def release_all(self) -> None:
+        while self.jobs > 0:
+            self.release()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _job_id(item: Any) -> str:
