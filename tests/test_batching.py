@@ -20,6 +20,7 @@ from farebox.errors import PermanentError
 from farebox.settings import Settings
 from schemas import Envelope, Job
 from tests.conftest import EmulatorStats
+from tests.support.faults import crash_route_on_poison
 from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
 from workers import batching
 from workers.batching import Batcher, batch_count, split_batch
@@ -183,23 +184,10 @@ async def _replies(channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.Ab
     return got
 
 
-def _crash_on_poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    import workers.route as route_module
-
-    real = route_module.choose_route
-
-    def crash_on_poison(job, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if job.tenant == "poison":
-            raise RuntimeError("simulated bug")
-        return real(job, *args, **kwargs)
-
-    monkeypatch.setattr(route_module, "choose_route", crash_on_poison)
-
-
 async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_once(
         pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch,
         emulator_stats: EmulatorStats) -> None:
-    _crash_on_poison(monkeypatch)
+    crash_route_on_poison(monkeypatch)
     await pipeline.start()
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
@@ -224,7 +212,7 @@ async def test_retrying_a_job_of_a_batch_does_not_stall_a_full_stage_queue(
     """The route queue holds one message at most and route takes one at a time: while a batch
     with a crashing job is being retried, the queue is full behind it. The retries must not need
     room in that queue (republishing there would wait for ever while holding the batch)."""
-    _crash_on_poison(monkeypatch)
+    crash_route_on_poison(monkeypatch)
     tight = settings.model_copy(update={"emulator_url": emulator, "stage_max_length": 1, "prefetch": 1})
     p = InProcessPipeline(tight)
     try:

@@ -14,6 +14,7 @@ from farebox.client import PUBLISH_WINDOW
 from farebox.constants import H_CODE, H_REASON
 from farebox.errors import DependencyUnavailable
 from farebox.settings import Settings
+from tests.support.faults import crash_route_on_poison
 from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
 
 
@@ -73,16 +74,7 @@ async def test_poison_message_hits_delivery_limit_and_caller_gets_internal_error
         pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job that crashes its stage every time is dead-lettered by the broker after the delivery
     limit, not retried forever, and the caller still hears about it."""
-    import workers.route as route_module
-
-    real = route_module.choose_route
-
-    def crash_on_poison(job, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if job.tenant == "poison":
-            raise RuntimeError("simulated bug")
-        return real(job, *args, **kwargs)
-
-    monkeypatch.setattr(route_module, "choose_route", crash_on_poison)
+    crash_route_on_poison(monkeypatch)
     await pipeline.start()
     async with pipeline.client() as client:
         poison, good = await asyncio.gather(
