@@ -104,7 +104,13 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
         await replies.consume(on_reply, no_ack=True)
         # Like farebox's client: up to PUBLISH_WINDOW publishes await their confirms at once.
         window = asyncio.Semaphore(PUBLISH_WINDOW)
-        confirming: set[asyncio.Task[object]] = set()
+        confirming: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+
+        def confirmed(task: asyncio.Task[None]) -> None:
+            confirming.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())  # type: ignore[arg-type]
 
         async def publish(k: int) -> None:
             try:
@@ -118,10 +124,14 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
         for k in range(n):
             await slots.acquire()
             await window.acquire()
+            if failures:
+                raise failures[0]
             task = asyncio.create_task(publish(k))
             confirming.add(task)
-            task.add_done_callback(confirming.discard)
-        await asyncio.gather(*confirming)
+            task.add_done_callback(confirmed)
+        await asyncio.gather(*confirming, return_exceptions=True)
+        if failures:
+            raise failures[0]
         await done.wait()
         return n / (time.perf_counter() - t0)
 

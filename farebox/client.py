@@ -186,6 +186,8 @@ class FareboxClient:
         slots = asyncio.Semaphore(max_in_flight)
         done_publishing = asyncio.Event()
 
+        failures: list[BaseException] = []  # what a publish raised (the intake is gone, say)
+
         async def feed() -> None:
             # Several publishes await their confirms at once: one at a time, a producer could
             # not publish faster than one confirm round trip per job.
@@ -194,8 +196,9 @@ class FareboxClient:
 
             def confirmed(task: asyncio.Task[Job]) -> None:
                 window.release()
-                if task.cancelled() or task.exception() is None:
-                    confirming.discard(task)  # a failed one stays, for feed to raise
+                confirming.discard(task)
+                if not task.cancelled() and task.exception() is not None:
+                    failures.append(task.exception())  # type: ignore[arg-type]
             try:
                 async for job in _aiter(jobs):
                     await slots.acquire()
@@ -203,15 +206,14 @@ class FareboxClient:
                     if parsed.job_id is None:
                         parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
                     assert parsed.job_id is not None
-                    outstanding.add(parsed.job_id)
                     await window.acquire()
-                    failed = next((t for t in confirming if t.done() and t.exception() is not None), None)
-                    if failed is not None:
-                        failed.result()  # raise what the publish raised (the intake is gone, say)
+                    if failures:
+                        return
+                    outstanding.add(parsed.job_id)
                     task = asyncio.create_task(self.publish(parsed))
                     confirming.add(task)
                     task.add_done_callback(confirmed)
-                await asyncio.gather(*confirming)
+                await asyncio.gather(*confirming, return_exceptions=True)
             finally:
                 for task in confirming:
                     task.cancel()
@@ -221,6 +223,8 @@ class FareboxClient:
         last_result = time.monotonic()
         try:
             while not (done_publishing.is_set() and not outstanding):
+                if failures:  # checked at least once a second, whatever the feeder waits for
+                    raise failures[0]
                 if feeder.done() and feeder.exception() is not None:
                     raise feeder.exception()  # type: ignore[misc]
                 try:

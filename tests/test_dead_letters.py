@@ -114,6 +114,7 @@ async def test_full_intake_pushes_back_and_loses_nothing(settings: Settings, red
             results = await asyncio.wait_for(collected, 120)
         assert sorted(r.job_id for r in results) == sorted(j["job_id"] for j in jobs)
         assert all(r.status == "ok" for r in results)
+        assert client.repeats_dropped == 0  # nothing was published (and answered) twice
     finally:
         await p.close()
 
@@ -141,4 +142,24 @@ async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(pipeli
         await pipeline.close()  # stops the stage and deletes the namespace's queues, intake included
         jobs = [{"prompt": f"item {i}", "job_id": f"gone{i}"} for i in range(200)]
         with pytest.raises(DependencyUnavailable, match="is gone"):
-            await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=200)), 30)
+            # Fewer slots than jobs: the failed publishes hold theirs, and the stream must not wait
+            # for its idle timeout (300 s) to give them back before it raises.
+            await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=10)), 30)
+
+
+@pytest.mark.parametrize("body, reply_to", [
+    # An envelope that no longer validates (a newer version, say), from a batch: no properties of its own.
+    (b'{"v": 2, "job_id": "e-1", "job": {"prompt": "x", "tenant": "acme"}, "received_at": 1.0, '
+     b'"reply_to": "amq.gen-caller", "correlation_id": "c-1"}', "amq.gen-caller"),
+    # A producer's body is never trusted for where to answer: that is its message property.
+    (b'{"prompt": "x", "reply_to": "amq.gen-someone-else", "qualty": "high"}', None),
+])
+def test_a_dead_letter_without_properties_answers_the_envelope_caller_only(body: bytes,
+                                                                            reply_to: str | None) -> None:
+    from workers.deadletter import read_dead_letter
+    from workers.stage import Delivery
+
+    dead = read_dead_letter(Delivery(queue="q", body=body, redelivered=False, delivery_count=0, headers={},
+                                     reply_to=None, correlation_id=None, message_id=None, timestamp=None))
+    assert dead.reply_to == reply_to
+    assert dead.tenant == ("acme" if reply_to else "default")

@@ -79,9 +79,11 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
                 job_id = _text(data.get("job_id"))
                 job = data.get("job")
                 tenant = _text(data.get("tenant")) or (_text(job.get("tenant")) if isinstance(job, dict) else None)
-                # An envelope that no longer validates (a job of a batch has no properties of its own).
-                reply_to = reply_to or _text(data.get("reply_to"))
-                correlation_id = correlation_id or _text(data.get("correlation_id"))
+                if isinstance(job, dict) and "received_at" in data:
+                    # An envelope that no longer validates (a job of a batch has no properties of
+                    # its own); never a producer's body, whose reply_to is its message property.
+                    reply_to = reply_to or _text(data.get("reply_to"))
+                    correlation_id = correlation_id or _text(data.get("correlation_id"))
         except (ValueError, RecursionError):
             pass
     if not job_id:

@@ -157,8 +157,12 @@ class Worker:
             await _settle(message, ack=True)
             return
         owed.add(len(jobs) - 1)
-        await asyncio.gather(*(self._job_of_batch(job, owed.release) for job in jobs))
-        await _settle(message, ack=True)
+        done = await asyncio.gather(*(self._job_of_batch(job, owed.release) for job in jobs), return_exceptions=True)
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:  # only when even dead-lettering a job failed: every job has finished either way
+            log.error("stage %s: %d job(s) of a batch of %d could not be settled (%s); batch requeued",
+                      self.core.name, len(failed), len(jobs), type(failed[0]).__name__)
+        await _settle(message, ack=not failed, requeue=bool(failed))
 
     async def _job_of_batch(self, delivery: Delivery, release: Callable[[], None]) -> None:
         """A job of a batch is settled on its own, so the rest of the batch is never repeated for
