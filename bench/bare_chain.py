@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import uvloop
 
-from farebox.client import PUBLISH_WINDOW
+from farebox.client import PublishWindow
 
 AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 HOPS = 4
@@ -102,36 +102,15 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
                 done.set()
 
         await replies.consume(on_reply, no_ack=True)
-        # Like farebox's client: up to PUBLISH_WINDOW publishes await their confirms at once.
-        window = asyncio.Semaphore(PUBLISH_WINDOW)
-        confirming: set[asyncio.Task[None]] = set()
-        failures: list[BaseException] = []
-
-        def confirmed(task: asyncio.Task[None]) -> None:
-            confirming.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                failures.append(task.exception())  # type: ignore[arg-type]
-
-        async def publish(k: int) -> None:
-            try:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
-                                     correlation_id=str(k)), queue(ns, 0))
-            finally:
-                window.release()
-
+        # Like farebox's client: several publishes await their confirms at once.
+        window = PublishWindow()
         t0 = time.perf_counter()
         for k in range(n):
             await slots.acquire()
-            await window.acquire()
-            if failures:
-                raise failures[0]
-            task = asyncio.create_task(publish(k))
-            confirming.add(task)
-            task.add_done_callback(confirmed)
-        await asyncio.gather(*confirming, return_exceptions=True)
-        if failures:
-            raise failures[0]
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
+                                       correlation_id=str(k))
+            await window.start(lambda m=message: channel.default_exchange.publish(m, queue(ns, 0)))
+        await window.drain()
         await done.wait()
         return n / (time.perf_counter() - t0)
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +40,43 @@ from schemas import ErrorInfo, Job, JobResult
 log = logging.getLogger("farebox.client")
 # Publishes of one stream awaiting their broker confirms at once.
 PUBLISH_WINDOW = 64
+
+
+class PublishWindow:
+    """Up to ``size`` publishes awaiting their broker confirms at once: one at a time, a producer
+    could not publish faster than one confirm round trip per job. The first failure is kept in
+    ``failure`` and raised by the next ``start`` or by ``drain``."""
+
+    def __init__(self, size: int = PUBLISH_WINDOW) -> None:
+        self._room = asyncio.Semaphore(size)
+        self._pending: set[asyncio.Task[Any]] = set()
+        self.failure: BaseException | None = None
+
+    async def start(self, publish: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Wait for room, then start ``publish()`` without waiting for its confirm."""
+        await self._room.acquire()
+        if self.failure is not None:
+            self._room.release()
+            raise self.failure
+        task = asyncio.create_task(publish())
+        self._pending.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._room.release()
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+
+    async def drain(self) -> None:
+        """Wait for every confirm; raise the first failure."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        if self.failure is not None:
+            raise self.failure
+
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()
 
 JobLike = Job | Mapping[str, Any] | str
 
@@ -186,19 +224,9 @@ class FareboxClient:
         slots = asyncio.Semaphore(max_in_flight)
         done_publishing = asyncio.Event()
 
-        failures: list[BaseException] = []  # what a publish raised (the intake is gone, say)
+        window = PublishWindow()
 
         async def feed() -> None:
-            # Several publishes await their confirms at once: one at a time, a producer could
-            # not publish faster than one confirm round trip per job.
-            confirming: set[asyncio.Task[Job]] = set()
-            window = asyncio.Semaphore(PUBLISH_WINDOW)
-
-            def confirmed(task: asyncio.Task[Job]) -> None:
-                window.release()
-                confirming.discard(task)
-                if not task.cancelled() and task.exception() is not None:
-                    failures.append(task.exception())  # type: ignore[arg-type]
             try:
                 async for job in _aiter(jobs):
                     await slots.acquire()
@@ -206,25 +234,19 @@ class FareboxClient:
                     if parsed.job_id is None:
                         parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
                     assert parsed.job_id is not None
-                    await window.acquire()
-                    if failures:
-                        return
                     outstanding.add(parsed.job_id)
-                    task = asyncio.create_task(self.publish(parsed))
-                    confirming.add(task)
-                    task.add_done_callback(confirmed)
-                await asyncio.gather(*confirming, return_exceptions=True)
+                    await window.start(functools.partial(self.publish, parsed))
+                await window.drain()
             finally:
-                for task in confirming:
-                    task.cancel()
+                window.cancel()
                 done_publishing.set()
 
         feeder = asyncio.create_task(feed())
         last_result = time.monotonic()
         try:
             while not (done_publishing.is_set() and not outstanding):
-                if failures:  # checked at least once a second, whatever the feeder waits for
-                    raise failures[0]
+                if window.failure is not None:  # checked at least once a second, whatever the feeder waits for
+                    raise window.failure
                 if feeder.done() and feeder.exception() is not None:
                     raise feeder.exception()  # type: ignore[misc]
                 try:
