@@ -57,7 +57,7 @@ class Batcher:
     def __init__(self, send: Callable[[Publish], Awaitable[None]], stage: str, *, max_items: int,
                  linger_s: float) -> None:
         self._send = send
-        self._stage = stage
+        self._sizes = metrics.BATCH_SIZE.labels(stage)
         self._max = max_items
         self._linger_s = linger_s
         self._pending: dict[str, list[tuple[Publish, asyncio.Future[None]]]] = {}
@@ -81,10 +81,6 @@ class Batcher:
             self._timers[key] = loop.call_later(self._linger_s, self._flush, key)
         return done
 
-    def flush_all(self) -> None:
-        for key in list(self._pending):
-            self._flush(key)
-
     def flush_idle(self) -> None:
         """Nothing else can join now: send what waits, except behind a batch still awaiting its
         confirm (that batch's confirm sends it, with whatever joined meanwhile)."""
@@ -105,27 +101,27 @@ class Batcher:
             task.add_done_callback(self._sending.discard)
 
     async def _send_batch(self, key: str, batch: Sequence[tuple[Publish, asyncio.Future[None]]]) -> None:
-        metrics.BATCH_SIZE.labels(self._stage).observe(len(batch))
+        self._sizes.observe(len(batch))
         if len(batch) == 1:
             message = batch[0][0]
         else:
             message = replace(batch[0][0], body=b"\n".join(p.body for p, _ in batch), headers={H_BATCH: len(batch)},
                               content_type=BATCH_CONTENT_TYPE, reply_to=None, correlation_id=None,
                               message_id=None)
+        error: BaseException | None = None
         try:
             await self._send(message)
-        except BaseException as err:
-            self._confirmed(key)
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(err)
-            if not isinstance(err, Exception):
-                raise
-        else:
-            self._confirmed(key)
-            for _, done in batch:
-                if not done.done():
+        except BaseException as err:  # every waiter hears of it; a cancellation still propagates
+            error = err
+        self._confirmed(key)
+        for _, done in batch:
+            if not done.done():
+                if error is None:
                     done.set_result(None)
+                else:
+                    done.set_exception(error)
+        if error is not None and not isinstance(error, Exception):
+            raise error
 
     def _confirmed(self, key: str) -> None:
         self._unconfirmed[key] -= 1

@@ -79,6 +79,7 @@ class Worker:
 
     def __init__(self, settings: Settings, core: StageCore, providers: Sequence[str]) -> None:
         self.settings = settings
+        self._topology = settings.topology  # built once: _batches asks it for every publish
         self.core = core
         self.providers = list(providers)
         self._inflight = 0  # messages (a batch is one)
@@ -256,7 +257,7 @@ class Worker:
 
     def _batches(self, p: Publish) -> bool:
         return (not p.exchange and not p.headers and p.mandatory and not p.caller_reply
-                and self.settings.topology.is_batched(p.routing_key))
+                and self._topology.is_batched(p.routing_key))
 
     async def _dead_letter(self, delivery: Delivery, err: PermanentError) -> None:
         stage = self.core.name
