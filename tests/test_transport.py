@@ -1,0 +1,224 @@
+"""The aiohttp transport under httpx, over real sockets on loopback: what a provider call sees for
+each way a server can answer or misbehave, and the execute stage's pool on top of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from farebox.errors import ProviderRejected, ProviderUnavailable
+from schemas import ChatMessage
+from workers.providers.base import ProviderRequest
+from workers.providers.openai import OpenAIAdapter
+from workers.providers.pool import AdapterPool
+from workers.providers.registry import BUILTINS, build_adapter, provider_configs
+from workers.providers.transport import AiohttpTransport
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OPENAI_OK = json.dumps({
+    "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+}).encode()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(serve: Serve) -> AsyncIterator[str]:
+    """A server that answers however ``serve`` says, bytes and all."""
+    handlers: list[asyncio.Task[object]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await serve(reader, writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[list[bytes], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")[:-2]
+    length = next((int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
+    return lines, await reader.readexactly(length)
+
+
+def answer(body: bytes, *, status: str = "200 OK", extra: bytes = b"") -> Serve:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\n" + extra
+                         + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+    return serve
+
+
+async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    await asyncio.sleep(30)
+
+
+async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n" + OPENAI_OK[:20])
+    await writer.drain()
+    writer.close()
+
+
+async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.close()
+
+
+async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def free_port_url() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connecting is refused
+
+
+def request(timeout_s: float = 5.0) -> ProviderRequest:
+    return ProviderRequest(model="m", messages=(ChatMessage(role="user", content="hello"),), max_tokens=5,
+                           temperature=0.0, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize(("serve", "error"), [
+    (hang, httpx.ReadTimeout),
+    (cut_short, httpx.RemoteProtocolError),
+    (close_at_once, httpx.RemoteProtocolError),
+    (not_http, httpx.RemoteProtocolError),
+    (None, httpx.ConnectError),
+], ids=["no answer", "body cut short", "closed before answering", "not HTTP", "refused"])
+async def test_failures_surface_as_httpx_exceptions(serve: Serve | None, error: type[Exception]) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        url = free_port_url() if serve is None else await stack.enter_async_context(raw_server(serve))
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(transport=AiohttpTransport(max_connections=4), timeout=0.5))
+        with pytest.raises(error):
+            await client.post(url + "/v1/chat/completions", json={"x": 1})
+
+
+@pytest.mark.parametrize(("serve", "error", "text"), [
+    (hang, ProviderUnavailable, "no answer"),
+    (cut_short, ProviderUnavailable, "connection failed"),
+    (not_http, ProviderUnavailable, "connection failed"),
+    (None, ProviderUnavailable, "connection failed"),
+    (answer(b'{"error": {"type": "bad", "message": "no"}}', status="400 Bad Request"), ProviderRejected, "400"),
+    (answer(b"{}", status="503 Service Unavailable"), ProviderUnavailable, "503"),
+], ids=["no answer", "body cut short", "not HTTP", "refused", "400", "503"])
+async def test_the_adapter_maps_each_failure_to_the_error_tree(serve: Serve | None, error: type[Exception],
+                                                                text: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        url = free_port_url() if serve is None else await stack.enter_async_context(raw_server(serve))
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", "sk-test-0123456789"), size=2, timeout_s=0.5)
+        stack.push_async_callback(pool.aclose)
+        async with pool.adapter() as adapter:
+            with pytest.raises(error, match=text):
+                await adapter.complete(request(timeout_s=0.5))
+
+
+async def test_a_gzip_body_is_decoded_and_headers_are_sent_once() -> None:
+    seen: list[list[bytes]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines, body = await read_request(reader)
+        seen.append(lines)
+        assert json.loads(body)["model"] == "m"
+        packed = gzip.compress(OPENAI_OK)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                     b"content-length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
+        await writer.drain()
+
+    async with raw_server(serve) as url:
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", "sk-test-0123456789"), size=1, timeout_s=5)
+        async with pool.adapter() as adapter:
+            reply = await adapter.complete(request())
+        await pool.aclose()
+    assert reply.content == "hi" and reply.usage.input_tokens == 3
+    names = [line.split(b":")[0].lower() for line in seen[0][1:]]
+    assert len(names) == len(set(names))  # httpx's headers, none doubled by aiohttp
+    assert {b"host", b"authorization", b"content-type", b"content-length", b"user-agent"} <= set(names)
+    assert seen[0][0] == b"POST /v1/chat/completions HTTP/1.1"
+
+
+async def test_a_bad_scheme_is_permanent() -> None:
+    pool = AdapterPool(lambda c: OpenAIAdapter(c, "ftp://nowhere/v1", None), size=1, timeout_s=1)
+    async with pool.adapter() as adapter:
+        with pytest.raises(ProviderRejected, match="bad endpoint"):
+            await adapter.complete(request())
+    await pool.aclose()
+
+
+@pytest.mark.parametrize("provider", [b.name for b in BUILTINS])
+async def test_every_builtin_adapter_answers_through_the_pool(emulator: str, provider: str) -> None:
+    config = provider_configs({}, emulator_url=emulator)[provider]
+    pool = AdapterPool(lambda c: build_adapter(config, c), size=8, timeout_s=5)
+    async with pool.adapter() as adapter:
+        replies = await asyncio.gather(*(adapter.complete(request()) for _ in range(20)))
+    await pool.aclose()
+    assert all(r.content and r.usage.output_tokens > 0 for r in replies)
+
+
+async def test_slots_cap_the_calls_in_flight() -> None:
+    in_flight, peak = 0, 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_flight, peak
+        while True:
+            await read_request(reader)
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.05)
+            in_flight -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(OPENAI_OK)).encode() + b"\r\n\r\n"
+                         + OPENAI_OK)
+            await writer.drain()
+
+    async with raw_server(serve) as url:
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", None), size=2, timeout_s=5)
+
+        async def call() -> str:
+            async with pool.adapter() as adapter:
+                return (await adapter.complete(request())).content
+
+        assert await asyncio.gather(*(call() for _ in range(6))) == ["hi"] * 6
+        await pool.aclose()
+    assert peak == 2
+
+
+async def test_a_cancelled_call_frees_its_slot_and_the_pool_goes_on() -> None:
+    async with raw_server(hang) as slow, raw_server(answer(OPENAI_OK)) as fast:
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, slow + "/v1", None), size=1, timeout_s=30)
+        good = OpenAIAdapter(pool.client, fast + "/v1", None)
+
+        async def hold() -> None:
+            async with pool.adapter() as adapter:
+                await adapter.complete(request(timeout_s=30))
+
+        task = asyncio.create_task(hold())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with pool.adapter():  # the only slot is free again
+            reply = await asyncio.wait_for(good.complete(request()), 5)
+        await pool.aclose()
+    assert reply.content == "hi"

@@ -1,0 +1,98 @@
+"""httpx's client API over aiohttp's connections: the transport every provider call goes through.
+
+The adapters keep speaking httpx (``httpx.AsyncClient``, requests, responses and exceptions, and
+``httpx.MockTransport`` in tests); only the sockets and HTTP/1.1 parsing are aiohttp's. httpx's
+own async transport (httpcore over anyio) cost 0.37-0.41 ms of CPU per call here even with one
+single-connection client per call slot (its pool scans every connection per request, so one
+client with many connections cost far more); this transport costs 0.20 ms
+(bench/http_client.py, 256 calls in flight against the emulator). LiteLLM and the OpenAI SDK
+offer the same swap for the same reason.
+
+aiohttp's failures are mapped to httpx's exception types here, at the boundary, as httpx's
+``map_httpcore_exceptions`` does for httpcore, so ``map_http_errors`` in base.py sees the same
+types whichever transport runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import httpx
+import yarl
+
+# Most specific first: the first match wins.
+_EXCEPTIONS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
+    (aiohttp.SocketTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),
+    (aiohttp.InvalidUrlClientError, httpx.UnsupportedProtocol),
+    (aiohttp.ClientProxyConnectionError, httpx.ProxyError),
+    (aiohttp.ClientConnectorError, httpx.ConnectError),
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.RemoteProtocolError),  # body cut short, bad chunking
+    (aiohttp.ClientResponseError, httpx.RemoteProtocolError),  # not HTTP, or a malformed head
+    (aiohttp.ClientOSError, httpx.ReadError),
+    (aiohttp.ClientError, httpx.NetworkError),
+    (TimeoutError, httpx.TimeoutException),
+)
+
+
+@contextlib.contextmanager
+def map_aiohttp_exceptions(request: httpx.Request) -> Iterator[None]:
+    try:
+        yield
+    except httpx.HTTPError:
+        raise
+    except Exception as exc:
+        for source, target in _EXCEPTIONS:
+            if isinstance(exc, source):
+                raise target(str(exc) or type(exc).__name__, request=request) from exc
+        raise
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """One aiohttp session (made on first use, inside the running loop) with at most
+    ``max_connections`` connections. Bodies are read whole: provider replies are small JSON."""
+
+    def __init__(self, *, max_connections: int, ssl_context: ssl.SSLContext | None = None,
+                 keepalive_s: float = 15.0) -> None:
+        self._max_connections = max_connections
+        # As httpx builds it by default (certifi's CA bundle); built once, ~30 ms of CPU.
+        self._ssl = ssl_context or httpx.create_ssl_context()
+        self._keepalive_s = keepalive_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl,
+                                         keepalive_timeout=self._keepalive_s)
+        # httpx decodes content-encoding itself (by the headers it is given), so aiohttp must
+        # leave the body as it came.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {request.url.scheme!r}", request=request)
+        session = self._session or self._open()
+        timeout: dict[str, Any] = request.extensions.get("timeout", {})
+        with map_aiohttp_exceptions(request):
+            async with session.request(
+                # httpx has parsed and percent-encoded the URL already: aiohttp need not again.
+                request.method, yarl.URL(str(request.url), encoded=True), headers=request.headers.multi_items(),
+                data=await request.aread(), allow_redirects=False, compress=None,
+                timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
+                                              sock_connect=timeout.get("connect"), sock_read=timeout.get("read")),
+            ) as response:
+                content = await response.read()
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+        return httpx.Response(response.status, headers=headers, content=content, request=request,
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
