@@ -26,6 +26,7 @@ from workers.dedup import DedupStage
 from workers.execute import ExecuteStage
 from workers.providers.pool import AdapterPool
 from workers.providers.registry import build_adapter, emulator_url, provider_configs
+from workers.redis_pipelining import PipeliningRedis
 from workers.route import RouteStage
 from workers.runtime import Worker
 from workers.stage import StageCore
@@ -34,9 +35,10 @@ log = logging.getLogger("farebox.worker")
 
 
 def make_redis(settings: Settings) -> Redis:
+    # The commands of concurrently handled jobs go out together (workers/redis_pipelining.py).
     # Short timeouts: a Redis outage must be noticed in about a second, not stall the pipeline.
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
-                          health_check_interval=10)
+    return PipeliningRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
+                                     health_check_interval=10)
 
 
 def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:
