@@ -53,16 +53,20 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
 
     reader = asyncio.create_task(read())
     try:
-        jobs = distinct_jobs(300, "up")
+        jobs = distinct_jobs(1500, "up")  # still flowing when the route is killed
         async with FareboxClient.from_settings(s, wait_for_pipeline_s=60) as client:
             collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=100)))
             for _ in range(100):
                 if "route" in pids:
                     break
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
             os.kill(pids["route"][0], signal.SIGKILL)
             results = await asyncio.wait_for(collecting, 120)
+        for _ in range(300):  # the restart is logged after a back-off, maybe after the last result
+            if len(pids["route"]) == 2:
+                break
+            await asyncio.sleep(0.1)
         assert sorted(r.job_id for r in results) == sorted(str(j["job_id"]) for j in jobs)
         assert all(r.status == "ok" for r in results)
         assert len(pids["route"]) == 2, output  # started again after the kill

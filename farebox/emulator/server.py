@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from farebox.emulator.app import EmulatorState, create_app
 from farebox.emulator.knobs import EmulatorKnobs
@@ -131,7 +132,9 @@ def run_command(args: argparse.Namespace, settings: object) -> int:
         print(f"farebox emulator: invalid settings: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_main(knobs))
+        # uvloop, and httptools (which uvicorn picks when installed), halve the emulator's CPU per
+        # request; it shares the cores with the pipeline in every benchmark.
+        uvloop.run(_main(knobs))
     except OSError as exc:
         print(f"farebox emulator: cannot listen on {knobs.host}:{knobs.port}: {exc}", file=sys.stderr)
         return 1
