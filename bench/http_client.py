@@ -24,7 +24,7 @@ from common import cores, cpu_s, emulator_process, pids_of, publish_table, sprea
 
 from workers.providers.transport import AiohttpTransport
 
-PORT = 8097
+PORT = 8096
 PATH = "/google/v1beta/models/gemini-2.0-flash:generateContent"
 BODY = {"contents": [{"role": "user", "parts": [{"text": "Summarize this short text for me, please. " * 5}]}],
         "generationConfig": {"maxOutputTokens": 20}}

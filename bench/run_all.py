@@ -1,7 +1,8 @@
 """The benchmark harness in one command: the tables of issue 8 (pipeline_throughput, ceiling,
-cache_hit, io_concurrency, cost, litellm_peer) from at least three runs each (median with min and
-max), one script after another so they never compete for the cores. The long fault runs
-(provider_faults.py, chaos.py) and route_speed.py stay separate.
+cache_hit, io_concurrency, cost, litellm_peer, and http_client: the provider calls' HTTP client)
+from at least three runs each (median with min and max), one script after another so they never
+compete for the cores. The long fault runs (provider_faults.py, chaos.py) and route_speed.py stay
+separate.
 
     .venv/bin/python bench/run_all.py            # the full set, about 20 minutes on 2 cores
     .venv/bin/python bench/run_all.py --smoke    # every script once on tiny inputs (~1 minute), tables to a temp dir
@@ -30,6 +31,7 @@ SUITE: dict[str, tuple[list[str], list[str] | None]] = {
                                                                  "--provider-concurrency", "64"]),
     "cost": (["--jobs", "10000", "--runs", "3"], ["--jobs", "200", "--runs", "1"]),
     "litellm_peer": (["--jobs", "3000", "--runs", "3"], None),
+    "http_client": (["--calls", "4000", "--runs", "3"], ["--calls", "200", "--runs", "1", "--in-flight", "32"]),
 }
 
 
