@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -123,7 +124,8 @@ async def test_failures_surface_as_httpx_exceptions(serve: Serve | None, error: 
     (None, ProviderUnavailable, "connection failed"),
     (answer(b'{"error": {"type": "bad", "message": "no"}}', status="400 Bad Request"), ProviderRejected, "400"),
     (answer(b"{}", status="503 Service Unavailable"), ProviderUnavailable, "503"),
-], ids=["no answer", "body cut short", "not HTTP", "refused", "400", "503"])
+    (answer(b"not gzip at all", extra=b"content-encoding: gzip\r\n"), ProviderUnavailable, "malformed"),
+], ids=["no answer", "body cut short", "not HTTP", "refused", "400", "503", "bad gzip"])
 async def test_the_adapter_maps_each_failure_to_the_error_tree(serve: Serve | None, error: type[Exception],
                                                                 text: str) -> None:
     async with contextlib.AsyncExitStack() as stack:
@@ -159,6 +161,52 @@ async def test_a_gzip_body_is_decoded_and_headers_are_sent_once() -> None:
     assert seen[0][0] == b"POST /v1/chat/completions HTTP/1.1"
 
 
+async def test_a_response_header_that_is_not_ascii_is_fine() -> None:
+    async with raw_server(answer(OPENAI_OK, extra="x-served-by: caf\u00e9\r\n".encode("latin-1"))) as url:
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", None), size=1, timeout_s=5)
+        async with pool.adapter() as adapter:
+            reply = await adapter.complete(request())
+        await pool.aclose()
+    assert reply.content == "hi"
+
+
+async def test_a_key_with_a_control_character_is_permanent() -> None:
+    async with raw_server(answer(OPENAI_OK)) as url:
+        # A key read with its "\r" from a CRLF .env file: nothing to retry.
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", "sk-test-0123456789\r"), size=1, timeout_s=5)
+        async with pool.adapter() as adapter:
+            with pytest.raises(ProviderRejected, match="could not be sent") as info:
+                await adapter.complete(request())
+        await pool.aclose()
+    assert "0123456789" not in str(info.value)
+
+
+async def test_the_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[bytes]] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines, _ = await read_request(reader)
+        seen.append(lines)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(OPENAI_OK)).encode() + b"\r\n\r\n" + OPENAI_OK)
+        await writer.drain()
+
+    async with raw_server(proxy) as url:
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, "http://provider.invalid/v1", None), size=1, timeout_s=5)
+        async with pool.adapter() as adapter:
+            reply = await adapter.complete(request())
+        await pool.aclose()
+    assert reply.content == "hi"
+    assert seen[0][0] == b"POST http://provider.invalid/v1/chat/completions HTTP/1.1"
+
+
+def test_certificates_are_verified() -> None:
+    transport = AiohttpTransport(max_connections=1)
+    assert transport._ssl.verify_mode == ssl.CERT_REQUIRED and transport._ssl.check_hostname
+
+
 async def test_a_bad_scheme_is_permanent() -> None:
     pool = AdapterPool(lambda c: OpenAIAdapter(c, "ftp://nowhere/v1", None), size=1, timeout_s=1)
     async with pool.adapter() as adapter:
@@ -175,6 +223,21 @@ async def test_every_builtin_adapter_answers_through_the_pool(emulator: str, pro
         replies = await asyncio.gather(*(adapter.complete(request()) for _ in range(20)))
     await pool.aclose()
     assert all(r.content and r.usage.output_tokens > 0 for r in replies)
+
+
+async def test_the_slots_are_the_cap_whatever_the_connections() -> None:
+    pool = AdapterPool(lambda c: OpenAIAdapter(c, "http://127.0.0.1:9/v1", None), size=2, timeout_s=1)
+    async with pool.adapter(), pool.adapter():
+        third = asyncio.create_task(_enter(pool))
+        await asyncio.sleep(0.05)
+        assert not third.done()  # both slots held, though no connection is open
+    await asyncio.wait_for(third, 1)
+    await pool.aclose()
+
+
+async def _enter(pool: AdapterPool) -> None:
+    async with pool.adapter():
+        pass
 
 
 async def test_slots_cap_the_calls_in_flight() -> None:
@@ -218,7 +281,8 @@ async def test_a_cancelled_call_frees_its_slot_and_the_pool_goes_on() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        async with pool.adapter():  # the only slot is free again
-            reply = await asyncio.wait_for(good.complete(request()), 5)
+        async with asyncio.timeout(5):
+            async with pool.adapter():  # the only slot is free again
+                reply = await good.complete(request())
         await pool.aclose()
     assert reply.content == "hi"

@@ -62,6 +62,7 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.5)
             os.kill(pids["route"][0], signal.SIGKILL)
+            assert not collecting.done()  # the kill lands while jobs are in flight
             results = await asyncio.wait_for(collecting, 120)
         for _ in range(300):  # the restart is logged after a back-off, maybe after the last result
             if len(pids["route"]) == 2:

@@ -80,9 +80,14 @@ def map_http_errors(provider: str, *, timeout_s: float, secrets: Iterable[str | 
     except httpx.UnsupportedProtocol as exc:
         # A base URL without http(s):// is a configuration mistake; retrying cannot fix it.
         raise ProviderRejected(f"{provider}: bad endpoint URL ({_short(str(exc), secrets)})") from exc
+    except httpx.LocalProtocolError as exc:
+        # A request that cannot be sent (a control character in a header: a key with its "\r").
+        raise ProviderRejected(f"{provider}: request could not be sent ({_short(str(exc), secrets)})") from exc
     except httpx.TransportError as exc:
         detail = _short(str(exc), secrets) or type(exc).__name__
         raise ProviderUnavailable(f"{provider}: connection failed ({detail})") from exc
+    except httpx.DecodingError as exc:  # a body its content-encoding cannot decode (bad gzip)
+        raise ProviderUnavailable(f"{provider}: malformed response ({_short(str(exc), secrets)})") from exc
 
 
 def retry_after_s(headers: httpx.Headers, *, now: float | None = None) -> float | None:

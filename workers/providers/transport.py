@@ -38,6 +38,9 @@ _EXCEPTIONS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] 
     (aiohttp.ClientOSError, httpx.ReadError),
     (aiohttp.ClientError, httpx.NetworkError),
     (TimeoutError, httpx.TimeoutException),
+    # aiohttp refuses to send a header with a control character (a key read with its "\r"
+    # from a CRLF .env file): a request we cannot send, as httpcore's LocalProtocolError says.
+    (ValueError, httpx.LocalProtocolError),
 )
 
 
@@ -55,15 +58,22 @@ def map_aiohttp_exceptions(request: httpx.Request) -> Iterator[None]:
 
 
 def _text_pairs(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    # Decoded here, not by Headers.multi_items, which guesses an encoding over every header per
+    # call (8% of the execute stage's CPU in a profile). httpx sends str headers as ASCII.
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """One aiohttp session (made on first use, inside the running loop) with at most
-    ``max_connections`` connections. Bodies are read whole: provider replies are small JSON."""
+    ``max_connections`` connections. Bodies are read whole: provider replies are small JSON.
+    HTTP(S)_PROXY/NO_PROXY from the environment apply, as they did with httpx's own transport."""
+
+    # Below the 5 s idle timeout of uvicorn-based servers (vLLM, the emulator): a connection the
+    # server is closing just as a POST goes out fails that call, and aiohttp does not retry it.
+    KEEPALIVE_S = 4.0
 
     def __init__(self, *, max_connections: int, ssl_context: ssl.SSLContext | None = None,
-                 keepalive_s: float = 15.0) -> None:
+                 keepalive_s: float = KEEPALIVE_S) -> None:
         self._max_connections = max_connections
         # As httpx builds it by default (certifi's CA bundle); built once, ~30 ms of CPU.
         self._ssl = ssl_context or httpx.create_ssl_context()
@@ -74,8 +84,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl,
                                          keepalive_timeout=self._keepalive_s)
         # httpx decodes content-encoding itself (by the headers it is given), so aiohttp must
-        # leave the body as it came.
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # leave the body as it came; and httpx keeps the cookies, so aiohttp keeps none.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=True,
+                                              cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -86,17 +97,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         with map_aiohttp_exceptions(request):
             async with session.request(
                 # httpx has parsed and percent-encoded the URL already: aiohttp need not again.
-                # Headers decoded here, not by Headers.multi_items, which guesses an encoding
-                # over every header per call (8% of the execute stage's CPU in a profile).
                 request.method, yarl.URL(str(request.url), encoded=True), headers=_text_pairs(request.headers.raw),
                 data=await request.aread(), allow_redirects=False, compress=None,
                 timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
                                               sock_connect=timeout.get("connect"), sock_read=timeout.get("read")),
             ) as response:
                 content = await response.read()
-                headers = _text_pairs(response.raw_headers)
-        return httpx.Response(response.status, headers=headers, content=content, request=request,
-                              extensions={"http_version": b"HTTP/1.1"})
+        # Raw bytes: a provider's header that is not ASCII must not fail the call.
+        v = response.version
+        version = f"HTTP/{v.major}.{v.minor}".encode() if v is not None else b"HTTP/1.1"
+        return httpx.Response(response.status, headers=list(response.raw_headers), content=content,
+                              request=request, extensions={"http_version": version})
 
     async def aclose(self) -> None:
         if self._session is not None:
