@@ -7,21 +7,35 @@ stage's CPU in a profile. Gathered into one pipeline they cost one write and one
 lot. This is what ioredis calls auto-pipelining; redis-py has no such mode.
 
 Nothing changes for the caller: every command still gets its own reply or its own error
-(``ResponseError`` included, so a script's ``NoScriptError`` still makes ``Script`` load it),
-and a connection failure fails every command of that pipeline, as it would have failed each of
-them alone. The pipeline is not a transaction: commands from different jobs stay independent.
+(``ResponseError`` included, so a script's ``NoScriptError`` still makes ``Script`` load it; an
+argument redis-py cannot encode fails only its own command). A connection failure fails every
+command of that pipeline, as it would have failed each of them alone, and the commands queued
+behind it too: they have waited out its timeout already, and every stage treats Redis being
+away as an answer (it fails open or retries later). The pipeline is not a transaction: commands
+from different jobs stay independent. A caller cancelled before its command went out has it
+dropped, as redis-py would. Blocking and connection-state commands are never pipelined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 
 from farebox import metrics
+from workers.redis_health import REDIS_DOWN
 
 _Queued = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+# They would hold up every other job's commands, or change the connection under them.
+_ALONE = frozenset({
+    "BLPOP", "BRPOP", "BLMOVE", "BLMPOP", "BRPOPLPUSH", "BZPOPMIN", "BZPOPMAX", "BZMPOP", "XREAD",
+    "XREADGROUP", "WAIT", "WAITAOF", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH", "SELECT", "CLIENT",
+    "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "RESET", "AUTH", "HELLO", "QUIT",
+})
 
 
 class PipeliningRedis(Redis):
@@ -31,6 +45,8 @@ class PipeliningRedis(Redis):
         self._sending: asyncio.Task[None] | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if str(args[0]).upper() in _ALONE:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._queued.append((args, options, reply))
@@ -43,42 +59,74 @@ class PipeliningRedis(Redis):
         # One pipeline in flight at a time: what is queued meanwhile goes out when it returns
         # (as Nagle's algorithm does), so a lone command waits for nothing and a busy stage's
         # pipelines grow with the load instead of a fixed delay.
-        if self._sending is not None or not self._queued:
+        if self._sending is not None:
             return
-        queued, self._queued = self._queued, []
-        self._sending = asyncio.get_running_loop().create_task(self._send(queued))
+        queued = [q for q in self._queued if not q[2].done()]  # a cancelled caller's command is not sent
+        self._queued = []
+        if queued:
+            self._sending = asyncio.get_running_loop().create_task(self._send(queued))
+            self._sending.add_done_callback(self._sent)
 
-    async def _send(self, queued: list[_Queued]) -> None:
-        try:
-            await self._send_now(queued)
-        finally:
-            self._sending = None
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending = None
+        if task.cancelled():  # the worker is stopping (even before the task ever ran)
+            for _, _, reply in self._queued:
+                reply.cancel()
+            self._queued = []
+        else:
             self._flush()
 
-    async def _send_now(self, queued: list[_Queued]) -> None:
+    async def _send(self, queued: list[_Queued]) -> None:
         metrics.REDIS_PIPELINE.observe(len(queued))
         try:
-            if len(queued) == 1:
-                args, options, _ = queued[0]
-                replies: list[Any] = [await super().execute_command(*args, **options)]  # type: ignore[no-untyped-call]
-            else:
-                pipe = self.pipeline(transaction=False)
-                for args, options, _ in queued:
-                    pipe.execute_command(*args, **options)
-                replies = await pipe.execute(raise_on_error=False)
-        except Exception as err:  # the connection failed: every command of it failed
-            for _, _, reply in queued:
-                if not reply.done():
-                    reply.set_exception(err)
-            return
-        except BaseException:  # cancelled (the worker is stopping): so are its callers
+            replies = [await self._alone(*queued[0][:2])] if len(queued) == 1 else await self._pipelined(queued)
+        except REDIS_DOWN as err:
+            queued, self._queued = [*queued, *self._queued], []
+            _settle(queued, [err] * len(queued))
+        except Exception as err:  # not the connection, not one command's own error: it fails them all
+            _settle(queued, [err] * len(queued))
+        except BaseException:  # cancelled: so are its callers
             for _, _, reply in queued:
                 reply.cancel()
             raise
-        for (_, _, reply), value in zip(queued, replies, strict=True):
-            if reply.done():  # its caller was cancelled
-                continue
-            if isinstance(value, Exception):
-                reply.set_exception(value)
-            else:
-                reply.set_result(value)
+        else:
+            _settle(queued, replies)
+
+    async def _alone(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """One command by itself: its own error (not the connection's) is its reply."""
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except REDIS_DOWN:
+            raise
+        except Exception as err:
+            return err
+
+    async def _pipelined(self, queued: list[_Queued]) -> list[Any]:
+        pipe = self.pipeline(transaction=False)
+        for args, options, _ in queued:
+            pipe.execute_command(*args, **options)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        except DataError:
+            # An argument redis-py cannot encode fails the whole pipeline before anything is
+            # sent: send each command alone, so only its own caller hears of it.
+            return [await self._alone(args, options) for args, options, _ in queued]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._sending is not None:
+            with contextlib.suppress(BaseException):
+                await self._sending
+        _settle(self._queued, [RedisConnectionError("the Redis client was closed")] * len(self._queued))
+        self._queued = []
+        await super().aclose(close_connection_pool)
+
+
+def _settle(queued: list[_Queued], replies: list[Any]) -> None:
+    for (_, _, reply), value in zip(queued, replies, strict=True):
+        if reply.done():  # its caller was cancelled
+            continue
+        if isinstance(value, BaseException):
+            reply.set_exception(value)
+        else:
+            reply.set_result(value)
