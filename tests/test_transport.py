@@ -202,6 +202,17 @@ async def test_the_proxy_from_the_environment_is_used(monkeypatch: pytest.Monkey
     assert seen[0][0] == b"POST http://provider.invalid/v1/chat/completions HTTP/1.1"
 
 
+async def test_no_proxy_hosts_are_called_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with raw_server(answer(OPENAI_OK)) as url:
+        monkeypatch.setenv("HTTP_PROXY", free_port_url())  # nobody there: using it would fail the call
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", None), size=1, timeout_s=5)
+        async with pool.adapter() as adapter:
+            reply = await adapter.complete(request())
+        await pool.aclose()
+    assert reply.content == "hi"
+
+
 def test_certificates_are_verified() -> None:
     transport = AiohttpTransport(max_connections=1)
     assert transport._ssl.verify_mode == ssl.CERT_REQUIRED and transport._ssl.check_hostname

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -79,13 +80,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._ssl = ssl_context or httpx.create_ssl_context()
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        # Read once, as httpx reads them when its client is built. aiohttp's trust_env would read
+        # the environment and ~/.netrc on every request: it doubled the CPU per call.
+        self._env_proxies = urllib.request.getproxies_environment()
+        self._proxies: dict[tuple[str, str], str | None] = {}
+
+    def _proxy_for(self, url: httpx.URL) -> str | None:
+        key = (url.scheme, url.host)
+        if key not in self._proxies:
+            bypass = urllib.request.proxy_bypass(url.host)  # NO_PROXY
+            self._proxies[key] = None if bypass else self._env_proxies.get(url.scheme) or self._env_proxies.get("all")
+        return self._proxies[key]
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl,
                                          keepalive_timeout=self._keepalive_s)
         # httpx decodes content-encoding itself (by the headers it is given), so aiohttp must
         # leave the body as it came; and httpx keeps the cookies, so aiohttp keeps none.
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=True,
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
@@ -98,7 +110,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             async with session.request(
                 # httpx has parsed and percent-encoded the URL already: aiohttp need not again.
                 request.method, yarl.URL(str(request.url), encoded=True), headers=_text_pairs(request.headers.raw),
-                data=await request.aread(), allow_redirects=False, compress=None,
+                data=await request.aread(), allow_redirects=False, compress=None, proxy=self._proxy_for(request.url),
                 timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
                                               sock_connect=timeout.get("connect"), sock_read=timeout.get("read")),
             ) as response:
