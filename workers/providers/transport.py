@@ -2,11 +2,10 @@
 
 The adapters keep speaking httpx (``httpx.AsyncClient``, requests, responses and exceptions, and
 ``httpx.MockTransport`` in tests); only the sockets and HTTP/1.1 parsing are aiohttp's. httpx's
-own async transport (httpcore over anyio) cost 0.37-0.41 ms of CPU per call here even with one
-single-connection client per call slot (its pool scans every connection per request, so one
-client with many connections cost far more); this transport costs 0.20 ms
-(bench/http_client.py, 256 calls in flight against the emulator). LiteLLM and the OpenAI SDK
-offer the same swap for the same reason.
+own async transport (httpcore over anyio) cost 1.76x the CPU per call of this one even with one
+single-connection client per call slot, and 5.7x with one client (its pool scans every connection
+per request): bench/http_client.py, 256 calls in flight against the emulator. LiteLLM and the
+OpenAI SDK offer the same swap for the same reason.
 
 aiohttp's failures are mapped to httpx's exception types here, at the boundary, as httpx's
 ``map_httpcore_exceptions`` does for httpcore, so ``map_http_errors`` in base.py sees the same
