@@ -100,17 +100,7 @@ class Worker:
             client_properties={"connection_name": f"farebox-{self.settings.namespace}-{self.core.name}"},
         )
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._channel = channel
-            await channel.set_qos(prefetch_count=getattr(self.core, "prefetch", self.settings.prefetch))
-            await declare_topology(channel, self.settings, self.providers)
-            consumers = []
-            plan = queue_plan(self.settings, self.providers)
-            for name in self.core.input_queues():
-                # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
-                queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
-                tag = await queue.consume(self._callback(name))
-                consumers.append((queue, tag))
+            consumers = await self._start(connection)
             log.info("stage %s consuming %s", self.core.name, ", ".join(self.core.input_queues()))
             self.ready.set()
             await stop.wait()
@@ -122,6 +112,37 @@ class Worker:
                 await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
         finally:
             await connection.close()
+
+    async def _start(self, connection: AbstractRobustConnection) -> list[tuple[Any, Any]]:
+        """Open the channel, declare the topology and consume; tried again while the connection
+        fails under it. RabbitMQ can close the connection with INTERNAL_ERROR when a consume
+        reaches a quorum queue another process declared a moment before (its Ra server is not up
+        yet: seen here on 2 of about 150 pipeline starts). The robust connection comes back by
+        itself; a stage that gave up then would never consume, and its jobs would wait for ever."""
+        delay = 0.5
+        while True:
+            channel: AbstractRobustChannel | None = None
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._channel = channel
+                await channel.set_qos(prefetch_count=getattr(self.core, "prefetch", self.settings.prefetch))
+                await declare_topology(channel, self.settings, self.providers)
+                consumers = []
+                plan = queue_plan(self.settings, self.providers)
+                for name in self.core.input_queues():
+                    # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
+                    queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
+                    consumers.append((queue, await queue.consume(self._callback(name))))
+                return consumers
+            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError, RuntimeError) as err:  # RuntimeError: aio-pika's "connection closed"
+                log.warning("stage %s: could not start consuming (%s: %s); trying again in %.1fs",
+                            self.core.name, type(err).__name__, err, delay)
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()  # a half-set-up robust channel must not be restored as well
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
