@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
+import aiormq
 import uvloop
 
 from farebox.client import PublishWindow
@@ -32,25 +34,37 @@ def queue(ns: str, i: int) -> str:
 
 
 async def hop(ns: str, i: int, n_hops: int) -> None:
-    connection = await aio_pika.connect_robust(AMQP)
-    channel = await connection.channel(publisher_confirms=True)
-    await channel.set_qos(prefetch_count=64)
-    source = await channel.declare_queue(queue(ns, i), durable=True, arguments=QUEUE_ARGS)
-    if i + 1 < n_hops:
-        await channel.declare_queue(queue(ns, i + 1), durable=True, arguments=QUEUE_ARGS)
-
-    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
-        out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                               correlation_id=message.correlation_id, reply_to=message.reply_to)
-        await channel.default_exchange.publish(out, target or "")
-        await message.ack()
-
-    await source.consume(on_message)
+    while True:
+        # RabbitMQ may close the connection with INTERNAL_ERROR when a consume reaches a quorum
+        # queue declared a moment before (its Ra server is not up yet): start again, as the
+        # farebox stages do (workers/runtime.py Worker._start).
+        connection = await aio_pika.connect_robust(AMQP)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=64)
+            source = await channel.declare_queue(queue(ns, i), durable=True, arguments=QUEUE_ARGS)
+            if i + 1 < n_hops:
+                await channel.declare_queue(queue(ns, i + 1), durable=True, arguments=QUEUE_ARGS)
+            await source.consume(functools.partial(forward, channel, ns, i, n_hops))
+            break
+        except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError, RuntimeError):
+            with contextlib.suppress(Exception):
+                await connection.close()
+            await asyncio.sleep(0.5)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await connection.close()
+
+
+async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int,
+                  message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
+    out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                           correlation_id=message.correlation_id, reply_to=message.reply_to)
+    await channel.default_exchange.publish(out, target or "")
+    await message.ack()
 
 
 @contextlib.asynccontextmanager
