@@ -19,10 +19,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
-import aiormq
 import uvloop
 
 from farebox.client import PublishWindow
+from farebox.errors import BROKER_DOWN
 
 AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 HOPS = 4
@@ -47,8 +47,7 @@ async def hop(ns: str, i: int, n_hops: int) -> None:
                 await channel.declare_queue(queue(ns, i + 1), durable=True, arguments=QUEUE_ARGS)
             await source.consume(functools.partial(forward, channel, ns, i, n_hops))
             break
-        except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError, RuntimeError):
+        except BROKER_DOWN:
             with contextlib.suppress(Exception):
                 await connection.close()
             await asyncio.sleep(0.5)

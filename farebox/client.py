@@ -33,7 +33,13 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
-from farebox.errors import DeadlineExceeded, DependencyUnavailable, InvalidRequest, describe_validation_error
+from farebox.errors import (
+    BROKER_DOWN_OR_TIMEOUT,
+    DeadlineExceeded,
+    DependencyUnavailable,
+    InvalidRequest,
+    describe_validation_error,
+)
 from farebox.settings import Settings
 from schemas import ErrorInfo, Job, JobResult
 
@@ -195,8 +201,7 @@ class FareboxClient:
                                             "running?") from None
             except aiormq.exceptions.DeliveryError:
                 pass  # the intake is full: back off and try again (back-pressure, not loss)
-            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError, TimeoutError, RuntimeError):
+            except BROKER_DOWN_OR_TIMEOUT:
                 log.warning("publish interrupted; retrying once the connection is back")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

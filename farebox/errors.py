@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import aiormq
 from pydantic import ValidationError
+
+# What the broker being away (or the connection being restored) looks like from aio-pika: a
+# RuntimeError is its "connection closed". Timeouts are added where a wait can time out.
+BROKER_DOWN: tuple[type[Exception], ...] = (
+    aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError, RuntimeError,
+)
+BROKER_DOWN_OR_TIMEOUT: tuple[type[Exception], ...] = (*BROKER_DOWN, TimeoutError)
 
 
 class FareboxError(Exception):

@@ -32,7 +32,15 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 
 from farebox import metrics
 from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
-from farebox.errors import BlockedError, DeliveryLimitReached, FareboxError, PermanentError, RetryableError
+from farebox.errors import (
+    BROKER_DOWN,
+    BROKER_DOWN_OR_TIMEOUT,
+    BlockedError,
+    DeliveryLimitReached,
+    FareboxError,
+    PermanentError,
+    RetryableError,
+)
 from farebox.settings import Settings
 from workers.batching import Batcher, batch_count, split_batch
 from workers.stage import Delivery, Handled, Publish, StageCore
@@ -134,8 +142,7 @@ class Worker:
                     queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
                     consumers.append((queue, await queue.consume(self._callback(name))))
                 return consumers
-            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError, RuntimeError) as err:  # RuntimeError: aio-pika's "connection closed"
+            except BROKER_DOWN as err:
                 log.warning("stage %s: could not start consuming (%s: %s); trying again in %.1fs",
                             self.core.name, type(err).__name__, err, delay)
                 if channel is not None:
@@ -320,8 +327,7 @@ class Worker:
                 raise
             except aiormq.exceptions.DeliveryError:
                 pass  # nacked: the next queue is full; hold the input and wait (back-pressure)
-            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError, TimeoutError, RuntimeError) as err:
+            except BROKER_DOWN_OR_TIMEOUT as err:
                 log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_PUBLISH_BACKOFF_S)
