@@ -154,3 +154,14 @@ async def test_cancellation_is_not_swallowed() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 10)
+
+
+async def test_one_attempt_allowed_raises_the_first_error_after_one_call() -> None:
+    # The first call is made outside tenacity; with no retry left, its error is what comes out.
+    script = Script(httpx.Response(503), ok())
+    seen: list[float] = []
+    with pytest.raises(ProviderUnavailable, match="503"):
+        await call_with_retries(adapter(script), REQUEST, max_attempts=1, deadline_at=None,
+                                on_retry=lambda exc, wait: seen.append(wait))
+    assert len(script.times) == 1
+    assert seen == []

@@ -39,6 +39,9 @@ async def test_concurrent_commands_go_out_together_and_each_gets_its_reply(clien
                                                                            settings: Settings) -> None:
     key = settings.redis_prefix + "n"
     script = client.register_script(INCR)
+    # Loaded first: a later test flushes Redis's script cache, and the server keeps that state
+    # between runs, so unloaded every NOSCRIPT would add a SCRIPT LOAD and a second EVALSHA.
+    await client.script_load(INCR)
     sent, commands = pipelines()
     replies = await asyncio.gather(*(script(keys=[key], args=[1]) for _ in range(40)))
     after_sent, after_commands = pipelines()

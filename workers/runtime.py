@@ -30,7 +30,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
-from farebox import metrics
+from farebox import amqp_writes, metrics
 from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
 from farebox.errors import (
     BROKER_DOWN,
@@ -102,6 +102,7 @@ class Worker:
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
+        amqp_writes.install()
         connection: AbstractRobustConnection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             reconnect_interval=1.0,
@@ -311,12 +312,17 @@ class Worker:
         delay = 0.02
         while True:
             try:
-                channel = self._channel
-                if p.exchange:
-                    exchange = await channel.get_exchange(p.exchange, ensure=False)
-                else:
-                    exchange = channel.default_exchange
-                await exchange.publish(message, p.routing_key, mandatory=p.mandatory, timeout=30)
+                if self._channel.is_closed:  # being restored: wait, as for a broker outage
+                    raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+                channel = await self._channel.get_underlay_channel()
+                assert isinstance(channel, aiormq.Channel)
+                # aiormq's publish, not aio-pika's: only it takes wait=False. Waiting for the socket
+                # buffer to drain holds the channel's lock across a turn, so the stage's publishes
+                # went out one per turn and one write each; the confirm awaited here still bounds
+                # what is in flight (farebox/amqp_writes.py).
+                await channel.basic_publish(message.body, exchange=p.exchange, routing_key=p.routing_key,
+                                            properties=message.properties, mandatory=p.mandatory, timeout=30,
+                                            wait=False)
                 return
             except aiormq.exceptions.PublishError:
                 if p.caller_reply:

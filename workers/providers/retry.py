@@ -56,6 +56,25 @@ async def call_with_retries(
     Only ``RetryableError`` is retried; after ``max_attempts`` the last one is raised as is.
     With a deadline, no call outlives it and no sleep crosses it: ``DeadlineExceeded`` instead.
     """
+
+    async def call_once(attempt: int) -> ProviderReply:
+        call = request
+        if deadline_at is not None:
+            left = deadline_at - clock()
+            if left < MIN_CALL_S:
+                raise DeadlineExceeded(_deadline_message(attempt - 1))
+            call = dataclasses.replace(request, timeout_s=min(request.timeout_s, left))
+        return await adapter.complete(call)
+
+    # Nearly every call answers at once, and tenacity's per-call machinery cost 8% of the execute
+    # stage's CPU in a profile: the first call is made here, and tenacity takes over only after
+    # it failed, replaying that failure as its own first attempt, so waits, stops and the retry
+    # callback see exactly what they would have seen.
+    try:
+        return await call_once(1), 0
+    except RetryableError as exc:
+        first_failure = exc
+
     deadline_stop = _DeadlineStop(deadline_at, clock)
 
     def before_sleep(state: RetryCallState) -> None:
@@ -76,13 +95,9 @@ async def call_with_retries(
         async for attempt in retrying:
             with attempt:
                 attempts += 1
-                call = request
-                if deadline_at is not None:
-                    left = deadline_at - clock()
-                    if left < MIN_CALL_S:
-                        raise DeadlineExceeded(_deadline_message(attempts - 1))
-                    call = dataclasses.replace(request, timeout_s=min(request.timeout_s, left))
-                reply = await adapter.complete(call)
+                if attempts == 1:
+                    raise first_failure
+                reply = await call_once(attempts)
     except RetryableError as exc:
         if deadline_stop.fired:
             raise DeadlineExceeded(_deadline_message(attempts) + f"; last error: {exc}") from exc
