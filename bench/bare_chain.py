@@ -2,7 +2,11 @@
 account -> reply), the same durability (quorum queues, persistent messages, publisher confirms,
 ack after the next publish is confirmed, prefetch 64, uvloop), one OS process per hop, and no work.
 
-    python bench/bare_chain.py hop NAMESPACE I N     # one hop process (the driver starts these)
+    python bench/bare_chain.py hop NAMESPACE I N [coalesced]   # one hop process (the driver starts these)
+
+``coalesced`` hops publish as farebox's stages do since farebox/amqp_writes.py: without waiting
+for the socket, one write per event-loop turn. The stock chain is the ceiling; this variant says
+how much of farebox's gain over it is that write path alone.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import uvloop
 
+from farebox import amqp_writes
 from farebox.client import PublishWindow
 from farebox.errors import BROKER_DOWN
 
@@ -33,7 +38,9 @@ def queue(ns: str, i: int) -> str:
     return f"{ns}.h{i}"
 
 
-async def hop(ns: str, i: int, n_hops: int) -> None:
+async def hop(ns: str, i: int, n_hops: int, coalesced: bool = False) -> None:
+    if coalesced:
+        amqp_writes.install()
     while True:
         # RabbitMQ may close the connection with INTERNAL_ERROR when a consume reaches a quorum
         # queue declared a moment before (its Ra server is not up yet): start again, as the
@@ -45,7 +52,7 @@ async def hop(ns: str, i: int, n_hops: int) -> None:
             source = await channel.declare_queue(queue(ns, i), durable=True, arguments=QUEUE_ARGS)
             if i + 1 < n_hops:
                 await channel.declare_queue(queue(ns, i + 1), durable=True, arguments=QUEUE_ARGS)
-            await source.consume(functools.partial(forward, channel, ns, i, n_hops))
+            await source.consume(functools.partial(forward_coalesced if coalesced else forward, channel, ns, i, n_hops))
             break
         except BROKER_DOWN:
             with contextlib.suppress(Exception):
@@ -66,10 +73,20 @@ async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops
     await message.ack()
 
 
+async def forward_coalesced(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int,
+                            message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
+    out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                           correlation_id=message.correlation_id, reply_to=message.reply_to)
+    await amqp_writes.publish(channel, out.body, routing_key=target or "", properties=out.properties)
+    await message.ack()
+
+
 @contextlib.asynccontextmanager
-async def bare_chain(n_hops: int = HOPS) -> AsyncIterator[str]:
+async def bare_chain(n_hops: int = HOPS, *, coalesced: bool = False) -> AsyncIterator[str]:
     ns = f"fbbare-{uuid.uuid4().hex[:8]}"
-    procs = [subprocess.Popen([sys.executable, __file__, "hop", ns, str(i), str(n_hops)])  # noqa: ASYNC220
+    procs = [subprocess.Popen([sys.executable, __file__, "hop", ns, str(i), str(n_hops)]  # noqa: ASYNC220
+                              + (["coalesced"] if coalesced else []))
              for i in range(n_hops)]
     try:
         connection = await aio_pika.connect(AMQP)
@@ -97,8 +114,9 @@ async def bare_chain(n_hops: int = HOPS) -> AsyncIterator[str]:
                 await channel.queue_delete(queue(ns, i))
 
 
-async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
-    """Jobs/s for n messages through the chain, at most max_in_flight unanswered (like the client)."""
+async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes, coalesced: bool = False) -> float:
+    """Jobs/s for n messages through the chain, at most max_in_flight unanswered (like the client);
+    ``coalesced``: publishing as farebox's client does (farebox/amqp_writes.py)."""
     connection = await aio_pika.connect(AMQP)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -122,7 +140,11 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes) -> float:
             await slots.acquire()
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
                                        correlation_id=str(k))
-            await window.start(lambda m=message: channel.default_exchange.publish(m, queue(ns, 0)))
+            if coalesced:
+                await window.start(lambda m=message: amqp_writes.publish(channel, m.body, routing_key=queue(ns, 0),
+                                                                         properties=m.properties))
+            else:
+                await window.start(lambda m=message: channel.default_exchange.publish(m, queue(ns, 0)))
         await window.drain()
         await done.wait()
         return n / (time.perf_counter() - t0)
@@ -151,4 +173,4 @@ async def one_at_a_time(ns: str, n: int, body: bytes) -> list[float]:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["hop"]:
-    uvloop.run(hop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    uvloop.run(hop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), coalesced=sys.argv[5:6] == ["coalesced"]))

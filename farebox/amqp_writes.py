@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import aio_pika.abc
 import aiormq.connection
 from aiormq.abc import ChannelFrame
 
@@ -88,3 +89,21 @@ def install() -> bool:
     aiormq.connection.FrameGenerator = CoalescingFrameGenerator  # type: ignore[misc]  # swapping the class is the point
     aiormq.connection.Connection.FRAME_BUFFER_SIZE = WRITE_QUEUE_FRAMES
     return True
+
+
+async def publish(channel: aio_pika.abc.AbstractChannel, body: bytes, *, routing_key: str, exchange: str = "",
+                  properties: aiormq.spec.Basic.Properties | None = None, mandatory: bool = True,
+                  timeout: float | None = None) -> None:
+    """Publish and wait for the broker's confirm, not for the socket buffer to drain.
+
+    aio-pika's ``Exchange.publish`` waits for the drain inside aiormq's channel lock, which holds
+    the lock across a turn of the loop: a channel's publishes then go out one per turn, one write
+    each, whatever the writer does. The confirm still bounds what is in flight. Errors are
+    aio-pika's: ``DeliveryError`` on a nack, ``PublishError`` on a return (channels opened with
+    ``on_return_raises``), ``ChannelInvalidStateError`` while the channel is being restored."""
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+    underlay = await channel.get_underlay_channel()
+    assert isinstance(underlay, aiormq.Channel)
+    await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key, properties=properties,
+                                 mandatory=mandatory, timeout=timeout, wait=False)

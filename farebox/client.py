@@ -32,6 +32,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from farebox import amqp_writes
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
 from farebox.errors import (
     BROKER_DOWN_OR_TIMEOUT,
@@ -131,6 +132,7 @@ class FareboxClient:
         await self.close()
 
     async def connect(self) -> None:
+        amqp_writes.install()
         try:
             self._connection = await aio_pika.connect_robust(
                 self.amqp_url, client_properties={"connection_name": "farebox-client"})
@@ -194,7 +196,9 @@ class FareboxClient:
         delay = 0.05
         while True:
             try:
-                await self._channel.default_exchange.publish(message, self.topology.intake, timeout=30)
+                # Not waiting for the socket: a window of publishes shares writes (amqp_writes).
+                await amqp_writes.publish(self._channel, message.body, routing_key=self.topology.intake,
+                                          properties=message.properties, timeout=30)
                 return parsed
             except aiormq.exceptions.PublishError:
                 raise DependencyUnavailable(f"queue {self.topology.intake!r} is gone: is the pipeline "

@@ -26,12 +26,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._clock = ""
+
+    def _hms(self, created: float) -> str:
+        # The account stage logs a line per job: the clock text is made once a second, not per line.
+        second = int(created)
+        if second != self._second:
+            self._second, self._clock = second, time.strftime("%H:%M:%S", time.localtime(created))
+        return self._clock
+
     def format(self, record: logging.LogRecord) -> str:
-        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
-        base = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} " \
-               f"{record.name}: {record.getMessage()}"
+        base = f"{self._hms(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        extra = " ".join([f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD])
         if extra:
-            base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            base += " " + extra
         if record.exc_info:
             base += "\n" + self.formatException(record.exc_info)
         return base

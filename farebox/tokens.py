@@ -23,12 +23,18 @@ def encoding() -> tiktoken.Encoding:
 
 
 def count_text(text: str) -> int:
-    return len(encoding().encode(text, disallowed_special=()))
+    # Special-token text counts as plain text, as encode(text, disallowed_special=()) counts it.
+    return len(encoding().encode_ordinary(text))
+
+
+@lru_cache(maxsize=64)
+def _count_role(role: str) -> int:
+    return count_text(role)
 
 
 def count_messages(messages: Iterable[tuple[str, str]]) -> int:
     """Tokens of a chat message list given as (role, content) pairs."""
     total = REPLY_PRIMER
     for role, content in messages:
-        total += PER_MESSAGE_OVERHEAD + count_text(role) + count_text(content)
+        total += PER_MESSAGE_OVERHEAD + _count_role(role) + count_text(content)
     return total

@@ -112,7 +112,7 @@ async def test_publishes_of_one_turn_share_writes_and_all_arrive_in_order(
     assert got == list(range(n))
 
 
-async def test_the_stages_publish_without_waiting_for_the_socket(pipeline: InProcessPipeline,
+async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(pipeline: InProcessPipeline,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # A publish that waits for the socket holds aiormq's channel lock across a turn: the stage's
     # publishes would go out one per turn, each in its own write, whatever the writer does.
@@ -131,6 +131,6 @@ async def test_the_stages_publish_without_waiting_for_the_socket(pipeline: InPro
         results = [r async for r in client.stream(jobs, max_in_flight=10, idle_timeout_s=60)]
     assert all(r.status == "ok" for r in results)
     intake = pipeline.settings.topology.intake
-    stage_publishes = [wait for key, wait in seen if key != intake]
-    assert len(stage_publishes) >= 4  # route, execute, account hops and the replies at least
-    assert not any(stage_publishes)
+    assert len([key for key, _ in seen if key != intake]) >= 4  # route, execute, account hops and replies
+    assert [key for key, _ in seen].count(intake) == len(jobs)  # the client's publishes
+    assert not any(wait for _, wait in seen)

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from farebox import metrics
 from farebox.settings import Settings
-from workers.redis_pipelining import PipeliningRedis
+from workers.redis_pipelining import HiredisPacking, PipeliningRedis
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
@@ -154,3 +155,28 @@ async def test_closing_fails_what_is_still_queued(settings: Settings) -> None:
     await r.aclose()
     with pytest.raises(RedisConnectionError, match="closed"):
         await asyncio.wait_for(task, 2)
+
+
+@pytest.mark.parametrize("args", [
+    ("SET", "k", "v"),
+    ("EVALSHA", "a" * 40, 2, "k1", "k2", "résumé ✓", 3, 1.5, -7, b"\x00raw\r\n"),
+    ("SET", "k", memoryview(b"view")),
+    ("SET", "k", bytearray(b"array")),
+    ("CONFIG GET", "maxmemory"),
+    ("SET", "k", "x" * 100_000),
+])
+def test_hiredis_packing_matches_redis_py(args: tuple[object, ...]) -> None:
+    fast = PipeliningRedis.from_url("redis://localhost:6379/0").connection_pool.make_connection()
+    plain = Connection()
+    assert isinstance(fast, HiredisPacking)
+    assert b"".join(bytes(c) for c in fast.pack_command(*args)) == \
+        b"".join(bytes(c) for c in plain.pack_command(*args))
+
+
+@pytest.mark.parametrize("bad", [True, None, 1.0j, object()])
+def test_hiredis_packing_refuses_what_redis_py_refuses(bad: object) -> None:
+    fast = PipeliningRedis.from_url("redis://localhost:6379/0").connection_pool.make_connection()
+    with pytest.raises(DataError):
+        fast.pack_command("SET", "k", bad)
+    with pytest.raises(DataError):
+        Connection().pack_command("SET", "k", bad)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aio_pika
@@ -299,30 +299,22 @@ class Worker:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish
         nack) or the connection is being restored, so nothing is acked before it is safe."""
         assert self._channel is not None
-        message = aio_pika.Message(
-            body=p.body,
+        # The properties aio-pika's Message would build, without building the Message.
+        properties = aiormq.spec.Basic.Properties(
             content_type=p.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
             headers=dict(p.headers) or None,
             correlation_id=p.correlation_id,
             reply_to=p.reply_to,
             message_id=p.message_id,
-            timestamp=time.time(),
+            timestamp=datetime.now(tz=UTC),
         )
         delay = 0.02
         while True:
             try:
-                if self._channel.is_closed:  # being restored: wait, as for a broker outage
-                    raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-                channel = await self._channel.get_underlay_channel()
-                assert isinstance(channel, aiormq.Channel)
-                # aiormq's publish, not aio-pika's: only it takes wait=False. Waiting for the socket
-                # buffer to drain holds the channel's lock across a turn, so the stage's publishes
-                # went out one per turn and one write each; the confirm awaited here still bounds
-                # what is in flight (farebox/amqp_writes.py).
-                await channel.basic_publish(message.body, exchange=p.exchange, routing_key=p.routing_key,
-                                            properties=message.properties, mandatory=p.mandatory, timeout=30,
-                                            wait=False)
+                # Not waiting for the socket: this stage's publishes of one turn share a write.
+                await amqp_writes.publish(self._channel, p.body, exchange=p.exchange, routing_key=p.routing_key,
+                                          properties=properties, mandatory=p.mandatory, timeout=30)
                 return
             except aiormq.exceptions.PublishError:
                 if p.caller_reply:
@@ -376,7 +368,10 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool = False, requeu
     # requeued the message, so failing to settle it here is expected and harmless.
     try:
         if ack:
-            await message.ack()
+            if message.delivery_tag is not None:
+                # aio-pika's ack without its wait for the socket buffer: the acks of a turn then
+                # share one write (farebox/amqp_writes.py) and no handler wakes again per ack.
+                await message.channel.basic_ack(message.delivery_tag, wait=False)
         else:
             await message.nack(requeue=requeue)
     except Exception as err:
