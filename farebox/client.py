@@ -188,17 +188,16 @@ class FareboxClient:
         if parsed.job_id is None:
             parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
         assert parsed.job_id is not None
-        message = aio_pika.Message(
-            body=parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode(),
-            content_type=CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            reply_to=self._reply_queue.name, correlation_id=correlation_id or parsed.job_id,
-            message_id=parsed.job_id, timestamp=time.time())
+        body = parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+        properties = amqp_writes.persistent_properties(
+            content_type=CONTENT_TYPE, reply_to=self._reply_queue.name,
+            correlation_id=correlation_id or parsed.job_id, message_id=parsed.job_id)
         delay = 0.05
         while True:
             try:
                 # Not waiting for the socket: a window of publishes shares writes (amqp_writes).
-                await amqp_writes.publish(self._channel, message.body, routing_key=self.topology.intake,
-                                          properties=message.properties, timeout=30)
+                await amqp_writes.publish(self._channel, body, routing_key=self.topology.intake,
+                                          properties=properties, timeout=30)
                 return parsed
             except aiormq.exceptions.PublishError:
                 raise DependencyUnavailable(f"queue {self.topology.intake!r} is gone: is the pipeline "

@@ -5,7 +5,13 @@ Label sets are fixed here so every process exports the same shape; prompts never
 
 from __future__ import annotations
 
+import functools
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
 
 REQUESTS = Counter(
     "llm_proxy_request_total", "Jobs completed, by model and whether the cache served them",
@@ -31,6 +37,18 @@ REDIS_PIPELINE = Histogram("farebox_redis_pipeline_commands", "Redis commands se
 MESSAGES = Counter("farebox_messages_total", "Messages handled by a stage, by outcome", ["stage", "outcome"])
 REDIS_UP = Gauge("farebox_redis_available", "1 while this process can reach Redis", ["stage"])
 CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")
+
+
+@functools.lru_cache(maxsize=4096)
+def _child(metric: MetricWrapperBase, labels: tuple[str, ...]) -> MetricWrapperBase:
+    return metric.labels(*labels)
+
+
+def child(metric: _M, *labels: str) -> _M:
+    """``metric.labels(*labels)``, remembered: prometheus-client checks and converts the values
+    and takes a lock on every ``labels`` call, several times per job on the hot path."""
+    found: _M = _child(metric, labels)  # type: ignore[assignment]
+    return found
 
 
 def serve_metrics(port: int) -> int:

@@ -68,3 +68,14 @@ async def test_report_equals_results_and_metrics(settings: Settings, redis: Redi
     assert abs(metric_total - from_results) < 1e-6
     assert total["cache_hits"] == sum(1 for r in results if r.cache != "miss") == summary["repeats"]
     assert abs(total["savings_usd"] - sum(r.baseline_cost_usd - r.cost_usd for r in results)) < 1e-6
+
+
+def test_a_remembered_metric_child_is_the_labelled_child() -> None:
+    from farebox import metrics
+
+    child = metrics.child(metrics.COST, "model-x", "provider-y")
+    assert child is metrics.COST.labels("model-x", "provider-y")
+    assert metrics.child(metrics.COST, "model-x", "provider-y") is child
+    before = child._value.get()
+    child.inc(0.5)
+    assert metrics.COST.labels("model-x", "provider-y")._value.get() == before + 0.5

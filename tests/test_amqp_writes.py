@@ -134,3 +134,14 @@ async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(
     assert len([key for key, _ in seen if key != intake]) >= 4  # route, execute, account hops and replies
     assert [key for key, _ in seen].count(intake) == len(jobs)  # the client's publishes
     assert not any(wait for _, wait in seen)
+
+
+def test_persistent_properties_are_what_an_aio_pika_message_gives() -> None:
+    fields = {"content_type": "application/json", "headers": {"x-farebox-batch": 3}, "correlation_id": "c",
+              "reply_to": "amq.gen-1", "message_id": "job-1"}
+    ours = amqp_writes.persistent_properties(**fields)  # type: ignore[arg-type]
+    theirs = aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.PERSISTENT, timestamp=ours.timestamp,
+                              **fields).properties  # type: ignore[arg-type]
+    assert ours == theirs
+    assert ours.delivery_mode == 2 and ours.timestamp is not None
+    assert amqp_writes.persistent_properties(content_type="text/plain").headers is None

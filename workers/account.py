@@ -47,11 +47,11 @@ def observe(result: JobResult) -> None:
     """Per-job metrics, counted once per recorded job (not on replays)."""
     model, provider = result.model or "-", result.provider or "-"
     if result.status == "ok":
-        metrics.REQUESTS.labels(model, provider, "false" if result.cache == "miss" else "true").inc()
-        metrics.COST.labels(model, provider).inc(result.cost_usd)
+        metrics.child(metrics.REQUESTS, model, provider, "false" if result.cache == "miss" else "true").inc()
+        metrics.child(metrics.COST, model, provider).inc(result.cost_usd)
         if result.cache == "miss":
-            metrics.TOKENS_IN.labels(model).inc(result.usage.input_tokens)
-            metrics.TOKENS_OUT.labels(model).inc(result.usage.output_tokens)
+            metrics.child(metrics.TOKENS_IN, model).inc(result.usage.input_tokens)
+            metrics.child(metrics.TOKENS_OUT, model).inc(result.usage.output_tokens)
         metrics.SAVINGS.inc(max(0.0, result.baseline_cost_usd - result.cost_usd))
     else:
         metrics.ERRORS.labels("account", result.error.code if result.error else "internal").inc()

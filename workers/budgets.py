@@ -112,7 +112,7 @@ class BudgetAlerts:
         out = []
         for hold, spent in zip(holds, spent_usd, strict=False):
             ratio = max(spent / hold.limit_usd, 1.0 if exhausted else 0.0)
-            metrics.BUDGET_USED.labels(hold.tenant, hold.period.split(":")[0]).set(ratio)
+            metrics.child(metrics.BUDGET_USED, hold.tenant, hold.period.split(":")[0]).set(ratio)
             fired = f"{hold.key}:alerts"
             for threshold in hold.alerts:
                 if ratio < threshold or not await self.redis.sadd(fired, f"{threshold:g}"):

@@ -100,7 +100,7 @@ class ExecuteStage(EnvelopeStage):
         self._failures.pop(env.route.target, None)
         self._failures.pop(self.provider, None)
         latency = self.clock() - started
-        metrics.LATENCY.labels(env.route.model, self.provider).observe(latency)
+        metrics.child(metrics.LATENCY, env.route.model, self.provider).observe(latency)
         outcome = Outcome(content=reply.content, provider=self.provider, model=env.route.model,
                           usage=reply.usage, latency_s=round(latency, 4), retries=retries)
         await self._keep_outcome(env.job_id, outcome)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aio_pika
@@ -251,7 +250,7 @@ class Worker:
             return err
         try:
             handled = await self.core.handle(env, delivery)
-            metrics.MESSAGES.labels(stage, "ok").inc()
+            metrics.child(metrics.MESSAGES, stage, "ok").inc()
             return handled
         except (PermanentError, BlockedError) as err:
             metrics.ERRORS.labels(stage, err.code).inc()
@@ -299,16 +298,9 @@ class Worker:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish
         nack) or the connection is being restored, so nothing is acked before it is safe."""
         assert self._channel is not None
-        # The properties aio-pika's Message would build, without building the Message.
-        properties = aiormq.spec.Basic.Properties(
-            content_type=p.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
-            headers=dict(p.headers) or None,
-            correlation_id=p.correlation_id,
-            reply_to=p.reply_to,
-            message_id=p.message_id,
-            timestamp=datetime.now(tz=UTC),
-        )
+        properties = amqp_writes.persistent_properties(
+            content_type=p.content_type, headers=p.headers, correlation_id=p.correlation_id, reply_to=p.reply_to,
+            message_id=p.message_id)
         delay = 0.02
         while True:
             try:
