@@ -258,7 +258,8 @@ class FareboxClient:
                 if feeder.done() and feeder.exception() is not None:
                     raise feeder.exception()  # type: ignore[misc]
                 try:
-                    result = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    # wait_for wraps the get in a task of its own: only when there is nothing to take.
+                    result = inbox.get_nowait() if not inbox.empty() else await asyncio.wait_for(inbox.get(), 1.0)
                 except TimeoutError:
                     if outstanding and time.monotonic() - last_result > idle_timeout_s:
                         expired = sorted(outstanding)
@@ -287,6 +288,7 @@ async def _aiter(jobs: Iterable[JobLike] | AsyncIterable[JobLike]) -> AsyncItera
         async for job in jobs:
             yield job
     else:
-        for job in jobs:
+        for i, job in enumerate(jobs, 1):
             yield job
-            await asyncio.sleep(0)
+            if i % 64 == 0:  # a long list must not hold the loop while nothing else blocks the feeder
+                await asyncio.sleep(0)
