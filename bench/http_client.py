@@ -22,6 +22,7 @@ import httpx
 import uvloop
 from common import cores, cpu_s, emulator_process, pids_of, publish_table, spread, wait_for_emulator
 
+from workers.providers.base import json_request
 from workers.providers.transport import AiohttpTransport
 
 PORT = 8096
@@ -45,7 +46,8 @@ async def setups(url: str, in_flight: int) -> dict[str, tuple[Call, Callable[[],
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight))
 
     async def via(client: httpx.AsyncClient) -> object:
-        response = await client.post(url + PATH, headers=HEADERS, json=BODY, timeout=30)
+        # As the adapters send (workers/providers/base.py post_json).
+        response = await client.send(json_request(client, url + PATH, HEADERS, BODY, 30))
         return response.json()
 
     async def slot() -> object:

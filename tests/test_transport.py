@@ -15,7 +15,7 @@ import pytest
 
 from farebox.errors import ProviderRejected, ProviderUnavailable
 from schemas import ChatMessage
-from workers.providers.base import ProviderRequest
+from workers.providers.base import ProviderRequest, json_request
 from workers.providers.openai import OpenAIAdapter
 from workers.providers.pool import AdapterPool, provider_client
 from workers.providers.registry import BUILTINS, build_adapter, provider_configs
@@ -314,3 +314,20 @@ async def test_the_provider_client_keeps_no_cookies() -> None:
             (await client.post("https://api.example.test/v1/chat", json={})).raise_for_status()
     assert sent == [None, None]
     assert len(client.cookies) == 0
+
+
+@pytest.mark.parametrize(("headers", "body"), [
+    ({}, {"contents": [{"role": "user", "parts": [{"text": "Résumé ✓ \\u2028 \"quoted\""}]}]}),
+    ({"authorization": "Bearer sk-test", "anthropic-version": "2023-06-01"}, {"max_tokens": 5, "temperature": 0.0}),
+    ({"x-goog-api-key": "AIza-test"}, {"nested": {"list": [1, 2.5, None, True]}}),
+])
+def test_json_request_is_what_post_would_send(headers: dict[str, str], body: dict[str, object]) -> None:
+    client = provider_client(httpx.MockTransport(lambda r: httpx.Response(200)), timeout_s=7)
+    ours = json_request(client, "https://api.example.test/v1/chat?x=1", headers, body, 12.5)
+    theirs = client.build_request("POST", "https://api.example.test/v1/chat?x=1", headers=headers, json=body,
+                                  timeout=httpx.Timeout(12.5))
+    assert (ours.method, ours.url) == (theirs.method, theirs.url)
+    # The same headers; only content-type comes before content-length (their order means nothing).
+    assert sorted(ours.headers.multi_items()) == sorted(theirs.headers.multi_items())
+    assert ours.content == theirs.content
+    assert ours.extensions == theirs.extensions
