@@ -79,7 +79,8 @@ async def forward_coalesced(channel: aio_pika.abc.AbstractChannel, ns: str, i: i
     out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                            correlation_id=message.correlation_id, reply_to=message.reply_to)
     await amqp_writes.publish(channel, out.body, routing_key=target or "", properties=out.properties)
-    await message.ack()
+    assert message.delivery_tag is not None
+    await message.channel.basic_ack(message.delivery_tag, wait=False)  # as farebox's stages ack
 
 
 @contextlib.asynccontextmanager

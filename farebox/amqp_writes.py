@@ -12,8 +12,11 @@ waiting for the socket buffer (``wait=False``, see workers/runtime.py), else aio
 channel lock across that wait and a channel's publishes could never share a write.
 
 It swaps the ``FrameGenerator`` that aiormq's writer task looks up by name when it starts and
-deepens its write queue (aiormq 7.x); ``install`` refuses, with a warning, on an aiormq whose writer
-does not look the same. Connections opened before ``install`` keep aiormq's own writer.
+deepens its write queue (aiormq 7.x, pinned in pyproject.toml); ``install`` refuses, with a warning,
+when aiormq's ``FrameGenerator`` is not the class it found at import or has no ``__anext__``.
+It is process-wide: every aiormq connection opened afterwards writes this way (the stages, the
+client, and any other aio-pika connection of the same process; their semantics do not change).
+Connections opened before ``install`` keep aiormq's own writer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from aiormq.abc import ChannelFrame
 
 log = logging.getLogger("farebox.amqp_writes")
 
-# Enough to coalesce a few hundred small frames; a large body still goes out in its own write.
+# A write stops taking more frames once it holds this much (the frame that crosses it included):
+# enough for a few hundred small frames, without copying one large body after another.
 MAX_COALESCED_BYTES = 256 * 1024
 # aiormq's connection queue holds 10 frames. Publishes on a channel take its lock while they
 # enqueue, so the 11th publish of a turn holds the lock waiting for room and every later one
@@ -100,14 +104,15 @@ def persistent_properties(*, content_type: str, headers: Mapping[str, Any] | Non
     """What aio-pika's ``Message(..., delivery_mode=PERSISTENT, timestamp=now).properties`` gives,
     without building the Message (it checks a lock on every attribute it sets)."""
     return aiormq.spec.Basic.Properties(
-        content_type=content_type, delivery_mode=2, priority=0, headers=dict(headers) if headers else None,
+        content_type=content_type, delivery_mode=2, priority=0, headers=dict(headers) if headers else {},
         correlation_id=correlation_id, reply_to=reply_to, message_id=message_id, timestamp=datetime.now(tz=UTC))
 
 
 async def publish(channel: aio_pika.abc.AbstractChannel, body: bytes, *, routing_key: str, exchange: str = "",
                   properties: aiormq.spec.Basic.Properties | None = None, mandatory: bool = True,
                   timeout: float | None = None) -> None:
-    """Publish and wait for the broker's confirm, not for the socket buffer to drain.
+    """Publish and wait for the broker's confirm, not for the socket buffer to drain. The channel
+    must have publisher confirms on: without them this returns before the frame is even written.
 
     aio-pika's ``Exchange.publish`` waits for the drain inside aiormq's channel lock, which holds
     the lock across a turn of the loop: a channel's publishes then go out one per turn, one write

@@ -189,11 +189,11 @@ class FareboxClient:
             parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
         assert parsed.job_id is not None
         body = parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
-        properties = amqp_writes.persistent_properties(
-            content_type=CONTENT_TYPE, reply_to=self._reply_queue.name,
-            correlation_id=correlation_id or parsed.job_id, message_id=parsed.job_id)
         delay = 0.05
         while True:
+            properties = amqp_writes.persistent_properties(
+                content_type=CONTENT_TYPE, reply_to=self._reply_queue.name,
+                correlation_id=correlation_id or parsed.job_id, message_id=parsed.job_id)
             try:
                 # Not waiting for the socket: a window of publishes shares writes (amqp_writes).
                 await amqp_writes.publish(self._channel, body, routing_key=self.topology.intake,

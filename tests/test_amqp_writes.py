@@ -25,7 +25,8 @@ def frame(payload: bytes, *, drain: asyncio.Future[None] | None = None, close: b
 
 async def test_coalesce_keeps_order_and_drains_every_part() -> None:
     loop = asyncio.get_running_loop()
-    waits = [loop.create_future(), None, loop.create_future()]
+    # Only a later part waits for the drain: the joined frame must still be drained.
+    waits = [None, None, loop.create_future()]
     parts = [frame(b"a", drain=waits[0]), frame(b"bb", drain=waits[1]), frame(b"ccc", drain=waits[2])]
     joined = coalesce(parts[0], parts[1:])
     assert joined.payload == b"abbccc"
@@ -33,6 +34,14 @@ async def test_coalesce_keeps_order_and_drains_every_part() -> None:
     joined.drain()
     assert all(w.done() for w in waits if w is not None)
     assert not joined.should_drain
+
+
+async def test_a_large_frame_behind_small_ones_ends_the_write() -> None:
+    big = b"x" * amqp_writes.MAX_COALESCED_BYTES
+    queue = await queue_of(frame(b"small"), frame(big), frame(b"next"))
+    written = await CoalescingFrameGenerator(queue).__anext__()
+    assert written.payload == b"small" + big  # the frame that crosses the cap is the last one taken
+    assert queue.qsize() == 1
 
 
 def test_a_lone_frame_is_written_as_it_is() -> None:
@@ -144,4 +153,40 @@ def test_persistent_properties_are_what_an_aio_pika_message_gives() -> None:
                               **fields).properties  # type: ignore[arg-type]
     assert ours == theirs
     assert ours.delivery_mode == 2 and ours.timestamp is not None
-    assert amqp_writes.persistent_properties(content_type="text/plain").headers is None
+    bare = amqp_writes.persistent_properties(content_type="text/plain")
+    assert bare == aio_pika.Message(b"", content_type="text/plain", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                    timestamp=bare.timestamp).properties
+
+
+async def test_a_graceful_stop_leaves_no_handled_message_unacked(pipeline: InProcessPipeline,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Acks do not wait for the socket. With a writer that lags (a busy process), the acks of the
+    # jobs a stopping stage finishes are still queued when it closes its connection, which drops
+    # them: the broker would hand those jobs out again, marked redelivered. The stop waits for them.
+    real = CoalescingFrameGenerator.__anext__
+
+    async def lagging(self: CoalescingFrameGenerator) -> ChannelFrame:
+        frame = await real(self)
+        await asyncio.sleep(0.01)
+        return frame
+
+    monkeypatch.setattr(CoalescingFrameGenerator, "__anext__", lagging)
+    await pipeline.start()
+    jobs = [{"prompt": f"Classify ticket {i}: refund please", "task": "classify", "quality": "low",
+             "job_id": str(uuid.uuid4())} for i in range(400)]
+    async with pipeline.client() as client:
+        got = 0
+        async for _ in client.stream(jobs, max_in_flight=400, idle_timeout_s=60):
+            got += 1
+            if got == 40:
+                break
+        await pipeline.stop("account")  # mid-stream: it finishes what it holds, then closes
+    queue_name = pipeline.settings.topology.account
+    connection = await aio_pika.connect(pipeline.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        redelivered = 0
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            redelivered += bool(message.redelivered)
+    assert redelivered == 0, f"{redelivered} message(s) the account stage had handled came back"

@@ -45,7 +45,10 @@ class HiredisPacking:
     """Commands packed by hiredis's C packer. redis-py's own (synchronous) connections use it when
     hiredis is installed; its asyncio connections pack every argument in Python, and that was the
     largest cost in the account stage's CPU profile (the ledger script's dozen arguments per job).
-    An argument hiredis cannot pack fails with ``DataError``, as redis-py's packer fails."""
+    An argument hiredis cannot pack fails its command with ``DataError``, as redis-py's packer
+    does; hiredis also refuses an int subclass such as ``IntEnum``, which redis-py would pack
+    (farebox passes plain str, bytes, int and float). Strings go out as UTF-8, redis-py's default;
+    a client built with another ``encoding`` must not use this (workers/main.py sets none)."""
 
     _packer = HiredisRespSerializer()
 

@@ -118,8 +118,19 @@ class Worker:
                     await queue.cancel(tag)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
+            await self._acks_reached_the_broker()
         finally:
             await connection.close()
+
+    async def _acks_reached_the_broker(self) -> None:
+        """Acks are sent without waiting for the socket (``_settle``), and closing the connection
+        drops what aiormq's writer still holds, so the broker would redeliver jobs already done.
+        A round trip on the channel, queued behind the acks, returns once the broker has them."""
+        if self._channel is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._channel.set_qos(prefetch_count=getattr(self.core, "prefetch", self.settings.prefetch)), 5)
 
     async def _start(self, connection: AbstractRobustConnection) -> list[tuple[Any, Any]]:
         """Open the channel, declare the topology and consume; tried again while the connection
@@ -298,11 +309,13 @@ class Worker:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish
         nack) or the connection is being restored, so nothing is acked before it is safe."""
         assert self._channel is not None
-        properties = amqp_writes.persistent_properties(
-            content_type=p.content_type, headers=p.headers, correlation_id=p.correlation_id, reply_to=p.reply_to,
-            message_id=p.message_id)
         delay = 0.02
         while True:
+            # Built per attempt: aiormq writes a random message_id into properties without one, and
+            # a late return of an earlier attempt must not match this one.
+            properties = amqp_writes.persistent_properties(
+                content_type=p.content_type, headers=p.headers, correlation_id=p.correlation_id,
+                reply_to=p.reply_to, message_id=p.message_id)
             try:
                 # Not waiting for the socket: this stage's publishes of one turn share a write.
                 await amqp_writes.publish(self._channel, p.body, exchange=p.exchange, routing_key=p.routing_key,

@@ -170,11 +170,6 @@ def _json_headers(client_headers: tuple[tuple[bytes, bytes], ...],
     return merged
 
 
-@functools.lru_cache(maxsize=64)
-def _timeout(timeout_s: float) -> dict[str, float | None]:
-    return httpx.Timeout(timeout_s).as_dict()
-
-
 def json_request(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any],
                  timeout_s: float) -> httpx.Request:
     """The request ``client.post(url, headers=headers, json=body, timeout=timeout_s)`` would send
@@ -183,7 +178,7 @@ def json_request(client: httpx.AsyncClient, url: str, headers: dict[str, str], b
     return httpx.Request(
         "POST", parsed_url(url), headers=_json_headers(tuple(client.headers.raw), tuple(headers.items())),
         content=json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
-        extensions={"timeout": dict(_timeout(timeout_s))})
+        extensions={"timeout": httpx.Timeout(timeout_s).as_dict()})
 
 
 async def post_json(
