@@ -52,7 +52,7 @@ async def hop(ns: str, i: int, n_hops: int, coalesced: bool = False) -> None:
             source = await channel.declare_queue(queue(ns, i), durable=True, arguments=QUEUE_ARGS)
             if i + 1 < n_hops:
                 await channel.declare_queue(queue(ns, i + 1), durable=True, arguments=QUEUE_ARGS)
-            await source.consume(functools.partial(forward_coalesced if coalesced else forward, channel, ns, i, n_hops))
+            await source.consume(functools.partial(forward, channel, ns, i, n_hops, coalesced))
             break
         except BROKER_DOWN:
             with contextlib.suppress(Exception):
@@ -64,23 +64,17 @@ async def hop(ns: str, i: int, n_hops: int, coalesced: bool = False) -> None:
     await connection.close()
 
 
-async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int,
+async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int, coalesced: bool,
                   message: aio_pika.abc.AbstractIncomingMessage) -> None:
     target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
     out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                            correlation_id=message.correlation_id, reply_to=message.reply_to)
-    await channel.default_exchange.publish(out, target or "")
-    await message.ack()
-
-
-async def forward_coalesced(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int,
-                            message: aio_pika.abc.AbstractIncomingMessage) -> None:
-    target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
-    out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                           correlation_id=message.correlation_id, reply_to=message.reply_to)
-    await amqp_writes.publish(channel, out.body, routing_key=target or "", properties=out.properties)
-    assert message.delivery_tag is not None
-    await message.channel.basic_ack(message.delivery_tag, wait=False)  # as farebox's stages ack
+    if coalesced:  # publish and ack as farebox's stages do
+        await amqp_writes.publish(channel, out.body, routing_key=target or "", properties=out.properties)
+        await amqp_writes.ack(message)
+    else:
+        await channel.default_exchange.publish(out, target or "")
+        await message.ack()
 
 
 @contextlib.asynccontextmanager

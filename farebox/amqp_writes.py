@@ -108,6 +108,14 @@ def persistent_properties(*, content_type: str, headers: Mapping[str, Any] | Non
         correlation_id=correlation_id, reply_to=reply_to, message_id=message_id, timestamp=datetime.now(tz=UTC))
 
 
+async def ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """aio-pika's ``message.ack()`` without its wait for the socket buffer: the acks of a turn share
+    one write and no handler wakes again per ack. Whoever closes the connection must first make
+    sure the acks went out (a round trip on the channel): closing drops what the writer holds."""
+    if message.delivery_tag is not None:
+        await message.channel.basic_ack(message.delivery_tag, wait=False)
+
+
 async def publish(channel: aio_pika.abc.AbstractChannel, body: bytes, *, routing_key: str, exchange: str = "",
                   properties: aiormq.spec.Basic.Properties | None = None, mandatory: bool = True,
                   timeout: float | None = None) -> None:

@@ -91,8 +91,9 @@ class Worker:
         self.providers = list(providers)
         self._inflight = 0  # messages (a batch is one)
         self._busy = 0  # jobs received and not yet handled; at 0 a part-full batch goes out
+        self._prefetch: int = getattr(core, "prefetch", settings.prefetch)  # a core may need more (execute)
         # Jobs handled at once: what the prefetch allows for messages of one job each.
-        self._slots = asyncio.Semaphore(getattr(core, "prefetch", settings.prefetch))
+        self._slots = asyncio.Semaphore(self._prefetch)
         self._batcher = (Batcher(self._publish, core.name, max_items=settings.batch_max,
                                  linger_s=settings.batch_linger_ms / 1000) if settings.batch_max > 1 else None)
         self._idle = asyncio.Event()
@@ -123,14 +124,14 @@ class Worker:
             await connection.close()
 
     async def _acks_reached_the_broker(self) -> None:
-        """Acks are sent without waiting for the socket (``_settle``), and closing the connection
+        """Acks are sent without waiting for the socket (``amqp_writes.ack``), and closing the connection
         drops what aiormq's writer still holds, so the broker would redeliver jobs already done.
         A round trip on the channel, queued behind the acks, returns once the broker has them."""
         if self._channel is None:
             return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
-                self._channel.set_qos(prefetch_count=getattr(self.core, "prefetch", self.settings.prefetch)), 5)
+                self._channel.set_qos(prefetch_count=self._prefetch), 5)
 
     async def _start(self, connection: AbstractRobustConnection) -> list[tuple[Any, Any]]:
         """Open the channel, declare the topology and consume; tried again while the connection
@@ -144,7 +145,7 @@ class Worker:
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 self._channel = channel
-                await channel.set_qos(prefetch_count=getattr(self.core, "prefetch", self.settings.prefetch))
+                await channel.set_qos(prefetch_count=self._prefetch)
                 await declare_topology(channel, self.settings, self.providers)
                 consumers = []
                 plan = queue_plan(self.settings, self.providers)
@@ -373,10 +374,7 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool = False, requeu
     # requeued the message, so failing to settle it here is expected and harmless.
     try:
         if ack:
-            if message.delivery_tag is not None:
-                # aio-pika's ack without its wait for the socket buffer: the acks of a turn then
-                # share one write (farebox/amqp_writes.py) and no handler wakes again per ack.
-                await message.channel.basic_ack(message.delivery_tag, wait=False)
+            await amqp_writes.ack(message)
         else:
             await message.nack(requeue=requeue)
     except Exception as err:
