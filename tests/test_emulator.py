@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ import httpx
 import pydantic
 import pytest
 
+from farebox.emulator.app import ANTHROPIC, GEMINI, OPENAI, match_provider
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import add_command, knobs_from_args, running, serve
 from farebox.tokens import count_messages
@@ -223,3 +225,52 @@ def test_command_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert callable(args.func)
     assert (knobs.latency_ms, knobs.fail_rate, knobs.faulty, knobs.port, knobs.host) == (
         25.0, 0.1, "anthropic", 9001, "127.0.0.2")
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/v1/chat/completions", ("openai", "openai", None)),
+    ("/v1/messages", ("anthropic", "anthropic", None)),
+    ("/v1beta/models/gemini-2.0-flash:generateContent", ("gemini", "google", "gemini-2.0-flash:generateContent")),
+    ("/vllm/v1/chat/completions", ("openai", "vllm", None)),
+    ("/claude/v1/messages", ("anthropic", "claude", None)),
+    ("/vertex/v1beta/models/m:generateContent", ("gemini", "vertex", "m:generateContent")),
+    ("/v1/v1/chat/completions", ("openai", "v1", None)),  # "v1" is a provider name like any other
+    ("/v1beta/models/", None),
+    ("/v1beta/models/a/b", None),
+    ("/x/y/v1/chat/completions", None),
+    ("//v1/chat/completions", None),
+    ("/v1/chat/completions/", None),
+    ("/healthz", None),
+    ("/", None),
+])
+def test_provider_routes(path: str, expected: tuple[str, str, str | None] | None) -> None:
+    found = match_provider(path)
+    wires = {id(OPENAI): "openai", id(ANTHROPIC): "anthropic", id(GEMINI): "gemini"}
+    assert (None if found is None else (wires[id(found[0])], found[1], found[2])) == expected
+
+
+@pytest.mark.parametrize(("method", "path", "code", "allow"), [
+    ("GET", "/nowhere", 404, None),
+    ("POST", "/openai/v2/chat/completions", 404, None),
+    ("GET", "/openai/v1/chat/completions", 405, "POST"),
+    ("PUT", "/v1/messages", 405, "POST"),
+    ("POST", "/healthz", 405, "GET"),
+    ("GET", "/_emulator/reset", 405, "POST"),
+])
+async def test_unknown_paths_and_wrong_methods(method: str, path: str, code: int, allow: str | None) -> None:
+    async with emulator() as (_, client):
+        r = await client.request(method, path, json=CHAT)
+        after = await stats(client)
+    assert r.status_code == code and r.headers.get("allow") == allow
+    assert after["requests"] == {} and after["faults"] == {}
+
+
+async def test_request_body_in_chunks() -> None:
+    async def body() -> AsyncIterator[bytes]:  # no Content-Length: sent with chunked encoding
+        raw = json.dumps(CHAT).encode()
+        for i in range(0, len(raw), 7):
+            yield raw[i:i + 7]
+
+    async with emulator() as (_, client):
+        r = await client.post("/openai/v1/chat/completions", content=body())
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == count_messages(PAIRS)

@@ -6,8 +6,8 @@ Anthropic, not for OpenAI) so adapter bugs show up against the emulator, not onl
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -112,8 +112,15 @@ def _messages(body: dict[str, Any], roles: frozenset[str]) -> list[tuple[str, st
     return pairs
 
 
+_ids = random.Random()  # seeded from the OS once: ids need only be unique, and uuid4 read urandom per reply
+
+
+def _hex(chars: int) -> str:
+    return f"{_ids.getrandbits(chars * 4):0{chars}x}"
+
+
 def _new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
+    return prefix + _hex(24)
 
 
 # --- OpenAI chat completions -----------------------------------------------------------------
@@ -255,7 +262,7 @@ class GeminiWire:
                 "totalTokenCount": input_tokens + answer.tokens,
             },
             "modelVersion": prompt.model,
-            "responseId": uuid.uuid4().hex[:22],
+            "responseId": _hex(22),
         }
 
     def error(self, kind: ErrorKind, message: str, param: str | None = None) -> dict[str, Any]:
