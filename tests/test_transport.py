@@ -320,6 +320,7 @@ async def test_the_provider_client_keeps_no_cookies() -> None:
     ({}, {"contents": [{"role": "user", "parts": [{"text": "Résumé ✓ \\u2028 \"quoted\""}]}]}),
     ({"authorization": "Bearer sk-test", "anthropic-version": "2023-06-01"}, {"max_tokens": 5, "temperature": 0.0}),
     ({"x-goog-api-key": "AIza-test"}, {"nested": {"list": [1, 2.5, None, True]}}),
+    ({"Host": "gateway.example.test", "User-Agent": "farebox"}, {}),  # a caller's Host and User-Agent win
 ])
 def test_json_request_is_what_post_would_send(headers: dict[str, str], body: dict[str, object]) -> None:
     client = provider_client(httpx.MockTransport(lambda r: httpx.Response(200)), timeout_s=7)
