@@ -135,7 +135,7 @@ async def main() -> None:
         "| measure | median (min, max) |", "|---|---|", *rows,
         *[f"| one at a time {q} ms, {label} | {spread(lat[key + q], '.1f')} |" for key, label in (
             ("bare", "bare chain (4 hops + reply)"), ("fb", "farebox (fresh job, emulator at 0 ms)"),
-            ("bare1", "one bare hop + reply"), ("hit", "farebox cache hit (intake -> dedup -> reply)"))
+            ("bare1", "one bare hop + reply"), ("hit", "farebox cache hit (intake -> dedup -> account -> reply)"))
           for q in ("p50", "p99")], "",
         "Ratios are taken run by run (each farebox run against the bare run just before it).", "",
         *cpu_table(a.in_flight[-1]), ""]))
