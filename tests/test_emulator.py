@@ -14,7 +14,7 @@ import httpx
 import pydantic
 import pytest
 
-from farebox.emulator.app import ANTHROPIC, GEMINI, OPENAI, match_provider
+from farebox.emulator.app import ANTHROPIC, GEMINI, OPENAI, EmulatorApp, match_provider
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import add_command, knobs_from_args, running, serve
 from farebox.tokens import count_messages
@@ -254,8 +254,10 @@ def test_provider_routes(path: str, expected: tuple[str, str, str | None] | None
     ("POST", "/openai/v2/chat/completions", 404, None),
     ("GET", "/openai/v1/chat/completions", 405, "POST"),
     ("PUT", "/v1/messages", 405, "POST"),
-    ("POST", "/healthz", 405, "GET"),
+    ("POST", "/healthz", 405, "GET, HEAD"),
+    ("DELETE", "/_emulator/stats", 405, "GET, HEAD"),
     ("GET", "/_emulator/reset", 405, "POST"),
+    ("HEAD", "/_emulator/reset", 405, "POST"),
 ])
 async def test_unknown_paths_and_wrong_methods(method: str, path: str, code: int, allow: str | None) -> None:
     async with emulator() as (_, client):
@@ -274,3 +276,58 @@ async def test_request_body_in_chunks() -> None:
     async with emulator() as (_, client):
         r = await client.post("/openai/v1/chat/completions", content=body())
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == count_messages(PAIRS)
+
+
+async def test_head_on_the_get_routes() -> None:
+    async with emulator() as (_, client):
+        replies = [await client.head(path) for path in ("/healthz", "/_emulator/stats")]
+    assert [r.status_code for r in replies] == [200, 200] and all(r.content == b"" for r in replies)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "gpt-\\ud800", "messages": [{"role": "user", "content": "hi"}]}',  # a lone surrogate
+    b"[" * 100_000,  # nested beyond the JSON parser's recursion limit
+])
+async def test_bodies_that_break_json_handling_get_a_400(raw: bytes) -> None:
+    async with emulator() as (_, client):
+        r = await client.post("/openai/v1/chat/completions", content=raw)
+        after = await client.get("/_emulator/stats")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert after.status_code == 200 and after.json()["faults"] == {"bad_request": 1}
+
+
+async def _call_app(messages: list[dict[str, Any]], scope_type: str = "http") -> tuple[EmulatorApp, list[Any]]:
+    """Drive the ASGI app directly with scripted receive messages; returns what it sent."""
+    app = EmulatorApp(EmulatorKnobs(port=0))
+    inbox = iter(messages)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(inbox)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": scope_type, "method": "POST", "path": "/openai/v1/chat/completions"}
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return app, sent
+
+
+async def test_asgi_body_in_several_messages() -> None:
+    raw = json.dumps(CHAT).encode()
+    parts = [{"type": "http.request", "body": raw[i:i + 9], "more_body": i + 9 < len(raw)}
+             for i in range(0, len(raw), 9)]
+    app, sent = await _call_app(parts)
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["usage"]["prompt_tokens"] == count_messages(PAIRS)
+    assert app.state.in_flight == 0
+
+
+async def test_asgi_disconnect_while_reading_sends_nothing() -> None:
+    app, sent = await _call_app([{"type": "http.request", "body": b'{"mo', "more_body": True},
+                                 {"type": "http.disconnect"}])
+    assert sent == [] and app.state.in_flight == 0 and app.state.requests == {}
+
+
+async def test_asgi_other_scopes_are_ignored() -> None:
+    _, sent = await _call_app([], scope_type="lifespan")
+    assert sent == []

@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 import uvloop
 
-from farebox.emulator.app import EmulatorState, create_app
+from farebox.emulator.app import EmulatorApp
 from farebox.emulator.knobs import EmulatorKnobs
 
 # A load test opens thousands of connections at once; the kernel queue must hold them all.
@@ -50,8 +50,8 @@ def _bind(host: str, port: int) -> socket.socket:
 @contextlib.asynccontextmanager
 async def running(knobs: EmulatorKnobs) -> AsyncIterator[str]:
     """Run the emulator for the duration of the block; yields its base URL (``http://host:port``)."""
-    app = create_app(knobs)
-    state: EmulatorState = app.state
+    app = EmulatorApp(knobs)
+    state = app.state
     # No proxy-headers middleware: nothing sits in front of the emulator, and it cost CPU per request.
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="off", backlog=BACKLOG, proxy_headers=False,

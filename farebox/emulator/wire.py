@@ -51,6 +51,10 @@ def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a non-empty string", "model")
+    try:
+        model.encode()  # a lone surrogate (a "\\ud800" escape in the JSON) would break every reply naming it
+    except UnicodeEncodeError:
+        raise BadRequest("'model' must be valid Unicode text", "model") from None
     return model
 
 
@@ -112,7 +116,9 @@ def _messages(body: dict[str, Any], roles: frozenset[str]) -> list[tuple[str, st
     return pairs
 
 
-_ids = random.Random()  # seeded from the OS once: ids need only be unique, and uuid4 read urandom per reply
+# Seeded from the OS once (ids need only be unique; uuid4 read urandom per reply). Every emulator
+# is a process of its own, never forked, so no two share this generator's state.
+_ids = random.Random()
 
 
 def _hex(chars: int) -> str:
