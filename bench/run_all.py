@@ -4,7 +4,7 @@ from at least three runs each (median with min and max), one script after anothe
 compete for the cores. The long fault runs (provider_faults.py, chaos.py) and route_speed.py stay
 separate.
 
-    .venv/bin/python bench/run_all.py            # the full set, about 20 minutes on 2 cores
+    .venv/bin/python bench/run_all.py            # the full set, 20-30 minutes on 2 cores (+ the LiteLLM install)
     .venv/bin/python bench/run_all.py --smoke    # every script once on tiny inputs (~1 minute), tables to a temp dir
     .venv/bin/python bench/run_all.py --only ceiling litellm_peer
 """
