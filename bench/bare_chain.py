@@ -27,6 +27,7 @@ import uvloop
 
 from farebox import amqp_writes
 from farebox.client import PublishWindow
+from farebox.constants import CONTENT_TYPE
 from farebox.errors import BROKER_DOWN
 
 AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
@@ -67,12 +68,14 @@ async def hop(ns: str, i: int, n_hops: int, coalesced: bool = False) -> None:
 async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int, coalesced: bool,
                   message: aio_pika.abc.AbstractIncomingMessage) -> None:
     target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
-    out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                           correlation_id=message.correlation_id, reply_to=message.reply_to)
-    if coalesced:  # publish and ack as farebox's stages do
-        await amqp_writes.publish(channel, out.body, routing_key=target or "", properties=out.properties)
+    if coalesced:  # build properties, publish and ack as farebox's stages do
+        properties = amqp_writes.persistent_properties(
+            content_type=CONTENT_TYPE, correlation_id=message.correlation_id, reply_to=message.reply_to)
+        await amqp_writes.publish(channel, message.body, routing_key=target or "", properties=properties)
         await amqp_writes.ack(message)
     else:
+        out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                               correlation_id=message.correlation_id, reply_to=message.reply_to)
         await channel.default_exchange.publish(out, target or "")
         await message.ack()
 
@@ -133,12 +136,14 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes, coalesced: 
         t0 = time.perf_counter()
         for k in range(n):
             await slots.acquire()
-            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
-                                       correlation_id=str(k))
             if coalesced:
-                await window.start(lambda m=message: amqp_writes.publish(channel, m.body, routing_key=queue(ns, 0),
-                                                                         properties=m.properties))
+                properties = amqp_writes.persistent_properties(content_type=CONTENT_TYPE, reply_to=replies.name,
+                                                               correlation_id=str(k))
+                await window.start(lambda p=properties: amqp_writes.publish(channel, body, routing_key=queue(ns, 0),
+                                                                            properties=p))
             else:
+                message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                           reply_to=replies.name, correlation_id=str(k))
                 await window.start(lambda m=message: channel.default_exchange.publish(m, queue(ns, 0)))
         await window.drain()
         await done.wait()
