@@ -178,11 +178,6 @@ def _not_allowed(allow: str) -> Reply:
     return Reply(405, b"Method Not Allowed", b"text/plain; charset=utf-8", ((b"allow", allow.encode()),))
 
 
-def _answers(method: str, allowed: str) -> bool:
-    # A GET route answers HEAD too (uvicorn leaves the body out), as Starlette's did: curl -I works.
-    return method == allowed or (method == "HEAD" and allowed == "GET")
-
-
 GEMINI_PREFIX = "/v1beta/models/"
 
 
@@ -207,9 +202,11 @@ def _health(state: EmulatorState) -> Reply:
     return json_reply({"status": "ok"})
 
 
-# path -> (the one method it answers, its handler)
-SERVICE_ROUTES: dict[str, tuple[str, Callable[[EmulatorState], Reply]]] = {
-    "/healthz": ("GET", _health), "/_emulator/stats": ("GET", _stats), "/_emulator/reset": ("POST", _reset),
+# path -> (the methods it answers, its handler). A GET route answers HEAD too (uvicorn leaves the
+# body out), as Starlette's did: curl -I works.
+_READ = ("GET", "HEAD")
+SERVICE_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[EmulatorState], Reply]]] = {
+    "/healthz": (_READ, _health), "/_emulator/stats": (_READ, _stats), "/_emulator/reset": (("POST",), _reset),
 }
 
 
@@ -217,10 +214,8 @@ async def route(state: EmulatorState, method: str, path: str, raw: bytes) -> Rep
     """The reply to one request."""
     service = SERVICE_ROUTES.get(path)
     if service is not None:
-        allowed, handler = service
-        if _answers(method, allowed):
-            return handler(state)
-        return _not_allowed("GET, HEAD" if allowed == "GET" else allowed)
+        methods, handler = service
+        return handler(state) if method in methods else _not_allowed(", ".join(methods))
     found = match_provider(path)
     if found is None:
         return NOT_FOUND
