@@ -4,7 +4,7 @@ ack after the next publish is confirmed, prefetch 64, uvloop), one OS process pe
 
     python bench/bare_chain.py hop NAMESPACE I N [coalesced]   # one hop process (the driver starts these)
 
-``coalesced`` hops publish as farebox's stages do since farebox/amqp_writes.py: without waiting
+``coalesced`` hops publish as farebox's stages do since farebox/patches/aiormq_writes.py: without waiting
 for the socket, one write per event-loop turn. The stock chain is the ceiling; this variant says
 how much of farebox's gain over it is that write path alone.
 """
@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator
 import aio_pika
 import uvloop
 
-from farebox import amqp_writes
 from farebox.client import PublishWindow
 from farebox.constants import CONTENT_TYPE
 from farebox.errors import BROKER_DOWN
+from farebox.patches import aiormq_writes
 
 AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 HOPS = 4
@@ -41,11 +41,11 @@ def queue(ns: str, i: int) -> str:
 
 async def hop(ns: str, i: int, n_hops: int, coalesced: bool = False) -> None:
     if coalesced:
-        amqp_writes.install()
+        aiormq_writes.install()
     while True:
         # RabbitMQ may close the connection with INTERNAL_ERROR when a consume reaches a quorum
         # queue declared a moment before (its Ra server is not up yet): start again, as the
-        # farebox stages do (workers/runtime.py Worker._start).
+        # farebox stages do (farebox/stages/runtime.py Worker._start).
         connection = await aio_pika.connect_robust(AMQP)
         try:
             channel = await connection.channel(publisher_confirms=True)
@@ -69,10 +69,10 @@ async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops
                   message: aio_pika.abc.AbstractIncomingMessage) -> None:
     target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
     if coalesced:  # build properties, publish and ack as farebox's stages do
-        properties = amqp_writes.persistent_properties(
+        properties = aiormq_writes.persistent_properties(
             content_type=CONTENT_TYPE, correlation_id=message.correlation_id, reply_to=message.reply_to)
-        await amqp_writes.publish(channel, message.body, routing_key=target or "", properties=properties)
-        await amqp_writes.ack(message)
+        await aiormq_writes.publish(channel, message.body, routing_key=target or "", properties=properties)
+        await aiormq_writes.ack(message)
     else:
         out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                correlation_id=message.correlation_id, reply_to=message.reply_to)
@@ -114,7 +114,7 @@ async def bare_chain(n_hops: int = HOPS, *, coalesced: bool = False) -> AsyncIte
 
 async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes, coalesced: bool = False) -> float:
     """Jobs/s for n messages through the chain, at most max_in_flight unanswered (like the client);
-    ``coalesced``: publishing as farebox's client does (farebox/amqp_writes.py)."""
+    ``coalesced``: publishing as farebox's client does (farebox/patches/aiormq_writes.py)."""
     connection = await aio_pika.connect(AMQP)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -137,9 +137,9 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes, coalesced: 
         for k in range(n):
             await slots.acquire()
             if coalesced:
-                properties = amqp_writes.persistent_properties(content_type=CONTENT_TYPE, reply_to=replies.name,
+                properties = aiormq_writes.persistent_properties(content_type=CONTENT_TYPE, reply_to=replies.name,
                                                                correlation_id=str(k))
-                await window.start(lambda p=properties: amqp_writes.publish(channel, body, routing_key=queue(ns, 0),
+                await window.start(lambda p=properties: aiormq_writes.publish(channel, body, routing_key=queue(ns, 0),
                                                                             properties=p))
             else:
                 message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,

@@ -30,8 +30,8 @@ from common import (
     wait_for_emulator,
 )
 
-from farebox import amqp_writes
 from farebox.client import FareboxClient
+from farebox.patches import aiormq_writes
 
 EMULATOR_PORT = 8099
 CPU: dict[tuple[str, str], list[float]] = {}  # (side, process group) -> CPU ms per job, one per run
@@ -79,7 +79,7 @@ async def main() -> None:
     a = ap.parse_args()
     # Process-wide, so the same in every run: farebox's client installs it anyway, and the stock
     # driver's aio-pika publishes (one per turn under aiormq's channel lock) write as before.
-    amqp_writes.install()
+    aiormq_writes.install()
     fresh, repeats = make_workload(a.jobs, 0, seed=1)[0], make_workload(a.jobs, 0.3, seed=2)[0]
     body = json.dumps(fresh[0]).encode()
     rates: dict[tuple[str, int], list[float]] = {}

@@ -17,8 +17,8 @@ from typing import Any
 
 from common import cores, emulator_process, make_workload, process_pipeline, publish_table, spread, wait_for_emulator
 
-from catalog.policy import load_policy
 from farebox.client import FareboxClient
+from farebox.routing.policy import load_policy
 from farebox.settings import Settings
 
 EMULATOR_PORT = 8094

@@ -5,8 +5,8 @@ bench/results/http_client.md.
     .venv/bin/python bench/http_client.py --calls 4000 --in-flight 256 --runs 3
 
 * httpx, one client: one httpx.AsyncClient with a connection per call in flight;
-* httpx, a client per slot: what workers/providers/pool.py did before the aiohttp transport;
-* httpx on aiohttp: what the execute stage uses now (workers/providers/transport.py);
+* httpx, a client per slot: what farebox/providers/pool.py did before the aiohttp transport;
+* httpx on aiohttp: what the execute stage uses now (farebox/patches/httpx_transport.py);
 * aiohttp alone: the floor, without httpx's request and response objects.
 """
 
@@ -22,8 +22,8 @@ import httpx
 import uvloop
 from common import cores, cpu_s, emulator_process, pids_of, publish_table, spread, wait_for_emulator
 
-from workers.providers.base import json_request
-from workers.providers.transport import AiohttpTransport
+from farebox.patches.httpx_transport import AiohttpTransport
+from farebox.providers.base import json_request
 
 PORT = 8096
 PATH = "/google/v1beta/models/gemini-2.0-flash:generateContent"
@@ -46,7 +46,7 @@ async def setups(url: str, in_flight: int) -> dict[str, tuple[Call, Callable[[],
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight))
 
     async def via(client: httpx.AsyncClient) -> object:
-        # As the adapters send (workers/providers/base.py post_json).
+        # As the adapters send (farebox/providers/base.py post_json).
         response = await client.send(json_request(client, url + PATH, HEADERS, BODY, 30))
         return response.json()
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog.estimate import EstimateReport
-from catalog.loader import load_catalog
-from catalog.policy import load_policy
-from catalog.routing import choose_route
+from farebox.routing.catalog import load_catalog
+from farebox.routing.choose import choose_route
+from farebox.routing.estimate import EstimateReport
+from farebox.routing.policy import load_policy
+from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR
 from farebox.tokens import count_messages
-from schemas import Job
 
 
 def best(fn: object, repeat: int) -> float:

@@ -32,7 +32,6 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from farebox import amqp_writes
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
 from farebox.errors import (
     BROKER_DOWN_OR_TIMEOUT,
@@ -41,8 +40,9 @@ from farebox.errors import (
     InvalidRequest,
     describe_validation_error,
 )
+from farebox.patches import aiormq_writes
+from farebox.schemas import ErrorInfo, Job, JobResult
 from farebox.settings import Settings
-from schemas import ErrorInfo, Job, JobResult
 
 log = logging.getLogger("farebox.client")
 # Publishes of one stream awaiting their broker confirms at once.
@@ -132,7 +132,7 @@ class FareboxClient:
         await self.close()
 
     async def connect(self) -> None:
-        amqp_writes.install()
+        aiormq_writes.install()
         try:
             self._connection = await aio_pika.connect_robust(
                 self.amqp_url, client_properties={"connection_name": "farebox-client"})
@@ -191,12 +191,12 @@ class FareboxClient:
         body = parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
         delay = 0.05
         while True:
-            properties = amqp_writes.persistent_properties(
+            properties = aiormq_writes.persistent_properties(
                 content_type=CONTENT_TYPE, reply_to=self._reply_queue.name,
                 correlation_id=correlation_id or parsed.job_id, message_id=parsed.job_id)
             try:
-                # Not waiting for the socket: a window of publishes shares writes (amqp_writes).
-                await amqp_writes.publish(self._channel, body, routing_key=self.topology.intake,
+                # Not waiting for the socket: a window of publishes shares writes (aiormq_writes).
+                await aiormq_writes.publish(self._channel, body, routing_key=self.topology.intake,
                                           properties=properties, timeout=30)
                 return parsed
             except aiormq.exceptions.PublishError:

@@ -18,7 +18,7 @@ H_REASON = "x-farebox-reason"  # why a message was dead-lettered (never prompt t
 H_STAGE = "x-farebox-stage"  # the stage that dead-lettered it
 H_CODE = "x-farebox-code"  # the error code the caller receives
 H_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
-H_BATCH = "x-farebox-batch"  # how many envelopes an internal message holds (workers/batching.py)
+H_BATCH = "x-farebox-batch"  # how many envelopes an internal message holds (farebox/stages/batching.py)
 
 CONTENT_TYPE = "application/json"
 
@@ -59,7 +59,7 @@ class Topology:
         return f"{self.namespace}.account"
 
     def is_batched(self, queue: str) -> bool:
-        """The internal hops whose messages may carry several jobs (workers/batching.py)."""
+        """The internal hops whose messages may carry several jobs (farebox/stages/batching.py)."""
         return queue in (self.route, self.account) or queue.startswith(f"{self.namespace}.execute.")
 
     @property

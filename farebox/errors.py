@@ -1,6 +1,6 @@
 """The error tree every stage speaks.
 
-Three families, and only the worker shell (workers/runtime.py) decides what each one means for a
+Three families, and only the worker shell (farebox/stages/runtime.py) decides what each one means for a
 message:
 
 * ``RetryableError``: the world is temporarily in the way (a provider 5xx, a 429, Redis or the
@@ -20,13 +20,19 @@ from typing import ClassVar
 
 import aiormq
 from pydantic import ValidationError
+from redis import exceptions as redis_errors
 
-# What the broker being away (or the connection being restored) looks like from aio-pika: a
-# RuntimeError is its "connection closed". Timeouts are added where a wait can time out.
+# What the broker being away (or a robust connection being restored) looks like from aio-pika and
+# aiormq. Not RuntimeError: aio-pika raises it for misuse too, and a bug must fail, not be retried
+# for ever as if the broker were down. Timeouts are added where a wait can time out.
 BROKER_DOWN: tuple[type[Exception], ...] = (
-    aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError, RuntimeError,
+    aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError,
 )
 BROKER_DOWN_OR_TIMEOUT: tuple[type[Exception], ...] = (*BROKER_DOWN, TimeoutError)
+# What a Redis outage looks like from redis-py.
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError, redis_errors.TimeoutError, ConnectionError, TimeoutError, OSError,
+)
 
 
 class FareboxError(Exception):

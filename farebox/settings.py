@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -9,11 +10,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farebox.constants import DEFAULT_NAMESPACE, RedisKeys, Topology
 
-CATALOG_DIR = Path(__file__).resolve().parent.parent / "catalog"
+# The bundled price catalog and policy (the repository's catalog/, installed as farebox.catalog).
+CATALOG_DIR = Path(str(files("farebox.catalog")))
 
 
 class ProviderLimits(BaseModel):
-    """One provider's limits, shared by all its execute replicas (workers/limits.py)."""
+    """One provider's limits, shared by all its execute replicas (farebox/stages/limits.py)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -23,8 +23,8 @@ from rich.table import Table
 
 from farebox.client import FareboxClient, as_job
 from farebox.errors import InvalidRequest
+from farebox.schemas import ErrorInfo, Job, JobResult
 from farebox.settings import Settings
-from schemas import ErrorInfo, Job, JobResult
 
 
 @dataclass

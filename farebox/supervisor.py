@@ -17,8 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from farebox.providers.registry import emulator_url, provider_configs
 from farebox.settings import Settings
-from workers.providers.registry import emulator_url, provider_configs
 
 log = logging.getLogger("farebox.up")
 

@@ -1,4 +1,4 @@
-"""Several jobs per message between stages (workers/batching.py): the coalescing rules as pure
+"""Several jobs per message between stages (farebox/stages/batching.py): the coalescing rules as pure
 units, then batches on the real broker — formed under load, not holding a lone job back, and a
 failing job of a batch settled alone without repeating the rest."""
 
@@ -17,14 +17,14 @@ from redis.asyncio import Redis
 
 from farebox.constants import H_BATCH, Topology
 from farebox.errors import PermanentError
+from farebox.schemas import Envelope, Job
 from farebox.settings import Settings
-from schemas import Envelope, Job
+from farebox.stages import batching
+from farebox.stages.batching import Batcher, batch_count, split_batch
+from farebox.stages.stage import Delivery, Publish
 from tests.conftest import EmulatorStats
 from tests.support.faults import crash_route_on_poison
 from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries
-from workers import batching
-from workers.batching import Batcher, batch_count, split_batch
-from workers.stage import Delivery, Publish
 
 
 def _delivery(body: bytes, headers: dict[str, object]) -> Delivery:

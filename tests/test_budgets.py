@@ -12,12 +12,12 @@ from typing import Any
 import aio_pika
 from redis.asyncio import Redis
 
-from catalog.loader import load_catalog
-from catalog.policy import load_policy
-from catalog.routing import choose_route
+from farebox.routing.catalog import load_catalog
+from farebox.routing.choose import choose_route
+from farebox.routing.policy import load_policy
+from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.tokens import count_messages
-from schemas import Job
 from tests.support.pipeline import InProcessPipeline
 
 PROMPT = "Give three reasons queues smooth out load spikes in backend systems."

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from schemas import Job
-from workers.cache_keys import CacheRules, cache_key, is_cacheable, prompt_hash
+from farebox.schemas import Job
+from farebox.stages.cache_keys import CacheRules, cache_key, is_cacheable, prompt_hash
 
 BASE: dict[str, Any] = {"tenant": "acme", "prompt": "Summarize: the queue is full.", "max_tokens": 100}
 DEFAULT = CacheRules()

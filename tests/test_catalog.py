@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from catalog.litellm import import_litellm, normalize_providers
-from catalog.loader import CatalogError, ModelInfo, cost_usd, load_catalog, parse_catalog
-from catalog.policy import check_policy, load_policy, parse_policy, tier_of
 from farebox.errors import InvalidRequest
+from farebox.routing.catalog import CatalogError, ModelInfo, cost_usd, load_catalog, parse_catalog
+from farebox.routing.litellm_prices import import_litellm, normalize_providers
+from farebox.routing.policy import check_policy, load_policy, parse_policy, tier_of
+from farebox.schemas import Usage
 from farebox.settings import CATALOG_DIR
-from schemas import Usage
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LITELLM = SHARED / "data" / "litellm_model_prices.json"
@@ -279,7 +279,7 @@ def test_policy_defaults_and_helpers() -> None:
     assert [b.limit_usd for b in p.budgets_for("initech", "free")] == [50, 1]
     assert [b.limit_usd for b in p.budgets_for("acme", None)] == []
     assert p.budgets[0].alerts == (0.5, 0.8, 1.0)
-    from schemas import Job
+    from farebox.schemas import Job
 
     assert p.is_cacheable(Job(prompt="x")) and not p.is_cacheable(Job(prompt="x", temperature=0.7))
 

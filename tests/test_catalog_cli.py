@@ -1,4 +1,4 @@
-"""`farebox catalog check|show|import` and `farebox estimate`, via the argparse wiring of farebox/cli.py."""
+"""`farebox catalog check|show|import` and `farebox estimate`, via the argparse wiring of farebox/cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog.cli import add_commands
+from farebox.cli.catalog import add_commands
 from farebox.settings import CATALOG_DIR, Settings
 
 SHARED_MAP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "litellm_model_prices.json"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from catalog.loader import CatalogError
-from catalog.store import CatalogStore
+from farebox.routing.catalog import CatalogError
+from farebox.routing.store import CatalogStore
 
 POLICY = {"baseline_model": "openai/a"}
 

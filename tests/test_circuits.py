@@ -9,10 +9,10 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from farebox.schemas import Envelope, Job, RouteDecision
 from farebox.settings import Settings
-from schemas import Envelope, Job, RouteDecision
-from workers.execute import next_target
-from workers.health import ProviderHealth
+from farebox.stages.circuits import Circuits
+from farebox.stages.execute import next_target
 
 CANDIDATES = ("google/flash", "google/pro", "openai/mini", "anthropic/haiku")
 
@@ -36,12 +36,12 @@ def test_next_target(failed: str, fallbacks: tuple[str, ...], unhealthy: frozens
 
 
 async def test_open_circuits_are_shared_and_expire(redis: Redis, settings: Settings) -> None:
-    opener = ProviderHealth(redis, settings.keys)
-    reader = ProviderHealth(redis, settings.keys)  # another process
+    opener = Circuits(redis, settings.keys)
+    reader = Circuits(redis, settings.keys)  # another process
     await opener.open_circuit("google/pro", 0.3)
     await opener.open_circuit("openai", 0.3)
     names = ["google", "openai", "google/flash", "google/pro"]
     assert await reader.unhealthy(names) == frozenset({"google/pro", "openai"})
     await asyncio.sleep(0.35)
-    fresh = ProviderHealth(redis, settings.keys)
+    fresh = Circuits(redis, settings.keys)
     assert await fresh.unhealthy(names) == frozenset()

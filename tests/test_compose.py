@@ -209,7 +209,7 @@ def test_emulator_service(services: dict[str, dict[str, Any]]) -> None:
 
 def test_execute_providers_are_known(workers: dict[str, dict[str, Any]]) -> None:
     from farebox.cli import build_parser
-    from workers.providers.registry import provider_configs
+    from farebox.providers.registry import provider_configs
 
     known = set(provider_configs({}, emulator_url="http://x"))
     served = set()
@@ -241,8 +241,8 @@ def test_stages_match_farebox_up(farebox_services: dict[str, dict[str, Any]], cl
 # --- compose: environment, dependencies, scaling -------------------------------------------------
 def test_environment_names_are_real_settings(farebox_services: dict[str, dict[str, Any]]) -> None:
     from farebox.emulator.knobs import EmulatorKnobs
+    from farebox.providers.registry import BUILTINS
     from farebox.settings import Settings
-    from workers.providers.registry import BUILTINS
 
     fields = {f"FAREBOX_{name.upper()}" for name in Settings.model_fields}
     knobs = {f"FAREBOX_EMULATOR_{name.upper()}" for name in EmulatorKnobs.model_fields}
@@ -256,8 +256,8 @@ def test_environment_names_are_real_settings(farebox_services: dict[str, dict[st
 
 
 def test_worker_environment(workers: dict[str, dict[str, Any]], clean_env: pytest.MonkeyPatch) -> None:
+    from farebox.providers.registry import BUILTINS, emulator_url, provider_configs
     from farebox.settings import Settings
-    from workers.providers.registry import BUILTINS, emulator_url, provider_configs
 
     assert set(workers) >= {"dedup", "route", "account"}
     for name, s in workers.items():

@@ -156,8 +156,8 @@ async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(pipeli
 ])
 def test_a_dead_letter_without_properties_answers_the_envelope_caller_only(body: bytes,
                                                                             reply_to: str | None) -> None:
-    from workers.deadletter import read_dead_letter
-    from workers.stage import Delivery
+    from farebox.stages.deadletter import read_dead_letter
+    from farebox.stages.stage import Delivery
 
     dead = read_dead_letter(Delivery(queue="q", body=body, redelivered=False, delivery_count=0, headers={},
                                      reply_to=None, correlation_id=None, message_id=None, timestamp=None))

@@ -14,9 +14,9 @@ import pytest
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.errors import ProviderUnavailable, RateLimited
-from schemas import ChatMessage
-from workers.providers.base import ProviderAdapter, ProviderRequest
-from workers.providers.registry import build_adapter, provider_configs
+from farebox.providers.base import ProviderAdapter, ProviderRequest
+from farebox.providers.registry import build_adapter, provider_configs
+from farebox.schemas import ChatMessage
 
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest", "google": "gemini-2.0-flash"}
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from catalog.estimate import estimate_jobs, estimate_lines
-from catalog.loader import load_catalog
-from catalog.policy import load_policy
+from farebox.routing.catalog import load_catalog
+from farebox.routing.estimate import estimate_jobs, estimate_lines
+from farebox.routing.policy import load_policy
+from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR
-from schemas import Job
 
 
 @pytest.fixture(scope="module")

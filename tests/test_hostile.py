@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY, generate_latest
 from farebox.errors import InvalidRequest
 from farebox.logs import quiet_libraries
 from farebox.settings import Settings
+from farebox.stages.decode import parse_job
 from tests.support.pipeline import InProcessPipeline
-from workers.decode import parse_job
 
 SECRET = "sk-test-PLANTEDSECRET0123456789abcdef"
 EMAIL = "planted.person@example.org"

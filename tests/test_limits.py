@@ -12,12 +12,12 @@ from redis.asyncio import Redis
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.errors import DeadlineExceeded
+from farebox.providers.base import ProviderReply, ProviderRequest
+from farebox.schemas import ChatMessage
 from farebox.settings import ProviderLimits, Settings
-from schemas import ChatMessage
+from farebox.stages.limits import LimitedAdapter, SharedLimiter
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import InProcessPipeline, collect
-from workers.limits import LimitedAdapter, SharedLimiter
-from workers.providers.base import ProviderReply, ProviderRequest
 
 
 def replicas(redis: Redis, settings: Settings, limits: ProviderLimits, n: int = 2) -> list[SharedLimiter]:

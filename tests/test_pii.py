@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from catalog.pii import iban_ok, luhn_ok, redact, scan
+from farebox.routing.pii import iban_ok, luhn_ok, redact, scan
 
 
 def _found(text: str) -> list[tuple[str, str]]:

@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
+from farebox.schemas import JobResult
 from farebox.settings import Settings
-from schemas import JobResult
 from tests.support.pipeline import InProcessPipeline, ledger_entries
 
 FAULTY = "google"  # where the router sends low-quality summarize jobs (gemini flash-lite)

@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from farebox.errors import InvalidRequest, ProviderRejected, ProviderUnavailable, RateLimited, RetryableError
+from farebox.providers.anthropic import AnthropicAdapter
+from farebox.providers.base import ProviderAdapter, ProviderRequest, retry_after_s
+from farebox.providers.gemini import GeminiAdapter
+from farebox.providers.openai import OpenAIAdapter
+from farebox.schemas import ChatMessage
 from farebox.tokens import count_messages, count_text
-from schemas import ChatMessage
-from workers.providers.anthropic import AnthropicAdapter
-from workers.providers.base import ProviderAdapter, ProviderRequest, retry_after_s
-from workers.providers.gemini import GeminiAdapter
-from workers.providers.openai import OpenAIAdapter
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 PROMPT = "the secret plan is on page nine"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from workers.providers.anthropic import AnthropicAdapter
-from workers.providers.gemini import GeminiAdapter
-from workers.providers.openai import OpenAIAdapter
-from workers.providers.registry import ProviderConfig, build_adapter, provider_configs
+from farebox.providers.anthropic import AnthropicAdapter
+from farebox.providers.gemini import GeminiAdapter
+from farebox.providers.openai import OpenAIAdapter
+from farebox.providers.registry import ProviderConfig, build_adapter, provider_configs
 
 EMU = "http://127.0.0.1:8099"
 

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from farebox.errors import DeadlineExceeded, ProviderRejected, ProviderUnavailable, RateLimited
-from schemas import ChatMessage
-from workers.providers.base import ProviderRequest
-from workers.providers.openai import OpenAIAdapter
-from workers.providers.retry import call_with_retries
+from farebox.providers.base import ProviderRequest
+from farebox.providers.openai import OpenAIAdapter
+from farebox.providers.retry import call_with_retries
+from farebox.schemas import ChatMessage
 
 OK = {"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}}],
       "usage": {"prompt_tokens": 3, "completion_tokens": 1}}

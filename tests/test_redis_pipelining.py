@@ -17,8 +17,8 @@ from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from farebox import metrics
+from farebox.patches.redis_pipelining import HiredisPacking, PipeliningRedis
 from farebox.settings import Settings
-from workers.redis_pipelining import HiredisPacking, PipeliningRedis
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 

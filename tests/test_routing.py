@@ -6,17 +6,17 @@ from typing import Any
 
 import pytest
 
-from catalog.loader import Catalog, cost_usd, load_catalog, parse_catalog
-from catalog.policy import PiiPolicy, Policy, parse_policy
-from catalog.routing import (
+from farebox.errors import InvalidRequest, PolicyBlocked
+from farebox.routing.catalog import Catalog, cost_usd, load_catalog, parse_catalog
+from farebox.routing.choose import (
     baseline_cost_usd,
     choose_route,
     estimate_output_tokens,
     infer_task,
 )
-from farebox.errors import InvalidRequest, PolicyBlocked
+from farebox.routing.policy import PiiPolicy, Policy, parse_policy
+from farebox.schemas import Job, Usage
 from farebox.settings import CATALOG_DIR
-from schemas import Job, Usage
 
 
 def m(inp: float, out: float, ctx: int, tier: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -337,7 +337,7 @@ def test_baseline_cost() -> None:
 
 # --- the bundled data, end to end ---------------------------------------------------------------
 def bundled() -> tuple[Catalog, Policy]:
-    from catalog.policy import load_policy
+    from farebox.routing.policy import load_policy
 
     return load_catalog(CATALOG_DIR / "model_costs.json"), load_policy(CATALOG_DIR / "policy.json")
 

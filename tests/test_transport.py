@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from farebox.errors import ProviderRejected, ProviderUnavailable
-from schemas import ChatMessage
-from workers.providers.base import ProviderRequest, json_request
-from workers.providers.openai import OpenAIAdapter
-from workers.providers.pool import AdapterPool, provider_client
-from workers.providers.registry import BUILTINS, build_adapter, provider_configs
-from workers.providers.transport import AiohttpTransport
+from farebox.patches.httpx_transport import AiohttpTransport
+from farebox.providers.base import ProviderRequest, json_request
+from farebox.providers.openai import OpenAIAdapter
+from farebox.providers.pool import AdapterPool, provider_client
+from farebox.providers.registry import BUILTINS, build_adapter, provider_configs
+from farebox.schemas import ChatMessage
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OPENAI_OK = json.dumps({

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
 from farebox.report import load_rows, totals
+from farebox.schemas import JobResult
 from farebox.settings import Settings
-from schemas import JobResult
 from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, ledger_entries
 from tests.support.tcp_proxy import proxy_in_front_of
 

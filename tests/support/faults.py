@@ -7,7 +7,7 @@ import pytest
 
 def crash_route_on_poison(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the route stage raise (a bug, not a farebox error) for every job of tenant "poison"."""
-    import workers.route as route_module
+    import farebox.stages.route as route_module
 
     real = route_module.choose_route
 

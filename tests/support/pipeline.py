@@ -15,11 +15,11 @@ from typing import TypeVar
 import aio_pika
 from redis.asyncio import Redis
 
-from catalog.loader import CatalogError, load_catalog
 from farebox.client import FareboxClient
+from farebox.routing.catalog import CatalogError, load_catalog
 from farebox.settings import CATALOG_DIR, Settings
-from workers.main import run_stage
-from workers.topology import delete_topology
+from farebox.stages.main import run_stage
+from farebox.stages.topology import delete_topology
 
 T = TypeVar("T")
 

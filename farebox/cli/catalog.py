@@ -1,0 +1,199 @@
+"""``farebox catalog check|show|import`` and ``farebox estimate``, registered by farebox/cli/__init__.py.
+
+Each command's ``func(args, settings)`` returns the process exit code: 0 ok, 1 the input is wrong (message
+on stderr, naming the file and field), never a traceback for bad data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from farebox.routing.catalog import Catalog, CatalogError, load_catalog
+from farebox.routing.estimate import EstimateReport, estimate_lines
+from farebox.routing.litellm_prices import import_litellm, normalize_providers
+from farebox.routing.policy import Policy, check_policy, load_policy, tier_of
+from farebox.settings import Settings
+
+
+def _err(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _load(catalog_path: Path, policy_path: Path) -> tuple[Catalog, Policy, list[str]]:
+    catalog = load_catalog(catalog_path)
+    policy = load_policy(policy_path)
+    return catalog, policy, check_policy(policy, catalog, str(policy_path))
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    catalog_path = Path(args.path) if args.path else settings.catalog
+    policy_path = Path(args.policy) if args.policy else settings.policy
+    try:
+        catalog, _, warnings = _load(catalog_path, policy_path)
+    except CatalogError as exc:
+        return _err(str(exc))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(
+        f"ok: {catalog_path}: {len(catalog)} models from {', '.join(catalog.providers())}; "
+        f"policy {policy_path} ok"
+    )
+    return 0
+
+
+def _per_1m(price: float | None) -> str:
+    return "-" if price is None else f"${price * 1000:,.4g}"
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        catalog, policy, _ = _load(settings.catalog, settings.policy)
+    except CatalogError as exc:
+        return _err(str(exc))
+    models = sorted(catalog.models.values(), key=lambda m: (m.provider, m.input_cost_per_1k, m.model))
+    if args.provider:
+        models = [m for m in models if m.provider == args.provider]
+        if not models:
+            return _err(
+                f"no models for provider '{args.provider}'; providers: {', '.join(catalog.providers())}"
+            )
+    table = Table(title=f"{catalog.source} (USD per 1M tokens)")
+    for col in ("model", "tier", "input", "output", "cached in", "context", "max out", "flags"):
+        table.add_column(
+            col, justify="right" if col in ("input", "output", "cached in", "context", "max out") else "left"
+        )
+    for m in models:
+        flags = [*m.compliance, *m.capabilities, *(["deprecated"] if m.deprecated else [])]
+        table.add_row(
+            m.target,
+            tier_of(m, policy) or "-",
+            _per_1m(m.input_cost_per_1k),
+            _per_1m(m.output_cost_per_1k),
+            _per_1m(m.cached_input_cost_per_1k),
+            f"{m.context_window:,}" if m.context_window else "-",
+            f"{m.max_output_tokens:,}" if m.max_output_tokens else "-",
+            ",".join(flags),
+        )
+    Console(width=140).print(table)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        providers = normalize_providers([p.strip() for p in args.providers.split(",") if p.strip()])
+    except ValueError as exc:
+        return _err(str(exc))
+    try:
+        data = json.loads(Path(args.litellm_json).read_text(encoding="utf-8"))
+    except OSError as exc:
+        return _err(f"{args.litellm_json}: cannot read: {exc.strerror or exc}")
+    except json.JSONDecodeError as exc:
+        return _err(f"{args.litellm_json}: not valid JSON (line {exc.lineno}: {exc.msg})")
+    if not isinstance(data, dict):
+        return _err(f"{args.litellm_json}: not a LiteLLM price map (top level must be an object)")
+    doc = import_litellm(data, providers, today=date.today())
+    counts = {p: len(v) for p, v in doc.items() if not p.startswith("_")}
+    if not counts:
+        return _err(f"{args.litellm_json}: no chat models for providers {', '.join(sorted(providers))}")
+    text = json.dumps(doc, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    summary = ", ".join(f"{p} {n}" for p, n in sorted(counts.items()))
+    print(
+        f"imported {sum(counts.values())} models ({summary}){' to ' + args.output if args.output else ''}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _print_estimate(report: EstimateReport, console: Console) -> None:
+    table = Table(title="estimate by model")
+    for col in ("model", "jobs", "input tok", "output tok", "cost", "baseline"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, b in sorted(report.by_model.items(), key=lambda kv: -kv[1].cost_usd):
+        table.add_row(
+            name,
+            f"{b.jobs:,}",
+            f"{b.input_tokens:,}",
+            f"{b.output_tokens:,}",
+            f"${b.cost_usd:,.4f}",
+            f"${b.baseline_cost_usd:,.4f}",
+        )
+    console.print(table)
+    by_task = ", ".join(f"{k} {v.jobs}" for k, v in sorted(report.by_task.items()))
+    console.print(f"tasks: {by_task}")
+    pct = (
+        100.0 * report.savings_usd / report.total.baseline_cost_usd if report.total.baseline_cost_usd else 0.0
+    )
+    console.print(
+        f"jobs {report.jobs:,}: routed {report.total.jobs:,}, blocked {report.blocked:,}, "
+        f"invalid {report.invalid:,}, redacted {report.redacted:,}\n"
+        f"cost under policy ${report.total.cost_usd:,.4f} "
+        f"vs baseline ${report.total.baseline_cost_usd:,.4f}: "
+        f"savings ${report.savings_usd:,.4f} ({pct:.1f}%)"
+    )
+    for line, message in report.invalid_examples:
+        console.print(f"invalid line {line}: {message}", markup=False)
+
+
+def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        catalog, policy, _ = _load(settings.catalog, settings.policy)
+    except CatalogError as exc:
+        return _err(str(exc))
+    try:
+        if args.file == "-":
+            report = estimate_lines(sys.stdin, catalog, policy)
+        else:
+            with open(args.file, encoding="utf-8", errors="replace") as f:
+                report = estimate_lines(f, catalog, policy)
+    except OSError as exc:
+        return _err(f"{args.file}: cannot read: {exc.strerror or exc}")
+    if args.json:
+        out: dict[str, Any] = report.as_dict()
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    else:
+        _print_estimate(report, Console(width=120))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cat = subparsers.add_parser("catalog", help="validate, list and import model prices")
+    sub = cat.add_subparsers(dest="catalog_command", required=True)
+
+    p = sub.add_parser("check", help="validate a catalog file and the policy against it")
+    p.add_argument("path", nargs="?", help="catalog file (default: FAREBOX_CATALOG)")
+    p.add_argument("--policy", help="policy file (default: FAREBOX_POLICY)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("show", help="table of models, prices per 1M tokens, tier and context")
+    p.add_argument("--provider", help="only this provider")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("import", help="convert a LiteLLM price map into farebox's catalog format")
+    p.add_argument("litellm_json", metavar="LITELLM_JSON")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument(
+        "--providers",
+        default="openai,anthropic,gemini",
+        help="comma-separated providers to import (default: openai,anthropic,gemini)",
+    )
+    p.set_defaults(func=cmd_import)
+
+    p = subparsers.add_parser(
+        "estimate", help="what a JSONL file of jobs would cost, without calling providers"
+    )
+    p.add_argument("file", metavar="FILE.jsonl", help="jobs, one JSON object per line ('-' for stdin)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_estimate)

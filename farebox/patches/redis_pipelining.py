@@ -1,0 +1,158 @@
+"""A Redis client that sends the commands issued in one turn of the event loop as one pipeline.
+
+A stage handles the jobs of a batch concurrently, and each job makes its own Redis call (the
+dedup script, the ledger script, ...). Sent one by one, each call costs a socket write, a read
+and a connection-pool round of its own; on loopback the write alone was a fifth of the dedup
+stage's CPU in a profile. Gathered into one pipeline they cost one write and one read for the
+lot. This is what ioredis calls auto-pipelining; redis-py has no such mode.
+
+Nothing changes for the caller: every command still gets its own reply or its own error
+(``ResponseError`` included, so a script's ``NoScriptError`` still makes ``Script`` load it; an
+argument redis-py cannot encode fails only its own command). A connection failure fails every
+command of that pipeline, as it would have failed each of them alone, and the commands queued
+behind it too: they have waited out its timeout already, and every stage treats Redis being
+away as an answer (it fails open or retries later). The pipeline is not a transaction: commands
+from different jobs stay independent. A caller cancelled before its command went out has it
+dropped, as redis-py would. Blocking and connection-state commands are never pipelined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import ConnectionPool
+from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
+from redis.utils import HIREDIS_AVAILABLE
+
+from farebox import metrics
+from farebox.errors import REDIS_DOWN
+
+_Queued = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+# They would hold up every other job's commands, or change the connection under them.
+_ALONE = frozenset({
+    "BLPOP", "BRPOP", "BLMOVE", "BLMPOP", "BRPOPLPUSH", "BZPOPMIN", "BZPOPMAX", "BZMPOP", "XREAD",
+    "XREADGROUP", "WAIT", "WAITAOF", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH", "SELECT", "CLIENT",
+    "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "RESET", "AUTH", "HELLO", "QUIT",
+})
+
+
+class HiredisPacking:
+    """Commands packed by hiredis's C packer. redis-py's own (synchronous) connections use it when
+    hiredis is installed; its asyncio connections pack every argument in Python, and that was the
+    largest cost in the account stage's CPU profile (the ledger script's dozen arguments per job).
+    An argument hiredis cannot pack fails its command with ``DataError``, as redis-py's packer
+    does; hiredis also refuses an int subclass such as ``IntEnum``, which redis-py would pack
+    (farebox passes plain str, bytes, int and float). Strings go out as UTF-8, redis-py's default;
+    a client built with another ``encoding`` must not use this (farebox/stages/main.py sets none)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)  # type: ignore[no-any-return]
+
+
+def pack_with_hiredis(pool: ConnectionPool) -> None:
+    """Connections the pool makes from now on pack with hiredis (TCP, TLS or Unix socket alike)."""
+    cls = pool.connection_class
+    if HIREDIS_AVAILABLE and not issubclass(cls, HiredisPacking):
+        pool.connection_class = type(f"Hiredis{cls.__name__}", (HiredisPacking, cls), {})
+
+
+class PipeliningRedis(Redis):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pack_with_hiredis(self.connection_pool)
+        self._queued: list[_Queued] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if str(args[0]).upper() in _ALONE:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((args, options, reply))
+        if len(self._queued) == 1:
+            # Runs after every task already ready in this turn has queued its commands.
+            loop.call_soon(self._flush)
+        return await reply
+
+    def _flush(self) -> None:
+        # One pipeline in flight at a time: what is queued meanwhile goes out when it returns
+        # (as Nagle's algorithm does), so a lone command waits for nothing and a busy stage's
+        # pipelines grow with the load instead of a fixed delay.
+        if self._sending is not None:
+            return
+        queued = [q for q in self._queued if not q[2].done()]  # a cancelled caller's command is not sent
+        self._queued = []
+        if queued:
+            self._sending = asyncio.get_running_loop().create_task(self._send(queued))
+            self._sending.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending = None
+        if task.cancelled():  # the worker is stopping (even before the task ever ran)
+            for _, _, reply in self._queued:
+                reply.cancel()
+            self._queued = []
+        else:
+            self._flush()
+
+    async def _send(self, queued: list[_Queued]) -> None:
+        metrics.REDIS_PIPELINE.observe(len(queued))
+        try:
+            replies = [await self._alone(*queued[0][:2])] if len(queued) == 1 else await self._pipelined(queued)
+        except REDIS_DOWN as err:
+            queued, self._queued = [*queued, *self._queued], []
+            _settle(queued, [err] * len(queued))
+        except Exception as err:  # not the connection, not one command's own error: it fails them all
+            _settle(queued, [err] * len(queued))
+        except BaseException:  # cancelled: so are its callers
+            for _, _, reply in queued:
+                reply.cancel()
+            raise
+        else:
+            _settle(queued, replies)
+
+    async def _alone(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """One command by itself: its own error (not the connection's) is its reply."""
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except REDIS_DOWN:
+            raise
+        except Exception as err:
+            return err
+
+    async def _pipelined(self, queued: list[_Queued]) -> list[Any]:
+        pipe = self.pipeline(transaction=False)
+        for args, options, _ in queued:
+            pipe.execute_command(*args, **options)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        except DataError:
+            # An argument redis-py cannot encode fails the whole pipeline before anything is
+            # sent: send each command alone, so only its own caller hears of it.
+            return [await self._alone(args, options) for args, options, _ in queued]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._sending is not None:
+            with contextlib.suppress(BaseException):
+                await self._sending
+        _settle(self._queued, [RedisConnectionError("the Redis client was closed")] * len(self._queued))
+        self._queued = []
+        await super().aclose(close_connection_pool)
+
+
+def _settle(queued: list[_Queued], replies: list[Any]) -> None:
+    for (_, _, reply), value in zip(queued, replies, strict=True):
+        if reply.done():  # its caller was cancelled
+            continue
+        if isinstance(value, BaseException):
+            reply.set_exception(value)
+        else:
+            reply.set_result(value)

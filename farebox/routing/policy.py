@@ -1,0 +1,194 @@
+"""The routing, PII, cache and budget policy: a validated data file (``catalog/policy.json``).
+
+Everything an operator may want to change without a release lives here as data: which tier a task or a user
+tier needs, what happens to personal data, which model is the savings baseline, which tenants share a cache,
+and the budgets (only parsed and validated here; the account stage enforces them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farebox.routing.catalog import TIER_RANK, Catalog, CatalogError, ModelInfo, Tier
+from farebox.schemas import Job
+
+PiiAction = Literal["block", "route", "redact", "allow"]
+PiiKind = Literal["email", "phone", "card", "ssn", "iban", "secret"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "ssn", "iban", "secret")
+
+
+class _Strict(BaseModel):
+    # Frozen and closed: a typo in the policy file ("min_teir") is an error, never a silent default.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TaskRule(_Strict):
+    min_tier: Tier | None = None  # the task needs at least this, whatever the job asks
+    default_tier: Tier | None = None  # used instead of the job's default when the job gives no quality
+
+
+class AccessRule(_Strict):
+    """Tier bounds, model allow/deny lists (fnmatch patterns over "provider/model") and a PII override,
+    for a user tier or a tenant."""
+
+    min_tier: Tier | None = None
+    max_tier: Tier | None = None
+    allow: tuple[str, ...] | None = None  # None: every model
+    deny: tuple[str, ...] = ()
+    pii_action: PiiAction | None = None  # overrides pii.action for this tenant / user tier
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AccessRule:
+        if self.min_tier and self.max_tier and TIER_RANK[self.min_tier] > TIER_RANK[self.max_tier]:
+            raise ValueError(f"min_tier {self.min_tier!r} is above max_tier {self.max_tier!r}")
+        return self
+
+    def permits(self, target: str) -> bool:
+        if any(fnmatch.fnmatchcase(target, p) for p in self.deny):
+            return False
+        return self.allow is None or any(fnmatch.fnmatchcase(target, p) for p in self.allow)
+
+
+class PiiPolicy(_Strict):
+    action: PiiAction = "redact"
+    kinds: tuple[PiiKind, ...] = PII_KINDS  # which findings count; others are ignored
+
+
+class CachePolicy(_Strict):
+    enabled: bool = True
+    # Only deterministic requests are worth caching: by default temperature must be 0.
+    max_temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
+class Budget(_Strict):
+    tenant: str = Field(min_length=1)  # "*": every tenant, each with its own budget
+    user_tier: str | None = None
+    period: Literal["day", "month"]
+    limit_usd: float = Field(gt=0)
+    alerts: tuple[float, ...] = (0.5, 0.8, 1.0)  # shares of limit_usd that raise an alert
+    action: Literal["reject", "downgrade"] = "reject"
+
+    @field_validator("alerts")
+    @classmethod
+    def _alerts(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < a <= 1.0 for a in v):
+            raise ValueError("each alert is a share of limit_usd in (0, 1]")
+        return tuple(sorted(set(v)))
+
+
+class Policy(_Strict):
+    baseline_model: str = "openai/gpt-4-turbo"
+    default_model: str | None = None  # used when no model meets the job's requirements
+    tiers: dict[str, Tier] = {}  # "provider/model" -> tier, for catalog entries without one
+    tasks: dict[str, TaskRule] = {}
+    user_tiers: dict[str, AccessRule] = {}
+    tenants: dict[str, AccessRule] = {}
+    pii: PiiPolicy = PiiPolicy()
+    cache: CachePolicy = CachePolicy()
+    cache_sharing: tuple[tuple[str, ...], ...] = ()  # groups of tenants that may read each other's cache
+    budgets: tuple[Budget, ...] = ()
+    # Models with the "reasoning" capability spend hidden tokens out of max_tokens; below this they may
+    # return nothing at all, so the router does not pick them automatically.
+    reasoning_min_max_tokens: int = Field(1024, ge=0)
+
+    @field_validator("cache_sharing")
+    @classmethod
+    def _groups(cls, v: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        seen: set[str] = set()
+        for group in v:
+            if len(group) < 2:
+                raise ValueError("a cache sharing group needs at least two tenants")
+            for tenant in group:
+                if tenant in seen:
+                    raise ValueError(f"tenant {tenant!r} is in more than one cache sharing group")
+                seen.add(tenant)
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _unique_budgets(cls, v: tuple[Budget, ...]) -> tuple[Budget, ...]:
+        keys = [(b.tenant, b.user_tier, b.period) for b in v]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            tenant, user_tier, period = sorted(dup, key=str)[0]
+            raise ValueError(f"two budgets for tenant {tenant!r}, user_tier {user_tier!r}, period {period!r}")
+        return v
+
+    def is_cacheable(self, job: Job) -> bool:
+        return self.cache.enabled and job.temperature <= self.cache.max_temperature
+
+    def cache_group(self, tenant: str) -> str:
+        """The cache namespace of ``tenant``: its sharing group (sorted names joined by "+") or itself."""
+        for group in self.cache_sharing:
+            if tenant in group:
+                return "+".join(sorted(group))
+        return tenant
+
+    def budgets_for(self, tenant: str, user_tier: str | None) -> tuple[Budget, ...]:
+        return tuple(
+            b
+            for b in self.budgets
+            if b.tenant in (tenant, "*") and (b.user_tier is None or b.user_tier == user_tier)
+        )
+
+
+def tier_of(model: ModelInfo, policy: Policy) -> str | None:
+    """The catalog's tier for ``model``, else the policy's; None means "only when pinned"."""
+    return model.tier or policy.tiers.get(model.target)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<top level>"
+
+
+def parse_policy(data: object, source: str) -> Policy:
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: top level must be an object")
+    body = {k: v for k, v in data.items() if not str(k).startswith("_")}  # "_about": documentation
+    try:
+        return Policy.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise CatalogError(f"{source}: field '{_field_path(first['loc'])}': {first['msg']}{more}") from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    return parse_policy(data, str(path))
+
+
+def check_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> list[str]:
+    """Cross-check a policy against a catalog. Raises CatalogError for what would break every job's
+    accounting (baseline/default unknown); returns warnings for the rest."""
+    for fld, target in (("baseline_model", policy.baseline_model), ("default_model", policy.default_model)):
+        if target is not None and catalog.get(target) is None:
+            raise CatalogError(
+                f"{source}: field '{fld}': model '{target}' is not in the catalog {catalog.source}"
+            )
+    warnings = [
+        f"{source}: field 'tiers.{t}': model not in the catalog (ignored)"
+        for t in sorted(policy.tiers)
+        if catalog.get(t) is None
+    ]
+    untiered = sorted(m.target for m in catalog.models.values() if tier_of(m, policy) is None)
+    if untiered:
+        warnings.append(
+            f"{len(untiered)} model(s) have no tier (catalog or policy) and are used only when pinned: "
+            + ", ".join(untiered[:8])
+            + (" ..." if len(untiered) > 8 else "")
+        )
+    return warnings

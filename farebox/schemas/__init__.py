@@ -1,0 +1,19 @@
+"""Pydantic message models: the wire job and result (CONTRACT.md) and the internal envelope."""
+
+from farebox.schemas.envelope import BudgetHold, Envelope, Outcome, RouteDecision
+from farebox.schemas.job import CacheOptions, ChatMessage, Job
+from farebox.schemas.result import ErrorInfo, JobResult, RouteInfo, Usage
+
+__all__ = [
+    "BudgetHold",
+    "CacheOptions",
+    "ChatMessage",
+    "Envelope",
+    "ErrorInfo",
+    "Job",
+    "JobResult",
+    "Outcome",
+    "RouteDecision",
+    "RouteInfo",
+    "Usage",
+]

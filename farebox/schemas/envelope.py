@@ -1,0 +1,77 @@
+"""The internal message that carries one job from stage to stage.
+
+Each stage fills in its part (cache key, route, outcome, error) and hands the envelope on; the
+account stage turns it into the caller's result. Internal, so ``extra="forbid"`` and versioned.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from farebox.schemas.job import Job
+from farebox.schemas.result import CacheStatus, ErrorInfo, Usage
+
+
+class RouteDecision(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: str
+    model: str
+    reason: str
+    candidates: tuple[str, ...]  # "provider/model", cheapest first; the chosen one is first
+    estimated_cost_usd: float = 0.0
+    reserved_usd: float = 0.0  # budget reservation the account stage settles
+    redacted: bool = False
+
+    @property
+    def target(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class BudgetHold(BaseModel):
+    """A budget this job reserved against; the account stage settles it with the actual cost."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str  # the Redis hash for this tenant (and user tier) and period
+    tenant: str
+    period: str  # e.g. "month:2026-11"
+    limit_usd: float
+    alerts: tuple[float, ...] = ()
+
+
+class Outcome(BaseModel):
+    """What a provider answered (or what the cache held)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    content: str
+    provider: str
+    model: str
+    usage: Usage
+    latency_s: float = 0.0
+    retries: int = 0
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    job_id: str
+    job: Job
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    received_at: float
+    deadline_at: float | None = None
+    cache_key: str | None = None  # set when the job may be served from / stored in the cache
+    coalesce_key: str | None = None  # identical in-flight jobs share it; the leader holds its lease
+    waits: int = Field(0, ge=0)  # times this job has waited for a coalesced leader
+    route: RouteDecision | None = None
+    fallbacks: tuple[str, ...] = ()  # targets that failed, in order
+    retries: int = Field(0, ge=0)  # provider retries spent so far, across fallbacks
+    budgets: tuple[BudgetHold, ...] = ()  # reservations to settle (route.reserved_usd each)
+    outcome: Outcome | None = None
+    cache_status: CacheStatus = "miss"
+    error: ErrorInfo | None = None

@@ -1,0 +1,158 @@
+"""Account stage: price the job, record it once in the ledger, fill the cache, release the
+coalescing lease and publish the caller's result.
+
+Order: ledger (atomic, idempotent) -> publish result -> ack. A crash between any two steps
+redelivers the message; the ledger script then finds the job recorded and the stored result is
+published again (a repeat with the same job_id, never a second charge). With Redis away the
+result is published first and the ledger write is retried until Redis returns, before the ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from farebox import metrics
+from farebox.errors import REDIS_DOWN, FareboxError
+from farebox.routing.store import CatalogStore
+from farebox.schemas import BudgetHold, Envelope, JobResult
+from farebox.settings import Settings
+from farebox.stages.budgets import BudgetAlerts
+from farebox.stages.cache_keys import prompt_hash
+from farebox.stages.decode import envelope_from_internal
+from farebox.stages.ledger import CacheFill, Ledger, Recorded
+from farebox.stages.redis_health import RedisHealth
+from farebox.stages.results import build_result
+from farebox.stages.stage import Delivery, Handled, Publish
+
+log = logging.getLogger("farebox.account")
+
+LEDGER_RETRY_MAX_S = 5.0
+
+
+def result_publish(result_json: bytes, reply_to: str | None, correlation_id: str | None,
+                   job_id: str) -> list[Publish]:
+    if not reply_to:
+        return []
+    return [Publish(routing_key=reply_to, body=result_json, correlation_id=correlation_id,
+                    message_id=job_id, caller_reply=True)]
+
+
+def observe(result: JobResult) -> None:
+    """Per-job metrics, counted once per recorded job (not on replays)."""
+    model, provider = result.model or "-", result.provider or "-"
+    if result.status == "ok":
+        metrics.child(metrics.REQUESTS, model, provider, "false" if result.cache == "miss" else "true").inc()
+        metrics.child(metrics.COST, model, provider).inc(result.cost_usd)
+        if result.cache == "miss":
+            metrics.child(metrics.TOKENS_IN, model).inc(result.usage.input_tokens)
+            metrics.child(metrics.TOKENS_OUT, model).inc(result.usage.output_tokens)
+        metrics.SAVINGS.inc(max(0.0, result.baseline_cost_usd - result.cost_usd))
+    else:
+        metrics.ERRORS.labels("account", result.error.code if result.error else "internal").inc()
+
+
+class AccountStage:
+    name = "account"
+
+    def __init__(self, settings: Settings, store: CatalogStore, redis: Redis,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.recorder = Recorder(settings, redis, self.name, clock)
+
+    def input_queues(self) -> Sequence[str]:
+        return (self.settings.topology.account,)
+
+    def decode(self, delivery: Delivery) -> Envelope:
+        return envelope_from_internal(delivery)
+
+    def fail(self, item: object, err: FareboxError) -> Handled:
+        # Nothing after this stage can carry an error; log it and drop the message.
+        log.error("account: permanent failure recording a job: %s", err)
+        return Handled([])
+
+    async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
+        catalog, policy = self.store.current()
+        result = build_result(env, catalog, policy, now=self.clock())
+        # One structured line per job; the prompt only as a hash.
+        log.info("job %s %s", result.job_id, result.status, extra={
+            "job_id": result.job_id, "tenant": result.tenant, "stage": self.name, "model": result.model,
+            "provider": result.provider, "cost_usd": result.cost_usd, "cache": result.cache,
+            "latency_ms": result.latency_ms, "retries": result.retries, "prompt_hash": prompt_hash(env.job),
+            "code": result.error.code if result.error else None})
+        return await self.recorder.record_and_reply(Recording(
+            result=result, cache=self._cache_fill(env, result), lease_key=env.coalesce_key, reply_to=env.reply_to,
+            correlation_id=env.correlation_id, budgets=env.budgets,
+            reserved_usd=env.route.reserved_usd if env.route else 0.0))
+
+    def _cache_fill(self, env: Envelope, result: JobResult) -> CacheFill | None:
+        if env.cache_key is None or result.status != "ok" or env.cache_status != "miss" or env.outcome is None:
+            return None
+        ttl = env.job.cache.ttl_s if env.job.cache.ttl_s is not None else self.settings.cache_ttl_s
+        if ttl <= 0:
+            return None
+        return CacheFill(env.cache_key, env.outcome.model_dump_json(), ttl)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Everything the ledger script needs for one finished job."""
+
+    result: JobResult
+    cache: CacheFill | None = None
+    lease_key: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    budgets: tuple[BudgetHold, ...] = ()
+    reserved_usd: float = 0.0
+
+
+class Recorder:
+    """Ledger write (once), result publish, budget alerts: shared by the account and dead-letter stages."""
+
+    def __init__(self, settings: Settings, redis: Redis, stage: str, clock: Callable[[], float]) -> None:
+        self.ledger = Ledger(redis, settings.keys, result_ttl_s=settings.result_ttl_s)
+        self.alerts = BudgetAlerts(redis, settings)
+        self.health = RedisHealth(stage)
+        self.clock = clock
+
+    async def record_and_reply(self, rec: Recording) -> Handled:
+        result = rec.result
+        result_json = result.model_dump_json()
+        reply = result_publish(result_json.encode(), rec.reply_to, rec.correlation_id, result.job_id)
+        try:
+            recorded = await self._record(rec, result_json)
+        except REDIS_DOWN as err:
+            self.health.down(err)
+
+            async def settle_ledger() -> None:
+                delay = 0.2
+                while True:
+                    await asyncio.sleep(delay)
+                    try:
+                        if (await self._record(rec, result_json)).existing is None:
+                            observe(result)
+                        self.health.ok()
+                        return
+                    except REDIS_DOWN:
+                        delay = min(delay * 2, LEDGER_RETRY_MAX_S)
+
+            return Handled(reply, after_publish=settle_ledger)
+        self.health.ok()
+        if recorded.existing is not None:
+            metrics.MESSAGES.labels("account", "replayed").inc()
+            return Handled(result_publish(recorded.existing, rec.reply_to, rec.correlation_id, result.job_id))
+        observe(result)
+        alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []
+        return Handled([*reply, *alerts])
+
+    async def _record(self, rec: Recording, result_json: str) -> Recorded:
+        return await self.ledger.record(rec.result, ts=self.clock(), cache=rec.cache, lease_key=rec.lease_key,
+                                        budgets=rec.budgets, reserved_usd=rec.reserved_usd, result_json=result_json)

@@ -1,0 +1,112 @@
+"""Dedup/cache stage: serve repeats from the cache, coalesce identical jobs in flight, replay
+results for a job_id already done, and pass everything else to the router.
+
+Coalescing: the first job for a key takes a lease in Redis (``SET NX`` with the job id as value)
+and goes on as the leader. Identical jobs that arrive meanwhile park in the broker's wait queue and
+come back through ``recheck`` every ``coalesce_poll_ms``: by then the cache holds the leader's
+answer (-> "coalesced", cost 0), or the leader failed and released its lease (-> the waiter takes
+over as leader), or the lease expired (a leader that never finished; same). The wait is a broker
+timer, so no waiter depends on any worker staying alive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
+
+from farebox import metrics
+from farebox.constants import as_text
+from farebox.errors import REDIS_DOWN, DeadlineExceeded
+from farebox.schemas import Envelope, Outcome
+from farebox.settings import Settings
+from farebox.stages.cache_keys import CacheRules
+from farebox.stages.decode import envelope_from_intake, envelope_from_internal
+from farebox.stages.redis_health import RedisHealth
+from farebox.stages.stage import Delivery, EnvelopeStage, Handled, envelope_publish
+
+# One round trip, atomic: answered job_id? cached answer? else take (or find) the lease. Being
+# atomic, a leader that fills the cache and releases its lease can never slip in between.
+_DECIDE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'answered'}
+end
+if ARGV[3] == '1' then
+  local cached = redis.call('GET', KEYS[2])
+  if cached then
+    return {'cached', cached}
+  end
+end
+if ARGV[4] ~= '1' then
+  return {'route'}
+end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return {'lead'}
+end
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+  return {'own'}
+end
+return {'wait'}
+"""
+
+
+class DedupStage(EnvelopeStage):
+    name = "dedup"
+
+    def __init__(self, settings: Settings, redis: Redis, rules: Callable[[], CacheRules],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.rules = rules
+        self.clock = clock
+        self.topo = settings.topology
+        self.account_queue = self.topo.account
+        self.keys = settings.keys
+        self.health = RedisHealth(self.name)
+        self._decide_script = redis.register_script(_DECIDE)
+
+    def input_queues(self) -> Sequence[str]:
+        return (self.topo.intake, self.topo.recheck)
+
+    def decode(self, delivery: Delivery) -> Envelope:
+        if delivery.queue == self.topo.recheck:
+            return envelope_from_internal(delivery)
+        return envelope_from_intake(delivery, self.settings, self.rules(), self.clock())
+
+    async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
+        if env.deadline_at is not None and self.clock() > env.deadline_at:
+            raise DeadlineExceeded("the job passed its deadline_s before a provider was called")
+        try:
+            handled = await self._decide(env, delivery)
+        except REDIS_DOWN as err:
+            self.health.down(err)
+            metrics.CACHE_BYPASSED.inc()
+            return Handled([envelope_publish(env, self.topo.route)])
+        self.health.ok()
+        return handled
+
+    async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
+        use_cache = env.cache_key is not None and env.job.cache.mode == "use"
+        keys = [self.keys.result(env.job_id), self.keys.cache(env.cache_key or "-"),
+                self.keys.inflight(env.coalesce_key or "-")]
+        args: list[str | int] = [env.job_id, self.settings.leader_lease_s, int(use_cache),
+                                 int(env.coalesce_key is not None)]
+        state, *value = await self._decide_script(keys=keys, args=args)
+        state = as_text(state)
+        if state == "answered":
+            # A job_id already answered (a producer retry): the account stage replays its result.
+            return Handled([envelope_publish(env, self.topo.account)])
+        if state == "cached":
+            return self._serve(env, value[0])  # the account stage releases a lease we held
+        # A lease already ours: a redelivery of the leader goes on; a second copy of the same
+        # job_id (a producer retry, fresh or back from waiting) waits for the first instead.
+        if state in ("route", "lead") or (state == "own" and delivery.redelivered):
+            return Handled([envelope_publish(env, self.topo.route)])
+        waiting = env.model_copy(update={"waits": env.waits + 1})
+        return Handled([envelope_publish(waiting, self.topo.wait)])
+
+    def _serve(self, env: Envelope, cached: bytes) -> Handled:
+        status = "coalesced" if env.waits else "hit"
+        served = env.model_copy(update={"outcome": Outcome.model_validate_json(cached), "cache_status": status})
+        return Handled([envelope_publish(served, self.topo.account)])

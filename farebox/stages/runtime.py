@@ -1,0 +1,382 @@
+"""The one shell every stage runs in: decode -> handle -> publish with confirms -> ack.
+
+A stage core never sees channels or acks. It turns a decoded ``Envelope`` into the messages to
+publish next (``Handled``); this module publishes them with publisher confirms and acks the input
+only after every publish is confirmed, so a crash at any point leaves the input unacked and the
+broker redelivers it. What each error family means for the message is decided here and only here:
+
+* decode failure (``PermanentError`` from ``decode``) -> dead-letter with the reason;
+* ``PermanentError``/``BlockedError`` from ``handle`` -> an error result through the account stage;
+* ``RetryableError`` -> requeue after the hinted delay (the queue's delivery limit bounds this);
+* anything else -> requeue; a message that keeps failing hits the delivery limit and is
+  dead-lettered by the broker, and the dead-letter consumer sends the caller an ``internal`` error.
+
+A message between stages may hold a batch of jobs (farebox/stages/batching.py). Its jobs are handled
+concurrently and each is settled on its own: a job to retry is retried here, up to the delivery
+limit, then dead-lettered alone, and the batch is acked once every job is settled. Only a crash
+(or a lost connection) brings the whole batch back, marked redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from farebox import metrics
+from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
+from farebox.errors import (
+    BROKER_DOWN,
+    BROKER_DOWN_OR_TIMEOUT,
+    BlockedError,
+    DeliveryLimitReached,
+    FareboxError,
+    PermanentError,
+    RetryableError,
+)
+from farebox.patches import aiormq_writes
+from farebox.settings import Settings
+from farebox.stages.batching import Batcher, batch_count, split_batch
+from farebox.stages.stage import Delivery, Handled, Publish, StageCore
+from farebox.stages.topology import declare_topology, queue_plan
+
+log = logging.getLogger("farebox.runtime")
+
+MAX_PUBLISH_BACKOFF_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
+
+
+def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
+    headers = dict(message.headers or {})
+    count = headers.get(H_DELIVERY_COUNT, 0)
+    ts = message.timestamp
+    return Delivery(
+        queue=queue,
+        body=message.body,
+        redelivered=bool(message.redelivered),
+        delivery_count=int(count) if isinstance(count, int) else 0,
+        headers=headers,
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=ts.timestamp() if ts is not None else None,
+    )
+
+
+def dead_letter_publish(settings: Settings, delivery: Delivery, stage: str, err: FareboxError) -> Publish:
+    # The reason is our own error text, which never quotes the body (see farebox.errors).
+    return Publish(
+        exchange=settings.topology.dead_exchange,
+        routing_key=delivery.queue,
+        body=delivery.body,
+        headers={H_REASON: str(err)[:500], H_STAGE: stage, H_CODE: err.code},
+        reply_to=delivery.reply_to,
+        correlation_id=delivery.correlation_id,
+        message_id=delivery.message_id,
+    )
+
+
+class Worker:
+    """Runs one stage core against the broker until ``stop`` is set, then drains."""
+
+    def __init__(self, settings: Settings, core: StageCore, providers: Sequence[str]) -> None:
+        self.settings = settings
+        self._topology = settings.topology  # built once: _batches asks it for every publish
+        self.core = core
+        self.providers = list(providers)
+        self._inflight = 0  # messages (a batch is one)
+        self._busy = 0  # jobs received and not yet handled; at 0 a part-full batch goes out
+        self._prefetch: int = getattr(core, "prefetch", settings.prefetch)  # a core may need more (execute)
+        # Jobs handled at once: what the prefetch allows for messages of one job each.
+        self._slots = asyncio.Semaphore(self._prefetch)
+        self._batcher = (Batcher(self._publish, core.name, max_items=settings.batch_max,
+                                 linger_s=settings.batch_linger_ms / 1000) if settings.batch_max > 1 else None)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._channel: AbstractRobustChannel | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        aiormq_writes.install()
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            reconnect_interval=1.0,
+            client_properties={"connection_name": f"farebox-{self.settings.namespace}-{self.core.name}"},
+        )
+        try:
+            consumers = await self._start(connection)
+            log.info("stage %s consuming %s", self.core.name, ", ".join(self.core.input_queues()))
+            self.ready.set()
+            await stop.wait()
+            log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
+            for queue, tag in consumers:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
+            await self._acks_reached_the_broker()
+        finally:
+            await connection.close()
+
+    async def _acks_reached_the_broker(self) -> None:
+        """Acks are sent without waiting for the socket (``aiormq_writes.ack``), and closing the connection
+        drops what aiormq's writer still holds, so the broker would redeliver jobs already done.
+        A round trip on the channel, queued behind the acks, returns once the broker has them."""
+        if self._channel is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._channel.set_qos(prefetch_count=self._prefetch), 5)
+
+    async def _start(self, connection: AbstractRobustConnection) -> list[tuple[Any, Any]]:
+        """Open the channel, declare the topology and consume; tried again while the connection
+        fails under it. RabbitMQ can close the connection with INTERNAL_ERROR when a consume
+        reaches a quorum queue another process declared a moment before (its Ra server is not up
+        yet: seen here on 2 of about 150 pipeline starts). The robust connection comes back by
+        itself; a stage that gave up then would never consume, and its jobs would wait for ever."""
+        delay = 0.5
+        while True:
+            channel: AbstractRobustChannel | None = None
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._channel = channel
+                await channel.set_qos(prefetch_count=self._prefetch)
+                await declare_topology(channel, self.settings, self.providers)
+                consumers = []
+                plan = queue_plan(self.settings, self.providers)
+                for name in self.core.input_queues():
+                    # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
+                    queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
+                    consumers.append((queue, await queue.consume(self._callback(name))))
+                return consumers
+            except BROKER_DOWN as err:
+                log.warning("stage %s: could not start consuming (%s: %s); trying again in %.1fs",
+                            self.core.name, type(err).__name__, err, delay)
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()  # a half-set-up robust channel must not be restored as well
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inflight += 1
+            self._idle.clear()
+            owed = _Unhandled(self)
+            try:
+                await self._process(message, queue, owed)
+            except Exception:  # the shell must never die on one message
+                log.exception("stage %s: unexpected failure handling a message", self.core.name)
+                await _settle(message, requeue=True)
+            finally:
+                owed.release_all()
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.set()
+
+        return on_message
+
+    async def _process(self, message: AbstractIncomingMessage, queue: str, owed: _Unhandled) -> None:
+        delivery = to_delivery(message, queue)
+        count = batch_count(delivery)
+        if count is None:
+            verdict = await self._attempt(delivery, owed.release)
+            if verdict is not True:
+                await asyncio.sleep(verdict)
+            await _settle(message, ack=verdict is True, requeue=verdict is not True)
+            return
+        try:
+            jobs = split_batch(delivery, count)
+        except PermanentError as err:
+            owed.release()
+            await self._dead_letter(delivery, err)
+            await _settle(message, ack=True)
+            return
+        owed.add(len(jobs) - 1)
+        done = await asyncio.gather(*(self._job_of_batch(job, owed.release) for job in jobs), return_exceptions=True)
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:  # only when even dead-lettering a job failed: every job has finished either way
+            log.error("stage %s: %d job(s) of a batch of %d could not be settled (%s); batch requeued",
+                      self.core.name, len(failed), len(jobs), type(failed[0]).__name__)
+        await _settle(message, ack=not failed, requeue=bool(failed))
+
+    async def _job_of_batch(self, delivery: Delivery, release: Callable[[], None]) -> None:
+        """A job of a batch is settled on its own, so the rest of the batch is never repeated for
+        it: retried here (not republished: its queue may be full, and waiting for room while
+        holding the batch could stall the stage), up to the delivery limit, then dead-lettered."""
+        attempt = delivery.delivery_count + 1
+        while True:
+            try:
+                verdict = await self._attempt(delivery, release)
+            except Exception:  # publishing failed in a way _publish does not wait out
+                log.exception("stage %s: job of a batch failed (attempt %d)", self.core.name, attempt)
+                verdict = 0.5
+            if verdict is True:
+                return
+            release = _nothing  # counted once, on the first attempt
+            if attempt >= self.settings.delivery_limit:
+                await self._dead_letter(delivery, DeliveryLimitReached(
+                    f"the job failed {attempt} times in {delivery.queue} and hit the delivery limit; "
+                    "it is kept in the dead-letter queue for inspection"))
+                return
+            attempt += 1
+            await asyncio.sleep(verdict)
+
+    async def _attempt(self, delivery: Delivery, release: Callable[[], None]) -> Literal[True] | float:
+        """Decode, handle and publish one job: True once it is settled (published, or dead-lettered
+        as undecodable), else the delay before trying again. ``release`` runs once the job's
+        publishes are queued, so an idle flush of the batcher takes them."""
+        sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
+        try:
+            async with self._slots:
+                verdict = await self._decide(delivery)
+            if isinstance(verdict, Handled):
+                sending = self._enqueue(verdict)
+        finally:
+            release()
+        if isinstance(verdict, FareboxError):
+            await self._dead_letter(delivery, verdict)
+            return True
+        if not isinstance(verdict, Handled):
+            return verdict
+        direct, confirms = sending
+        for p in direct:
+            await self._publish(p)
+        for confirmed in confirms:
+            await confirmed
+        if verdict.after_publish is not None:
+            await verdict.after_publish()
+        return True
+
+    async def _decide(self, delivery: Delivery) -> Handled | PermanentError | float:
+        """Decode and handle: what to publish, an undecodable body's error, or a retry delay."""
+        stage = self.core.name
+        try:
+            env = self.core.decode(delivery)
+        except PermanentError as err:
+            return err
+        try:
+            handled = await self.core.handle(env, delivery)
+            metrics.child(metrics.MESSAGES, stage, "ok").inc()
+            return handled
+        except (PermanentError, BlockedError) as err:
+            metrics.ERRORS.labels(stage, err.code).inc()
+            metrics.MESSAGES.labels(stage, err.code).inc()
+            return self.core.fail(env, err)
+        except RetryableError as err:
+            metrics.ERRORS.labels(stage, "retryable").inc()
+            delay = min(err.retry_after_s or 1.0, 10.0)
+            log.warning("stage %s: job %s will be retried in %.1fs: %s", stage, _job_id(env), delay, err)
+            return delay
+        except Exception:
+            metrics.ERRORS.labels(stage, "internal").inc()
+            log.exception("stage %s: job %s failed (delivery %d); it will be retried", stage, _job_id(env),
+                          delivery.delivery_count + 1)
+            return 0.5
+
+    def _done_handling(self) -> None:
+        self._busy -= 1
+        if self._busy == 0 and self._batcher is not None:
+            self._batcher.flush_idle()  # nothing else can join: do not make these wait
+
+    def _enqueue(self, handled: Handled) -> tuple[list[Publish], list[asyncio.Future[None]]]:
+        """Hand the batchable publishes to the batcher now; the rest are published one by one."""
+        batcher, direct = self._batcher, []
+        batched: list[asyncio.Future[None]] = []
+        for p in handled.publishes:
+            if batcher is not None and self._batches(p):
+                batched.append(batcher.add(p))
+            else:
+                direct.append(p)
+        return direct, batched
+
+    def _batches(self, p: Publish) -> bool:
+        return (not p.exchange and not p.headers and p.mandatory and not p.caller_reply
+                and self._topology.is_batched(p.routing_key))
+
+    async def _dead_letter(self, delivery: Delivery, err: PermanentError) -> None:
+        stage = self.core.name
+        metrics.ERRORS.labels(stage, err.code).inc()
+        metrics.MESSAGES.labels(stage, "dead_lettered").inc()
+        log.warning("stage %s: dead-lettering a job: %s", stage, err)
+        await self._publish(dead_letter_publish(self.settings, delivery, stage, err))
+
+    async def _publish(self, p: Publish) -> None:
+        """Publish with confirms; wait and retry while the target queue is full (reject-publish
+        nack) or the connection is being restored, so nothing is acked before it is safe."""
+        assert self._channel is not None
+        delay = 0.02
+        while True:
+            # Built per attempt: aiormq writes a random message_id into properties without one, and
+            # a late return of an earlier attempt must not match this one.
+            properties = aiormq_writes.persistent_properties(
+                content_type=p.content_type, headers=p.headers, correlation_id=p.correlation_id,
+                reply_to=p.reply_to, message_id=p.message_id)
+            try:
+                # Not waiting for the socket: this stage's publishes of one turn share a write.
+                await aiormq_writes.publish(self._channel, p.body, exchange=p.exchange, routing_key=p.routing_key,
+                                          properties=properties, mandatory=p.mandatory, timeout=30)
+                return
+            except aiormq.exceptions.PublishError:
+                if p.caller_reply:
+                    metrics.MESSAGES.labels(self.core.name, "reply_unroutable").inc()
+                    log.warning("stage %s: reply queue is gone; result dropped (it stays in the "
+                                "result store for a retry with the same job_id)", self.core.name)
+                    return
+                raise
+            except aiormq.exceptions.DeliveryError:
+                pass  # nacked: the next queue is full; hold the input and wait (back-pressure)
+            except BROKER_DOWN_OR_TIMEOUT as err:
+                log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_PUBLISH_BACKOFF_S)
+
+
+class _Unhandled:
+    """The jobs of one message counted in ``Worker._busy`` and not handled yet. Each is released
+    once, whichever way the message goes (a job cancelled before it ran included), so the count
+    cannot stick above zero and stop idle flushes."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self.jobs = 0
+        self.add(1)
+
+    def add(self, n: int) -> None:
+        self.jobs += n
+        self._worker._busy += n
+
+    def release(self) -> None:
+        if self.jobs > 0:
+            self.jobs -= 1
+            self._worker._done_handling()
+
+    def release_all(self) -> None:
+        while self.jobs > 0:
+            self.release()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _job_id(item: Any) -> str:
+    return str(getattr(item, "job_id", "?"))
+
+
+async def _settle(message: AbstractIncomingMessage, *, ack: bool = False, requeue: bool = False) -> None:
+    # After a connection loss the delivery tag belongs to a dead channel: the broker has already
+    # requeued the message, so failing to settle it here is expected and harmless.
+    try:
+        if ack:
+            await aiormq_writes.ack(message)
+        else:
+            await message.nack(requeue=requeue)
+    except Exception as err:
+        log.info("could not settle a message (%s); the broker redelivers it", type(err).__name__)

@@ -1,0 +1,95 @@
+"""What a stage core sees: the incoming ``Delivery``, and the ``Publish``es it asks for (``Handled``).
+
+Cores never touch channels or acks; the shell in farebox/stages/runtime.py does that for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from farebox.constants import CONTENT_TYPE
+from farebox.errors import FareboxError
+from farebox.schemas import Envelope, ErrorInfo
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One message a stage wants sent. ``caller_reply``: a result for a caller whose queue may be
+    gone; unroutable is then logged and dropped rather than retried."""
+
+    routing_key: str
+    body: bytes
+    exchange: str = ""
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    message_id: str | None = None
+    caller_reply: bool = False
+    content_type: str = CONTENT_TYPE
+    mandatory: bool = True  # False: no queue bound is fine (alerts nobody listens to yet)
+
+
+@dataclass(frozen=True)
+class Handled:
+    publishes: Sequence[Publish]
+    # Runs after every publish is confirmed and before the ack (the account stage finishes a
+    # ledger write here when Redis was away at first).
+    after_publish: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a core may know about the incoming message: never the channel."""
+
+    queue: str
+    body: bytes
+    redelivered: bool
+    delivery_count: int
+    headers: Mapping[str, Any]
+    reply_to: str | None
+    correlation_id: str | None
+    message_id: str | None
+    timestamp: float | None
+
+
+class StageCore(Protocol):
+    name: str
+
+    def input_queues(self) -> Sequence[str]: ...
+
+    def decode(self, delivery: Delivery) -> Any: ...
+
+    async def handle(self, item: Any, delivery: Delivery) -> Handled: ...
+
+    def fail(self, item: Any, err: FareboxError) -> Handled:
+        """What a permanent/blocked error from ``handle`` turns into (normally an error result)."""
+        ...
+
+
+class EnvelopeStage:
+    """Mixin for stages whose input is an Envelope: a permanent error becomes an error result,
+    which the account stage records and sends to the caller."""
+
+    account_queue: str
+
+    def fail(self, item: Any, err: FareboxError) -> Handled:
+        assert isinstance(item, Envelope)
+        return Handled([envelope_publish(with_error(item, err), self.account_queue)])
+
+
+def envelope_publish(env: Envelope, queue: str) -> Publish:
+    """Hand an envelope to the next stage; reply_to/correlation_id ride along in the properties so
+    that a dead-lettered internal message can still be answered."""
+    return Publish(
+        routing_key=queue,
+        body=env.model_dump_json(exclude_defaults=True).encode(),
+        reply_to=env.reply_to,
+        correlation_id=env.correlation_id,
+        message_id=env.job_id,
+    )
+
+
+def with_error(env: Envelope, err: FareboxError) -> Envelope:
+    return env.model_copy(update={"error": ErrorInfo(code=err.code, message=str(err))})
