@@ -65,17 +65,28 @@ async def hop(ns: str, i: int, n_hops: int, coalesced: bool = False) -> None:
     await connection.close()
 
 
-async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops: int, coalesced: bool,
-                  message: aio_pika.abc.AbstractIncomingMessage) -> None:
+async def forward(
+    channel: aio_pika.abc.AbstractChannel,
+    ns: str,
+    i: int,
+    n_hops: int,
+    coalesced: bool,
+    message: aio_pika.abc.AbstractIncomingMessage,
+) -> None:
     target = queue(ns, i + 1) if i + 1 < n_hops else message.reply_to
     if coalesced:  # build properties, publish and ack as farebox's stages do
         properties = aiormq_writes.persistent_properties(
-            content_type=CONTENT_TYPE, correlation_id=message.correlation_id, reply_to=message.reply_to)
+            content_type=CONTENT_TYPE, correlation_id=message.correlation_id, reply_to=message.reply_to
+        )
         await aiormq_writes.publish(channel, message.body, routing_key=target or "", properties=properties)
         await aiormq_writes.ack(message)
     else:
-        out = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                               correlation_id=message.correlation_id, reply_to=message.reply_to)
+        out = aio_pika.Message(
+            message.body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+        )
         await channel.default_exchange.publish(out, target or "")
         await message.ack()
 
@@ -83,9 +94,13 @@ async def forward(channel: aio_pika.abc.AbstractChannel, ns: str, i: int, n_hops
 @contextlib.asynccontextmanager
 async def bare_chain(n_hops: int = HOPS, *, coalesced: bool = False) -> AsyncIterator[str]:
     ns = f"fbbare-{uuid.uuid4().hex[:8]}"
-    procs = [subprocess.Popen([sys.executable, __file__, "hop", ns, str(i), str(n_hops)]  # noqa: ASYNC220
-                              + (["coalesced"] if coalesced else []))
-             for i in range(n_hops)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "hop", ns, str(i), str(n_hops)]  # noqa: ASYNC220
+            + (["coalesced"] if coalesced else [])
+        )
+        for i in range(n_hops)
+    ]
     try:
         connection = await aio_pika.connect(AMQP)
         async with connection:
@@ -137,13 +152,16 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes, coalesced: 
         for k in range(n):
             await slots.acquire()
             if coalesced:
-                properties = aiormq_writes.persistent_properties(content_type=CONTENT_TYPE, reply_to=replies.name,
-                                                               correlation_id=str(k))
-                await window.start(lambda p=properties: aiormq_writes.publish(channel, body, routing_key=queue(ns, 0),
-                                                                            properties=p))
+                properties = aiormq_writes.persistent_properties(
+                    content_type=CONTENT_TYPE, reply_to=replies.name, correlation_id=str(k)
+                )
+                await window.start(
+                    lambda p=properties: aiormq_writes.publish(channel, body, routing_key=queue(ns, 0), properties=p)
+                )
             else:
-                message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                           reply_to=replies.name, correlation_id=str(k))
+                message = aio_pika.Message(
+                    body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name, correlation_id=str(k)
+                )
                 await window.start(lambda m=message: channel.default_exchange.publish(m, queue(ns, 0)))
         await window.drain()
         await done.wait()
@@ -165,8 +183,11 @@ async def one_at_a_time(ns: str, n: int, body: bytes) -> list[float]:
         for k in range(n):
             t = time.perf_counter()
             await channel.default_exchange.publish(
-                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name,
-                                 correlation_id=str(k)), queue(ns, 0))
+                aio_pika.Message(
+                    body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name, correlation_id=str(k)
+                ),
+                queue(ns, 0),
+            )
             await inbox.get()
             lat.append((time.perf_counter() - t) * 1000)
         return lat

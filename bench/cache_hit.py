@@ -19,8 +19,10 @@ PROMPT = {"prompt": "Classify the sentiment: I love this queue.", "task": "class
 
 
 async def one_run(emulator: str, singles: int, bulk: int) -> tuple[float, float, float]:
-    async with process_pipeline(emulator) as (settings, _), \
-            FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+    async with (
+        process_pipeline(emulator) as (settings, _),
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+    ):
         first = await client.complete(PROMPT, timeout=60)
         assert first.status == "ok", first.error
         lat = []
@@ -48,12 +50,21 @@ async def main() -> None:
         await wait_for_emulator()
         rows = [await one_run(emulator, a.singles, a.bulk) for _ in range(a.runs)]
     p50s, p99s, rates = zip(*rows, strict=True)
-    publish_table("cache_hit", "\n".join([
-        f"# Cache-hit path ({cores()} cores, {a.runs} runs, every stage its own process)", "",
-        "| measure | median (min, max) |", "|---|---|",
-        f"| hit latency one at a time, p50 ms ({a.singles} jobs) | {spread(p50s, '.1f')} |",
-        f"| hit latency one at a time, p99 ms | {spread(p99s, '.1f')} |",
-        f"| hit-path jobs/s ({a.bulk} identical jobs after a warm-up) | {spread(rates, '.0f')} |", ""]))
+    publish_table(
+        "cache_hit",
+        "\n".join(
+            [
+                f"# Cache-hit path ({cores()} cores, {a.runs} runs, every stage its own process)",
+                "",
+                "| measure | median (min, max) |",
+                "|---|---|",
+                f"| hit latency one at a time, p50 ms ({a.singles} jobs) | {spread(p50s, '.1f')} |",
+                f"| hit latency one at a time, p99 ms | {spread(p99s, '.1f')} |",
+                f"| hit-path jobs/s ({a.bulk} identical jobs after a warm-up) | {spread(rates, '.0f')} |",
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -37,16 +37,25 @@ EMULATOR_PORT = 8099
 CPU: dict[tuple[str, str], list[float]] = {}  # (side, process group) -> CPU ms per job, one per run
 
 
-async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: int,
-                       in_flight: int, cpu_side: str | None = None) -> tuple[float, list[float], list[float]]:
+async def farebox_rate(
+    emulator: str, jobs: list[dict[str, object]], singles: int, in_flight: int, cpu_side: str | None = None
+) -> tuple[float, list[float], list[float]]:
     """jobs/s, then one-at-a-time latencies of fresh jobs and of cache hits."""
-    async with process_pipeline(emulator) as (settings, procs), \
-            FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+    async with (
+        process_pipeline(emulator) as (settings, procs),
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+    ):
         run = settings.namespace
         await client.complete({"prompt": "warm up", "job_id": f"warm-{run}"}, timeout=60)
         tagged = [dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)]
-        meter = CpuGroups({"stage processes": [p.pid for p in procs.procs.values()], "broker": broker_pids(),
-                           "emulator": pids_of(f"emulator --port {EMULATOR_PORT}"), "redis": redis_pids()})
+        meter = CpuGroups(
+            {
+                "stage processes": [p.pid for p in procs.procs.values()],
+                "broker": broker_pids(),
+                "emulator": pids_of(f"emulator --port {EMULATOR_PORT}"),
+                "redis": redis_pids(),
+            }
+        )
         t0 = time.perf_counter()
         n = 0
         async for _ in client.stream(tagged, max_in_flight=in_flight):
@@ -55,8 +64,10 @@ async def farebox_rate(emulator: str, jobs: list[dict[str, object]], singles: in
         if cpu_side:
             for group, ms in meter.per_job_ms(n).items():
                 CPU.setdefault((cpu_side, group), []).append(ms)
-        fresh = [await timed(client, {"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5})
-                 for i in range(singles)]
+        fresh = [
+            await timed(client, {"prompt": f"single {run} {i}", "task": "classify", "max_tokens": 5})
+            for i in range(singles)
+        ]
         hits = [await timed(client, {"prompt": "warm up"}, cache="hit") for _ in range(singles)]
     return rate, sorted(fresh), sorted(hits)
 
@@ -74,8 +85,13 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--singles", type=int, default=200)
-    ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 1000],
-                    help="unanswered jobs the producer allows (both sides); one set of rows per value")
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        default=[64, 1000],
+        help="unanswered jobs the producer allows (both sides); one set of rows per value",
+    )
     a = ap.parse_args()
     # Process-wide, so the same in every run: farebox's client installs it anyway, and the stock
     # driver's aio-pika publishes (one per turn under aiormq's channel lock) write as before.
@@ -93,7 +109,8 @@ async def main() -> None:
                 async with bare_chain() as ns:
                     meter = CpuGroups({"stage processes": pids_of(f"bare_chain.py hop {ns} "), "broker": broker_pids()})
                     rates.setdefault(("bare", in_flight), []).append(
-                        await drive(ns, a.jobs, max_in_flight=in_flight, body=body))
+                        await drive(ns, a.jobs, max_in_flight=in_flight, body=body)
+                    )
                     if measured:
                         for group, ms in meter.per_job_ms(a.jobs).items():
                             CPU.setdefault(("bare", group), []).append(ms)
@@ -102,43 +119,66 @@ async def main() -> None:
                 async with bare_chain(coalesced=True) as ns:
                     meter = CpuGroups({"stage processes": pids_of(f"bare_chain.py hop {ns} "), "broker": broker_pids()})
                     rates.setdefault(("bare_cw", in_flight), []).append(
-                        await drive(ns, a.jobs, max_in_flight=in_flight, body=body, coalesced=True))
+                        await drive(ns, a.jobs, max_in_flight=in_flight, body=body, coalesced=True)
+                    )
                     if measured:
                         for group, ms in meter.per_job_ms(a.jobs).items():
                             CPU.setdefault(("bare_cw", group), []).append(ms)
                 if singles:
                     async with bare_chain(n_hops=1) as ns:
                         note(lat, "bare1", await one_at_a_time(ns, singles, body))
-                rate, fresh_lat, hit_lat = await farebox_rate(emulator, fresh, singles, in_flight,
-                                                              "farebox" if measured else None)
+                rate, fresh_lat, hit_lat = await farebox_rate(
+                    emulator, fresh, singles, in_flight, "farebox" if measured else None
+                )
                 rates.setdefault(("fb0", in_flight), []).append(rate)
                 if singles:
                     note(lat, "fb", fresh_lat)
                     note(lat, "hit", hit_lat)
                 rates.setdefault(("fb30", in_flight), []).append(
-                    (await farebox_rate(emulator, repeats, 0, in_flight))[0])
+                    (await farebox_rate(emulator, repeats, 0, in_flight))[0]
+                )
     rows = []
     for in_flight in a.in_flight:
         bare = rates[("bare", in_flight)]
         fb0, fb30 = rates[("fb0", in_flight)], rates[("fb30", in_flight)]
-        rows += [f"| {in_flight} in flight: bare chain jobs/s | {spread(bare, '.0f')} |",
-                 f"| {in_flight} in flight: farebox jobs/s, 0% repeats | {spread(fb0, '.0f')} |",
-                 f"| {in_flight} in flight: farebox jobs/s, 30% repeats | {spread(fb30, '.0f')} |",
-                 f"| {in_flight} in flight: **ratio farebox/bare, 0% repeats** | {spread(ratios(fb0, bare), '.2f')} |",
-                 f"| {in_flight} in flight: ratio farebox/bare, 30% repeats | {spread(ratios(fb30, bare), '.2f')} |",
-                 f"| {in_flight} in flight: bare chain jobs/s, with farebox's AMQP write path | "
-                 f"{spread(rates[('bare_cw', in_flight)], '.0f')} |",
-                 f"| {in_flight} in flight: ratio farebox/bare with farebox's write path, 0% repeats | "
-                 f"{spread(ratios(fb0, rates[('bare_cw', in_flight)]), '.2f')} |"]
-    publish_table("ceiling", "\n".join([
-        f"# farebox vs the bare aio-pika chain ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs)", "",
-        "| measure | median (min, max) |", "|---|---|", *rows,
-        *[f"| one at a time {q} ms, {label} | {spread(lat[key + q], '.1f')} |" for key, label in (
-            ("bare", "bare chain (4 hops + reply)"), ("fb", "farebox (fresh job, emulator at 0 ms)"),
-            ("bare1", "one bare hop + reply"), ("hit", "farebox cache hit (intake -> dedup -> account -> reply)"))
-          for q in ("p50", "p99")], "",
-        "Ratios are taken run by run (each farebox run against the bare run just before it).", "",
-        *cpu_table(a.in_flight[-1]), ""]))
+        rows += [
+            f"| {in_flight} in flight: bare chain jobs/s | {spread(bare, '.0f')} |",
+            f"| {in_flight} in flight: farebox jobs/s, 0% repeats | {spread(fb0, '.0f')} |",
+            f"| {in_flight} in flight: farebox jobs/s, 30% repeats | {spread(fb30, '.0f')} |",
+            f"| {in_flight} in flight: **ratio farebox/bare, 0% repeats** | {spread(ratios(fb0, bare), '.2f')} |",
+            f"| {in_flight} in flight: ratio farebox/bare, 30% repeats | {spread(ratios(fb30, bare), '.2f')} |",
+            f"| {in_flight} in flight: bare chain jobs/s, with farebox's AMQP write path | "
+            f"{spread(rates[('bare_cw', in_flight)], '.0f')} |",
+            f"| {in_flight} in flight: ratio farebox/bare with farebox's write path, 0% repeats | "
+            f"{spread(ratios(fb0, rates[('bare_cw', in_flight)]), '.2f')} |",
+        ]
+    publish_table(
+        "ceiling",
+        "\n".join(
+            [
+                f"# farebox vs the bare aio-pika chain ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs)",
+                "",
+                "| measure | median (min, max) |",
+                "|---|---|",
+                *rows,
+                *[
+                    f"| one at a time {q} ms, {label} | {spread(lat[key + q], '.1f')} |"
+                    for key, label in (
+                        ("bare", "bare chain (4 hops + reply)"),
+                        ("fb", "farebox (fresh job, emulator at 0 ms)"),
+                        ("bare1", "one bare hop + reply"),
+                        ("hit", "farebox cache hit (intake -> dedup -> account -> reply)"),
+                    )
+                    for q in ("p50", "p99")
+                ],
+                "",
+                "Ratios are taken run by run (each farebox run against the bare run just before it).",
+                "",
+                *cpu_table(a.in_flight[-1]),
+                "",
+            ]
+        ),
+    )
 
 
 def cpu_table(in_flight: int) -> list[str]:
@@ -154,15 +194,21 @@ def cpu_table(in_flight: int) -> list[str]:
     rows = [f"| {g} | {cell('bare', g)} | {cell('bare_cw', g)} | {cell('farebox', g)} |" for g in groups]
     # The provider's side of each call (the emulator) is work the bare chain does not do.
     without_provider = [f - CPU[("farebox", "emulator")][i] for i, f in enumerate(fare_total)]
-    return [f"CPU ms per job at {in_flight} in flight, by process group (the bare chain's stage processes are its "
-            "4 hops; no side's producer is counted):", "",
-            "| process group | bare chain | bare chain, farebox's write path | farebox |", "|---|---|---|---|", *rows,
-            f"| total | {spread(bare_total, '.2f')} | {spread(cw_total, '.2f')} | {spread(fare_total, '.2f')} |",
-            f"| total without the emulator | {spread(bare_total, '.2f')} | {spread(cw_total, '.2f')} | "
-            f"{spread(without_provider, '.2f')} |", "",
-            "farebox's broker costs less per job than the bare chain's because its internal hops carry batches; "
-            "its stages cost more because each job is decoded, routed, priced, sent to a provider over HTTP "
-            "and recorded in Redis."]
+    return [
+        f"CPU ms per job at {in_flight} in flight, by process group (the bare chain's stage processes are its "
+        "4 hops; no side's producer is counted):",
+        "",
+        "| process group | bare chain | bare chain, farebox's write path | farebox |",
+        "|---|---|---|---|",
+        *rows,
+        f"| total | {spread(bare_total, '.2f')} | {spread(cw_total, '.2f')} | {spread(fare_total, '.2f')} |",
+        f"| total without the emulator | {spread(bare_total, '.2f')} | {spread(cw_total, '.2f')} | "
+        f"{spread(without_provider, '.2f')} |",
+        "",
+        "farebox's broker costs less per job than the bare chain's because its internal hops carry batches; "
+        "its stages cost more because each job is decoded, routed, priced, sent to a provider over HTTP "
+        "and recorded in Redis.",
+    ]
 
 
 def note(lat: dict[str, list[float]], key: str, sample: list[float]) -> None:

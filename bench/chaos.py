@@ -27,8 +27,10 @@ async def main() -> None:
     a = ap.parse_args()
     rows = []
     async with running(EmulatorKnobs(port=0)) as emulator:
-        for run in (lambda s, r: kill9_each_stage(s, r, emulator, jobs=a.jobs, rounds=3),
-                    lambda s, r: broker_outage(s, r, emulator, jobs=min(a.jobs, 2000), cuts=2, outage_s=3.0)):
+        for run in (
+            lambda s, r: kill9_each_stage(s, r, emulator, jobs=a.jobs, rounds=3),
+            lambda s, r: broker_outage(s, r, emulator, jobs=min(a.jobs, 2000), cuts=2, outage_s=3.0),
+        ):
             tag = uuid.uuid4().hex[:8]
             settings = Settings(namespace=f"fbchaos-{tag}", redis_prefix=f"fbchaos:{tag}:", metrics_port=0)
             redis = Redis.from_url(settings.redis_url)
@@ -37,8 +39,9 @@ async def main() -> None:
             finally:
                 await redis.aclose()
                 await drop_redis_prefix(settings)
-    publish_table("chaos", "\n".join([f"# Fault injection ({cores()} cores, real RabbitMQ and Redis)", "",
-                                      *HEADER, *rows, ""]))
+    publish_table(
+        "chaos", "\n".join([f"# Fault injection ({cores()} cores, real RabbitMQ and Redis)", "", *HEADER, *rows, ""])
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ def emulator_process(port: int, *, latency_ms: int = 0) -> Iterator[str]:
     # foreign emulator without noticing, and count its CPU: refuse instead.
     if not port_is_free(port):
         raise SystemExit(f"port {port} is taken; stop whatever listens there before benchmarking")
-    proc = subprocess.Popen([sys.executable, "-m", "farebox", "emulator", "--port", str(port),
-                             "--latency-ms", str(latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farebox", "emulator", "--port", str(port), "--latency-ms", str(latency_ms)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -62,8 +65,13 @@ async def process_pipeline(emulator_url: str, **overrides: Any) -> AsyncIterator
     """Every stage as its own OS process, as `farebox up` runs them (settings overrides reach them
     through the environment)."""
     run = uuid.uuid4().hex[:8]
-    settings = Settings(namespace=f"fbbench-{run}", redis_prefix=f"fbbench:{run}:", metrics_port=0,
-                        emulator_url=emulator_url, **overrides)
+    settings = Settings(
+        namespace=f"fbbench-{run}",
+        redis_prefix=f"fbbench:{run}:",
+        metrics_port=0,
+        emulator_url=emulator_url,
+        **overrides,
+    )
     procs = ProcessPipeline(settings)
     procs.start(ALL_STAGES)
     try:

@@ -35,11 +35,14 @@ class Totals:
 
 
 async def through_farebox(emulator: str, jobs: list[dict[str, Any]]) -> Totals:
-    async with process_pipeline(emulator) as (settings, _), \
-            FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+    async with (
+        process_pipeline(emulator) as (settings, _),
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+    ):
         t = Totals(0.0, 0.0, 0, 0, Counter(), Counter())
-        async for r in client.stream([dict(j, job_id=f"{settings.namespace}-{i}") for i, j in enumerate(jobs)],
-                                     max_in_flight=256):
+        async for r in client.stream(
+            [dict(j, job_id=f"{settings.namespace}-{i}") for i, j in enumerate(jobs)], max_in_flight=256
+        ):
             t.jobs += 1
             t.ok += r.status == "ok"
             t.cost_usd += r.cost_usd
@@ -68,21 +71,32 @@ async def main() -> None:
     savings = [100 * (1 - r.cost_usd / n.cost_usd) for r, n in zip(routed, naive, strict=True)]
     hits = [100 * (r.cache["hit"] + r.cache["coalesced"]) / r.jobs for r in routed]
     top = routed[-1].models.most_common(6)
-    publish_table("cost", "\n".join([
-        f"# Cost of make_workload.py --jobs {a.jobs} --dup-rate {a.dup_rate} ({cores()} cores, {a.runs} runs; "
-        f"{shape['unique_keys']} unique requests, {shape['repeats']} exact repeats)", "",
-        "| measure | farebox (policy routing + cache) | all on the baseline, no cache |", "|---|---|---|",
-        f"| total cost USD | {spread([r.cost_usd for r in routed], '.4f')} | "
-        f"{spread([n.cost_usd for n in naive], '.4f')} |",
-        f"| cost per job USD | {spread([r.cost_usd / r.jobs for r in routed], '.6f')} | "
-        f"{spread([n.cost_usd / n.jobs for n in naive], '.6f')} |",
-        f"| ok results | {spread([r.ok for r in routed], '.0f')} | {spread([n.ok for n in naive], '.0f')} |",
-        f"| cache hits + coalesced, % of jobs | {spread(hits, '.1f')} | 0 (bypassed) |",
-        f"| savings vs the baseline run, % | {spread(savings, '.1f')} | - |",
-        f"| farebox's own baseline figure USD (same usage priced on {baseline_model}) | "
-        f"{spread([r.baseline_usd for r in routed], '.4f')} | - |", "",
-        f"Baseline model: {baseline_model} (catalog/policy.json). Where farebox sent the jobs (last run): "
-        + ", ".join(f"{m} {c}" for m, c in top) + ".", ""]))
+    publish_table(
+        "cost",
+        "\n".join(
+            [
+                f"# Cost of make_workload.py --jobs {a.jobs} --dup-rate {a.dup_rate} ({cores()} cores, {a.runs} runs; "
+                f"{shape['unique_keys']} unique requests, {shape['repeats']} exact repeats)",
+                "",
+                "| measure | farebox (policy routing + cache) | all on the baseline, no cache |",
+                "|---|---|---|",
+                f"| total cost USD | {spread([r.cost_usd for r in routed], '.4f')} | "
+                f"{spread([n.cost_usd for n in naive], '.4f')} |",
+                f"| cost per job USD | {spread([r.cost_usd / r.jobs for r in routed], '.6f')} | "
+                f"{spread([n.cost_usd / n.jobs for n in naive], '.6f')} |",
+                f"| ok results | {spread([r.ok for r in routed], '.0f')} | {spread([n.ok for n in naive], '.0f')} |",
+                f"| cache hits + coalesced, % of jobs | {spread(hits, '.1f')} | 0 (bypassed) |",
+                f"| savings vs the baseline run, % | {spread(savings, '.1f')} | - |",
+                f"| farebox's own baseline figure USD (same usage priced on {baseline_model}) | "
+                f"{spread([r.baseline_usd for r in routed], '.4f')} | - |",
+                "",
+                f"Baseline model: {baseline_model} (catalog/policy.json). Where farebox sent the jobs (last run): "
+                + ", ".join(f"{m} {c}" for m, c in top)
+                + ".",
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from farebox.providers.base import json_request
 
 PORT = 8096
 PATH = "/google/v1beta/models/gemini-2.0-flash:generateContent"
-BODY = {"contents": [{"role": "user", "parts": [{"text": "Summarize this short text for me, please. " * 5}]}],
-        "generationConfig": {"maxOutputTokens": 20}}
+BODY = {
+    "contents": [{"role": "user", "parts": [{"text": "Summarize this short text for me, please. " * 5}]}],
+    "generationConfig": {"maxOutputTokens": 20},
+}
 HEADERS = {"x-goog-api-key": "k"}
 Call = Callable[[], Awaitable[object]]
 
@@ -38,8 +40,9 @@ async def setups(url: str, in_flight: int) -> dict[str, tuple[Call, Callable[[],
 
     one = httpx.AsyncClient(limits=httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight))
     free: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-    per_slot = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-                for _ in range(in_flight)]
+    per_slot = [
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) for _ in range(in_flight)
+    ]
     for c in per_slot:
         free.put_nowait(c)
     on_aiohttp = httpx.AsyncClient(transport=AiohttpTransport(max_connections=in_flight))
@@ -101,13 +104,19 @@ async def main(args: argparse.Namespace) -> None:
         for _, close in chosen.values():
             await close()
     now = results["httpx on aiohttp (now)"]
-    lines = [f"# HTTP client CPU per provider call ({cores()} cores, {args.runs} alternating runs, "
-             f"{args.calls} calls, {args.in_flight} in flight, emulator at 0 ms)", "",
-             "| client | client CPU ms/call | emulator CPU ms/call | calls/s | CPU vs now |", "|---|---|---|---|---|"]
+    lines = [
+        f"# HTTP client CPU per provider call ({cores()} cores, {args.runs} alternating runs, "
+        f"{args.calls} calls, {args.in_flight} in flight, emulator at 0 ms)",
+        "",
+        "| client | client CPU ms/call | emulator CPU ms/call | calls/s | CPU vs now |",
+        "|---|---|---|---|---|",
+    ]
     for name, runs in results.items():
         ratio = [r[0] / n[0] for r, n in zip(runs, now, strict=True)]
-        lines.append(f"| {name} | {spread([r[0] for r in runs], '.3f')} | {spread([r[1] for r in runs], '.3f')} | "
-                     f"{spread([r[2] for r in runs], '.0f')} | {statistics.median(ratio):.2f}x |")
+        lines.append(
+            f"| {name} | {spread([r[0] for r in runs], '.3f')} | {spread([r[1] for r in runs], '.3f')} | "
+            f"{spread([r[2] for r in runs], '.0f')} | {statistics.median(ratio):.2f}x |"
+        )
     lines += ["", "Client CPU is the benchmark process's own; the emulator runs in its own process on the same cores."]
     publish_table("http_client", "\n".join(lines) + "\n")
 

@@ -25,8 +25,10 @@ class KeepAlive:
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.fixed = "".join(f"{k}: {v}\r\n" for k, v in {
-            "Host": f"{self.host}:{self.port}", "Content-Type": "application/json", **headers}.items())
+        self.fixed = "".join(
+            f"{k}: {v}\r\n"
+            for k, v in {"Host": f"{self.host}:{self.port}", "Content-Type": "application/json", **headers}.items()
+        )
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 

@@ -22,11 +22,21 @@ PORT = 8097
 
 async def one_run(emulator: str, n: int, concurrency: int) -> tuple[float, int, dict[str, int], int]:
     tag = uuid.uuid4().hex[:8]
-    jobs = [{"prompt": f"Summarize record {tag}-{i}.", "task": "summarize", "quality": "low", "max_tokens": 30,
-             "job_id": f"{tag}-{i}"} for i in range(n)]
+    jobs = [
+        {
+            "prompt": f"Summarize record {tag}-{i}.",
+            "task": "summarize",
+            "quality": "low",
+            "max_tokens": 30,
+            "job_id": f"{tag}-{i}",
+        }
+        for i in range(n)
+    ]
     by_provider: dict[str, int] = {}
-    async with process_pipeline(emulator, provider_concurrency=concurrency) as (settings, _), \
-            httpx.AsyncClient() as http:
+    async with (
+        process_pipeline(emulator, provider_concurrency=concurrency) as (settings, _),
+        httpx.AsyncClient() as http,
+    ):
         await http.post(f"{emulator}/_emulator/reset")
         async with FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
             t0 = time.perf_counter()
@@ -42,23 +52,41 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--latency-ms", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--provider-concurrency", type=int, nargs="+", default=[256, 1024],
-                    help="FAREBOX_PROVIDER_CONCURRENCY values (calls in flight per execute process; 256 is farebox's "
-                         "default); one row pair per value")
+    ap.add_argument(
+        "--provider-concurrency",
+        type=int,
+        nargs="+",
+        default=[256, 1024],
+        help="FAREBOX_PROVIDER_CONCURRENCY values (calls in flight per execute process; 256 is farebox's "
+        "default); one row pair per value",
+    )
     a = ap.parse_args()
     lines = []
     with emulator_process(PORT, latency_ms=a.latency_ms) as emulator:
         await wait_for_emulator()
         for concurrency in a.provider_concurrency:
             rows = [await one_run(emulator, a.jobs, concurrency) for _ in range(a.runs)]
-            lines += [f"| cap {concurrency}: jobs/s, {a.jobs} jobs all on one provider | "
-                      f"{spread([r[0] for r in rows], '.0f')} |",
-                      f"| cap {concurrency}: peak provider calls in flight | {spread([r[1] for r in rows], '.0f')} |"]
-    publish_table("io_concurrency", "\n".join([
-        f"# I/O concurrency of one execute process ({cores()} cores, {a.runs} runs, emulator latency {a.latency_ms} ms "
-        "+-50%, by FAREBOX_PROVIDER_CONCURRENCY cap)", "",
-        "| measure | median (min, max) |", "|---|---|", *lines, "",
-        f"Results by provider (last run): {rows[-1][2]}.", ""]))
+            lines += [
+                f"| cap {concurrency}: jobs/s, {a.jobs} jobs all on one provider | "
+                f"{spread([r[0] for r in rows], '.0f')} |",
+                f"| cap {concurrency}: peak provider calls in flight | {spread([r[1] for r in rows], '.0f')} |",
+            ]
+    publish_table(
+        "io_concurrency",
+        "\n".join(
+            [
+                f"# I/O concurrency of one execute process ({cores()} cores, {a.runs} runs, emulator latency {a.latency_ms} ms "
+                "+-50%, by FAREBOX_PROVIDER_CONCURRENCY cap)",
+                "",
+                "| measure | median (min, max) |",
+                "|---|---|",
+                *lines,
+                "",
+                f"Results by provider (last run): {rows[-1][2]}.",
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

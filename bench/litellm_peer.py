@@ -58,13 +58,18 @@ def make_jobs(n: int, dup_rate: float, seed: int, tag: str) -> list[dict[str, An
 
 
 def openai_body(job: dict[str, Any]) -> dict[str, Any]:
-    return {"model": MODEL, "messages": job["messages"], "max_tokens": job["max_tokens"],
-            "temperature": job["temperature"]}
+    return {
+        "model": MODEL,
+        "messages": job["messages"],
+        "max_tokens": job["max_tokens"],
+        "temperature": job["temperature"],
+    }
 
 
 @dataclass
 class Side:
     """One system's figures over the runs."""
+
     rate: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
     broker_ms: list[float] = field(default_factory=list)
@@ -124,42 +129,80 @@ async def http_singles(url: str, path: str, bodies: Sequence[dict[str, Any]], au
     return statistics.median(lat)
 
 
-async def litellm_side(exe: Path, emulator: str, jobs: Sequence[dict[str, Any]], side: Side, a: argparse.Namespace,
-                       *, cache_namespace: str | None, singles: Sequence[dict[str, Any]], direct_p50: float) -> None:
+async def litellm_side(
+    exe: Path,
+    emulator: str,
+    jobs: Sequence[dict[str, Any]],
+    side: Side,
+    a: argparse.Namespace,
+    *,
+    cache_namespace: str | None,
+    singles: Sequence[dict[str, Any]],
+    direct_p50: float,
+) -> None:
     with litellm_proxy(exe, emulator, cache_namespace=cache_namespace, workers=a.litellm_workers) as (url, pid):
-        warm = [{"model": MODEL, "messages": [{"role": "user", "content": f"warm up {uuid.uuid4()}"}], "max_tokens": 5}
-                for _ in range(50)]
+        warm = [
+            {"model": MODEL, "messages": [{"role": "user", "content": f"warm up {uuid.uuid4()}"}], "max_tokens": 5}
+            for _ in range(50)
+        ]
         await http_drive(url, warm, 4)
         await reset_emulator(emulator)
         tree = process_tree(pid)
         meter = CpuGroups({"proxy": tree, "broker": broker_pids(), "redis": redis_pids(), "driver": [os.getpid()]})
         rate, errors = await http_drive(url, [openai_body(j) for j in jobs], a.concurrency)
-        _record(side, rate, errors, meter.per_job_ms(len(jobs)), await provider_calls(emulator),
-                sum(peak_rss_mb(p) for p in tree), redis_pids() if cache_namespace else [])
+        _record(
+            side,
+            rate,
+            errors,
+            meter.per_job_ms(len(jobs)),
+            await provider_calls(emulator),
+            sum(peak_rss_mb(p) for p in tree),
+            redis_pids() if cache_namespace else [],
+        )
         if singles:
-            side.added_p50.append(await http_singles(url, "/v1/chat/completions", [openai_body(j) for j in singles],
-                                                     auth=True) - direct_p50)
+            side.added_p50.append(
+                await http_singles(url, "/v1/chat/completions", [openai_body(j) for j in singles], auth=True)
+                - direct_p50
+            )
 
 
-async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side, a: argparse.Namespace,
-                       *, singles: Sequence[dict[str, Any]], direct_p50: float) -> None:
-    async with process_pipeline(emulator) as (settings, procs), \
-            FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+async def farebox_side(
+    emulator: str,
+    jobs: Sequence[dict[str, Any]],
+    side: Side,
+    a: argparse.Namespace,
+    *,
+    singles: Sequence[dict[str, Any]],
+    direct_p50: float,
+) -> None:
+    async with (
+        process_pipeline(emulator) as (settings, procs),
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+    ):
         run = settings.namespace
-        async for _ in client.stream([{"prompt": f"warm up {run} {i}", "max_tokens": 5} for i in range(50)],
-                                     max_in_flight=4):
+        async for _ in client.stream(
+            [{"prompt": f"warm up {run} {i}", "max_tokens": 5} for i in range(50)], max_in_flight=4
+        ):
             pass
         await reset_emulator(emulator)
         stages = [p.pid for p in procs.procs.values()]
         meter = CpuGroups({"proxy": stages, "broker": broker_pids(), "redis": redis_pids(), "driver": [os.getpid()]})
         errors = 0
         t0 = time.perf_counter()
-        async for r in client.stream([dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)],
-                                     max_in_flight=a.concurrency):
+        async for r in client.stream(
+            [dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)], max_in_flight=a.concurrency
+        ):
             errors += r.status != "ok"
         rate = len(jobs) / (time.perf_counter() - t0)
-        _record(side, rate, errors, meter.per_job_ms(len(jobs)), await provider_calls(emulator),
-                sum(peak_rss_mb(p) for p in stages), broker_pids() + redis_pids())
+        _record(
+            side,
+            rate,
+            errors,
+            meter.per_job_ms(len(jobs)),
+            await provider_calls(emulator),
+            sum(peak_rss_mb(p) for p in stages),
+            broker_pids() + redis_pids(),
+        )
         if singles:
             lat = []
             for i, job in enumerate(singles):
@@ -170,8 +213,9 @@ async def farebox_side(emulator: str, jobs: Sequence[dict[str, Any]], side: Side
             side.added_p50.append(statistics.median(lat) - direct_p50)
 
 
-def _record(side: Side, rate: float, errors: int, cpu: dict[str, float], calls: int, peak_mb: float,
-            infra: list[int]) -> None:
+def _record(
+    side: Side, rate: float, errors: int, cpu: dict[str, float], calls: int, peak_mb: float, infra: list[int]
+) -> None:
     side.infra_mb.append(sum(rss_mb(pid) for pid in infra))
     side.driver_ms.append(cpu["driver"])
     side.rate.append(rate)
@@ -207,49 +251,90 @@ async def main() -> None:
             tag = uuid.uuid4().hex[:8]
             fresh, repeats = make_jobs(a.jobs, 0.0, 1, tag), make_jobs(a.jobs, 0.3, 2, tag)
             singles = make_jobs(a.singles, 0.0, 3, f"{tag}-single")
-            direct.append(await http_singles(emulator, "/openai/v1/chat/completions",
-                                             [openai_body(j) for j in singles], auth=False))
-            await litellm_side(exe, emulator, fresh, lite0, a, cache_namespace=None, singles=singles,
-                               direct_p50=direct[-1])
+            direct.append(
+                await http_singles(
+                    emulator, "/openai/v1/chat/completions", [openai_body(j) for j in singles], auth=False
+                )
+            )
+            await litellm_side(
+                exe, emulator, fresh, lite0, a, cache_namespace=None, singles=singles, direct_p50=direct[-1]
+            )
             await farebox_side(emulator, fresh, fare0, a, singles=singles, direct_p50=direct[-1])
             namespace = f"fbbench-litellm-{tag}"
             try:
-                await litellm_side(exe, emulator, repeats, lite30, a, cache_namespace=namespace, singles=(),
-                                   direct_p50=0)
+                await litellm_side(
+                    exe, emulator, repeats, lite30, a, cache_namespace=namespace, singles=(), direct_p50=0
+                )
             finally:
                 await drop_litellm_keys(namespace)
             await farebox_side(emulator, repeats, fare30, a, singles=(), direct_p50=0)
     total = [[c + b + r for c, b, r in zip(s.cpu_ms, s.broker_ms, s.redis_ms, strict=True)] for s in (lite0, fare0)]
     memory = [[p + i for p, i in zip(s.peak_mb, s.infra_mb, strict=True)] for s in (lite0, fare0)]
-    publish_table("litellm_peer", "\n".join([
-        f"# farebox vs the LiteLLM proxy {LITELLM_VERSION} ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs, "
-        f"{a.concurrency} in flight, emulator at 0 ms, LiteLLM --num_workers {a.litellm_workers})", "",
-        "Median (min, max) over the runs; the ratio is farebox/LiteLLM, taken run by run.", "",
-        "| measure | LiteLLM proxy | farebox | ratio |", "|---|---|---|---|",
-        row("fresh jobs: requests/s", lite0.rate, fare0.rate, ".0f"),
-        row("CPU ms/request: proxy process tree / farebox stage processes", lite0.cpu_ms, fare0.cpu_ms, ".2f"),
-        row("CPU ms/request: RabbitMQ", lite0.broker_ms, fare0.broker_ms, ".2f", ratio=False),
-        row("CPU ms/request: Redis", lite0.redis_ms, fare0.redis_ms, ".2f", ratio=False),
-        row("CPU ms/request: all of the above", total[0], total[1], ".2f"),
-        row("p50 added latency ms, one at a time (over a direct emulator call)", lite0.added_p50, fare0.added_p50,
-            ".1f"),
-        row("CPU ms/request: the bench process driving the load (HTTP callers / FareboxClient)", lite0.driver_ms,
-            fare0.driver_ms, ".2f", ratio=False),
-        row("peak RSS MiB, sum of its processes (proxy tree / stage processes)", lite0.peak_mb, fare0.peak_mb, ".0f"),
-        row("RSS MiB at the end of the run, RabbitMQ + Redis it needs (none for LiteLLM without cache)",
-            lite0.infra_mb, fare0.infra_mb, ".0f", ratio=False),
-        row("memory, both of the above", memory[0], memory[1], ".0f"),
-        row("errors", lite0.errors, fare0.errors, ".0f", ratio=False),
-        row("30% repeats, Redis cache on: requests/s", lite30.rate, fare30.rate, ".0f"),
-        row("30% repeats: provider calls", lite30.provider_calls, fare30.provider_calls, ".0f"),
-        row("30% repeats: CPU ms/request, proxy / stages", lite30.cpu_ms, fare30.cpu_ms, ".2f"),
-        row("30% repeats: RSS MiB of RabbitMQ + Redis it uses", lite30.infra_mb, fare30.infra_mb, ".0f", ratio=False),
-        row("30% repeats: errors", lite30.errors, fare30.errors, ".0f", ratio=False), "",
-        f"Direct emulator call, one at a time, p50 ms: {spread(direct, '.1f')}. Jobs: make_workload.py --jobs {a.jobs} "
-        f"(--dup-rate 0 --seed 1 and --dup-rate 0.3 --seed 2). LiteLLM sends every job to openai/{MODEL}; farebox "
-        "routes each by its policy (all providers are the emulator). farebox's figures include routing, PII scan, "
-        "budgets, the ledger and durable queues; LiteLLM's include its spend tracking and logging defaults. "
-        "RabbitMQ's and Redis's memory is the whole server's (other data included), not farebox's share.", ""]))
+    publish_table(
+        "litellm_peer",
+        "\n".join(
+            [
+                f"# farebox vs the LiteLLM proxy {LITELLM_VERSION} ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs, "
+                f"{a.concurrency} in flight, emulator at 0 ms, LiteLLM --num_workers {a.litellm_workers})",
+                "",
+                "Median (min, max) over the runs; the ratio is farebox/LiteLLM, taken run by run.",
+                "",
+                "| measure | LiteLLM proxy | farebox | ratio |",
+                "|---|---|---|---|",
+                row("fresh jobs: requests/s", lite0.rate, fare0.rate, ".0f"),
+                row("CPU ms/request: proxy process tree / farebox stage processes", lite0.cpu_ms, fare0.cpu_ms, ".2f"),
+                row("CPU ms/request: RabbitMQ", lite0.broker_ms, fare0.broker_ms, ".2f", ratio=False),
+                row("CPU ms/request: Redis", lite0.redis_ms, fare0.redis_ms, ".2f", ratio=False),
+                row("CPU ms/request: all of the above", total[0], total[1], ".2f"),
+                row(
+                    "p50 added latency ms, one at a time (over a direct emulator call)",
+                    lite0.added_p50,
+                    fare0.added_p50,
+                    ".1f",
+                ),
+                row(
+                    "CPU ms/request: the bench process driving the load (HTTP callers / FareboxClient)",
+                    lite0.driver_ms,
+                    fare0.driver_ms,
+                    ".2f",
+                    ratio=False,
+                ),
+                row(
+                    "peak RSS MiB, sum of its processes (proxy tree / stage processes)",
+                    lite0.peak_mb,
+                    fare0.peak_mb,
+                    ".0f",
+                ),
+                row(
+                    "RSS MiB at the end of the run, RabbitMQ + Redis it needs (none for LiteLLM without cache)",
+                    lite0.infra_mb,
+                    fare0.infra_mb,
+                    ".0f",
+                    ratio=False,
+                ),
+                row("memory, both of the above", memory[0], memory[1], ".0f"),
+                row("errors", lite0.errors, fare0.errors, ".0f", ratio=False),
+                row("30% repeats, Redis cache on: requests/s", lite30.rate, fare30.rate, ".0f"),
+                row("30% repeats: provider calls", lite30.provider_calls, fare30.provider_calls, ".0f"),
+                row("30% repeats: CPU ms/request, proxy / stages", lite30.cpu_ms, fare30.cpu_ms, ".2f"),
+                row(
+                    "30% repeats: RSS MiB of RabbitMQ + Redis it uses",
+                    lite30.infra_mb,
+                    fare30.infra_mb,
+                    ".0f",
+                    ratio=False,
+                ),
+                row("30% repeats: errors", lite30.errors, fare30.errors, ".0f", ratio=False),
+                "",
+                f"Direct emulator call, one at a time, p50 ms: {spread(direct, '.1f')}. Jobs: make_workload.py --jobs {a.jobs} "
+                f"(--dup-rate 0 --seed 1 and --dup-rate 0.3 --seed 2). LiteLLM sends every job to openai/{MODEL}; farebox "
+                "routes each by its policy (all providers are the emulator). farebox's figures include routing, PII scan, "
+                "budgets, the ledger and durable queues; LiteLLM's include its spend tracking and logging defaults. "
+                "RabbitMQ's and Redis's memory is the whole server's (other data included), not farebox's share.",
+                "",
+            ]
+        ),
+    )
     failed = sum(sum(s.errors) for s in (lite0, fare0, lite30, fare30))
     if failed:
         raise SystemExit(f"{failed:.0f} request(s) failed: the figures above are not comparable")

@@ -56,8 +56,9 @@ def _code_running_pth() -> list[Path]:
     found = []
     for pth in VENV.glob("lib/python*/site-packages/*.pth"):
         lines = pth.read_text(errors="replace").splitlines()
-        if pth.name == "litellm_init.pth" or (pth.name not in KNOWN_PTH and any(
-                line.startswith(("import ", "import\t")) for line in lines)):
+        if pth.name == "litellm_init.pth" or (
+            pth.name not in KNOWN_PTH and any(line.startswith(("import ", "import\t")) for line in lines)
+        ):
             found.append(pth)
     return found
 
@@ -66,8 +67,10 @@ def _refuse_if_planted() -> None:
     planted = _code_running_pth()
     if planted:
         shutil.rmtree(VENV)
-        raise SystemExit(f"refusing to run: {', '.join(map(str, planted))} would run code at every start of the "
-                         f"venv's Python (litellm_init.pth was the 1.82.7/1.82.8 malware's hook); {VENV} removed")
+        raise SystemExit(
+            f"refusing to run: {', '.join(map(str, planted))} would run code at every start of the "
+            f"venv's Python (litellm_init.pth was the 1.82.7/1.82.8 malware's hook); {VENV} removed"
+        )
 
 
 def _installed_version() -> str | None:
@@ -90,8 +93,10 @@ def ensure_litellm() -> Path:
     if _installed_version() != LITELLM_VERSION:
         print(f"installing litellm[proxy]=={LITELLM_VERSION} into {VENV} ...", file=sys.stderr)
         # Wheels only: no package's build script runs during the install.
-        subprocess.run([python, "-m", "pip", "install", "-q", "--only-binary=:all:",
-                        f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+        subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--only-binary=:all:", f"litellm[proxy]=={LITELLM_VERSION}"],
+            check=True,
+        )
     _refuse_if_planted()
     return VENV / "bin" / "litellm"
 
@@ -105,18 +110,55 @@ def litellm_proxy(exe: Path, emulator: str, *, cache_namespace: str | None, work
         settings: dict[str, Any] = {"telemetry": False}
         if cache_namespace:
             redis = urlsplit(Settings().redis_url)  # the Redis farebox uses, so both sides share one server
-            settings.update(cache=True, cache_params={"type": "redis", "host": redis.hostname or "127.0.0.1",
-                                                      "port": redis.port or 6379, "namespace": cache_namespace})
-        config = {"model_list": [{"model_name": MODEL, "litellm_params": {
-            "model": f"openai/{MODEL}", "api_base": f"{emulator}/openai/v1", "api_key": "sk-emulator"}}],
-            "litellm_settings": settings}
+            settings.update(
+                cache=True,
+                cache_params={
+                    "type": "redis",
+                    "host": redis.hostname or "127.0.0.1",
+                    "port": redis.port or 6379,
+                    "namespace": cache_namespace,
+                },
+            )
+        config = {
+            "model_list": [
+                {
+                    "model_name": MODEL,
+                    "litellm_params": {
+                        "model": f"openai/{MODEL}",
+                        "api_base": f"{emulator}/openai/v1",
+                        "api_key": "sk-emulator",
+                    },
+                }
+            ],
+            "litellm_settings": settings,
+        }
         (Path(tmp) / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "LITELLM_MASTER_KEY": MASTER_KEY,
-               "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1,localhost"}
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": tmp,
+            "LITELLM_MASTER_KEY": MASTER_KEY,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
         with open(Path(tmp) / "proxy.log", "wb") as log:
-            proc = subprocess.Popen([exe, "--config", "config.yaml", "--host", "127.0.0.1", "--port", str(PROXY_PORT),
-                                     "--num_workers", str(workers)], cwd=tmp, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    exe,
+                    "--config",
+                    "config.yaml",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(PROXY_PORT),
+                    "--num_workers",
+                    str(workers),
+                ],
+                cwd=tmp,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             url = f"http://127.0.0.1:{PROXY_PORT}"
             try:
                 _wait_until_up(url, proc, Path(tmp) / "proxy.log")
@@ -139,7 +181,6 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -147,8 +188,10 @@ def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
             raise SystemExit(f"the LiteLLM proxy exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
             # An authenticated call: only the proxy we started knows this run's key.
-            if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {MASTER_KEY}"},
-                         timeout=2).status_code == 200:
+            if (
+                httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=2).status_code
+                == 200
+            ):
                 return
         time.sleep(0.5)
     raise SystemExit(f"the LiteLLM proxy did not answer in 180 s:\n{log.read_text()[-3000:]}")
@@ -156,6 +199,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 async def drop_litellm_keys(namespace: str) -> None:
     from redis.asyncio import Redis
+
     async with Redis.from_url(Settings().redis_url) as redis:
         async for key in redis.scan_iter(match=f"{namespace}*", count=1000):
             await redis.delete(key)

@@ -37,16 +37,22 @@ RSS: dict[str, list[float]] = {}
 
 
 async def one_run(emulator: str, jobs: list[dict[str, object]], singles: int) -> tuple[float, float, float]:
-    async with process_pipeline(emulator) as (settings, procs), \
-            FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+    async with (
+        process_pipeline(emulator) as (settings, procs),
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+    ):
         run = settings.namespace
         await client.complete({"prompt": "warm up", "job_id": f"warm-{run}"}, timeout=60)
         tagged = [dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)]
         watched = {name: p.pid for name, p in procs.procs.items()}
         watched.update({f"rabbitmq#{i}": pid for i, pid in enumerate(broker_pids())})
         watched["bench client"] = os.getpid()
-        watched.update({f"emulator (stands in for the provider)#{i}": pid
-                        for i, pid in enumerate(pids_of(f"emulator --port {PORT}"))})
+        watched.update(
+            {
+                f"emulator (stands in for the provider)#{i}": pid
+                for i, pid in enumerate(pids_of(f"emulator --port {PORT}"))
+            }
+        )
         watched.update({f"redis#{i}": pid for i, pid in enumerate(redis_pids())})
         meter = CpuGroups({name: [pid] for name, pid in watched.items()})
         t0 = time.perf_counter()
@@ -78,17 +84,31 @@ async def main() -> None:
         await wait_for_emulator()
         rows = [await one_run(emulator, jobs, a.singles) for _ in range(a.runs)]
     rates, p50s, p99s = zip(*rows, strict=True)
-    publish_table("pipeline_throughput", "\n".join([
-        f"# Pipeline throughput and latency ({cores()} cores, {a.runs} runs, emulator at 0 ms)", "",
-        "| measure | median (min, max) |", "|---|---|",
-        f"| jobs/s, {a.jobs} jobs from make_workload --dup-rate 0 | {spread(rates, '.0f')} |",
-        f"| one job at a time, p50 ms ({a.singles} jobs) | {spread(p50s, '.1f')} |",
-        f"| one job at a time, p99 ms | {spread(p99s, '.1f')} |", "",
-        "CPU ms per job during the bulk run, by process, and each stage process's peak",
-        "resident memory (VmHWM) over the run:", "",
-        "| process | CPU ms/job | peak RSS MiB |", "|---|---|---|",
-        *[f"| {name} | {spread(v, '.2f')} | {spread(RSS[name], '.0f') if name in RSS else '-'} |"
-          for name, v in sorted(CPU.items())], ""]))
+    publish_table(
+        "pipeline_throughput",
+        "\n".join(
+            [
+                f"# Pipeline throughput and latency ({cores()} cores, {a.runs} runs, emulator at 0 ms)",
+                "",
+                "| measure | median (min, max) |",
+                "|---|---|",
+                f"| jobs/s, {a.jobs} jobs from make_workload --dup-rate 0 | {spread(rates, '.0f')} |",
+                f"| one job at a time, p50 ms ({a.singles} jobs) | {spread(p50s, '.1f')} |",
+                f"| one job at a time, p99 ms | {spread(p99s, '.1f')} |",
+                "",
+                "CPU ms per job during the bulk run, by process, and each stage process's peak",
+                "resident memory (VmHWM) over the run:",
+                "",
+                "| process | CPU ms/job | peak RSS MiB |",
+                "|---|---|---|",
+                *[
+                    f"| {name} | {spread(v, '.2f')} | {spread(RSS[name], '.0f') if name in RSS else '-'} |"
+                    for name, v in sorted(CPU.items())
+                ],
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from tests.support.pipeline import drop_redis_prefix
 from tests.test_provider_faults import FAULTY, jobs, run_jobs
 
 SCENARIOS = {
-    f"{FAULTY}: 20% 5xx, 10% 429, 5% timeouts": dict(fail_rate=0.2, rate_limit_rate=0.1, timeout_rate=0.05,
-                                                     faulty=FAULTY, retry_after_s=0.1, seed=5),
+    f"{FAULTY}: 20% 5xx, 10% 429, 5% timeouts": dict(
+        fail_rate=0.2, rate_limit_rate=0.1, timeout_rate=0.05, faulty=FAULTY, retry_after_s=0.1, seed=5
+    ),
     f"{FAULTY} fully down": dict(fail_rate=1.0, faulty=FAULTY),
     "every provider down (deadline 30 s)": dict(fail_rate=1.0),
 }
@@ -42,14 +43,26 @@ async def main() -> None:
         await drop_redis_prefix(settings)
         ok = sum(r.status == "ok" for r in results)
         codes = sorted({r.error.code for r in results if r.error})
-        rows.append(f"| {name} | {n} | {len(results)} | {ok} | {', '.join(codes) or '-'} | "
-                    f"{sum(r.retries for r in results) / n:.2f} | "
-                    f"{sum(1 for r in results if r.route and r.route.fallbacks)} | "
-                    f"{max((r.latency_ms or 0) for r in results) / 1000:.1f} | {elapsed:.0f} |")
+        rows.append(
+            f"| {name} | {n} | {len(results)} | {ok} | {', '.join(codes) or '-'} | "
+            f"{sum(r.retries for r in results) / n:.2f} | "
+            f"{sum(1 for r in results if r.route and r.route.fallbacks)} | "
+            f"{max((r.latency_ms or 0) for r in results) / 1000:.1f} | {elapsed:.0f} |"
+        )
     title = f"# Provider faults ({cores()} cores, in-process pipeline, provider timeout 1 s)"
-    publish_table("provider_faults", "\n".join([title, "",
-                       "| scenario | jobs | results | ok | error codes | retries/job | fell back | slowest job s "
-                       "| run s |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]))
+    publish_table(
+        "provider_faults",
+        "\n".join(
+            [
+                title,
+                "",
+                "| scenario | jobs | results | ok | error codes | retries/job | fell back | slowest job s | run s |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *rows,
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,7 @@ def main() -> None:
 
     def count_and_route() -> None:
         for job in jobs:
-            choose_route(
-                job, catalog, policy, input_tokens=count_messages((m.role, m.content) for m in job.chat)
-            )
+            choose_route(job, catalog, policy, input_tokens=count_messages((m.role, m.content) for m in job.chat))
 
     report = EstimateReport()
 
@@ -74,9 +72,7 @@ def main() -> None:
     r_count = n / best(count_and_route, a.repeat)
     r_est = n / best(estimate, a.repeat)
     d = report.as_dict()
-    by_model = ", ".join(
-        f"{k} {v['jobs']}" for k, v in sorted(d["by_model"].items(), key=lambda kv: -kv[1]["jobs"])
-    )
+    by_model = ", ".join(f"{k} {v['jobs']}" for k, v in sorted(d["by_model"].items(), key=lambda kv: -kv[1]["jobs"]))
     lines = [
         "# Routing speed (catalog.routing.choose_route)",
         "",

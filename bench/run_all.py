@@ -24,11 +24,15 @@ HERE = Path(__file__).resolve().parent
 # script -> (full arguments, smoke arguments); the smoke skips the LiteLLM peer (it installs ~700 MB on first use)
 SUITE: dict[str, tuple[list[str], list[str] | None]] = {
     "pipeline_throughput": (["--jobs", "5000", "--runs", "3"], ["--jobs", "200", "--runs", "1", "--singles", "10"]),
-    "ceiling": (["--jobs", "3000", "--runs", "3"], ["--jobs", "200", "--runs", "1", "--singles", "10",
-                                                    "--in-flight", "64"]),
+    "ceiling": (
+        ["--jobs", "3000", "--runs", "3"],
+        ["--jobs", "200", "--runs", "1", "--singles", "10", "--in-flight", "64"],
+    ),
     "cache_hit": (["--runs", "3"], ["--runs", "1", "--singles", "10", "--bulk", "200"]),
-    "io_concurrency": (["--jobs", "5000", "--runs", "3"], ["--jobs", "200", "--runs", "1", "--latency-ms", "200",
-                                                                 "--provider-concurrency", "64"]),
+    "io_concurrency": (
+        ["--jobs", "5000", "--runs", "3"],
+        ["--jobs", "200", "--runs", "1", "--latency-ms", "200", "--provider-concurrency", "64"],
+    ),
     "cost": (["--jobs", "10000", "--runs", "3"], ["--jobs", "200", "--runs", "1"]),
     "litellm_peer": (["--jobs", "3000", "--runs", "3"], None),
     "http_client": (["--calls", "4000", "--runs", "3"], ["--calls", "200", "--runs", "1", "--in-flight", "32"]),
@@ -57,8 +61,10 @@ def main() -> int:
         print(f"== {name}: exit {rc} after {time.monotonic() - t0:.0f} s", flush=True)
         if rc:
             failed.append(name)
-    print(f"tables in {env.get('FAREBOX_BENCH_RESULTS', HERE / 'results')}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"tables in {env.get('FAREBOX_BENCH_RESULTS', HERE / 'results')}"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

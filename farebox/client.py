@@ -85,6 +85,7 @@ class PublishWindow:
         for task in self._pending:
             task.cancel()
 
+
 JobLike = Job | Mapping[str, Any] | str
 
 
@@ -101,14 +102,19 @@ def as_job(job: JobLike) -> Job:
 
 
 def client_timeout_result(job_id: str, waited_s: float) -> JobResult:
-    return JobResult(job_id=job_id, status="error", error=ErrorInfo(
-        code="timeout", message=f"no result within {waited_s:.0f}s (client-side wait); the job may still "
-                                "finish: resubmit with the same job_id to get its result without a second charge"))
+    return JobResult(
+        job_id=job_id,
+        status="error",
+        error=ErrorInfo(
+            code="timeout",
+            message=f"no result within {waited_s:.0f}s (client-side wait); the job may still "
+            "finish: resubmit with the same job_id to get its result without a second charge",
+        ),
+    )
 
 
 class FareboxClient:
-    def __init__(self, amqp_url: str, *, namespace: str = DEFAULT_NAMESPACE,
-                 wait_for_pipeline_s: float = 30.0) -> None:
+    def __init__(self, amqp_url: str, *, namespace: str = DEFAULT_NAMESPACE, wait_for_pipeline_s: float = 30.0) -> None:
         self.amqp_url = amqp_url
         self.topology = Topology(namespace)
         self.wait_for_pipeline_s = wait_for_pipeline_s
@@ -127,18 +133,21 @@ class FareboxClient:
         await self.connect()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def connect(self) -> None:
         aiormq_writes.install()
         try:
             self._connection = await aio_pika.connect_robust(
-                self.amqp_url, client_properties={"connection_name": "farebox-client"})
+                self.amqp_url, client_properties={"connection_name": "farebox-client"}
+            )
         except (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError) as err:
-            raise DependencyUnavailable(f"cannot reach RabbitMQ at the configured FAREBOX_AMQP_URL "
-                                        f"({type(err).__name__})") from None
+            raise DependencyUnavailable(
+                f"cannot reach RabbitMQ at the configured FAREBOX_AMQP_URL ({type(err).__name__})"
+            ) from None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await self._wait_for_intake()
@@ -163,7 +172,8 @@ class FareboxClient:
                 if time.monotonic() >= deadline:
                     raise DependencyUnavailable(
                         f"queue {self.topology.intake!r} does not exist: is the pipeline running? "
-                        "(start it with `farebox up`)") from None
+                        "(start it with `farebox up`)"
+                    ) from None
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
@@ -192,16 +202,21 @@ class FareboxClient:
         delay = 0.05
         while True:
             properties = aiormq_writes.persistent_properties(
-                content_type=CONTENT_TYPE, reply_to=self._reply_queue.name,
-                correlation_id=correlation_id or parsed.job_id, message_id=parsed.job_id)
+                content_type=CONTENT_TYPE,
+                reply_to=self._reply_queue.name,
+                correlation_id=correlation_id or parsed.job_id,
+                message_id=parsed.job_id,
+            )
             try:
                 # Not waiting for the socket: a window of publishes shares writes (aiormq_writes).
-                await aiormq_writes.publish(self._channel, body, routing_key=self.topology.intake,
-                                          properties=properties, timeout=30)
+                await aiormq_writes.publish(
+                    self._channel, body, routing_key=self.topology.intake, properties=properties, timeout=30
+                )
                 return parsed
             except aiormq.exceptions.PublishError:
-                raise DependencyUnavailable(f"queue {self.topology.intake!r} is gone: is the pipeline "
-                                            "running?") from None
+                raise DependencyUnavailable(
+                    f"queue {self.topology.intake!r} is gone: is the pipeline running?"
+                ) from None
             except aiormq.exceptions.DeliveryError:
                 pass  # the intake is full: back off and try again (back-pressure, not loss)
             except BROKER_DOWN_OR_TIMEOUT:
@@ -222,8 +237,13 @@ class FareboxClient:
         finally:
             self._waiters.pop(correlation_id, None)
 
-    async def stream(self, jobs: Iterable[JobLike] | AsyncIterable[JobLike], *, max_in_flight: int = 256,
-                     idle_timeout_s: float = 300.0) -> AsyncIterator[JobResult]:
+    async def stream(
+        self,
+        jobs: Iterable[JobLike] | AsyncIterable[JobLike],
+        *,
+        max_in_flight: int = 256,
+        idle_timeout_s: float = 300.0,
+    ) -> AsyncIterator[JobResult]:
         """Publish jobs with at most ``max_in_flight`` unanswered, yielding results as they arrive
         (in completion order). A repeated result for a job already answered is dropped."""
         inbox: asyncio.Queue[JobResult] = asyncio.Queue()

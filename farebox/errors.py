@@ -26,12 +26,18 @@ from redis import exceptions as redis_errors
 # aiormq. Not RuntimeError: aio-pika raises it for misuse too, and a bug must fail, not be retried
 # for ever as if the broker were down. Timeouts are added where a wait can time out.
 BROKER_DOWN: tuple[type[Exception], ...] = (
-    aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
 )
 BROKER_DOWN_OR_TIMEOUT: tuple[type[Exception], ...] = (*BROKER_DOWN, TimeoutError)
 # What a Redis outage looks like from redis-py.
 REDIS_DOWN: tuple[type[Exception], ...] = (
-    redis_errors.ConnectionError, redis_errors.TimeoutError, ConnectionError, TimeoutError, OSError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
 )
 
 
@@ -111,9 +117,7 @@ class DependencyUnavailable(RetryableError):
     """Redis or the broker cannot be reached right now."""
 
 
-ERROR_CODES = frozenset(
-    {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"}
-)
+ERROR_CODES = frozenset({"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"})
 
 
 def describe_validation_error(err: ValidationError, limit: int = 5) -> str:

@@ -14,26 +14,37 @@ from prometheus_client.metrics import MetricWrapperBase
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
 REQUESTS = Counter(
-    "llm_proxy_request_total", "Jobs completed, by model and whether the cache served them",
+    "llm_proxy_request_total",
+    "Jobs completed, by model and whether the cache served them",
     ["model", "provider", "cache_hit"],
 )
 COST = Counter("llm_proxy_cost_total", "USD charged for provider calls", ["model", "provider"])
 TOKENS_IN = Counter("llm_proxy_token_count_input_total", "Input tokens billed", ["model"])
 TOKENS_OUT = Counter("llm_proxy_token_count_output_total", "Output tokens billed", ["model"])
 LATENCY = Histogram(
-    "llm_proxy_latency_seconds", "Provider call latency", ["model", "provider"],
+    "llm_proxy_latency_seconds",
+    "Provider call latency",
+    ["model", "provider"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 SAVINGS = Counter("llm_proxy_savings_total", "USD saved versus the baseline model (routing + cache)")
 ERRORS = Counter("llm_proxy_errors_total", "Errors by stage and result code", ["stage", "code"])
 RETRIES = Counter("llm_proxy_retries_total", "Provider call retries", ["provider"])
-BUDGET_USED = Gauge("llm_proxy_budget_used_ratio", "Share of the tenant's budget spent this period",
-                    ["tenant", "period"])
+BUDGET_USED = Gauge(
+    "llm_proxy_budget_used_ratio", "Share of the tenant's budget spent this period", ["tenant", "period"]
+)
 BUDGET_ALERTS = Counter("farebox_budget_alerts_total", "Budget alert thresholds crossed", ["tenant", "threshold"])
-BATCH_SIZE = Histogram("farebox_batch_jobs", "Jobs per message sent to the next stage", ["stage"],
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-REDIS_PIPELINE = Histogram("farebox_redis_pipeline_commands", "Redis commands sent together in one pipeline",
-                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_SIZE = Histogram(
+    "farebox_batch_jobs",
+    "Jobs per message sent to the next stage",
+    ["stage"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+REDIS_PIPELINE = Histogram(
+    "farebox_redis_pipeline_commands",
+    "Redis commands sent together in one pipeline",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 MESSAGES = Counter("farebox_messages_total", "Messages handled by a stage, by outcome", ["stage", "outcome"])
 REDIS_UP = Gauge("farebox_redis_available", "1 while this process can reach Redis", ["stage"])
 CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")

@@ -18,8 +18,9 @@ DIMENSIONS = ("tenant", "provider", "model", "day")
 METRICS = ("jobs", "cost_nusd", "baseline_nusd", "input_tokens", "output_tokens", "cache_hits", "errors")
 
 
-async def load_rows(redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since: str | None = None,
-                    tenant: str | None = None) -> list[dict[str, Any]]:
+async def load_rows(
+    redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since: str | None = None, tenant: str | None = None
+) -> list[dict[str, Any]]:
     days = sorted(as_text(d) for d in await redis.smembers(keys.ledger_days))
     groups: dict[tuple[str, ...], dict[str, int]] = defaultdict(lambda: dict.fromkeys(METRICS, 0))
     for day in days:
@@ -34,18 +35,26 @@ async def load_rows(redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since
     rows = []
     for key, agg in sorted(groups.items()):
         row: dict[str, Any] = dict(zip(by, key, strict=True))
-        row.update(jobs=agg["jobs"], cost_usd=agg["cost_nusd"] / NANO, baseline_cost_usd=agg["baseline_nusd"] / NANO,
-                   savings_usd=(agg["baseline_nusd"] - agg["cost_nusd"]) / NANO,
-                   input_tokens=agg["input_tokens"], output_tokens=agg["output_tokens"],
-                   cache_hits=agg["cache_hits"], errors=agg["errors"],
-                   cache_hit_rate=round(agg["cache_hits"] / agg["jobs"], 4) if agg["jobs"] else 0.0)
+        row.update(
+            jobs=agg["jobs"],
+            cost_usd=agg["cost_nusd"] / NANO,
+            baseline_cost_usd=agg["baseline_nusd"] / NANO,
+            savings_usd=(agg["baseline_nusd"] - agg["cost_nusd"]) / NANO,
+            input_tokens=agg["input_tokens"],
+            output_tokens=agg["output_tokens"],
+            cache_hits=agg["cache_hits"],
+            errors=agg["errors"],
+            cache_hit_rate=round(agg["cache_hits"] / agg["jobs"], 4) if agg["jobs"] else 0.0,
+        )
         rows.append(row)
     return rows
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    t = {k: sum(r[k] for r in rows) for k in ("jobs", "cost_usd", "baseline_cost_usd", "cache_hits", "errors",
-                                              "input_tokens", "output_tokens")}
+    t = {
+        k: sum(r[k] for r in rows)
+        for k in ("jobs", "cost_usd", "baseline_cost_usd", "cache_hits", "errors", "input_tokens", "output_tokens")
+    }
     t["savings_usd"] = t["baseline_cost_usd"] - t["cost_usd"]
     return t
 
@@ -69,11 +78,25 @@ def render(rows: list[dict[str, Any]], by: tuple[str, ...], fmt: str, console: C
     for col in ("jobs", "cost", "baseline", "savings", "hit rate", "errors", "tokens in/out"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(*(str(r[d]) for d in by), str(r["jobs"]), f"${r['cost_usd']:.6f}",
-                      f"${r['baseline_cost_usd']:.6f}", f"${r['savings_usd']:.6f}",
-                      f"{100 * r['cache_hit_rate']:.1f}%", str(r["errors"]),
-                      f"{r['input_tokens']}/{r['output_tokens']}")
-    table.add_row(*(["total"] + [""] * (len(by) - 1)), str(total["jobs"]), f"${total['cost_usd']:.6f}",
-                  f"${total['baseline_cost_usd']:.6f}", f"${total['savings_usd']:.6f}", "",
-                  str(total["errors"]), "", style="bold")
+        table.add_row(
+            *(str(r[d]) for d in by),
+            str(r["jobs"]),
+            f"${r['cost_usd']:.6f}",
+            f"${r['baseline_cost_usd']:.6f}",
+            f"${r['savings_usd']:.6f}",
+            f"{100 * r['cache_hit_rate']:.1f}%",
+            str(r["errors"]),
+            f"{r['input_tokens']}/{r['output_tokens']}",
+        )
+    table.add_row(
+        *(["total"] + [""] * (len(by) - 1)),
+        str(total["jobs"]),
+        f"${total['cost_usd']:.6f}",
+        f"${total['baseline_cost_usd']:.6f}",
+        f"${total['savings_usd']:.6f}",
+        "",
+        str(total["errors"]),
+        "",
+        style="bold",
+    )
     console.print(table)

@@ -56,21 +56,34 @@ class Summary:
     def table(self) -> Table:
         t = Table(title="farebox submit", show_header=False)
         saved_pct = 100 * self.savings_usd / self.baseline_cost_usd if self.baseline_cost_usd else 0.0
-        rows = [("jobs", f"{self.jobs}"), ("ok", f"{self.ok}"), ("errors", f"{self.errors}"),
-                ("cache hits (hit + coalesced)", f"{self.cache_hits}"),
-                ("skipped (already in output)", f"{self.skipped}"),
-                ("cost", f"${self.cost_usd:.6f}"), ("baseline cost", f"${self.baseline_cost_usd:.6f}"),
-                ("savings", f"${self.savings_usd:.6f} ({saved_pct:.1f}%)"),
-                ("elapsed", f"{self.elapsed_s:.1f}s"),
-                ("throughput", f"{self.jobs / self.elapsed_s:.1f} jobs/s" if self.elapsed_s else "-")]
+        rows = [
+            ("jobs", f"{self.jobs}"),
+            ("ok", f"{self.ok}"),
+            ("errors", f"{self.errors}"),
+            ("cache hits (hit + coalesced)", f"{self.cache_hits}"),
+            ("skipped (already in output)", f"{self.skipped}"),
+            ("cost", f"${self.cost_usd:.6f}"),
+            ("baseline cost", f"${self.baseline_cost_usd:.6f}"),
+            ("savings", f"${self.savings_usd:.6f} ({saved_pct:.1f}%)"),
+            ("elapsed", f"{self.elapsed_s:.1f}s"),
+            ("throughput", f"{self.jobs / self.elapsed_s:.1f} jobs/s" if self.elapsed_s else "-"),
+        ]
         for k, v in rows:
             t.add_row(k, v)
         return t
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"jobs": self.jobs, "ok": self.ok, "errors": self.errors, "cache_hits": self.cache_hits,
-                "skipped": self.skipped, "cost_usd": self.cost_usd, "baseline_cost_usd": self.baseline_cost_usd,
-                "savings_usd": self.savings_usd, "elapsed_s": self.elapsed_s}
+        return {
+            "jobs": self.jobs,
+            "ok": self.ok,
+            "errors": self.errors,
+            "cache_hits": self.cache_hits,
+            "skipped": self.skipped,
+            "cost_usd": self.cost_usd,
+            "baseline_cost_usd": self.baseline_cost_usd,
+            "savings_usd": self.savings_usd,
+            "elapsed_s": self.elapsed_s,
+        }
 
 
 def _id_hash(job_id: str) -> int:
@@ -110,10 +123,14 @@ def read_jobs(path: Path, skip: set[int], bad: list[JobResult], summary: Summary
             except (ValueError, InvalidRequest) as err:
                 job_id = stable_job_id(line_no, text)
                 if _id_hash(job_id) not in skip:
-                    msg = f"line {line_no}: {err}" if isinstance(err, InvalidRequest) else \
-                        f"line {line_no}: not valid JSON"
-                    bad.append(JobResult(job_id=job_id, status="error",
-                                         error=ErrorInfo(code="invalid_request", message=msg)))
+                    msg = (
+                        f"line {line_no}: {err}"
+                        if isinstance(err, InvalidRequest)
+                        else f"line {line_no}: not valid JSON"
+                    )
+                    bad.append(
+                        JobResult(job_id=job_id, status="error", error=ErrorInfo(code="invalid_request", message=msg))
+                    )
                 continue
             assert job.job_id is not None
             if _id_hash(job.job_id) in skip:
@@ -127,8 +144,15 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-async def submit(settings: Settings, path: Path, out: Path | None, *, max_in_flight: int = 256,
-                 quiet: bool = False, console: Console | None = None) -> Summary:
+async def submit(
+    settings: Settings,
+    path: Path,
+    out: Path | None,
+    *,
+    max_in_flight: int = 256,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> Summary:
     console = console or Console(stderr=True)
     summary = Summary()
     skip = answered_ids(out) if out else set()
@@ -136,8 +160,16 @@ async def submit(settings: Settings, path: Path, out: Path | None, *, max_in_fli
     bad: list[JobResult] = []
     sink: IO[str] = out.open("a", encoding="utf-8") if out else sys.stdout
     started = time.monotonic()
-    progress = Progress(TextColumn("[bold]submit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[status]}"), console=console, disable=quiet, transient=False)
+    progress = Progress(
+        TextColumn("[bold]submit"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )
     try:
         with progress:
             bar = progress.add_task("jobs", total=total, status="")

@@ -39,16 +39,14 @@ class Child:
     started_at: float = field(default=0.0)
 
 
-def plan_children(settings: Settings, env: dict[str, str], *, scale: dict[str, int],
-                  use_emulator: bool) -> list[Child]:
+def plan_children(settings: Settings, env: dict[str, str], *, scale: dict[str, int], use_emulator: bool) -> list[Child]:
     exe = [sys.executable, "-m", "farebox"]
     base_env = dict(env)
     children: list[Child] = []
     port = settings.metrics_port
     if use_emulator:
         base_env["FAREBOX_EMULATOR_URL"] = emulator_url(settings)
-        children.append(Child("emulator", [*exe, "emulator", "--port", str(settings.emulator_port)],
-                              base_env, None))
+        children.append(Child("emulator", [*exe, "emulator", "--port", str(settings.emulator_port)], base_env, None))
     providers = sorted(provider_configs(base_env, emulator_url=base_env.get("FAREBOX_EMULATOR_URL")))
     stages: list[tuple[str, list[str]]] = [("dedup", ["dedup"]), ("route", ["route"])]
     stages += [(f"execute-{p}", ["execute", "--provider", p]) for p in providers]
@@ -75,8 +73,14 @@ async def _run_child(child: Child, stopping: asyncio.Event) -> None:
         if ran > HEALTHY_AFTER_S:
             child.backoff_s = 0.5
         child.restarts += 1
-        log.warning("%s exited with code %s after %.1fs; restarting in %.1fs (restart %d)",
-                    child.name, code, ran, child.backoff_s, child.restarts)
+        log.warning(
+            "%s exited with code %s after %.1fs; restarting in %.1fs (restart %d)",
+            child.name,
+            code,
+            ran,
+            child.backoff_s,
+            child.restarts,
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), child.backoff_s)
         child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
@@ -96,8 +100,10 @@ async def run_up(settings: Settings, *, scale: dict[str, int]) -> int:
     use_emulator = bool(emulated) and settings.emulator_url is None
     children = plan_children(settings, env, scale=scale, use_emulator=use_emulator)
     if emulated:
-        print(f"farebox: no API key for {', '.join(emulated)}; using the local emulator at {emulator_url(settings)}",
-              flush=True)
+        print(
+            f"farebox: no API key for {', '.join(emulated)}; using the local emulator at {emulator_url(settings)}",
+            flush=True,
+        )
     for c in children:
         where = f"metrics :{c.metrics_port}" if c.metrics_port else "no metrics"
         print(f"farebox: {c.name:<18} {where}", flush=True)

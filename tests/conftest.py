@@ -70,8 +70,10 @@ def services() -> Iterator[Services]:
         if found is not None:
             yield found
             return
-        message = (f"RabbitMQ ({amqp}) or Redis ({redis}) is not answering and no Docker engine is available; "
-                   "start them (see README, 'Running the tests') or set FAREBOX_AMQP_URL/FAREBOX_REDIS_URL")
+        message = (
+            f"RabbitMQ ({amqp}) or Redis ({redis}) is not answering and no Docker engine is available; "
+            "start them (see README, 'Running the tests') or set FAREBOX_AMQP_URL/FAREBOX_REDIS_URL"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -85,9 +87,15 @@ async def settings(services: Services, monkeypatch: pytest.MonkeyPatch) -> Async
     for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     run = uuid.uuid4().hex[:10]
-    s = Settings(amqp_url=services.amqp_url, redis_url=services.redis_url, namespace=f"fbtest-{run}",
-                 redis_prefix=f"fbtest:{run}:", metrics_port=0, coalesce_poll_ms=50,
-                 emulator_url=os.environ.get("FAREBOX_TEST_EMULATOR_URL"))
+    s = Settings(
+        amqp_url=services.amqp_url,
+        redis_url=services.redis_url,
+        namespace=f"fbtest-{run}",
+        redis_prefix=f"fbtest:{run}:",
+        metrics_port=0,
+        coalesce_poll_ms=50,
+        emulator_url=os.environ.get("FAREBOX_TEST_EMULATOR_URL"),
+    )
     yield s
     await drop_redis_prefix(s)
 

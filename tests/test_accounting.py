@@ -40,8 +40,13 @@ def _free(port: int) -> bool:
 
 def scrape_cost(port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return sum(sample.value for family in text_string_to_metric_families(text)
-               if family.name == "llm_proxy_cost" for sample in family.samples if sample.name == "llm_proxy_cost_total")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "llm_proxy_cost"
+        for sample in family.samples
+        if sample.name == "llm_proxy_cost_total"
+    )
 
 
 async def test_report_equals_results_and_metrics(settings: Settings, redis: Redis, emulator: str) -> None:
@@ -58,8 +63,13 @@ async def test_report_equals_results_and_metrics(settings: Settings, redis: Redi
         await drop_namespace(s)
     assert len(results) == summary["jobs"]
     report = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "farebox", "report", "--by", "tenant,model", "--json"],
-        env=settings_env(s), capture_output=True, text=True, check=True)
+        subprocess.run,
+        [sys.executable, "-m", "farebox", "report", "--by", "tenant,model", "--json"],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     total = json.loads(report.stdout)["total"]
     from_results = sum(r.cost_usd for r in results)
     assert total["jobs"] == len(results)

@@ -97,7 +97,8 @@ async def channel(services: Services) -> AsyncIterator[aio_pika.abc.AbstractChan
 
 
 async def test_publishes_of_one_turn_share_writes_and_all_arrive_in_order(
-        channel: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch) -> None:
+    channel: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     queue = await channel.declare_queue(f"fbtest-writes-{uuid.uuid4().hex[:8]}", exclusive=True)
     writes: list[int] = []
     real_write = asyncio.StreamWriter.write
@@ -110,8 +111,9 @@ async def test_publishes_of_one_turn_share_writes_and_all_arrive_in_order(
     underlay = await channel.get_underlay_channel()
     n = 200
     # As the stage runtime publishes: without waiting for the socket, each awaiting its confirm.
-    await asyncio.gather(*(underlay.basic_publish(str(i).encode(), routing_key=queue.name, wait=False)
-                           for i in range(n)))
+    await asyncio.gather(
+        *(underlay.basic_publish(str(i).encode(), routing_key=queue.name, wait=False) for i in range(n))
+    )
     assert len(writes) < n / 4, f"{len(writes)} socket writes for {n} publishes"
     got = []
     async with queue.iterator() as messages:
@@ -123,8 +125,9 @@ async def test_publishes_of_one_turn_share_writes_and_all_arrive_in_order(
     assert got == list(range(n))
 
 
-async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(pipeline: InProcessPipeline,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(
+    pipeline: InProcessPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A publish that waits for the socket holds aiormq's channel lock across a turn: the stage's
     # publishes would go out one per turn, each in its own write, whatever the writer does.
     seen: list[tuple[str, bool]] = []
@@ -136,8 +139,15 @@ async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(
 
     monkeypatch.setattr(aiormq.Channel, "basic_publish", recording)
     await pipeline.start()
-    jobs = [{"prompt": f"Classify ticket {i}: refund please", "task": "classify", "quality": "low",
-             "job_id": str(uuid.uuid4())} for i in range(10)]
+    jobs = [
+        {
+            "prompt": f"Classify ticket {i}: refund please",
+            "task": "classify",
+            "quality": "low",
+            "job_id": str(uuid.uuid4()),
+        }
+        for i in range(10)
+    ]
     async with pipeline.client() as client:
         results = [r async for r in client.stream(jobs, max_in_flight=10, idle_timeout_s=60)]
     assert all(r.status == "ok" for r in results)
@@ -148,20 +158,31 @@ async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(
 
 
 def test_persistent_properties_are_what_an_aio_pika_message_gives() -> None:
-    fields = {"content_type": "application/json", "headers": {"x-farebox-batch": 3}, "correlation_id": "c",
-              "reply_to": "amq.gen-1", "message_id": "job-1"}
+    fields = {
+        "content_type": "application/json",
+        "headers": {"x-farebox-batch": 3},
+        "correlation_id": "c",
+        "reply_to": "amq.gen-1",
+        "message_id": "job-1",
+    }
     ours = aiormq_writes.persistent_properties(**fields)  # type: ignore[arg-type]
-    theirs = aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.PERSISTENT, timestamp=ours.timestamp,
-                              **fields).properties  # type: ignore[arg-type]
+    theirs = aio_pika.Message(
+        b"", delivery_mode=aio_pika.DeliveryMode.PERSISTENT, timestamp=ours.timestamp, **fields
+    ).properties  # type: ignore[arg-type]
     assert ours == theirs
     assert ours.delivery_mode == 2 and ours.timestamp is not None
     bare = aiormq_writes.persistent_properties(content_type="text/plain")
-    assert bare == aio_pika.Message(b"", content_type="text/plain", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                    timestamp=bare.timestamp).properties
+    assert (
+        bare
+        == aio_pika.Message(
+            b"", content_type="text/plain", delivery_mode=aio_pika.DeliveryMode.PERSISTENT, timestamp=bare.timestamp
+        ).properties
+    )
 
 
-async def test_a_graceful_stop_leaves_no_handled_message_unacked(pipeline: InProcessPipeline,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_graceful_stop_leaves_no_handled_message_unacked(
+    pipeline: InProcessPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Acks do not wait for the socket. With a writer that lags (a busy process), the acks of the
     # jobs a stopping stage finishes are still queued when it closes its connection, which drops
     # them: the broker would hand those jobs out again, marked redelivered. The stop waits for them.
@@ -174,8 +195,15 @@ async def test_a_graceful_stop_leaves_no_handled_message_unacked(pipeline: InPro
 
     monkeypatch.setattr(CoalescingFrameGenerator, "__anext__", lagging)
     await pipeline.start()
-    jobs = [{"prompt": f"Classify ticket {i}: refund please", "task": "classify", "quality": "low",
-             "job_id": str(uuid.uuid4())} for i in range(400)]
+    jobs = [
+        {
+            "prompt": f"Classify ticket {i}: refund please",
+            "task": "classify",
+            "quality": "low",
+            "job_id": str(uuid.uuid4()),
+        }
+        for i in range(400)
+    ]
     async with pipeline.client() as client:
         got = 0
         async for _ in client.stream(jobs, max_in_flight=400, idle_timeout_s=60):

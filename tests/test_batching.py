@@ -28,27 +28,42 @@ from tests.support.pipeline import InProcessPipeline, collect, get_message, ledg
 
 
 def _delivery(body: bytes, headers: dict[str, object]) -> Delivery:
-    return Delivery(queue="q", body=body, redelivered=True, delivery_count=2, headers=headers, reply_to=None,
-                    correlation_id=None, message_id=None, timestamp=None)
+    return Delivery(
+        queue="q",
+        body=body,
+        redelivered=True,
+        delivery_count=2,
+        headers=headers,
+        reply_to=None,
+        correlation_id=None,
+        message_id=None,
+        timestamp=None,
+    )
 
 
-@pytest.mark.parametrize("headers, expected", [
-    ({}, None),
-    ({H_BATCH: 3}, 3),
-    ({H_BATCH: "3"}, None),
-    ({H_BATCH: True}, None),
-])
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ({}, None),
+        ({H_BATCH: 3}, 3),
+        ({H_BATCH: "3"}, None),
+        ({H_BATCH: True}, None),
+    ],
+)
 def test_batch_count(headers: dict[str, object], expected: int | None) -> None:
     assert batch_count(_delivery(b"{}", headers)) == expected
 
 
-@pytest.mark.parametrize("body, count, jobs", [
-    (b'{"a":1}', 1, [b'{"a":1}']),
-    (b'{"a":1}\n{"b":2}\n{"c":3}', 3, [b'{"a":1}', b'{"b":2}', b'{"c":3}']),
-    (b'{"a":1}\n{"b":2}', 3, None),
-    (b'{"a":1}\n{"b":2}', 1, None),
-    (b"", 0, None),
-])
+@pytest.mark.parametrize(
+    "body, count, jobs",
+    [
+        (b'{"a":1}', 1, [b'{"a":1}']),
+        (b'{"a":1}\n{"b":2}\n{"c":3}', 3, [b'{"a":1}', b'{"b":2}', b'{"c":3}']),
+        (b'{"a":1}\n{"b":2}', 3, None),
+        (b'{"a":1}\n{"b":2}', 1, None),
+        (b"", 0, None),
+    ],
+)
 def test_split_batch(body: bytes, count: int, jobs: list[bytes] | None) -> None:
     delivery = _delivery(body, {H_BATCH: count})
     if jobs is None:
@@ -60,11 +75,21 @@ def test_split_batch(body: bytes, count: int, jobs: list[bytes] | None) -> None:
     assert all(p.redelivered and p.delivery_count == 2 and p.queue == "q" for p in parts)
 
 
-@pytest.mark.parametrize("queue, batched", [
-    ("fb.route", True), ("fb.account", True), ("fb.execute.openai", True),
-    ("fb.jobs", False), ("fb.recheck", False), ("fb.wait", False), ("fb.dead", False),
-    ("fb.dead.notify", False), ("amq.gen-reply", False), ("other.route", False),
-])
+@pytest.mark.parametrize(
+    "queue, batched",
+    [
+        ("fb.route", True),
+        ("fb.account", True),
+        ("fb.execute.openai", True),
+        ("fb.jobs", False),
+        ("fb.recheck", False),
+        ("fb.wait", False),
+        ("fb.dead", False),
+        ("fb.dead.notify", False),
+        ("amq.gen-reply", False),
+        ("other.route", False),
+    ],
+)
 def test_only_internal_hops_are_batched(queue: str, batched: bool) -> None:
     assert Topology("fb").is_batched(queue) is batched
 
@@ -122,7 +147,8 @@ def _batched_jobs(stage: str) -> tuple[float, float]:
 
 
 async def test_batches_form_under_load_and_every_job_costs_one_provider_call(
-        pipeline: InProcessPipeline, emulator_stats: EmulatorStats) -> None:
+    pipeline: InProcessPipeline, emulator_stats: EmulatorStats
+) -> None:
     before = _batched_jobs("dedup")
     await pipeline.start()
     jobs = [{"prompt": f"summarise item {i}", "job_id": f"b{i}", "max_tokens": 20} for i in range(300)]
@@ -162,8 +188,14 @@ async def test_a_lone_job_is_not_held_for_the_linger(settings: Settings, redis: 
 
 
 def _envelope(job_id: str, tenant: str, reply_to: str) -> bytes:
-    env = Envelope(job_id=job_id, job=Job(prompt=f"question {job_id}", tenant=tenant), reply_to=reply_to,
-                   correlation_id=job_id, received_at=time.time(), coalesce_key=f"job:{job_id}")
+    env = Envelope(
+        job_id=job_id,
+        job=Job(prompt=f"question {job_id}", tenant=tenant),
+        reply_to=reply_to,
+        correlation_id=job_id,
+        received_at=time.time(),
+        coalesce_key=f"job:{job_id}",
+    )
     return env.model_dump_json(exclude_defaults=True).encode()
 
 
@@ -173,11 +205,13 @@ async def _publish_batch(settings: Settings, queue: str, bodies: Sequence[bytes]
         channel = await connection.channel()
         await channel.default_exchange.publish(
             aio_pika.Message(b"\n".join(bodies), headers={H_BATCH: len(bodies) if count is None else count}),
-            routing_key=queue)
+            routing_key=queue,
+        )
 
 
-async def _replies(channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.AbstractQueue,
-                   n: int) -> list[dict[str, object]]:
+async def _replies(
+    channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.AbstractQueue, n: int
+) -> list[dict[str, object]]:
     got = [json.loads((await get_message(queue, timeout=60)).body) for _ in range(n)]
     await asyncio.sleep(1.0)  # anything repeated would have arrived by now
     assert await queue.get(fail=False) is None, "a job of the batch was answered twice"
@@ -185,16 +219,23 @@ async def _replies(channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.Ab
 
 
 async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_once(
-        pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch,
-        emulator_stats: EmulatorStats) -> None:
+    pipeline: InProcessPipeline,
+    settings: Settings,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    emulator_stats: EmulatorStats,
+) -> None:
     crash_route_on_poison(monkeypatch)
     await pipeline.start()
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
         replies = await channel.declare_queue(exclusive=True)
-        bodies = [_envelope("g-1", "acme", replies.name), _envelope("p-1", "poison", replies.name),
-                  _envelope("g-2", "acme", replies.name)]
+        bodies = [
+            _envelope("g-1", "acme", replies.name),
+            _envelope("p-1", "poison", replies.name),
+            _envelope("g-2", "acme", replies.name),
+        ]
         await _publish_batch(settings, settings.topology.route, bodies)
         got = {r["job_id"]: r for r in await _replies(channel, replies, 3)}
         dead = await get_message(await channel.get_queue(settings.topology.dead))
@@ -208,7 +249,8 @@ async def test_a_crashing_job_in_a_batch_is_retried_alone_and_the_rest_answered_
 
 
 async def test_retrying_a_job_of_a_batch_does_not_stall_a_full_stage_queue(
-        settings: Settings, redis: Redis, emulator: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, redis: Redis, emulator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The route queue holds one message at most and route takes one at a time: while a batch
     with a crashing job is being retried, the queue is full behind it. The retries must not need
     room in that queue (republishing there would wait for ever while holding the batch)."""
@@ -221,8 +263,11 @@ async def test_retrying_a_job_of_a_batch_does_not_stall_a_full_stage_queue(
         async with connection:
             channel = await connection.channel()
             replies = await channel.declare_queue(exclusive=True)
-            await _publish_batch(tight, tight.topology.route, [
-                _envelope("g-1", "acme", replies.name), _envelope("p-1", "poison", replies.name)])
+            await _publish_batch(
+                tight,
+                tight.topology.route,
+                [_envelope("g-1", "acme", replies.name), _envelope("p-1", "poison", replies.name)],
+            )
             accepted = ["g-1", "p-1"]
             for job_id in ("m-2", "m-3", "m-4"):  # fill the queue while the batch is held
                 with contextlib.suppress(aio_pika.exceptions.DeliveryError):
@@ -237,8 +282,9 @@ async def test_retrying_a_job_of_a_batch_does_not_stall_a_full_stage_queue(
         await p.close()
 
 
-async def test_a_batch_the_broker_dead_letters_answers_every_caller_in_it(pipeline: InProcessPipeline,
-                                                                          settings: Settings) -> None:
+async def test_a_batch_the_broker_dead_letters_answers_every_caller_in_it(
+    pipeline: InProcessPipeline, settings: Settings
+) -> None:
     """A batch that crashes its consumer every time (here: this test, rejecting it) reaches the
     delivery limit; the broker dead-letters it whole, and each job's caller gets its error."""
     await pipeline.start("account")  # answers dead letters; no route stage, the test plays it
@@ -307,7 +353,8 @@ async def test_idle_flush_waits_behind_an_unconfirmed_batch_then_sends_what_join
 
 
 async def test_a_batch_stays_under_the_byte_cap_and_a_bigger_envelope_goes_alone(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(batching, "BATCH_MAX_BYTES", 10)
     sent = Sent()
     batcher = Batcher(sent, "t", max_items=100, linger_s=60)

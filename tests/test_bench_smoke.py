@@ -23,9 +23,14 @@ TABLES["http_client"] = "| httpx on aiohttp (now) |"
 def test_run_all_smoke_writes_every_table(services: Services, tmp_path: Path) -> None:
     env = dict(os.environ, FAREBOX_AMQP_URL=services.amqp_url, FAREBOX_REDIS_URL=services.redis_url)
     # Its own process group, so a timeout takes the emulators and stage processes it started with it.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "run_all.py"), "--smoke", "--results", str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--smoke", "--results", str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=360)
     except subprocess.TimeoutExpired:

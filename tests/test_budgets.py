@@ -24,8 +24,16 @@ PROMPT = "Give three reasons queues smooth out load spikes in backend systems."
 
 
 def job(tenant: str, **kw: Any) -> dict[str, Any]:
-    return {"prompt": PROMPT, "tenant": tenant, "task": "reason", "quality": "high", "max_tokens": 200,
-            "cache": {"mode": "bypass"}, "job_id": str(uuid.uuid4()), **kw}
+    return {
+        "prompt": PROMPT,
+        "tenant": tenant,
+        "task": "reason",
+        "quality": "high",
+        "max_tokens": 200,
+        "cache": {"mode": "bypass"},
+        "job_id": str(uuid.uuid4()),
+        **kw,
+    }
 
 
 async def calibrate(settings: Settings, emulator: str, tmp_path: Path) -> tuple[float, float, str]:
@@ -33,8 +41,11 @@ async def calibrate(settings: Settings, emulator: str, tmp_path: Path) -> tuple[
     shorter than max_tokens, so the actual cost is well under the reservation."""
     policy = policy_with(tmp_path, [])
     est, target = estimate(policy)
-    p = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator, "policy": policy,
-                                                       "namespace": settings.namespace + "-cal"}))
+    p = InProcessPipeline(
+        settings.model_copy(
+            update={"emulator_url": emulator, "policy": policy, "namespace": settings.namespace + "-cal"}
+        )
+    )
     try:
         await p.start()
         async with p.client() as client:
@@ -47,8 +58,12 @@ async def calibrate(settings: Settings, emulator: str, tmp_path: Path) -> tuple[
 
 def estimate(policy_path: Path, **kw: Any) -> tuple[float, str]:
     j = Job(**job("any", **kw))
-    routed = choose_route(j, load_catalog(CATALOG_DIR / "model_costs.json"), load_policy(policy_path),
-                          input_tokens=count_messages((m.role, m.content) for m in j.chat))
+    routed = choose_route(
+        j,
+        load_catalog(CATALOG_DIR / "model_costs.json"),
+        load_policy(policy_path),
+        input_tokens=count_messages((m.role, m.content) for m in j.chat),
+    )
     return routed.decision.estimated_cost_usd, routed.decision.target
 
 
@@ -95,22 +110,37 @@ class WebhookSink:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
+        length = int(
+            next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        )
         self.bodies.append(json.loads(await reader.readexactly(length)))
         writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
         await writer.drain()
         writer.close()
 
 
-async def test_tiny_budget_alerts_once_each_then_rejects(settings: Settings, emulator: str,
-                                                         tmp_path: Path) -> None:
+async def test_tiny_budget_alerts_once_each_then_rejects(settings: Settings, emulator: str, tmp_path: Path) -> None:
     est, actual, _ = await calibrate(settings, emulator, tmp_path)
     limit = est + 3.5 * actual  # room for about four jobs once the first is settled
     webhook = await WebhookSink().__aenter__()
-    s = settings.model_copy(update={"emulator_url": emulator, "alert_webhook_url": webhook.url,
-                                    "policy": policy_with(tmp_path, [
-        {"tenant": "tiny", "period": "day", "limit_usd": limit, "alerts": [0.5, 0.8, 1.0], "action": "reject"}])})
+    s = settings.model_copy(
+        update={
+            "emulator_url": emulator,
+            "alert_webhook_url": webhook.url,
+            "policy": policy_with(
+                tmp_path,
+                [
+                    {
+                        "tenant": "tiny",
+                        "period": "day",
+                        "limit_usd": limit,
+                        "alerts": [0.5, 0.8, 1.0],
+                        "action": "reject",
+                    }
+                ],
+            ),
+        }
+    )
     p = InProcessPipeline(s)
     try:
         await p.start()
@@ -137,11 +167,17 @@ async def test_tiny_budget_alerts_once_each_then_rejects(settings: Settings, emu
     assert sorted(b["threshold"] for b in webhook.bodies) == [0.5, 0.8, 1.0]  # the webhook got each once
 
 
-async def test_downgrade_keeps_serving_on_the_cheapest_model(settings: Settings, emulator: str,
-                                                            tmp_path: Path) -> None:
+async def test_downgrade_keeps_serving_on_the_cheapest_model(settings: Settings, emulator: str, tmp_path: Path) -> None:
     est, actual, target = await calibrate(settings, emulator, tmp_path)
-    s = settings.model_copy(update={"emulator_url": emulator, "policy": policy_with(tmp_path, [
-        {"tenant": "thrifty", "period": "month", "limit_usd": est + 0.5 * actual, "action": "downgrade"}])})
+    s = settings.model_copy(
+        update={
+            "emulator_url": emulator,
+            "policy": policy_with(
+                tmp_path,
+                [{"tenant": "thrifty", "period": "month", "limit_usd": est + 0.5 * actual, "action": "downgrade"}],
+            ),
+        }
+    )
     p = InProcessPipeline(s)
     try:
         await p.start()
@@ -156,16 +192,32 @@ async def test_downgrade_keeps_serving_on_the_cheapest_model(settings: Settings,
     assert all(r.cost_usd < results[0].cost_usd for r in downgraded)
 
 
-async def test_four_route_replicas_overshoot_by_at_most_one_job(settings: Settings, redis: Redis, emulator: str,
-                                                               tmp_path: Path) -> None:
+async def test_four_route_replicas_overshoot_by_at_most_one_job(
+    settings: Settings, redis: Redis, emulator: str, tmp_path: Path
+) -> None:
     est, actual, _ = await calibrate(settings, emulator, tmp_path)
     limit = est + 10 * actual
-    s = settings.model_copy(update={"emulator_url": emulator, "policy": policy_with(tmp_path, [
-        {"tenant": "race", "period": "day", "limit_usd": limit, "action": "reject"}])})
+    s = settings.model_copy(
+        update={
+            "emulator_url": emulator,
+            "policy": policy_with(
+                tmp_path, [{"tenant": "race", "period": "day", "limit_usd": limit, "action": "reject"}]
+            ),
+        }
+    )
     p = InProcessPipeline(s)
     try:
-        await p.start("dedup", "route", "route#2", "route#3", "route#4", "execute:openai", "execute:anthropic",
-                      "execute:google", "account")
+        await p.start(
+            "dedup",
+            "route",
+            "route#2",
+            "route#3",
+            "route#4",
+            "execute:openai",
+            "execute:anthropic",
+            "execute:google",
+            "account",
+        )
         batch = [job("race", prompt=f"{PROMPT} ({i:03d})") for i in range(60)]
         async with p.client() as client:
             results = [r async for r in client.stream(batch, max_in_flight=60)]

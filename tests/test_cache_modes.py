@@ -28,8 +28,9 @@ async def test_bypass_and_refresh(pipeline: InProcessPipeline, emulator_stats: E
     assert await emulator_stats.total() == 3  # bypass and refresh both call; the last one is served
 
 
-async def test_per_job_ttl_and_errors_never_cached(pipeline: InProcessPipeline, redis: Redis, settings: Settings,
-                                                   emulator_stats: EmulatorStats) -> None:
+async def test_per_job_ttl_and_errors_never_cached(
+    pipeline: InProcessPipeline, redis: Redis, settings: Settings, emulator_stats: EmulatorStats
+) -> None:
     await pipeline.start()
     async with pipeline.client() as client:
         short = await client.complete(job(prompt="Short-lived answer", cache={"ttl_s": 1}), timeout=30)

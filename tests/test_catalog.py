@@ -120,9 +120,7 @@ def test_bundled_models_without_litellm_entry_explain_their_price(bundled: Any) 
         spellings, providers = _MAP_KEYS[info.provider]
         keys = [s.format(m=info.model) for s in spellings]
         if not any(k in prices and prices[k].get("litellm_provider") in providers for k in keys):
-            assert info.note and "price" in info.note, (
-                f"{info.target}: not in the LiteLLM map, note must say why"
-            )
+            assert info.note and "price" in info.note, f"{info.target}: not in the LiteLLM map, note must say why"
 
 
 @pytest.mark.parametrize(
@@ -167,9 +165,7 @@ def test_bundled_models_without_litellm_entry_explain_their_price(bundled: Any) 
         ),
     ],
 )
-def test_catalog_errors_name_file_model_field(
-    entry: dict[str, Any], fld: str, problem: str, tmp_path: Path
-) -> None:
+def test_catalog_errors_name_file_model_field(entry: dict[str, Any], fld: str, problem: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"openai": {"gpt-x": entry}}))
     with pytest.raises(CatalogError) as exc_info:
@@ -293,9 +289,7 @@ def test_policy_cross_check(bundled: Any) -> None:
 
 # --- LiteLLM import ---------------------------------------------------------------------------
 def test_import_litellm_map(tmp_path: Path) -> None:
-    doc = import_litellm(
-        litellm_map(), normalize_providers(["openai", "anthropic", "gemini"]), today=date(2025, 1, 1)
-    )
+    doc = import_litellm(litellm_map(), normalize_providers(["openai", "anthropic", "gemini"]), today=date(2025, 1, 1))
     assert set(doc) - {"_about"} == {"openai", "anthropic", "google"}
     gpt4o = doc["openai"]["gpt-4o"]
     assert gpt4o["input_cost_per_1k_tokens"] == 0.0025 and gpt4o["output_cost_per_1k_tokens"] == 0.01

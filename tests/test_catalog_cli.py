@@ -62,9 +62,7 @@ def test_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_estimate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(
-        json.dumps({"prompt": "Summarize this text please", "task": "summarize"}) + "\n" + "garbage\n"
-    )
+    jobs.write_text(json.dumps({"prompt": "Summarize this text please", "task": "summarize"}) + "\n" + "garbage\n")
     assert run(["estimate", str(jobs), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["routed"] == 1 and report["invalid"] == 1 and report["invalid_examples"][0]["line"] == 2

@@ -16,11 +16,7 @@ POLICY = {"baseline_model": "openai/a"}
 
 
 def catalog_doc(price: float) -> dict[str, object]:
-    return {
-        "openai": {
-            "a": {"input_cost_per_1k_tokens": price, "output_cost_per_1k_tokens": price, "tier": "low"}
-        }
-    }
+    return {"openai": {"a": {"input_cost_per_1k_tokens": price, "output_cost_per_1k_tokens": price, "tier": "low"}}}
 
 
 class Clock:
@@ -73,8 +69,7 @@ def test_reload_and_broken_file(files: tuple[Path, Path], caplog: pytest.LogCapt
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert (
-        "model 'openai/a'" in errors[0].getMessage()
-        and "still serving the previous version" in errors[0].getMessage()
+        "model 'openai/a'" in errors[0].getMessage() and "still serving the previous version" in errors[0].getMessage()
     )
     assert store.last_error is not None
 

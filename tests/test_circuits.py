@@ -22,16 +22,18 @@ def env(fallbacks: tuple[str, ...] = ()) -> Envelope:
     return Envelope(job_id="j", job=Job(prompt="p"), received_at=time.time(), route=route, fallbacks=fallbacks)
 
 
-@pytest.mark.parametrize("failed, fallbacks, unhealthy, expected", [
-    ("google/flash", (), frozenset(), "google/pro"),
-    ("google/flash", (), frozenset({"google/pro"}), "openai/mini"),  # model circuit open
-    ("google/flash", (), frozenset({"google"}), "openai/mini"),  # provider circuit open
-    ("openai/mini", ("google/flash", "google/pro"), frozenset(), "anthropic/haiku"),
-    ("anthropic/haiku", ("google/flash", "google/pro", "openai/mini"), frozenset(), None),
-    ("google/flash", (), frozenset({"google", "openai", "anthropic"}), None),
-])
-def test_next_target(failed: str, fallbacks: tuple[str, ...], unhealthy: frozenset[str],
-                     expected: str | None) -> None:
+@pytest.mark.parametrize(
+    "failed, fallbacks, unhealthy, expected",
+    [
+        ("google/flash", (), frozenset(), "google/pro"),
+        ("google/flash", (), frozenset({"google/pro"}), "openai/mini"),  # model circuit open
+        ("google/flash", (), frozenset({"google"}), "openai/mini"),  # provider circuit open
+        ("openai/mini", ("google/flash", "google/pro"), frozenset(), "anthropic/haiku"),
+        ("anthropic/haiku", ("google/flash", "google/pro", "openai/mini"), frozenset(), None),
+        ("google/flash", (), frozenset({"google", "openai", "anthropic"}), None),
+    ],
+)
+def test_next_target(failed: str, fallbacks: tuple[str, ...], unhealthy: frozenset[str], expected: str | None) -> None:
     assert next_target(env(fallbacks), failed, unhealthy) == expected
 
 

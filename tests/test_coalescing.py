@@ -10,12 +10,13 @@ from tests.support.pipeline import InProcessPipeline, ledger_entries
 from tests.support.workload import make_workload
 
 
-async def test_200_identical_jobs_make_one_provider_call(pipeline: InProcessPipeline, redis: Redis,
-                                                         settings: Settings,
-                                                         emulator_stats: EmulatorStats) -> None:
+async def test_200_identical_jobs_make_one_provider_call(
+    pipeline: InProcessPipeline, redis: Redis, settings: Settings, emulator_stats: EmulatorStats
+) -> None:
     await pipeline.start()
-    jobs = [{"prompt": "Explain quorum queues in one line.", "tenant": "acme", "job_id": f"same-{i}"}
-            for i in range(200)]
+    jobs = [
+        {"prompt": "Explain quorum queues in one line.", "tenant": "acme", "job_id": f"same-{i}"} for i in range(200)
+    ]
     async with pipeline.client() as client:
         results = [r async for r in client.stream(jobs, max_in_flight=200)]
     assert len(results) == 200 and all(r.status == "ok" for r in results)
@@ -27,8 +28,9 @@ async def test_200_identical_jobs_make_one_provider_call(pipeline: InProcessPipe
     assert sum(r.cost_usd for r in results) == max(r.cost_usd for r in results)  # charged once
 
 
-async def test_workload_provider_calls_equal_unique_keys(pipeline: InProcessPipeline,
-                                                         emulator_stats: EmulatorStats) -> None:
+async def test_workload_provider_calls_equal_unique_keys(
+    pipeline: InProcessPipeline, emulator_stats: EmulatorStats
+) -> None:
     jobs, summary = make_workload(2000, 0.3)
     await pipeline.start()
     async with pipeline.client() as client:

@@ -32,8 +32,10 @@ INFRA = {"rabbitmq", "redis", "prometheus", "grafana"}
 
 
 # --- helpers -----------------------------------------------------------------------------------
-_VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-                  r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+)
 
 
 def interpolate(value: str, env: Mapping[str, str]) -> str:
@@ -138,9 +140,16 @@ def registered_metrics() -> tuple[set[str], dict[str, set[str]]]:
 
     from farebox import metrics
 
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "summary": ("_sum", "_count", "_created"), "gauge": ("",), "info": ("_info",),
-                "gaugehistogram": ("_bucket", "_gsum", "_gcount"), "stateset": ("",), "unknown": ("",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+        "stateset": ("",),
+        "unknown": ("",),
+    }
     names: set[str] = set()
     for family in REGISTRY.collect():
         names.update(family.name + s for s in suffixes[family.type])
@@ -228,7 +237,7 @@ def test_stages_match_farebox_up(farebox_services: dict[str, dict[str, Any]], cl
     from farebox.supervisor import plan_children
 
     children = plan_children(Settings(), {}, scale={}, use_emulator=True)
-    planned = {c.name: c.argv[c.argv.index("farebox") + 1:] for c in children}
+    planned = {c.name: c.argv[c.argv.index("farebox") + 1 :] for c in children}
     assert set(farebox_services) == set(planned)
     for name, argv in planned.items():
         cmd = command_of(farebox_services[name])
@@ -275,8 +284,9 @@ def test_worker_environment(workers: dict[str, dict[str, Any]], clean_env: pytes
             settings = Settings()  # every value validates
             assert settings.metrics_port == METRICS_PORT
             configs = provider_configs(env, emulator_url=emulator_url(settings))
-        assert all(c.emulated and c.base_url.startswith(f"http://emulator:{EMULATOR_PORT}/")
-                   for c in configs.values()), f"{name}: with no key, providers must use the emulator"
+        assert all(
+            c.emulated and c.base_url.startswith(f"http://emulator:{EMULATOR_PORT}/") for c in configs.values()
+        ), f"{name}: with no key, providers must use the emulator"
 
 
 def test_emulator_knobs_validate(services: dict[str, dict[str, Any]], clean_env: pytest.MonkeyPatch) -> None:
@@ -311,8 +321,9 @@ def test_ports_match_defaults(services: dict[str, dict[str, Any]], clean_env: py
     assert container_ports(services["grafana"]) == {3000}
 
 
-def test_workers_depend_on_healthy_services(services: dict[str, dict[str, Any]],
-                                            workers: dict[str, dict[str, Any]]) -> None:
+def test_workers_depend_on_healthy_services(
+    services: dict[str, dict[str, Any]], workers: dict[str, dict[str, Any]]
+) -> None:
     for name, s in workers.items():
         deps = s.get("depends_on")
         assert isinstance(deps, dict), f"{name}: depends_on needs conditions"
@@ -382,13 +393,19 @@ def test_grafana_setup(services: dict[str, dict[str, Any]]) -> None:
     assert (ROOT / provisioning / "datasources").is_dir()
     assert (ROOT / provisioning / "dashboards").is_dir()
 
-    sources = [d for f in (ROOT / provisioning / "datasources").glob("*.y*ml")
-               for d in yaml.safe_load(f.read_text())["datasources"]]
+    sources = [
+        d
+        for f in (ROOT / provisioning / "datasources").glob("*.y*ml")
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
     prom = [d for d in sources if d["type"] == "prometheus"]
     assert len(prom) == 1 and prom[0]["url"] == "http://prometheus:9090"
 
-    providers = [p for f in (ROOT / provisioning / "dashboards").glob("*.y*ml")
-                 for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [
+        p
+        for f in (ROOT / provisioning / "dashboards").glob("*.y*ml")
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
     assert providers
     for p in providers:  # the folder Grafana reads is mounted from a folder holding dashboards
         container_dir = p["options"]["path"]
@@ -416,15 +433,28 @@ def _exprs(dash: dict[str, Any]) -> list[str]:
     return [t["expr"] for p in _panels(dash) for t in p.get("targets", []) if t.get("expr")]
 
 
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-             "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression: identifiers that are not functions, keywords or labels."""
-    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)            # string literals
-    s = re.sub(r"\{[^}]*\}", "", s)                          # label matchers
-    s = re.sub(r"\[[^\]]*\]", "", s)                         # range selectors
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    s = re.sub(r"\{[^}]*\}", "", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", "", s)  # range selectors
     s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
     names = set()
     for m in re.finditer(r"(?<![\w$.])([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()", s):
@@ -443,8 +473,10 @@ def grouping_labels(expr: str) -> set[str]:
 
 
 def test_metric_name_parser() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le, provider) (rate(a_bucket{x="b c"}[$__rate_interval]))) '
-            "/ ignoring(z) b_total offset 5m")
+    expr = (
+        'histogram_quantile(0.99, sum by (le, provider) (rate(a_bucket{x="b c"}[$__rate_interval]))) '
+        "/ ignoring(z) b_total offset 5m"
+    )
     assert metric_names(expr) == {"a_bucket", "b_total"}
     assert grouping_labels(expr) == {"le", "provider", "x", "z"}
 
@@ -462,18 +494,28 @@ def test_dashboard_queries_use_registered_metrics(registered_metrics: tuple[set[
         extra = grouping_labels(expr) - allowed - {"job", "instance", "service"}
         assert not extra, f"{expr!r} uses labels its metrics do not have: {sorted(extra)}"
         used |= found
-    for required in ("llm_proxy_cost_total", "llm_proxy_savings_total", "llm_proxy_request_total",
-                     "llm_proxy_latency_seconds_bucket", "llm_proxy_errors_total", "llm_proxy_retries_total",
-                     "llm_proxy_token_count_input_total", "llm_proxy_token_count_output_total",
-                     "llm_proxy_budget_used_ratio"):
+    for required in (
+        "llm_proxy_cost_total",
+        "llm_proxy_savings_total",
+        "llm_proxy_request_total",
+        "llm_proxy_latency_seconds_bucket",
+        "llm_proxy_errors_total",
+        "llm_proxy_retries_total",
+        "llm_proxy_token_count_input_total",
+        "llm_proxy_token_count_output_total",
+        "llm_proxy_budget_used_ratio",
+    ):
         assert required in used, f"the dashboard has no panel on {required}"
     exprs = " ".join(_exprs(dash))
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
 
 
 def test_dashboard_panels_use_the_provisioned_datasource() -> None:
-    sources = [d for f in (GRAFANA / "provisioning" / "datasources").glob("*.y*ml")
-               for d in yaml.safe_load(f.read_text())["datasources"]]
+    sources = [
+        d
+        for f in (GRAFANA / "provisioning" / "datasources").glob("*.y*ml")
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
     uids = {d["uid"] for d in sources if "uid" in d}
     dash = _dashboard()
     assert dash.get("uid") and dash.get("title")
@@ -516,8 +558,9 @@ def test_dockerfile_copies_what_the_wheel_needs() -> None:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    lines = {ln.strip().rstrip("/") for ln in DOCKERIGNORE.read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")}
+    lines = {
+        ln.strip().rstrip("/") for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    }
     assert {".venv", ".git"} <= lines
     assert any("__pycache__" in ln for ln in lines)
     with (ROOT / "pyproject.toml").open("rb") as f:

@@ -23,27 +23,33 @@ async def _publish_raw(settings: Settings, body: bytes, reply_to: str, **props: 
     async with connection:
         channel = await connection.channel()
         await channel.default_exchange.publish(
-            aio_pika.Message(body, reply_to=reply_to, **props), routing_key=settings.topology.intake)  # type: ignore[arg-type]
+            aio_pika.Message(body, reply_to=reply_to, **props), routing_key=settings.topology.intake
+        )  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("body, fragment", [
-    (b"{not json", "not valid JSON"),
-    (b"\xff\xfe garbage", "not UTF-8"),
-    (b"[1, 2]", "JSON object"),
-    (b'{"prompt": "x", "max_tokens": -5}', "max_tokens"),
-    (b'{"prompt": "x", "qualty": "high"}', "qualty"),
-    (b'{"tenant": "acme"}', "prompt"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe garbage", "not UTF-8"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"prompt": "x", "max_tokens": -5}', "max_tokens"),
+        (b'{"prompt": "x", "qualty": "high"}', "qualty"),
+        (b'{"tenant": "acme"}', "prompt"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+    ],
+)
 async def test_bad_message_gets_typed_error_and_lands_in_dead_queue(
-        pipeline: InProcessPipeline, settings: Settings, redis: Redis, body: bytes, fragment: str) -> None:
+    pipeline: InProcessPipeline, settings: Settings, redis: Redis, body: bytes, fragment: str
+) -> None:
     await pipeline.start("dedup", "account")
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
         replies = await channel.declare_queue(exclusive=True)
         await channel.default_exchange.publish(
-            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"), routing_key=settings.topology.intake)
+            aio_pika.Message(body, reply_to=replies.name, correlation_id="c1"), routing_key=settings.topology.intake
+        )
         reply = await get_message(replies)
         dead = await get_message(await channel.get_queue(settings.topology.dead))
     result = json.loads(reply.body)
@@ -55,23 +61,24 @@ async def test_bad_message_gets_typed_error_and_lands_in_dead_queue(
     assert len(await ledger_entries(redis, settings)) == 1
 
 
-async def test_oversized_body_is_refused_without_reading_it(pipeline: InProcessPipeline,
-                                                            settings: Settings) -> None:
+async def test_oversized_body_is_refused_without_reading_it(pipeline: InProcessPipeline, settings: Settings) -> None:
     await pipeline.start("dedup", "account")
     big = json.dumps({"prompt": "x" * (settings.max_body_bytes + 10)}).encode()
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
         replies = await channel.declare_queue(exclusive=True)
-        await channel.default_exchange.publish(aio_pika.Message(big, reply_to=replies.name),
-                                               routing_key=settings.topology.intake)
+        await channel.default_exchange.publish(
+            aio_pika.Message(big, reply_to=replies.name), routing_key=settings.topology.intake
+        )
         result = json.loads((await get_message(replies)).body)
     assert result["error"]["code"] == "invalid_request" and "limit" in result["error"]["message"]
     assert "xxxx" not in result["error"]["message"]
 
 
 async def test_poison_message_hits_delivery_limit_and_caller_gets_internal_error(
-        pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline: InProcessPipeline, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A job that crashes its stage every time is dead-lettered by the broker after the delivery
     limit, not retried forever, and the caller still hears about it."""
     crash_route_on_poison(monkeypatch)
@@ -79,7 +86,8 @@ async def test_poison_message_hits_delivery_limit_and_caller_gets_internal_error
     async with pipeline.client() as client:
         poison, good = await asyncio.gather(
             client.complete({"prompt": "boom", "tenant": "poison", "job_id": "p-1"}, timeout=60),
-            client.complete({"prompt": "fine", "tenant": "acme", "job_id": "g-1"}, timeout=60))
+            client.complete({"prompt": "fine", "tenant": "acme", "job_id": "g-1"}, timeout=60),
+        )
     assert good.status == "ok"
     assert poison.status == "error" and poison.error is not None and poison.error.code == "internal"
     assert "delivery limit" in poison.error.message
@@ -119,12 +127,14 @@ async def test_full_intake_pushes_back_and_loses_nothing(settings: Settings, red
         await p.close()
 
 
-async def test_result_for_a_vanished_caller_is_dropped_not_retried(pipeline: InProcessPipeline,
-                                                                   settings: Settings, redis: Redis) -> None:
+async def test_result_for_a_vanished_caller_is_dropped_not_retried(
+    pipeline: InProcessPipeline, settings: Settings, redis: Redis
+) -> None:
     await pipeline.start()
     job_id = str(uuid.uuid4())
-    await _publish_raw(settings, json.dumps({"prompt": "hi", "job_id": job_id}).encode(),
-                       reply_to="amq.gen-no-such-queue")
+    await _publish_raw(
+        settings, json.dumps({"prompt": "hi", "job_id": job_id}).encode(), reply_to="amq.gen-no-such-queue"
+    )
     for _ in range(200):
         if job_id in await ledger_entries(redis, settings):
             break
@@ -134,8 +144,9 @@ async def test_result_for_a_vanished_caller_is_dropped_not_retried(pipeline: InP
         assert (await client.complete({"prompt": "next"}, timeout=30)).status == "ok"
 
 
-async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(pipeline: InProcessPipeline,
-                                                                          settings: Settings) -> None:
+async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(
+    pipeline: InProcessPipeline, settings: Settings
+) -> None:
     """Publishes await their confirms several at a time; one that fails still fails the stream."""
     await pipeline.start("dedup")
     async with pipeline.client() as client:
@@ -147,19 +158,35 @@ async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(pipeli
             await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=10)), 30)
 
 
-@pytest.mark.parametrize("body, reply_to", [
-    # An envelope that no longer validates (a newer version, say), from a batch: no properties of its own.
-    (b'{"v": 2, "job_id": "e-1", "job": {"prompt": "x", "tenant": "acme"}, "received_at": 1.0, '
-     b'"reply_to": "amq.gen-caller", "correlation_id": "c-1"}', "amq.gen-caller"),
-    # A producer's body is never trusted for where to answer: that is its message property.
-    (b'{"prompt": "x", "reply_to": "amq.gen-someone-else", "qualty": "high"}', None),
-])
-def test_a_dead_letter_without_properties_answers_the_envelope_caller_only(body: bytes,
-                                                                            reply_to: str | None) -> None:
+@pytest.mark.parametrize(
+    "body, reply_to",
+    [
+        # An envelope that no longer validates (a newer version, say), from a batch: no properties of its own.
+        (
+            b'{"v": 2, "job_id": "e-1", "job": {"prompt": "x", "tenant": "acme"}, "received_at": 1.0, '
+            b'"reply_to": "amq.gen-caller", "correlation_id": "c-1"}',
+            "amq.gen-caller",
+        ),
+        # A producer's body is never trusted for where to answer: that is its message property.
+        (b'{"prompt": "x", "reply_to": "amq.gen-someone-else", "qualty": "high"}', None),
+    ],
+)
+def test_a_dead_letter_without_properties_answers_the_envelope_caller_only(body: bytes, reply_to: str | None) -> None:
     from farebox.stages.deadletter import read_dead_letter
     from farebox.stages.stage import Delivery
 
-    dead = read_dead_letter(Delivery(queue="q", body=body, redelivered=False, delivery_count=0, headers={},
-                                     reply_to=None, correlation_id=None, message_id=None, timestamp=None))
+    dead = read_dead_letter(
+        Delivery(
+            queue="q",
+            body=body,
+            redelivered=False,
+            delivery_count=0,
+            headers={},
+            reply_to=None,
+            correlation_id=None,
+            message_id=None,
+            timestamp=None,
+        )
+    )
     assert dead.reply_to == reply_to
     assert dead.tenant == ("acme" if reply_to else "default")

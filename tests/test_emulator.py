@@ -19,13 +19,22 @@ from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import add_command, knobs_from_args, running, serve
 from farebox.tokens import count_messages
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "be brief"},
-                                             {"role": "user", "content": "What is 2+2?"}], "max_tokens": 40}
-MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 40, "system": "be brief",
-            "messages": [{"role": "user", "content": "What is 2+2?"}]}
-GENERATE = {"contents": [{"role": "user", "parts": [{"text": "What is 2+2?"}]}],
-            "systemInstruction": {"parts": [{"text": "be brief"}]},
-            "generationConfig": {"maxOutputTokens": 40, "temperature": 0.2}}
+CHAT = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2+2?"}],
+    "max_tokens": 40,
+}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 40,
+    "system": "be brief",
+    "messages": [{"role": "user", "content": "What is 2+2?"}],
+}
+GENERATE = {
+    "contents": [{"role": "user", "parts": [{"text": "What is 2+2?"}]}],
+    "systemInstruction": {"parts": [{"text": "be brief"}]},
+    "generationConfig": {"maxOutputTokens": 40, "temperature": 0.2},
+}
 PAIRS = [("system", "be brief"), ("user", "What is 2+2?")]
 
 
@@ -87,6 +96,7 @@ async def test_gemini_generate_content_shape() -> None:
 
 async def test_answers_are_deterministic_and_bounded() -> None:
     async with emulator() as (_, client):
+
         async def text(body: dict[str, Any]) -> str:
             r = await client.post("/openai/v1/chat/completions", json=body)
             return str(r.json()["choices"][0]["message"]["content"])
@@ -112,21 +122,27 @@ async def test_stats_count_per_provider_and_model_and_reset() -> None:
         reset = await client.post("/_emulator/reset")
         after = await stats(client)
         health = await client.get("/healthz")
-    assert seen["requests"] == {"openai/gpt-4o-mini": 2, "vllm/llama3": 1,
-                                "anthropic/claude-3-5-haiku-latest": 1, "google/gemini-2.0-flash": 1}
+    assert seen["requests"] == {
+        "openai/gpt-4o-mini": 2,
+        "vllm/llama3": 1,
+        "anthropic/claude-3-5-haiku-latest": 1,
+        "google/gemini-2.0-flash": 1,
+    }
     assert seen["faults"] == {"bad_request": 1}
     assert reset.status_code == 200 and after == {"requests": {}, "faults": {}, "in_flight": 0, "peak_in_flight": 0}
     assert health.status_code == 200
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/openai/v1/chat/completions", {"messages": CHAT["messages"]}, "model"),
-    ("/openai/v1/chat/completions", {"model": "m"}, "messages"),
-    ("/openai/v1/chat/completions", {**CHAT, "stream": True}, "stream"),
-    ("/openai/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
-    ("/openai/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]},
-     "messages[0].role"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/openai/v1/chat/completions", {"messages": CHAT["messages"]}, "model"),
+        ("/openai/v1/chat/completions", {"model": "m"}, "messages"),
+        ("/openai/v1/chat/completions", {**CHAT, "stream": True}, "stream"),
+        ("/openai/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
+        ("/openai/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ],
+)
 async def test_openai_validation_errors(path: str, body: dict[str, Any], param: str) -> None:
     async with emulator() as (_, client):
         r = await client.post(path, json=body)
@@ -136,11 +152,14 @@ async def test_openai_validation_errors(path: str, body: dict[str, Any], param: 
     assert "code" in error
 
 
-@pytest.mark.parametrize("body", [
-    {k: v for k, v in MESSAGES.items() if k != "max_tokens"},
-    {**MESSAGES, "messages": [{"role": "system", "content": "x"}]},
-    {**MESSAGES, "temperature": 1.5},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {k: v for k, v in MESSAGES.items() if k != "max_tokens"},
+        {**MESSAGES, "messages": [{"role": "system", "content": "x"}]},
+        {**MESSAGES, "temperature": 1.5},
+    ],
+)
 async def test_anthropic_validation_errors(body: dict[str, Any]) -> None:
     async with emulator() as (_, client):
         r = await client.post("/anthropic/v1/messages", json=body)
@@ -148,11 +167,14 @@ async def test_anthropic_validation_errors(body: dict[str, Any]) -> None:
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize(("target", "body", "code"), [
-    ("gemini-2.0-flash:generateContent", {"contents": []}, 400),
-    ("gemini-2.0-flash:generateContent", {"contents": [{"role": "bot", "parts": [{"text": "x"}]}]}, 400),
-    ("gemini-2.0-flash:countTokens", GENERATE, 404),
-])
+@pytest.mark.parametrize(
+    ("target", "body", "code"),
+    [
+        ("gemini-2.0-flash:generateContent", {"contents": []}, 400),
+        ("gemini-2.0-flash:generateContent", {"contents": [{"role": "bot", "parts": [{"text": "x"}]}]}, 400),
+        ("gemini-2.0-flash:countTokens", GENERATE, 404),
+    ],
+)
 async def test_gemini_validation_errors(target: str, body: dict[str, Any], code: int) -> None:
     async with emulator() as (_, client):
         r = await client.post(f"/google/v1beta/models/{target}", json=body)
@@ -172,8 +194,7 @@ async def test_latency_knob_delays_and_requests_overlap() -> None:
         r = await client.post("/openai/v1/chat/completions", json=CHAT)
         single = time.monotonic() - started
         started = time.monotonic()
-        replies = await asyncio.gather(*(client.post("/openai/v1/chat/completions", json=CHAT)
-                                         for _ in range(40)))
+        replies = await asyncio.gather(*(client.post("/openai/v1/chat/completions", json=CHAT) for _ in range(40)))
         together = time.monotonic() - started
     assert r.status_code == 200 and all(x.status_code == 200 for x in replies)
     assert single >= 0.14  # the shortest draw is half the mean
@@ -224,41 +245,52 @@ def test_command_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> 
     knobs = knobs_from_args(args)
     assert callable(args.func)
     assert (knobs.latency_ms, knobs.fail_rate, knobs.faulty, knobs.port, knobs.host) == (
-        25.0, 0.1, "anthropic", 9001, "127.0.0.2")
+        25.0,
+        0.1,
+        "anthropic",
+        9001,
+        "127.0.0.2",
+    )
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("/v1/chat/completions", ("openai", "openai", None)),
-    ("/v1/messages", ("anthropic", "anthropic", None)),
-    ("/v1beta/models/gemini-2.0-flash:generateContent", ("gemini", "google", "gemini-2.0-flash:generateContent")),
-    ("/vllm/v1/chat/completions", ("openai", "vllm", None)),
-    ("/claude/v1/messages", ("anthropic", "claude", None)),
-    ("/vertex/v1beta/models/m:generateContent", ("gemini", "vertex", "m:generateContent")),
-    ("/v1/v1/chat/completions", ("openai", "v1", None)),  # "v1" is a provider name like any other
-    ("/v1beta/models/", None),
-    ("/v1beta/models/a/b", None),
-    ("/x/y/v1/chat/completions", None),
-    ("//v1/chat/completions", None),
-    ("/v1/chat/completions/", None),
-    ("/healthz", None),
-    ("/", None),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/chat/completions", ("openai", "openai", None)),
+        ("/v1/messages", ("anthropic", "anthropic", None)),
+        ("/v1beta/models/gemini-2.0-flash:generateContent", ("gemini", "google", "gemini-2.0-flash:generateContent")),
+        ("/vllm/v1/chat/completions", ("openai", "vllm", None)),
+        ("/claude/v1/messages", ("anthropic", "claude", None)),
+        ("/vertex/v1beta/models/m:generateContent", ("gemini", "vertex", "m:generateContent")),
+        ("/v1/v1/chat/completions", ("openai", "v1", None)),  # "v1" is a provider name like any other
+        ("/v1beta/models/", None),
+        ("/v1beta/models/a/b", None),
+        ("/x/y/v1/chat/completions", None),
+        ("//v1/chat/completions", None),
+        ("/v1/chat/completions/", None),
+        ("/healthz", None),
+        ("/", None),
+    ],
+)
 def test_provider_routes(path: str, expected: tuple[str, str, str | None] | None) -> None:
     found = match_provider(path)
     wires = {id(OPENAI): "openai", id(ANTHROPIC): "anthropic", id(GEMINI): "gemini"}
     assert (None if found is None else (wires[id(found[0])], found[1], found[2])) == expected
 
 
-@pytest.mark.parametrize(("method", "path", "code", "allow"), [
-    ("GET", "/nowhere", 404, None),
-    ("POST", "/openai/v2/chat/completions", 404, None),
-    ("GET", "/openai/v1/chat/completions", 405, "POST"),
-    ("PUT", "/v1/messages", 405, "POST"),
-    ("POST", "/healthz", 405, "GET, HEAD"),
-    ("DELETE", "/_emulator/stats", 405, "GET, HEAD"),
-    ("GET", "/_emulator/reset", 405, "POST"),
-    ("HEAD", "/_emulator/reset", 405, "POST"),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "code", "allow"),
+    [
+        ("GET", "/nowhere", 404, None),
+        ("POST", "/openai/v2/chat/completions", 404, None),
+        ("GET", "/openai/v1/chat/completions", 405, "POST"),
+        ("PUT", "/v1/messages", 405, "POST"),
+        ("POST", "/healthz", 405, "GET, HEAD"),
+        ("DELETE", "/_emulator/stats", 405, "GET, HEAD"),
+        ("GET", "/_emulator/reset", 405, "POST"),
+        ("HEAD", "/_emulator/reset", 405, "POST"),
+    ],
+)
 async def test_unknown_paths_and_wrong_methods(method: str, path: str, code: int, allow: str | None) -> None:
     async with emulator() as (_, client):
         r = await client.request(method, path, json=CHAT)
@@ -271,7 +303,7 @@ async def test_request_body_in_chunks() -> None:
     async def body() -> AsyncIterator[bytes]:  # no Content-Length: sent with chunked encoding
         raw = json.dumps(CHAT).encode()
         for i in range(0, len(raw), 7):
-            yield raw[i:i + 7]
+            yield raw[i : i + 7]
 
     async with emulator() as (_, client):
         r = await client.post("/openai/v1/chat/completions", content=body())
@@ -284,10 +316,13 @@ async def test_head_on_the_get_routes() -> None:
     assert [r.status_code for r in replies] == [200, 200] and all(r.content == b"" for r in replies)
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"model": "gpt-\\ud800", "messages": [{"role": "user", "content": "hi"}]}',  # a lone surrogate
-    b"[" * 100_000,  # nested beyond the JSON parser's recursion limit
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "gpt-\\ud800", "messages": [{"role": "user", "content": "hi"}]}',  # a lone surrogate
+        b"[" * 100_000,  # nested beyond the JSON parser's recursion limit
+    ],
+)
 async def test_bodies_that_break_json_handling_get_a_400(raw: bytes) -> None:
     async with emulator() as (_, client):
         r = await client.post("/openai/v1/chat/completions", content=raw)
@@ -315,16 +350,18 @@ async def _call_app(messages: list[dict[str, Any]], scope_type: str = "http") ->
 
 async def test_asgi_body_in_several_messages() -> None:
     raw = json.dumps(CHAT).encode()
-    parts = [{"type": "http.request", "body": raw[i:i + 9], "more_body": i + 9 < len(raw)}
-             for i in range(0, len(raw), 9)]
+    parts = [
+        {"type": "http.request", "body": raw[i : i + 9], "more_body": i + 9 < len(raw)} for i in range(0, len(raw), 9)
+    ]
     app, sent = await _call_app(parts)
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["usage"]["prompt_tokens"] == count_messages(PAIRS)
     assert app.state.in_flight == 0
 
 
 async def test_asgi_disconnect_while_reading_sends_nothing() -> None:
-    app, sent = await _call_app([{"type": "http.request", "body": b'{"mo', "more_body": True},
-                                 {"type": "http.disconnect"}])
+    app, sent = await _call_app(
+        [{"type": "http.request", "body": b'{"mo', "more_body": True}, {"type": "http.disconnect"}]
+    )
     assert sent == [] and app.state.in_flight == 0 and app.state.requests == {}
 
 

@@ -22,8 +22,13 @@ MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest", "goog
 
 
 def request(provider: str, timeout_s: float = 10.0) -> ProviderRequest:
-    return ProviderRequest(model=MODELS[provider], messages=(ChatMessage(role="user", content="hello"),),
-                           max_tokens=30, temperature=0.0, timeout_s=timeout_s)
+    return ProviderRequest(
+        model=MODELS[provider],
+        messages=(ChatMessage(role="user", content="hello"),),
+        max_tokens=30,
+        temperature=0.0,
+        timeout_s=timeout_s,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -46,15 +51,17 @@ async def test_adapter_against_emulator(provider: str) -> None:
     assert stats["requests"] == {f"{provider}/{MODELS[provider]}": 2}
 
 
-@pytest.mark.parametrize(("knob", "error", "text", "fault"), [
-    ("fail_rate", ProviderUnavailable, "HTTP 500", "fail"),
-    ("rate_limit_rate", RateLimited, "HTTP 429", "rate_limit"),
-    ("malformed_rate", ProviderUnavailable, "malformed", "malformed"),
-    ("truncated_rate", ProviderUnavailable, "malformed", "truncated"),
-])
+@pytest.mark.parametrize(
+    ("knob", "error", "text", "fault"),
+    [
+        ("fail_rate", ProviderUnavailable, "HTTP 500", "fail"),
+        ("rate_limit_rate", RateLimited, "HTTP 429", "rate_limit"),
+        ("malformed_rate", ProviderUnavailable, "malformed", "malformed"),
+        ("truncated_rate", ProviderUnavailable, "malformed", "truncated"),
+    ],
+)
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "google"])
-async def test_each_fault_at_full_rate(provider: str, knob: str, error: type[Exception], text: str,
-                                       fault: str) -> None:
+async def test_each_fault_at_full_rate(provider: str, knob: str, error: type[Exception], text: str, fault: str) -> None:
     async with adapters(**{knob: 1.0, "retry_after_s": 0.05}) as (built, control):
         with pytest.raises(error, match=text) as info:
             await built[provider].complete(request(provider))
@@ -87,8 +94,10 @@ async def test_faulty_list_limits_faults_to_named_providers() -> None:
 
 
 async def outcomes(seed: int, n: int) -> list[int]:
-    async with running(EmulatorKnobs(port=0, fail_rate=0.3, rate_limit_rate=0.2, seed=seed)) as url, \
-            httpx.AsyncClient(base_url=url) as client:
+    async with (
+        running(EmulatorKnobs(port=0, fail_rate=0.3, rate_limit_rate=0.2, seed=seed)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
         body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
         return [(await client.post("/openai/v1/chat/completions", json=body)).status_code for _ in range(n)]
 

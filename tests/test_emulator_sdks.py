@@ -24,7 +24,9 @@ async def test_openai_sdk_parses_a_completion(emu_url: str) -> None:
     client = openai.AsyncOpenAI(base_url=f"{emu_url}/openai/v1", api_key="x", max_retries=0)
     async with client:
         completion = await client.chat.completions.create(
-            model="gpt-4o-mini", max_tokens=25, temperature=0,
+            model="gpt-4o-mini",
+            max_tokens=25,
+            temperature=0,
             messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
         )
     assert completion.object == "chat.completion"
@@ -50,7 +52,9 @@ async def test_anthropic_sdk_parses_a_message(emu_url: str) -> None:
     client = anthropic.AsyncAnthropic(base_url=f"{emu_url}/anthropic", api_key="x", max_retries=0)
     async with client:
         message = await client.messages.create(
-            model="claude-3-5-haiku-latest", max_tokens=25, system="be brief",
+            model="claude-3-5-haiku-latest",
+            max_tokens=25,
+            system="be brief",
             messages=[{"role": "user", "content": "hi"}],
         )
     assert message.type == "message" and message.role == "assistant"
@@ -67,7 +71,8 @@ async def test_anthropic_sdk_sees_rate_limits() -> None:
         client = anthropic.AsyncAnthropic(base_url=f"{url}/anthropic", api_key="x", max_retries=0)
         async with client:
             with pytest.raises(anthropic.RateLimitError) as info:
-                await client.messages.create(model="claude-3-5-haiku-latest", max_tokens=5,
-                                             messages=[{"role": "user", "content": "hi"}])
+                await client.messages.create(
+                    model="claude-3-5-haiku-latest", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+                )
     assert info.value.status_code == 429
     assert info.value.response.headers.get("retry-after") == "1"

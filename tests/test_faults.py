@@ -24,7 +24,8 @@ from tests.support.tcp_proxy import proxy_in_front_of
 
 
 async def test_workers_resume_after_the_network_drops_every_connection(
-        settings: Settings, redis: Redis, emulator: str) -> None:
+    settings: Settings, redis: Redis, emulator: str
+) -> None:
     proxy, proxied_url = await proxy_in_front_of(settings.amqp_url)
     via_proxy = settings.model_copy(update={"amqp_url": proxied_url, "emulator_url": emulator})
     p = InProcessPipeline(via_proxy)
@@ -53,7 +54,8 @@ async def test_workers_resume_after_the_network_drops_every_connection(
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
 async def test_workers_resume_after_the_broker_closes_their_connections(
-        pipeline: InProcessPipeline, redis: Redis, settings: Settings) -> None:
+    pipeline: InProcessPipeline, redis: Redis, settings: Settings
+) -> None:
     await pipeline.start()
     jobs = distinct_jobs(400, "brokerclose")
     async with pipeline.client() as client:
@@ -67,17 +69,23 @@ async def test_workers_resume_after_the_broker_closes_their_connections(
 
 
 def close_connections(name_prefix: str) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     pids = [line.split("\t", 1)[0] for line in out.splitlines() if name_prefix in line]
     for pid in pids:
-        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test: broker-side close"],
-                       capture_output=True, check=False)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, "test: broker-side close"], capture_output=True, check=False
+        )
     return len(pids)
 
 
 async def test_kill9_of_each_stage_loses_nothing_and_charges_once(
-        settings: Settings, redis: Redis, emulator: str) -> None:
+    settings: Settings, redis: Redis, emulator: str
+) -> None:
     """2,000 jobs in flight; each stage process is killed with SIGKILL mid-run and restarted.
     Every job still ends in a result and exactly one ledger entry."""
     s = settings.model_copy(update={"emulator_url": emulator, "prefetch": 100})

@@ -27,12 +27,38 @@ SECRET = "sk-test-PLANTEDSECRET0123456789abcdef"
 EMAIL = "planted.person@example.org"
 
 json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
-json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) |
-                          st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-job_field = st.sampled_from(["prompt", "messages", "tenant", "max_tokens", "temperature", "model", "quality",
-                             "task", "cache", "deadline_s", "metadata", "job_id", "user_tier", "bogus"])
-wrongish = st.one_of(json_value, st.just(-5), st.just(10**12), st.just("openai/no-such-model"),
-                     st.just("x" * 5000), st.just([{"role": "user"}]), st.just({"mode": "sometimes"}))
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+job_field = st.sampled_from(
+    [
+        "prompt",
+        "messages",
+        "tenant",
+        "max_tokens",
+        "temperature",
+        "model",
+        "quality",
+        "task",
+        "cache",
+        "deadline_s",
+        "metadata",
+        "job_id",
+        "user_tier",
+        "bogus",
+    ]
+)
+wrongish = st.one_of(
+    json_value,
+    st.just(-5),
+    st.just(10**12),
+    st.just("openai/no-such-model"),
+    st.just("x" * 5000),
+    st.just([{"role": "user"}]),
+    st.just({"mode": "sometimes"}),
+)
 
 
 @st.composite
@@ -65,7 +91,8 @@ def is_valid(body: bytes, settings: Settings) -> bool:
 
 
 async def test_hostile_messages_get_typed_errors_and_good_jobs_still_complete(
-        pipeline: InProcessPipeline, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    pipeline: InProcessPipeline, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     quiet_libraries()
     with warnings.catch_warnings():
@@ -82,13 +109,16 @@ async def test_hostile_messages_get_typed_errors_and_good_jobs_still_complete(
             sent[corr] = body
             await channel.default_exchange.publish(
                 aio_pika.Message(body, reply_to=replies.name, correlation_id=corr, message_id=f"hostile-{i}"),
-                routing_key=settings.topology.intake)
+                routing_key=settings.topology.intake,
+            )
         for i in range(5):  # no reply_to: must still be dead-lettered, never crash anything
-            await channel.default_exchange.publish(aio_pika.Message(b"\x00garbage" + bytes([i])),
-                                                   routing_key=settings.topology.intake)
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"\x00garbage" + bytes([i])), routing_key=settings.topology.intake
+            )
         async with pipeline.client() as client:
-            good = await asyncio.gather(*(client.complete({"prompt": f"Good job {i}", "tenant": "acme"}, timeout=60)
-                                          for i in range(10)))
+            good = await asyncio.gather(
+                *(client.complete({"prompt": f"Good job {i}", "tenant": "acme"}, timeout=60) for i in range(10))
+            )
         answers: dict[str, dict[str, Any]] = {}
         for _ in range(600):
             while (m := await replies.get(fail=False, no_ack=True)) is not None:
@@ -104,20 +134,25 @@ async def test_hostile_messages_get_typed_errors_and_good_jobs_still_complete(
     assert set(answers) == set(sent), f"unanswered: {[sent[c][:80] for c in set(sent) - set(answers)]}"
     invalid = {c for c, b in sent.items() if not is_valid(b, settings)}
     for corr in invalid:
-        assert answers[corr]["status"] == "error" and answers[corr]["error"]["code"] == "invalid_request", \
-            (sent[corr][:100], answers[corr])
+        assert answers[corr]["status"] == "error" and answers[corr]["error"]["code"] == "invalid_request", (
+            sent[corr][:100],
+            answers[corr],
+        )
     for corr in set(sent) - invalid:  # valid after all: any typed result
         assert answers[corr]["status"] in ("ok", "error")
     assert len(dead_letters) == len(invalid) + 5
     assert all(m.headers.get("x-farebox-reason") for m in dead_letters)
-    leaked = SECRET in caplog.text or any(SECRET in json.dumps(a) for a in answers.values()) or any(
-        SECRET in str(m.headers) for m in dead_letters)
+    leaked = (
+        SECRET in caplog.text
+        or any(SECRET in json.dumps(a) for a in answers.values())
+        or any(SECRET in str(m.headers) for m in dead_letters)
+    )
     assert not leaked
 
 
-async def test_planted_secrets_and_personal_data_never_leak(settings: Settings, emulator: str,
-                                                            monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_planted_secrets_and_personal_data_never_leak(
+    settings: Settings, emulator: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A real API key (pointed at the emulator) and personal data in prompts: neither appears in
     logs, metrics, results or dead-letter reasons, including on provider errors."""
     caplog.set_level(logging.DEBUG, logger="farebox")
@@ -130,16 +165,26 @@ async def test_planted_secrets_and_personal_data_never_leak(settings: Settings, 
         await p.start()
         async with p.client() as client:
             results = [
-                await client.complete({"prompt": f"My key is {SECRET}, mail {EMAIL}", "model": "openai/gpt-4o-mini",
-                                       "job_id": str(uuid.uuid4())}, timeout=30),
-                await client.complete({"prompt": "hi", "model": "openai/gpt-4o-mini", "max_tokens": 10**6,
-                                       "metadata": {}}, timeout=30),  # refused by the router
+                await client.complete(
+                    {
+                        "prompt": f"My key is {SECRET}, mail {EMAIL}",
+                        "model": "openai/gpt-4o-mini",
+                        "job_id": str(uuid.uuid4()),
+                    },
+                    timeout=30,
+                ),
+                await client.complete(
+                    {"prompt": "hi", "model": "openai/gpt-4o-mini", "max_tokens": 10**6, "metadata": {}}, timeout=30
+                ),  # refused by the router
                 await client.complete({"prompt": f"{EMAIL} {SECRET}", "model": "openai/not-a-model"}, timeout=30),
             ]
     finally:
         await p.close()
-    captured = caplog.text + generate_latest(REGISTRY).decode() + "".join(
-        r.model_dump_json(exclude={"metadata"}) for r in results)
+    captured = (
+        caplog.text
+        + generate_latest(REGISTRY).decode()
+        + "".join(r.model_dump_json(exclude={"metadata"}) for r in results)
+    )
     assert results[0].status == "ok"
     assert results[2].error is not None and results[2].error.code == "invalid_request"
     for planted in (SECRET, EMAIL, "PLANTEDSECRET"):

@@ -20,7 +20,8 @@ RELOAD_WAIT_S = 2.6  # CatalogStore looks at the files every 2 s
 
 
 async def test_price_change_is_picked_up_and_a_broken_file_refused(
-        settings: Settings, emulator: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings: Settings, emulator: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     catalog = tmp_path / "model_costs.json"
     shutil.copy(CATALOG_DIR / "model_costs.json", catalog)
     s = settings.model_copy(update={"catalog": catalog, "emulator_url": emulator})

@@ -59,8 +59,9 @@ async def test_waiting_for_a_slot_ends_at_the_deadline(redis: Redis, settings: S
     limiter = SharedLimiter(redis, settings.keys, "openai", ProviderLimits(rpm=1))
     assert await limiter.try_rate(1) == 0.0  # the only request this minute
     adapter = LimitedAdapter(Instant(), limiter, deadline_at=time.time() + 1.0)
-    request = ProviderRequest(model="m", messages=(ChatMessage(role="user", content="hi"),), max_tokens=5,
-                              temperature=0, timeout_s=5)
+    request = ProviderRequest(
+        model="m", messages=(ChatMessage(role="user", content="hi"),), max_tokens=5, temperature=0, timeout_s=5
+    )
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         await adapter.complete(request)
@@ -69,13 +70,16 @@ async def test_waiting_for_a_slot_ends_at_the_deadline(redis: Redis, settings: S
 
 async def test_two_execute_replicas_share_one_concurrency_limit(settings: Settings) -> None:
     async with running(EmulatorKnobs(port=0, latency_ms=300)) as url:
-        s = settings.model_copy(update={"emulator_url": url,
-                                        "provider_limits": {"google": ProviderLimits(concurrency=3)}})
+        s = settings.model_copy(
+            update={"emulator_url": url, "provider_limits": {"google": ProviderLimits(concurrency=3)}}
+        )
         p = InProcessPipeline(s)
         try:
             await p.start("dedup", "route", "execute:google", "execute:google#2", "account")
-            jobs = [{"prompt": f"Summarize item {i}.", "task": "summarize", "quality": "low", "job_id": f"c{i}"}
-                    for i in range(30)]
+            jobs = [
+                {"prompt": f"Summarize item {i}.", "task": "summarize", "quality": "low", "job_id": f"c{i}"}
+                for i in range(30)
+            ]
             async with p.client() as client:
                 results = await asyncio.wait_for(collect(client.stream(jobs, max_in_flight=30)), 120)
             stats = await EmulatorStats(url).snapshot()

@@ -30,10 +30,13 @@ def test_a_clean_environment_passes(venv: Path) -> None:
     assert venv.exists()
 
 
-@pytest.mark.parametrize(("name", "text"), [
-    ("litellm_init.pth", "/harmless/looking/path\n"),
-    ("evil.pth", "import base64; exec(base64.b64decode('cHJpbnQoMSk='))\n"),
-])
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("litellm_init.pth", "/harmless/looking/path\n"),
+        ("evil.pth", "import base64; exec(base64.b64decode('cHJpbnQoMSk='))\n"),
+    ],
+)
 def test_a_code_running_pth_is_refused_and_the_environment_removed(venv: Path, name: str, text: str) -> None:
     (venv / name).write_text(text)
     with pytest.raises(SystemExit, match=name):

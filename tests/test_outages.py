@@ -49,9 +49,24 @@ class OwnRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
@@ -80,7 +95,8 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 
 async def test_redis_outage_mid_run_loses_nothing_and_the_ledger_catches_up(
-        settings: Settings, own_redis: OwnRedis, emulator: str) -> None:
+    settings: Settings, own_redis: OwnRedis, emulator: str
+) -> None:
     s = settings.model_copy(update={"redis_url": own_redis.url, "emulator_url": emulator})
     p = InProcessPipeline(s)
     jobs = distinct_jobs(400, "redisout")
@@ -108,15 +124,15 @@ async def test_redis_outage_mid_run_loses_nothing_and_the_ledger_catches_up(
         await p.close()
 
 
-async def test_kill9_of_the_leaders_worker_still_answers_every_waiter(
-        settings: Settings, redis: Redis) -> None:
+async def test_kill9_of_the_leaders_worker_still_answers_every_waiter(settings: Settings, redis: Redis) -> None:
     async with running(EmulatorKnobs(port=0, latency_ms=1500)) as slow_emulator:
         s = settings.model_copy(update={"emulator_url": slow_emulator})
         stats = EmulatorStats(slow_emulator)
         procs = ProcessPipeline(s)
         procs.start()
-        jobs = [{"prompt": "One slow shared answer, please.", "tenant": "acme", "job_id": f"lead-{i}"}
-                for i in range(50)]
+        jobs = [
+            {"prompt": "One slow shared answer, please.", "tenant": "acme", "job_id": f"lead-{i}"} for i in range(50)
+        ]
         try:
             async with InProcessPipeline(s).client(wait_for_pipeline_s=60) as client:
                 collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=50)))

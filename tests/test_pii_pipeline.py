@@ -28,9 +28,14 @@ def blocking_policy(tmp_path: Path) -> Path:
     return path
 
 
-async def test_blocked_pii_job_leaks_nothing(settings: Settings, redis: Redis, emulator: str,
-                                             emulator_stats: EmulatorStats, blocking_policy: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_blocked_pii_job_leaks_nothing(
+    settings: Settings,
+    redis: Redis,
+    emulator: str,
+    emulator_stats: EmulatorStats,
+    blocking_policy: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)  # farebox at its most verbose...
     quiet_libraries()  # ...with the library levels farebox's logging setup always applies
     s = settings.model_copy(update={"policy": blocking_policy, "emulator_url": emulator})
@@ -38,10 +43,13 @@ async def test_blocked_pii_job_leaks_nothing(settings: Settings, redis: Redis, e
     try:
         await p.start()
         async with p.client() as client:
-            blocked = await client.complete({"prompt": f"Mail {EMAIL}, card {CARD}: extract the facts.",
-                                             "tenant": "acme", "job_id": "pii-1"}, timeout=30)
-            clean = await client.complete({"prompt": "Extract the facts: the sky is blue.", "tenant": "acme"},
-                                          timeout=30)
+            blocked = await client.complete(
+                {"prompt": f"Mail {EMAIL}, card {CARD}: extract the facts.", "tenant": "acme", "job_id": "pii-1"},
+                timeout=30,
+            )
+            clean = await client.complete(
+                {"prompt": "Extract the facts: the sky is blue.", "tenant": "acme"}, timeout=30
+            )
     finally:
         await p.close()
     assert blocked.status == "error" and blocked.error is not None and blocked.error.code == "blocked"

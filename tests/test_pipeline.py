@@ -17,8 +17,9 @@ def job(prompt: str, **kw: object) -> dict[str, object]:
     return {"prompt": prompt, "tenant": "acme", "job_id": str(uuid.uuid4()), **kw}
 
 
-async def test_jobs_flow_through_every_stage(pipeline: InProcessPipeline, redis: Redis, settings: Settings,
-                                             emulator_stats: EmulatorStats) -> None:
+async def test_jobs_flow_through_every_stage(
+    pipeline: InProcessPipeline, redis: Redis, settings: Settings, emulator_stats: EmulatorStats
+) -> None:
     await pipeline.start()
     jobs = [job(f"Summarize item {i}", task="summarize", quality="low", max_tokens=40) for i in range(30)]
     async with pipeline.client() as client:
@@ -42,8 +43,9 @@ async def test_repeat_is_served_from_cache(pipeline: InProcessPipeline, emulator
     assert await emulator_stats.total() == 2  # the other tenant never sees acme's answer
 
 
-async def test_same_job_id_is_one_call_and_one_charge(pipeline: InProcessPipeline, redis: Redis,
-                                                      settings: Settings, emulator_stats: EmulatorStats) -> None:
+async def test_same_job_id_is_one_call_and_one_charge(
+    pipeline: InProcessPipeline, redis: Redis, settings: Settings, emulator_stats: EmulatorStats
+) -> None:
     await pipeline.start()
     j = job("Write a haiku about queues", temperature=0.9)  # not cacheable: only the job_id protects it
     async with pipeline.client() as client:
@@ -80,10 +82,16 @@ async def test_any_amqp_client_can_publish_a_job(pipeline: InProcessPipeline, se
         replies = await channel.declare_queue(exclusive=True)
         body = json.dumps({"tenant": "acme", "prompt": "Classify: great product!", "task": "classify"})
         await channel.default_exchange.publish(
-            aio_pika.Message(body.encode(), content_type="application/json", reply_to=replies.name,
-                             correlation_id="corr-1", message_id="msg-1",
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=settings.topology.intake)
+            aio_pika.Message(
+                body.encode(),
+                content_type="application/json",
+                reply_to=replies.name,
+                correlation_id="corr-1",
+                message_id="msg-1",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=settings.topology.intake,
+        )
         message = await get_message(replies)
     result = json.loads(message.body)
     assert message.correlation_id == "corr-1"

@@ -21,8 +21,18 @@ FAULTY = "google"  # where the router sends low-quality summarize jobs (gemini f
 
 def jobs(n: int, **extra: object) -> list[dict[str, object]]:
     tag = uuid.uuid4().hex[:6]
-    return [{"prompt": f"Summarize record {tag}-{i}.", "task": "summarize", "quality": "low", "max_tokens": 30,
-             "tenant": "acme", "job_id": f"{tag}-{i}", **extra} for i in range(n)]
+    return [
+        {
+            "prompt": f"Summarize record {tag}-{i}.",
+            "task": "summarize",
+            "quality": "low",
+            "max_tokens": 30,
+            "tenant": "acme",
+            "job_id": f"{tag}-{i}",
+            **extra,
+        }
+        for i in range(n)
+    ]
 
 
 async def run_jobs(settings: Settings, knobs: EmulatorKnobs, batch: list[dict[str, object]]) -> list[JobResult]:
@@ -41,10 +51,10 @@ SIZES = [pytest.param(300, id="300"), pytest.param(2000, id="2000", marks=pytest
 
 
 @pytest.mark.parametrize("n", SIZES)
-async def test_flaky_provider_every_job_ends_ok_by_retry_or_fallback(settings: Settings, redis: Redis,
-                                                                     n: int) -> None:
-    knobs = EmulatorKnobs(port=0, fail_rate=0.2, rate_limit_rate=0.1, timeout_rate=0.05, faulty=FAULTY,
-                          retry_after_s=0.1, seed=5)
+async def test_flaky_provider_every_job_ends_ok_by_retry_or_fallback(settings: Settings, redis: Redis, n: int) -> None:
+    knobs = EmulatorKnobs(
+        port=0, fail_rate=0.2, rate_limit_rate=0.1, timeout_rate=0.05, faulty=FAULTY, retry_after_s=0.1, seed=5
+    )
     batch = jobs(n)
     results = await asyncio.wait_for(run_jobs(settings, knobs, batch), 600)
     assert sorted(r.job_id for r in results) == sorted(str(j["job_id"]) for j in batch)
@@ -60,7 +70,8 @@ async def test_flaky_provider_every_job_ends_ok_by_retry_or_fallback(settings: S
 @pytest.mark.parametrize("n", SIZES)
 async def test_provider_down_every_job_falls_back(settings: Settings, n: int) -> None:
     results = await asyncio.wait_for(
-        run_jobs(settings, EmulatorKnobs(port=0, fail_rate=1.0, faulty=FAULTY), jobs(n)), 600)
+        run_jobs(settings, EmulatorKnobs(port=0, fail_rate=1.0, faulty=FAULTY), jobs(n)), 600
+    )
     assert len(results) == n and all(r.status == "ok" for r in results)
     assert all(r.provider != FAULTY for r in results)
     fell_back = [r for r in results if r.route and r.route.fallbacks]
@@ -75,7 +86,8 @@ async def test_every_provider_down_ends_in_provider_error_within_the_deadline(se
     batch = jobs(100, deadline_s=deadline_s)
     results = await asyncio.wait_for(run_jobs(settings, EmulatorKnobs(port=0, fail_rate=1.0), batch), 120)
     assert len(results) == len(batch)
-    assert all(r.status == "error" and r.error and r.error.code == "provider_error" for r in results), \
-        {r.error.code if r.error else None for r in results}
+    assert all(r.status == "error" and r.error and r.error.code == "provider_error" for r in results), {
+        r.error.code if r.error else None for r in results
+    }
     assert all(r.latency_ms is not None and r.latency_ms < deadline_s * 1000 for r in results)
     assert all("HTTP 5" in r.error.message for r in results if r.error)

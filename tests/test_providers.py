@@ -24,34 +24,54 @@ KEY = "sk-test-SECRET-0123456789abcdef"
 PROMPT = "the secret plan is on page nine"
 
 OPENAI_OK = {
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-4o-mini-2024-07-18",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 21, "completion_tokens": 5, "total_tokens": 26,
-              "prompt_tokens_details": {"cached_tokens": 16}},
+    "usage": {
+        "prompt_tokens": 21,
+        "completion_tokens": 5,
+        "total_tokens": 26,
+        "prompt_tokens_details": {"cached_tokens": 16},
+    },
 }
 ANTHROPIC_OK = {
-    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-3-5-haiku-20241022",
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-3-5-haiku-20241022",
     "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}],
-    "stop_reason": "end_turn", "stop_sequence": None,
-    "usage": {"input_tokens": 10, "output_tokens": 4, "cache_read_input_tokens": 30,
-              "cache_creation_input_tokens": 2},
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 10, "output_tokens": 4, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 2},
 }
 GEMINI_OK = {
-    "candidates": [{"content": {"role": "model", "parts": [{"text": "hello"}]}, "finishReason": "STOP",
-                    "index": 0}],
-    "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 3, "totalTokenCount": 15,
-                      "cachedContentTokenCount": 8, "thoughtsTokenCount": 2},
+    "candidates": [{"content": {"role": "model", "parts": [{"text": "hello"}]}, "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {
+        "promptTokenCount": 12,
+        "candidatesTokenCount": 3,
+        "totalTokenCount": 15,
+        "cachedContentTokenCount": 8,
+        "thoughtsTokenCount": 2,
+    },
     "modelVersion": "gemini-2.0-flash-001",
 }
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
-def request(*messages: tuple[str, str], model: str = "m", max_tokens: int = 50,
-            temperature: float = 0.3) -> ProviderRequest:
+def request(
+    *messages: tuple[str, str], model: str = "m", max_tokens: int = 50, temperature: float = 0.3
+) -> ProviderRequest:
     msgs = messages or (("user", PROMPT),)
-    return ProviderRequest(model=model, messages=tuple(ChatMessage(role=r, content=c) for r, c in msgs),
-                           max_tokens=max_tokens, temperature=temperature, timeout_s=5.0)
+    return ProviderRequest(
+        model=model,
+        messages=tuple(ChatMessage(role=r, content=c) for r, c in msgs),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        timeout_s=5.0,
+    )
 
 
 class Capture:
@@ -92,8 +112,12 @@ async def test_openai_request_and_reply() -> None:
     assert str(sent.url) == "https://api.example/v1/chat/completions"
     assert sent.method == "POST"
     assert sent.headers["authorization"] == f"Bearer {KEY}"
-    assert cap.body == {"model": "gpt-4o-mini", "max_completion_tokens": 50, "temperature": 0.3,
-                        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]}
+    assert cap.body == {
+        "model": "gpt-4o-mini",
+        "max_completion_tokens": 50,
+        "temperature": 0.3,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}],
+    }
     assert reply.content == "hello"
     assert reply.model == "gpt-4o-mini-2024-07-18"
     assert reply.usage_reported
@@ -119,20 +143,33 @@ async def test_openai_compatible_without_key() -> None:
 
 async def test_anthropic_request_and_reply() -> None:
     adapter, cap = make("anthropic", ok(ANTHROPIC_OK))
-    reply = await adapter.complete(request(
-        ("system", "be brief"), ("user", "a"), ("user", "b"), ("assistant", "c"), ("system", "no lists"),
-        ("user", "d"), model="claude-3-5-haiku-latest", temperature=1.7,
-    ))
+    reply = await adapter.complete(
+        request(
+            ("system", "be brief"),
+            ("user", "a"),
+            ("user", "b"),
+            ("assistant", "c"),
+            ("system", "no lists"),
+            ("user", "d"),
+            model="claude-3-5-haiku-latest",
+            temperature=1.7,
+        )
+    )
     sent = cap.requests[0]
     assert str(sent.url) == "https://anthropic.example/v1/messages"
     assert sent.headers["x-api-key"] == KEY
     assert sent.headers["anthropic-version"] == "2023-06-01"
     assert "authorization" not in sent.headers
     assert cap.body == {
-        "model": "claude-3-5-haiku-latest", "max_tokens": 50, "temperature": 1.0,
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 50,
+        "temperature": 1.0,
         "system": "be brief\n\nno lists",
-        "messages": [{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"},
-                     {"role": "user", "content": "d"}],
+        "messages": [
+            {"role": "user", "content": "a\n\nb"},
+            {"role": "assistant", "content": "c"},
+            {"role": "user", "content": "d"},
+        ],
     }
     assert reply.content == "hello"
     # Anthropic's input_tokens exclude cache reads and writes; ours are the whole prompt.
@@ -155,16 +192,24 @@ async def test_only_system_messages_is_invalid(kind: str) -> None:
 
 async def test_gemini_request_and_reply() -> None:
     adapter, cap = make("gemini", ok(GEMINI_OK))
-    reply = await adapter.complete(request(
-        ("system", "be brief"), ("user", "a"), ("assistant", "b"), ("assistant", "c"), model="models/gemini-2.0-flash",
-    ))
+    reply = await adapter.complete(
+        request(
+            ("system", "be brief"),
+            ("user", "a"),
+            ("assistant", "b"),
+            ("assistant", "c"),
+            model="models/gemini-2.0-flash",
+        )
+    )
     sent = cap.requests[0]
     assert str(sent.url) == "https://gemini.example/v1beta/models/gemini-2.0-flash:generateContent"
     assert sent.headers["x-goog-api-key"] == KEY
     assert KEY not in str(sent.url)
     assert cap.body == {
-        "contents": [{"role": "user", "parts": [{"text": "a"}]},
-                     {"role": "model", "parts": [{"text": "b"}, {"text": "c"}]}],
+        "contents": [
+            {"role": "user", "parts": [{"text": "a"}]},
+            {"role": "model", "parts": [{"text": "b"}, {"text": "c"}]},
+        ],
         "systemInstruction": {"parts": [{"text": "be brief"}]},
         "generationConfig": {"maxOutputTokens": 50, "temperature": 0.3},
     }
@@ -183,11 +228,14 @@ def _without_usage(body: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != key}
 
 
-@pytest.mark.parametrize(("kind", "body"), [
-    ("openai", _without_usage(OPENAI_OK, "usage")),
-    ("anthropic", _without_usage(ANTHROPIC_OK, "usage")),
-    ("gemini", _without_usage(GEMINI_OK, "usageMetadata")),
-])
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("openai", _without_usage(OPENAI_OK, "usage")),
+        ("anthropic", _without_usage(ANTHROPIC_OK, "usage")),
+        ("gemini", _without_usage(GEMINI_OK, "usageMetadata")),
+    ],
+)
 async def test_missing_usage_is_counted_with_tiktoken(kind: str, body: dict[str, Any]) -> None:
     adapter, _ = make(kind, ok(body))
     reply = await adapter.complete(request())
@@ -199,14 +247,16 @@ async def test_missing_usage_is_counted_with_tiktoken(kind: str, body: dict[str,
 
 # --- error mapping ---------------------------------------------------------------------------
 def status(code: int, body: Any = None, headers: dict[str, str] | None = None) -> Handler:
-    error = body if body is not None else {"error": {"message": f"Incorrect API key provided: {KEY}",
-                                                      "type": "some_error"}}
+    error = (
+        body if body is not None else {"error": {"message": f"Incorrect API key provided: {KEY}", "type": "some_error"}}
+    )
     return lambda req: httpx.Response(code, json=error, headers=headers)
 
 
 def raises(exc: Exception) -> Handler:
     def handler(req: httpx.Request) -> httpx.Response:
         raise exc
+
     return handler
 
 
@@ -222,14 +272,22 @@ CASES: list[tuple[str, Handler, type[Exception], str]] = [
     ("429 ms", status(429, headers={"retry-after-ms": "250", "retry-after": "1"}), RateLimited, "429"),
     ("500", status(500), ProviderUnavailable, "500"),
     ("503", status(503), ProviderUnavailable, "503"),
-    ("529", status(529, {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}),
-     ProviderUnavailable, "overloaded_error"),
+    (
+        "529",
+        status(529, {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}),
+        ProviderUnavailable,
+        "overloaded_error",
+    ),
     ("408", status(408), ProviderUnavailable, "408"),
     ("400", status(400), ProviderRejected, "400"),
     ("401", status(401), ProviderRejected, "401"),
     ("404", status(404, {"error": "model 'x' not found"}), ProviderRejected, "not found"),
-    ("gemini 400", status(400, {"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}),
-     ProviderRejected, "INVALID_ARGUMENT"),
+    (
+        "gemini 400",
+        status(400, {"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}),
+        ProviderRejected,
+        "INVALID_ARGUMENT",
+    ),
     ("timeout", raises(httpx.ReadTimeout("timed out")), ProviderUnavailable, "no answer"),
     ("connect", raises(httpx.ConnectError("connection refused")), ProviderUnavailable, "connection"),
     ("protocol", raises(httpx.RemoteProtocolError("peer closed")), ProviderUnavailable, "connection"),

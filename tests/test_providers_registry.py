@@ -34,8 +34,11 @@ def test_keys_use_the_real_endpoints() -> None:
 
 
 def test_mixed_keys_and_base_url_override() -> None:
-    env = {"OPENAI_API_KEY": "sk-one", "OPENAI_BASE_URL": "https://proxy.example/v1/",
-           "GEMINI_BASE_URL": "http://localhost:9000/v1beta"}
+    env = {
+        "OPENAI_API_KEY": "sk-one",
+        "OPENAI_BASE_URL": "https://proxy.example/v1/",
+        "GEMINI_BASE_URL": "http://localhost:9000/v1beta",
+    }
     configs = provider_configs(env, emulator_url=EMU)
     assert configs["openai"].base_url == "https://proxy.example/v1"
     # A base URL alone (a keyless local server) is a real endpoint, not the emulator.
@@ -57,16 +60,19 @@ def test_repr_hides_the_key() -> None:
 
 
 def test_extra_openai_compatible_providers() -> None:
-    env = {"FAREBOX_PROVIDERS_EXTRA": "ollama=http://localhost:11434/v1, lm-studio=http://127.0.0.1:1234/v1",
-           "LM_STUDIO_API_KEY": "lm-key"}
+    env = {
+        "FAREBOX_PROVIDERS_EXTRA": "ollama=http://localhost:11434/v1, lm-studio=http://127.0.0.1:1234/v1",
+        "LM_STUDIO_API_KEY": "lm-key",
+    }
     configs = provider_configs(env, emulator_url=EMU)
     assert configs["ollama"] == ProviderConfig("ollama", "openai_compatible", "http://localhost:11434/v1", None)
     assert configs["lm-studio"].api_key == "lm-key"
     assert set(configs) == {"openai", "anthropic", "google", "ollama", "lm-studio"}
 
 
-@pytest.mark.parametrize("extra", ["noequals", "x=ftp://a", "Bad Name=http://a", "openai=http://a",
-                                   "a=http://x,a=http://y"])
+@pytest.mark.parametrize(
+    "extra", ["noequals", "x=ftp://a", "Bad Name=http://a", "openai=http://a", "a=http://x,a=http://y"]
+)
 def test_bad_extra_providers_are_refused(extra: str) -> None:
     with pytest.raises(ValueError, match="FAREBOX_PROVIDERS_EXTRA"):
         provider_configs({"FAREBOX_PROVIDERS_EXTRA": extra}, emulator_url=None)

@@ -15,10 +15,14 @@ from farebox.providers.openai import OpenAIAdapter
 from farebox.providers.retry import call_with_retries
 from farebox.schemas import ChatMessage
 
-OK = {"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}}],
-      "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
-REQUEST = ProviderRequest(model="m", messages=(ChatMessage(role="user", content="hi"),), max_tokens=5,
-                          temperature=0.0, timeout_s=30.0)
+OK = {
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+}
+REQUEST = ProviderRequest(
+    model="m", messages=(ChatMessage(role="user", content="hi"),), max_tokens=5, temperature=0.0, timeout_s=30.0
+)
 
 
 class Script:
@@ -49,8 +53,9 @@ def ok() -> httpx.Response:
 async def test_retries_5xx_then_succeeds() -> None:
     script = Script(httpx.Response(503), httpx.Response(503), ok())
     seen: list[tuple[BaseException, float]] = []
-    reply, retries = await call_with_retries(adapter(script), REQUEST, max_attempts=4, deadline_at=None,
-                                             on_retry=lambda exc, wait: seen.append((exc, wait)))
+    reply, retries = await call_with_retries(
+        adapter(script), REQUEST, max_attempts=4, deadline_at=None, on_retry=lambda exc, wait: seen.append((exc, wait))
+    )
     assert reply.content == "fine"
     assert retries == 2
     assert len(script.times) == 3
@@ -64,8 +69,7 @@ async def test_first_success_has_no_retries() -> None:
 
 
 async def test_4xx_is_not_retried() -> None:
-    script = Script(httpx.Response(400, json={"error": {"message": "bad", "type": "invalid_request_error"}}),
-                    ok())
+    script = Script(httpx.Response(400, json={"error": {"message": "bad", "type": "invalid_request_error"}}), ok())
     with pytest.raises(ProviderRejected):
         await call_with_retries(adapter(script), REQUEST, max_attempts=5, deadline_at=None)
     assert len(script.times) == 1
@@ -81,8 +85,9 @@ async def test_gives_up_after_max_attempts_with_the_last_error() -> None:
 async def test_retry_after_is_honoured() -> None:
     script = Script(httpx.Response(429, headers={"retry-after-ms": "300"}), ok())
     waits: list[float] = []
-    reply, retries = await call_with_retries(adapter(script), REQUEST, max_attempts=3, deadline_at=None,
-                                             on_retry=lambda exc, wait: waits.append(wait))
+    reply, retries = await call_with_retries(
+        adapter(script), REQUEST, max_attempts=3, deadline_at=None, on_retry=lambda exc, wait: waits.append(wait)
+    )
     assert (reply.content, retries) == ("fine", 1)
     assert waits and waits[0] >= 0.3
     # It did wait: the second call came no sooner than the provider asked.
@@ -101,7 +106,8 @@ async def test_deadline_stops_retries_without_sleeping_past_it() -> None:
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded) as info:
         await asyncio.wait_for(
-            call_with_retries(adapter(script), REQUEST, max_attempts=5, deadline_at=time.time() + 1.0), 20)
+            call_with_retries(adapter(script), REQUEST, max_attempts=5, deadline_at=time.time() + 1.0), 20
+        )
     assert time.monotonic() - started < 15  # did not hang
     assert isinstance(info.value.__cause__, RateLimited)
     assert len(script.times) == 1
@@ -122,8 +128,7 @@ async def test_hanging_provider_is_cut_by_the_deadline() -> None:
     slow = OpenAIAdapter(httpx.AsyncClient(transport=httpx.MockTransport(never)), "http://x/v1", None)
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        await asyncio.wait_for(
-            call_with_retries(slow, REQUEST, max_attempts=5, deadline_at=time.time() + 0.5), 20)
+        await asyncio.wait_for(call_with_retries(slow, REQUEST, max_attempts=5, deadline_at=time.time() + 0.5), 20)
     assert time.monotonic() - started < 15
 
 
@@ -161,7 +166,8 @@ async def test_one_attempt_allowed_raises_the_first_error_after_one_call() -> No
     script = Script(httpx.Response(503), ok())
     seen: list[float] = []
     with pytest.raises(ProviderUnavailable, match="503"):
-        await call_with_retries(adapter(script), REQUEST, max_attempts=1, deadline_at=None,
-                                on_retry=lambda exc, wait: seen.append(wait))
+        await call_with_retries(
+            adapter(script), REQUEST, max_attempts=1, deadline_at=None, on_retry=lambda exc, wait: seen.append(wait)
+        )
     assert len(script.times) == 1
     assert seen == []

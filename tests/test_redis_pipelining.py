@@ -36,8 +36,9 @@ def pipelines() -> tuple[float, float]:
     return samples["farebox_redis_pipeline_commands_count"], samples["farebox_redis_pipeline_commands_sum"]
 
 
-async def test_concurrent_commands_go_out_together_and_each_gets_its_reply(client: PipeliningRedis,
-                                                                           settings: Settings) -> None:
+async def test_concurrent_commands_go_out_together_and_each_gets_its_reply(
+    client: PipeliningRedis, settings: Settings
+) -> None:
     key = settings.redis_prefix + "n"
     script = client.register_script(INCR)
     # Loaded first: a later test flushes Redis's script cache, and the server keeps that state
@@ -87,7 +88,8 @@ async def test_a_cancelled_callers_command_is_not_sent(client: PipeliningRedis, 
 
 
 async def test_a_failed_pipeline_fails_its_callers_and_the_client_goes_on(
-        client: PipeliningRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: PipeliningRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = Pipeline.execute
     failures = [RedisConnectionError("gone")]
 
@@ -97,8 +99,7 @@ async def test_a_failed_pipeline_fails_its_callers_and_the_client_goes_on(
         return await real(self, raise_on_error)
 
     monkeypatch.setattr(Pipeline, "execute", once_down)
-    replies = await asyncio.gather(*(client.get(settings.redis_prefix + "x") for _ in range(5)),
-                                   return_exceptions=True)
+    replies = await asyncio.gather(*(client.get(settings.redis_prefix + "x") for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, RedisConnectionError) for r in replies)
     assert await asyncio.gather(*(client.incr(settings.redis_prefix + "y") for _ in range(5))) == [1, 2, 3, 4, 5]
 
@@ -116,8 +117,9 @@ async def test_commands_queued_behind_a_stalled_redis_fail_with_it_unsent() -> N
 
     server = await asyncio.start_server(stall, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    r = PipeliningRedis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=0.5, socket_connect_timeout=0.5,
-                                 protocol=2)
+    r = PipeliningRedis.from_url(
+        f"redis://127.0.0.1:{port}", socket_timeout=0.5, socket_connect_timeout=0.5, protocol=2
+    )
     try:
         first = asyncio.create_task(r.get("first"))
         await asyncio.sleep(0.1)  # in flight now
@@ -157,20 +159,22 @@ async def test_closing_fails_what_is_still_queued(settings: Settings) -> None:
         await asyncio.wait_for(task, 2)
 
 
-@pytest.mark.parametrize("args", [
-    ("SET", "k", "v"),
-    ("EVALSHA", "a" * 40, 2, "k1", "k2", "résumé ✓", 3, 1.5, -7, b"\x00raw\r\n"),
-    ("SET", "k", memoryview(b"view")),
-    ("SET", "k", bytearray(b"array")),
-    ("CONFIG GET", "maxmemory"),
-    ("SET", "k", "x" * 100_000),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "k", "v"),
+        ("EVALSHA", "a" * 40, 2, "k1", "k2", "résumé ✓", 3, 1.5, -7, b"\x00raw\r\n"),
+        ("SET", "k", memoryview(b"view")),
+        ("SET", "k", bytearray(b"array")),
+        ("CONFIG GET", "maxmemory"),
+        ("SET", "k", "x" * 100_000),
+    ],
+)
 def test_hiredis_packing_matches_redis_py(args: tuple[object, ...]) -> None:
     fast = PipeliningRedis.from_url("redis://localhost:6379/0").connection_pool.make_connection()
     plain = Connection()
     assert isinstance(fast, HiredisPacking)
-    assert b"".join(bytes(c) for c in fast.pack_command(*args)) == \
-        b"".join(bytes(c) for c in plain.pack_command(*args))
+    assert b"".join(bytes(c) for c in fast.pack_command(*args)) == b"".join(bytes(c) for c in plain.pack_command(*args))
 
 
 @pytest.mark.parametrize("bad", [True, None, 1.0j, object()])

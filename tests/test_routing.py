@@ -274,9 +274,7 @@ def test_pii_route_only_compliant_models() -> None:
 
 
 def test_pii_route_pin_to_compliant_model_is_fine() -> None:
-    d = choose_route(
-        job(prompt=SECRET_PROMPT, model="anthropic/hi-pii"), CAT, with_pii("route"), input_tokens=9
-    )
+    d = choose_route(job(prompt=SECRET_PROMPT, model="anthropic/hi-pii"), CAT, with_pii("route"), input_tokens=9)
     assert d.decision.target == "anthropic/hi-pii"
 
 
@@ -293,9 +291,7 @@ def test_pii_kinds_filter() -> None:
 
 
 def test_clean_prompt_not_marked() -> None:
-    routed = choose_route(
-        job(prompt="In 2024 order 12345678 shipped"), CAT, with_pii("block"), input_tokens=10
-    )
+    routed = choose_route(job(prompt="In 2024 order 12345678 shipped"), CAT, with_pii("block"), input_tokens=10)
     assert not routed.decision.redacted
 
 
@@ -355,6 +351,4 @@ def test_bundled_routes_by_tier(kw: dict[str, Any], tier: str) -> None:
     d = choose_route(job(**kw), catalog, policy, input_tokens=200).decision
     info = catalog.get(d.target)
     assert info is not None and info.tier == tier and not info.deprecated
-    assert d.estimated_cost_usd < baseline_cost_usd(
-        policy, catalog, Usage(input_tokens=200, output_tokens=400)
-    )
+    assert d.estimated_cost_usd < baseline_cost_usd(policy, catalog, Usage(input_tokens=200, output_tokens=400))

@@ -17,8 +17,9 @@ from aio_pika.robust_queue import RobustQueue
 from tests.support.pipeline import InProcessPipeline
 
 
-async def test_a_stage_whose_first_consume_fails_starts_anyway(pipeline: InProcessPipeline,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_stage_whose_first_consume_fails_starts_anyway(
+    pipeline: InProcessPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = RobustQueue.consume
     failed: list[str] = []
 
@@ -30,8 +31,15 @@ async def test_a_stage_whose_first_consume_fails_starts_anyway(pipeline: InProce
 
     monkeypatch.setattr(RobustQueue, "consume", consume)
     await pipeline.start()
-    jobs = [{"prompt": f"Classify ticket {i}: refund please", "task": "classify", "quality": "low",
-             "job_id": str(uuid.uuid4())} for i in range(20)]
+    jobs = [
+        {
+            "prompt": f"Classify ticket {i}: refund please",
+            "task": "classify",
+            "quality": "low",
+            "job_id": str(uuid.uuid4()),
+        }
+        for i in range(20)
+    ]
     async with pipeline.client() as client:
         results = [r async for r in client.stream(jobs, max_in_flight=10, idle_timeout_s=60)]
     assert failed, "the fault was never injected"

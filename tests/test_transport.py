@@ -22,10 +22,13 @@ from farebox.providers.registry import BUILTINS, build_adapter, provider_configs
 from farebox.schemas import ChatMessage
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-OPENAI_OK = json.dumps({
-    "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-}).encode()
+OPENAI_OK = json.dumps(
+    {
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+).encode()
 
 
 @contextlib.asynccontextmanager
@@ -59,9 +62,18 @@ def answer(body: bytes, *, status: str = "200 OK", extra: bytes = b"") -> Serve:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await read_request(reader)
-            writer.write(b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\n" + extra
-                         + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.1 "
+                + status.encode()
+                + b"\r\ncontent-type: application/json\r\n"
+                + extra
+                + b"content-length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
             await writer.drain()
+
     return serve
 
 
@@ -91,43 +103,59 @@ async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 def free_port_url() -> str:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connecting is refused
 
 
 def request(timeout_s: float = 5.0) -> ProviderRequest:
-    return ProviderRequest(model="m", messages=(ChatMessage(role="user", content="hello"),), max_tokens=5,
-                           temperature=0.0, timeout_s=timeout_s)
+    return ProviderRequest(
+        model="m",
+        messages=(ChatMessage(role="user", content="hello"),),
+        max_tokens=5,
+        temperature=0.0,
+        timeout_s=timeout_s,
+    )
 
 
-@pytest.mark.parametrize(("serve", "error"), [
-    (hang, httpx.ReadTimeout),
-    (cut_short, httpx.RemoteProtocolError),
-    (close_at_once, httpx.RemoteProtocolError),
-    (not_http, httpx.RemoteProtocolError),
-    (None, httpx.ConnectError),
-], ids=["no answer", "body cut short", "closed before answering", "not HTTP", "refused"])
+@pytest.mark.parametrize(
+    ("serve", "error"),
+    [
+        (hang, httpx.ReadTimeout),
+        (cut_short, httpx.RemoteProtocolError),
+        (close_at_once, httpx.RemoteProtocolError),
+        (not_http, httpx.RemoteProtocolError),
+        (None, httpx.ConnectError),
+    ],
+    ids=["no answer", "body cut short", "closed before answering", "not HTTP", "refused"],
+)
 async def test_failures_surface_as_httpx_exceptions(serve: Serve | None, error: type[Exception]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         url = free_port_url() if serve is None else await stack.enter_async_context(raw_server(serve))
         client = await stack.enter_async_context(
-            httpx.AsyncClient(transport=AiohttpTransport(max_connections=4), timeout=0.5))
+            httpx.AsyncClient(transport=AiohttpTransport(max_connections=4), timeout=0.5)
+        )
         with pytest.raises(error):
             await client.post(url + "/v1/chat/completions", json={"x": 1})
 
 
-@pytest.mark.parametrize(("serve", "error", "text"), [
-    (hang, ProviderUnavailable, "no answer"),
-    (cut_short, ProviderUnavailable, "connection failed"),
-    (not_http, ProviderUnavailable, "connection failed"),
-    (None, ProviderUnavailable, "connection failed"),
-    (answer(b'{"error": {"type": "bad", "message": "no"}}', status="400 Bad Request"), ProviderRejected, "400"),
-    (answer(b"{}", status="503 Service Unavailable"), ProviderUnavailable, "503"),
-    (answer(b"not gzip at all", extra=b"content-encoding: gzip\r\n"), ProviderUnavailable, "malformed"),
-], ids=["no answer", "body cut short", "not HTTP", "refused", "400", "503", "bad gzip"])
-async def test_the_adapter_maps_each_failure_to_the_error_tree(serve: Serve | None, error: type[Exception],
-                                                                text: str) -> None:
+@pytest.mark.parametrize(
+    ("serve", "error", "text"),
+    [
+        (hang, ProviderUnavailable, "no answer"),
+        (cut_short, ProviderUnavailable, "connection failed"),
+        (not_http, ProviderUnavailable, "connection failed"),
+        (None, ProviderUnavailable, "connection failed"),
+        (answer(b'{"error": {"type": "bad", "message": "no"}}', status="400 Bad Request"), ProviderRejected, "400"),
+        (answer(b"{}", status="503 Service Unavailable"), ProviderUnavailable, "503"),
+        (answer(b"not gzip at all", extra=b"content-encoding: gzip\r\n"), ProviderUnavailable, "malformed"),
+    ],
+    ids=["no answer", "body cut short", "not HTTP", "refused", "400", "503", "bad gzip"],
+)
+async def test_the_adapter_maps_each_failure_to_the_error_tree(
+    serve: Serve | None, error: type[Exception], text: str
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
         url = free_port_url() if serve is None else await stack.enter_async_context(raw_server(serve))
         pool = AdapterPool(lambda c: OpenAIAdapter(c, url + "/v1", "sk-test-0123456789"), size=2, timeout_s=0.5)
@@ -145,8 +173,10 @@ async def test_a_gzip_body_is_decoded_and_headers_are_sent_once() -> None:
         seen.append(lines)
         assert json.loads(body)["model"] == "m"
         packed = gzip.compress(OPENAI_OK)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
-                     b"content-length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+            b"content-length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed
+        )
         await writer.drain()
 
     async with raw_server(serve) as url:
@@ -262,8 +292,9 @@ async def test_slots_cap_the_calls_in_flight() -> None:
             peak = max(peak, in_flight)
             await asyncio.sleep(0.05)
             in_flight -= 1
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(OPENAI_OK)).encode() + b"\r\n\r\n"
-                         + OPENAI_OK)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(OPENAI_OK)).encode() + b"\r\n\r\n" + OPENAI_OK
+            )
             await writer.drain()
 
     async with raw_server(serve) as url:
@@ -316,17 +347,21 @@ async def test_the_provider_client_keeps_no_cookies() -> None:
     assert len(client.cookies) == 0
 
 
-@pytest.mark.parametrize(("headers", "body"), [
-    ({}, {"contents": [{"role": "user", "parts": [{"text": "Résumé ✓ \\u2028 \"quoted\""}]}]}),
-    ({"authorization": "Bearer sk-test", "anthropic-version": "2023-06-01"}, {"max_tokens": 5, "temperature": 0.0}),
-    ({"x-goog-api-key": "AIza-test"}, {"nested": {"list": [1, 2.5, None, True]}}),
-    ({"Host": "gateway.example.test", "User-Agent": "farebox"}, {}),  # a caller's Host and User-Agent win
-])
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({}, {"contents": [{"role": "user", "parts": [{"text": 'Résumé ✓ \\u2028 "quoted"'}]}]}),
+        ({"authorization": "Bearer sk-test", "anthropic-version": "2023-06-01"}, {"max_tokens": 5, "temperature": 0.0}),
+        ({"x-goog-api-key": "AIza-test"}, {"nested": {"list": [1, 2.5, None, True]}}),
+        ({"Host": "gateway.example.test", "User-Agent": "farebox"}, {}),  # a caller's Host and User-Agent win
+    ],
+)
 def test_json_request_is_what_post_would_send(headers: dict[str, str], body: dict[str, object]) -> None:
     client = provider_client(httpx.MockTransport(lambda r: httpx.Response(200)), timeout_s=7)
     ours = json_request(client, "https://api.example.test/v1/chat?x=1", headers, body, 12.5)
-    theirs = client.build_request("POST", "https://api.example.test/v1/chat?x=1", headers=headers, json=body,
-                                  timeout=httpx.Timeout(12.5))
+    theirs = client.build_request(
+        "POST", "https://api.example.test/v1/chat?x=1", headers=headers, json=body, timeout=httpx.Timeout(12.5)
+    )
     assert (ours.method, ours.url) == (theirs.method, theirs.url)
     # The same headers; only content-type comes before content-length (their order means nothing).
     assert sorted(ours.headers.multi_items()) == sorted(theirs.headers.multi_items())

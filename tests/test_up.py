@@ -36,9 +36,16 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
     env.pop("FAREBOX_EMULATOR_URL", None)
     # A session of its own: if an assertion fails, the finally below kills `up` and every child
     # (orphans holding the stdout pipe would keep `up.wait()` from ever returning).
-    up = await asyncio.create_subprocess_exec(sys.executable, "-m", "farebox", "up", env=env,
-                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                              start_new_session=True)
+    up = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "farebox",
+        "up",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
     assert up.stdout is not None
     output: list[str] = []
     pids: dict[str, list[int]] = {}
@@ -73,8 +80,15 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
         assert len(pids["route"]) == 2, output  # started again after the kill
         assert any("route exited" in line and "restarting" in line for line in output)
         assert any("using the local emulator" in line for line in output)
-        assert {"dedup", "route", "execute-openai", "execute-anthropic", "execute-google", "account",
-                "emulator"} <= set(pids)
+        assert {
+            "dedup",
+            "route",
+            "execute-openai",
+            "execute-anthropic",
+            "execute-google",
+            "account",
+            "emulator",
+        } <= set(pids)
         up.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(up.wait(), 90) == 0
         await asyncio.wait_for(reader, 10)
@@ -96,12 +110,16 @@ async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settin
         await drop_namespace(s)
 
 
-@pytest.mark.parametrize(("env", "emulated"), [
-    ({}, ["anthropic", "google", "openai"]),
-    ({"OPENAI_API_KEY": "sk-x"}, ["anthropic", "google"]),  # only the keyless ones need the emulator
-    ({"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "a", "GEMINI_API_KEY": "g"}, []),
-    ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, ["anthropic", "google"]),  # a keyless local server
-])
-def test_up_starts_the_emulator_for_exactly_the_providers_without_a_key(env: dict[str, str],
-                                                                          emulated: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("env", "emulated"),
+    [
+        ({}, ["anthropic", "google", "openai"]),
+        ({"OPENAI_API_KEY": "sk-x"}, ["anthropic", "google"]),  # only the keyless ones need the emulator
+        ({"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "a", "GEMINI_API_KEY": "g"}, []),
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, ["anthropic", "google"]),  # a keyless local server
+    ],
+)
+def test_up_starts_the_emulator_for_exactly_the_providers_without_a_key(
+    env: dict[str, str], emulated: list[str]
+) -> None:
     assert emulated_providers(Settings(), env) == emulated

@@ -38,8 +38,15 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from farebox.submit import submit
 
-    summary = asyncio.run(submit(settings, Path(args.file), Path(args.output) if args.output else None,
-                                 max_in_flight=args.max_in_flight, quiet=args.quiet))
+    summary = asyncio.run(
+        submit(
+            settings,
+            Path(args.file),
+            Path(args.output) if args.output else None,
+            max_in_flight=args.max_in_flight,
+            quiet=args.quiet,
+        )
+    )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2))
     return 0
@@ -61,8 +68,11 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
             print(result.model_dump_json(indent=2))
         elif result.status == "ok":
             print(result.content)
-            print(f"-- {result.provider}/{result.model}, cache {result.cache}, ${result.cost_usd:.6f} "
-                  f"(baseline ${result.baseline_cost_usd:.6f})", file=sys.stderr)
+            print(
+                f"-- {result.provider}/{result.model}, cache {result.cache}, ${result.cost_usd:.6f} "
+                f"(baseline ${result.baseline_cost_usd:.6f})",
+                file=sys.stderr,
+            )
         else:
             assert result.error is not None
             print(f"error {result.error.code}: {result.error.message}", file=sys.stderr)
@@ -99,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="run the whole pipeline on this machine")
-    p.add_argument("--scale", action="append", metavar="STAGE=N",
-                   help="replicas of a stage (dedup, route, execute, account); repeatable")
+    p.add_argument(
+        "--scale",
+        action="append",
+        metavar="STAGE=N",
+        help="replicas of a stage (dedup, route, execute, account); repeatable",
+    )
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("worker", help="run one stage (any number of replicas, any host)")

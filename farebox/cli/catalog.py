@@ -43,10 +43,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         return _err(str(exc))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(
-        f"ok: {catalog_path}: {len(catalog)} models from {', '.join(catalog.providers())}; "
-        f"policy {policy_path} ok"
-    )
+    print(f"ok: {catalog_path}: {len(catalog)} models from {', '.join(catalog.providers())}; policy {policy_path} ok")
     return 0
 
 
@@ -63,9 +60,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.provider:
         models = [m for m in models if m.provider == args.provider]
         if not models:
-            return _err(
-                f"no models for provider '{args.provider}'; providers: {', '.join(catalog.providers())}"
-            )
+            return _err(f"no models for provider '{args.provider}'; providers: {', '.join(catalog.providers())}")
     table = Table(title=f"{catalog.source} (USD per 1M tokens)")
     for col in ("model", "tier", "input", "output", "cached in", "context", "max out", "flags"):
         table.add_column(
@@ -133,9 +128,7 @@ def _print_estimate(report: EstimateReport, console: Console) -> None:
     console.print(table)
     by_task = ", ".join(f"{k} {v.jobs}" for k, v in sorted(report.by_task.items()))
     console.print(f"tasks: {by_task}")
-    pct = (
-        100.0 * report.savings_usd / report.total.baseline_cost_usd if report.total.baseline_cost_usd else 0.0
-    )
+    pct = 100.0 * report.savings_usd / report.total.baseline_cost_usd if report.total.baseline_cost_usd else 0.0
     console.print(
         f"jobs {report.jobs:,}: routed {report.total.jobs:,}, blocked {report.blocked:,}, "
         f"invalid {report.invalid:,}, redacted {report.redacted:,}\n"
@@ -191,9 +184,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     )
     p.set_defaults(func=cmd_import)
 
-    p = subparsers.add_parser(
-        "estimate", help="what a JSONL file of jobs would cost, without calling providers"
-    )
+    p = subparsers.add_parser("estimate", help="what a JSONL file of jobs would cost, without calling providers")
     p.add_argument("file", metavar="FILE.jsonl", help="jobs, one JSON object per line ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_estimate)

@@ -57,8 +57,7 @@ class EmulatorState:
         if knobs.fault_total <= 0 or not knobs.faults_apply_to(provider):
             return None
         draw = self.fault_rng.random()
-        rates = (knobs.fail_rate, knobs.rate_limit_rate, knobs.timeout_rate, knobs.malformed_rate,
-                 knobs.truncated_rate)
+        rates = (knobs.fail_rate, knobs.rate_limit_rate, knobs.timeout_rate, knobs.malformed_rate, knobs.truncated_rate)
         edge = 0.0
         for kind, rate in zip(FAULT_ORDER, rates, strict=True):
             edge += rate
@@ -86,8 +85,9 @@ def json_reply(payload: Any, status: int = 200, headers: tuple[tuple[bytes, byte
     return Reply(status, body, headers=headers)
 
 
-def _error(wire: Wire, kind: ErrorKind, message: str, param: str | None = None,
-           headers: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
+def _error(
+    wire: Wire, kind: ErrorKind, message: str, param: str | None = None, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> Reply:
     return json_reply(wire.error(kind, message, param), STATUS[kind], headers)
 
 
@@ -138,8 +138,9 @@ async def _answer(state: EmulatorState, raw: bytes, wire: Wire, provider: str, p
     return reply
 
 
-async def _provider_call(state: EmulatorState, raw: bytes, wire: Wire, provider: str,
-                         path_model: str | None = None) -> Reply:
+async def _provider_call(
+    state: EmulatorState, raw: bytes, wire: Wire, provider: str, path_model: str | None = None
+) -> Reply:
     state.in_flight += 1
     state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
     try:
@@ -159,8 +160,14 @@ async def _gemini(state: EmulatorState, raw: bytes, provider: str, target: str) 
 
 
 def _stats(state: EmulatorState) -> Reply:
-    return json_reply({"requests": dict(state.requests), "faults": dict(state.faults),
-                       "in_flight": state.in_flight, "peak_in_flight": state.peak_in_flight})
+    return json_reply(
+        {
+            "requests": dict(state.requests),
+            "faults": dict(state.faults),
+            "in_flight": state.in_flight,
+            "peak_in_flight": state.peak_in_flight,
+        }
+    )
 
 
 def _reset(state: EmulatorState) -> Reply:
@@ -206,7 +213,9 @@ def _health(state: EmulatorState) -> Reply:
 # body out), as Starlette's did: curl -I works.
 _READ = ("GET", "HEAD")
 SERVICE_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[EmulatorState], Reply]]] = {
-    "/healthz": (_READ, _health), "/_emulator/stats": (_READ, _stats), "/_emulator/reset": (("POST",), _reset),
+    "/healthz": (_READ, _health),
+    "/_emulator/stats": (_READ, _stats),
+    "/_emulator/reset": (("POST",), _reset),
 }
 
 
@@ -245,7 +254,10 @@ class EmulatorApp:
             if not message.get("more_body", False):
                 break
         reply = await route(self.state, scope["method"], scope["path"], b"".join(chunks))
-        headers = [(b"content-type", reply.content_type), (b"content-length", str(len(reply.body)).encode()),
-                   *reply.headers]
+        headers = [
+            (b"content-type", reply.content_type),
+            (b"content-length", str(len(reply.body)).encode()),
+            *reply.headers,
+        ]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})

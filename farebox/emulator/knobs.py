@@ -33,10 +33,7 @@ class EmulatorKnobs(BaseSettings):
 
     @property
     def fault_total(self) -> float:
-        return (
-            self.fail_rate + self.rate_limit_rate + self.timeout_rate + self.malformed_rate
-            + self.truncated_rate
-        )
+        return self.fail_rate + self.rate_limit_rate + self.timeout_rate + self.malformed_rate + self.truncated_rate
 
     @property
     def faulty_providers(self) -> frozenset[str]:

@@ -54,8 +54,14 @@ async def running(knobs: EmulatorKnobs) -> AsyncIterator[str]:
     state = app.state
     # No proxy-headers middleware: nothing sits in front of the emulator, and it cost CPU per request.
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", backlog=BACKLOG, proxy_headers=False,
-        limit_concurrency=None, timeout_graceful_shutdown=int(STOP_GRACE_S),
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        backlog=BACKLOG,
+        proxy_headers=False,
+        limit_concurrency=None,
+        timeout_graceful_shutdown=int(STOP_GRACE_S),
     )
     server = _Server(config)
     sock = _bind(knobs.host, knobs.port)
@@ -151,6 +157,9 @@ async def _main(knobs: EmulatorKnobs) -> None:
         faults = ""
         if knobs.fault_total:
             faults = f", faults {knobs.fault_total:.0%} on {knobs.faulty or 'all providers'}"
-        print(f"farebox emulator listening on {url} (latency {knobs.latency_ms:g} ms{faults})",
-              file=sys.stderr, flush=True)
+        print(
+            f"farebox emulator listening on {url} (latency {knobs.latency_ms:g} ms{faults})",
+            file=sys.stderr,
+            flush=True,
+        )
         await stop.wait()

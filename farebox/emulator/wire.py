@@ -15,7 +15,11 @@ from farebox.emulator.text import Answer
 
 ErrorKind = Literal["invalid", "not_found", "rate_limit", "server", "unavailable"]
 STATUS: dict[ErrorKind, int] = {
-    "invalid": 400, "not_found": 404, "rate_limit": 429, "server": 500, "unavailable": 503,
+    "invalid": 400,
+    "not_found": 404,
+    "rate_limit": 429,
+    "server": 500,
+    "unavailable": 503,
 }
 DEFAULT_MAX_TOKENS = 4096  # OpenAI and Gemini let callers omit the limit
 
@@ -157,12 +161,14 @@ class OpenAIWire:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": prompt.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": answer.text, "refusal": None, "annotations": []},
-                "logprobs": None,
-                "finish_reason": "length" if answer.hit_limit else "stop",
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer.text, "refusal": None, "annotations": []},
+                    "logprobs": None,
+                    "finish_reason": "length" if answer.hit_limit else "stop",
+                }
+            ],
             "usage": {
                 "prompt_tokens": input_tokens,
                 "completion_tokens": answer.tokens,
@@ -183,8 +189,11 @@ class OpenAIWire:
 class AnthropicWire:
     ROLES = frozenset({"user", "assistant"})
     TYPES: dict[ErrorKind, str] = {
-        "invalid": "invalid_request_error", "not_found": "not_found_error",
-        "rate_limit": "rate_limit_error", "server": "api_error", "unavailable": "overloaded_error",
+        "invalid": "invalid_request_error",
+        "not_found": "not_found_error",
+        "rate_limit": "rate_limit_error",
+        "server": "api_error",
+        "unavailable": "overloaded_error",
     }
 
     def parse(self, body: Any, path_model: str | None) -> Prompt:
@@ -225,8 +234,11 @@ class AnthropicWire:
 class GeminiWire:
     ROLES = {"user": "user", "model": "assistant"}
     STATUSES: dict[ErrorKind, str] = {
-        "invalid": "INVALID_ARGUMENT", "not_found": "NOT_FOUND", "rate_limit": "RESOURCE_EXHAUSTED",
-        "server": "INTERNAL", "unavailable": "UNAVAILABLE",
+        "invalid": "INVALID_ARGUMENT",
+        "not_found": "NOT_FOUND",
+        "rate_limit": "RESOURCE_EXHAUSTED",
+        "server": "INTERNAL",
+        "unavailable": "UNAVAILABLE",
     }
 
     def parse(self, body: Any, path_model: str | None) -> Prompt:
@@ -249,19 +261,19 @@ class GeminiWire:
             text = _text_blocks(content.get("parts"), f"contents[{i}].parts", part_key="text")
             pairs.append((self.ROLES[role], text))
         config = _obj(body.get("generationConfig") or {}, "generationConfig")
-        max_tokens = _positive_int(
-            config.get("maxOutputTokens"), "generationConfig.maxOutputTokens", required=False
-        )
+        max_tokens = _positive_int(config.get("maxOutputTokens"), "generationConfig.maxOutputTokens", required=False)
         _temperature(config.get("temperature"), "generationConfig.temperature", 2.0)
         return Prompt(path_model, tuple(pairs), max_tokens)
 
     def render(self, prompt: Prompt, answer: Answer, input_tokens: int) -> dict[str, Any]:
         return {
-            "candidates": [{
-                "content": {"role": "model", "parts": [{"text": answer.text}]},
-                "finishReason": "MAX_TOKENS" if answer.hit_limit else "STOP",
-                "index": 0,
-            }],
+            "candidates": [
+                {
+                    "content": {"role": "model", "parts": [{"text": answer.text}]},
+                    "finishReason": "MAX_TOKENS" if answer.hit_limit else "STOP",
+                    "index": 0,
+                }
+            ],
             "usageMetadata": {
                 "promptTokenCount": input_tokens,
                 "candidatesTokenCount": answer.tokens,

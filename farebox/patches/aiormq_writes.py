@@ -65,8 +65,9 @@ def coalesce(first: ChannelFrame, queued: list[ChannelFrame]) -> ChannelFrame:
     if not queued:
         return first
     parts = (first, *queued)
-    return CoalescedFrame(payload=b"".join(part.payload for part in parts),
-                          should_close=parts[-1].should_close, parts=parts)
+    return CoalescedFrame(
+        payload=b"".join(part.payload for part in parts), should_close=parts[-1].should_close, parts=parts
+    )
 
 
 class CoalescingFrameGenerator(_Original):
@@ -98,14 +99,26 @@ def install() -> bool:
     return True
 
 
-def persistent_properties(*, content_type: str, headers: Mapping[str, Any] | None = None,
-                          correlation_id: str | None = None, reply_to: str | None = None,
-                          message_id: str | None = None) -> aiormq.spec.Basic.Properties:
+def persistent_properties(
+    *,
+    content_type: str,
+    headers: Mapping[str, Any] | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    message_id: str | None = None,
+) -> aiormq.spec.Basic.Properties:
     """What aio-pika's ``Message(..., delivery_mode=PERSISTENT, timestamp=now).properties`` gives,
     without building the Message (it checks a lock on every attribute it sets)."""
     return aiormq.spec.Basic.Properties(
-        content_type=content_type, delivery_mode=2, priority=0, headers=dict(headers) if headers else {},
-        correlation_id=correlation_id, reply_to=reply_to, message_id=message_id, timestamp=datetime.now(tz=UTC))
+        content_type=content_type,
+        delivery_mode=2,
+        priority=0,
+        headers=dict(headers) if headers else {},
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        message_id=message_id,
+        timestamp=datetime.now(tz=UTC),
+    )
 
 
 async def ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -116,9 +129,16 @@ async def ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         await message.channel.basic_ack(message.delivery_tag, wait=False)
 
 
-async def publish(channel: aio_pika.abc.AbstractChannel, body: bytes, *, routing_key: str, exchange: str = "",
-                  properties: aiormq.spec.Basic.Properties | None = None, mandatory: bool = True,
-                  timeout: float | None = None) -> None:
+async def publish(
+    channel: aio_pika.abc.AbstractChannel,
+    body: bytes,
+    *,
+    routing_key: str,
+    exchange: str = "",
+    properties: aiormq.spec.Basic.Properties | None = None,
+    mandatory: bool = True,
+    timeout: float | None = None,
+) -> None:
     """Publish and wait for the broker's confirm, not for the socket buffer to drain. The channel
     must have publisher confirms on: without them this returns before the frame is even written.
 
@@ -131,5 +151,12 @@ async def publish(channel: aio_pika.abc.AbstractChannel, body: bytes, *, routing
         raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
     underlay = await channel.get_underlay_channel()
     assert isinstance(underlay, aiormq.Channel)
-    await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key, properties=properties,
-                                 mandatory=mandatory, timeout=timeout, wait=False)
+    await underlay.basic_publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=properties,
+        mandatory=mandatory,
+        timeout=timeout,
+        wait=False,
+    )

@@ -72,8 +72,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     # server is closing just as a POST goes out fails that call, and aiohttp does not retry it.
     KEEPALIVE_S = 4.0
 
-    def __init__(self, *, max_connections: int, ssl_context: ssl.SSLContext | None = None,
-                 keepalive_s: float = KEEPALIVE_S) -> None:
+    def __init__(
+        self, *, max_connections: int, ssl_context: ssl.SSLContext | None = None, keepalive_s: float = KEEPALIVE_S
+    ) -> None:
         self._max_connections = max_connections
         # As httpx builds it by default (certifi's CA bundle); built once, ~30 ms of CPU.
         self._ssl = ssl_context or httpx.create_ssl_context()
@@ -92,12 +93,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._proxies[key]
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl,
-                                         keepalive_timeout=self._keepalive_s)
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ssl=self._ssl, keepalive_timeout=self._keepalive_s
+        )
         # httpx decodes content-encoding itself (by the headers it is given), so aiohttp must
         # leave the body as it came; and httpx keeps the cookies, so aiohttp keeps none.
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              cookie_jar=aiohttp.DummyCookieJar())
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -108,17 +111,31 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         with map_aiohttp_exceptions(request):
             async with session.request(
                 # httpx has parsed and percent-encoded the URL already: aiohttp need not again.
-                request.method, yarl.URL(str(request.url), encoded=True), headers=_text_pairs(request.headers.raw),
-                data=await request.aread(), allow_redirects=False, compress=None, proxy=self._proxy_for(request.url),
-                timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
-                                              sock_connect=timeout.get("connect"), sock_read=timeout.get("read")),
+                request.method,
+                yarl.URL(str(request.url), encoded=True),
+                headers=_text_pairs(request.headers.raw),
+                data=await request.aread(),
+                allow_redirects=False,
+                compress=None,
+                proxy=self._proxy_for(request.url),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=timeout.get("pool"),
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                ),
             ) as response:
                 content = await response.read()
         # Raw bytes: a provider's header that is not ASCII must not fail the call.
         v = response.version
         version = f"HTTP/{v.major}.{v.minor}".encode() if v is not None else b"HTTP/1.1"
-        return httpx.Response(response.status, headers=list(response.raw_headers), content=content,
-                              request=request, extensions={"http_version": version})
+        return httpx.Response(
+            response.status,
+            headers=list(response.raw_headers),
+            content=content,
+            request=request,
+            extensions={"http_version": version},
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -34,11 +34,37 @@ from farebox.errors import REDIS_DOWN
 
 _Queued = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 # They would hold up every other job's commands, or change the connection under them.
-_ALONE = frozenset({
-    "BLPOP", "BRPOP", "BLMOVE", "BLMPOP", "BRPOPLPUSH", "BZPOPMIN", "BZPOPMAX", "BZMPOP", "XREAD",
-    "XREADGROUP", "WAIT", "WAITAOF", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH", "SELECT", "CLIENT",
-    "MONITOR", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "RESET", "AUTH", "HELLO", "QUIT",
-})
+_ALONE = frozenset(
+    {
+        "BLPOP",
+        "BRPOP",
+        "BLMOVE",
+        "BLMPOP",
+        "BRPOPLPUSH",
+        "BZPOPMIN",
+        "BZPOPMAX",
+        "BZMPOP",
+        "XREAD",
+        "XREADGROUP",
+        "WAIT",
+        "WAITAOF",
+        "MULTI",
+        "EXEC",
+        "DISCARD",
+        "WATCH",
+        "UNWATCH",
+        "SELECT",
+        "CLIENT",
+        "MONITOR",
+        "SUBSCRIBE",
+        "PSUBSCRIBE",
+        "SSUBSCRIBE",
+        "RESET",
+        "AUTH",
+        "HELLO",
+        "QUIT",
+    }
+)
 
 
 class HiredisPacking:

@@ -61,8 +61,9 @@ class AnthropicAdapter(JsonAdapter):
             raise MalformedResponse("content is not a list")
         # Only text blocks are answer text; thinking or tool blocks are not shown to the caller.
         text = "".join(
-            b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text"
-            and isinstance(b.get("text"), str)
+            b["text"]
+            for b in blocks
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         model = data.get("model") if isinstance(data.get("model"), str) else request.model
         usage = data.get("usage")

@@ -162,23 +162,28 @@ def parsed_url(url: str) -> httpx.URL:
 
 
 @functools.lru_cache(maxsize=256)
-def _json_headers(client_headers: tuple[tuple[bytes, bytes], ...],
-                  headers: tuple[tuple[str, str], ...]) -> httpx.Headers:
+def _json_headers(
+    client_headers: tuple[tuple[bytes, bytes], ...], headers: tuple[tuple[str, str], ...]
+) -> httpx.Headers:
     merged = httpx.Headers(list(client_headers))
     merged.update(dict(headers))
     merged["Content-Type"] = "application/json"
     return merged
 
 
-def json_request(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any],
-                 timeout_s: float) -> httpx.Request:
+def json_request(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any], timeout_s: float
+) -> httpx.Request:
     """The request ``client.post(url, headers=headers, json=body, timeout=timeout_s)`` would send
     (same headers, same JSON bytes), built without merging the client's defaults per call:
     ``build_request`` was a fifth of httpx's CPU per provider call (bench/http_client.py)."""
     return httpx.Request(
-        "POST", parsed_url(url), headers=_json_headers(tuple(client.headers.raw), tuple(headers.items())),
+        "POST",
+        parsed_url(url),
+        headers=_json_headers(tuple(client.headers.raw), tuple(headers.items())),
         content=json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
-        extensions={"timeout": httpx.Timeout(timeout_s).as_dict()})
+        extensions={"timeout": httpx.Timeout(timeout_s).as_dict()},
+    )
 
 
 async def post_json(
@@ -223,8 +228,13 @@ class JsonAdapter:
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
         data = await post_json(
-            self._client, self.name, self.endpoint(request), headers=self.headers(),
-            body=self.body(request), timeout_s=request.timeout_s, secret=self._api_key,
+            self._client,
+            self.name,
+            self.endpoint(request),
+            headers=self.headers(),
+            body=self.body(request),
+            timeout_s=request.timeout_s,
+            secret=self._api_key,
         )
         try:
             return self.parse(request, data)

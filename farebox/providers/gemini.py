@@ -23,9 +23,7 @@ _ROLES = {"user": "user", "assistant": "model"}
 
 
 class GeminiAdapter(JsonAdapter):
-    def __init__(
-        self, client: httpx.AsyncClient, base_url: str, api_key: str | None, *, name: str = "google"
-    ) -> None:
+    def __init__(self, client: httpx.AsyncClient, base_url: str, api_key: str | None, *, name: str = "google") -> None:
         self.name = name
         self._client = client
         self._base = base_url.rstrip("/")
@@ -76,8 +74,7 @@ class GeminiAdapter(JsonAdapter):
             raise MalformedResponse("candidates.0.content.parts is not a list")
         # Thought summaries are parts too (thought: true); they are not the answer.
         text = "".join(
-            p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)
-            and not p.get("thought")
+            p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str) and not p.get("thought")
         )
         version = data.get("modelVersion")
         model = version if isinstance(version, str) and version else request.model

@@ -37,8 +37,9 @@ def provider_client(transport: httpx.AsyncBaseTransport, *, timeout_s: float) ->
 
 
 class AdapterPool:
-    def __init__(self, make_adapter: Callable[[httpx.AsyncClient], ProviderAdapter], *, size: int,
-                 timeout_s: float) -> None:
+    def __init__(
+        self, make_adapter: Callable[[httpx.AsyncClient], ProviderAdapter], *, size: int, timeout_s: float
+    ) -> None:
         self.client = provider_client(AiohttpTransport(max_connections=size), timeout_s=timeout_s)
         self._adapter = make_adapter(self.client)
         self._slots = asyncio.Semaphore(size)

@@ -40,12 +40,23 @@ class _Builtin:
 
 
 BUILTINS = (
-    _Builtin("openai", "openai", "OPENAI_API_KEY", "OPENAI_BASE_URL",
-             "https://api.openai.com/v1", "/openai/v1"),
-    _Builtin("anthropic", "anthropic", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
-             "https://api.anthropic.com/v1", "/anthropic/v1"),
-    _Builtin("google", "gemini", "GEMINI_API_KEY", "GEMINI_BASE_URL",
-             "https://generativelanguage.googleapis.com/v1beta", "/google/v1beta"),
+    _Builtin("openai", "openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1", "/openai/v1"),
+    _Builtin(
+        "anthropic",
+        "anthropic",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "https://api.anthropic.com/v1",
+        "/anthropic/v1",
+    ),
+    _Builtin(
+        "google",
+        "gemini",
+        "GEMINI_API_KEY",
+        "GEMINI_BASE_URL",
+        "https://generativelanguage.googleapis.com/v1beta",
+        "/google/v1beta",
+    ),
 )
 
 
@@ -68,7 +79,9 @@ def _extras(env: Mapping[str, str]) -> dict[str, ProviderConfig]:
         if name in extras or any(b.name == name for b in BUILTINS):
             raise ValueError(f"{EXTRA_ENV}: provider {name!r} is defined twice")
         extras[name] = ProviderConfig(
-            name=name, kind="openai_compatible", base_url=url.rstrip("/"),
+            name=name,
+            kind="openai_compatible",
+            base_url=url.rstrip("/"),
             api_key=_env(env, key_env_name(name)),
         )
     return extras

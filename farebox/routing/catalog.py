@@ -122,9 +122,7 @@ def _parse_model(provider: str, name: str, raw: object, source: str) -> ModelInf
         raise _fail(source, target, None, f"must be an object of fields, got {type(raw).__name__}")
     for key in raw:
         if key not in KNOWN_FIELDS:
-            raise _fail(
-                source, target, str(key), f"unknown field; known fields: {', '.join(sorted(KNOWN_FIELDS))}"
-            )
+            raise _fail(source, target, str(key), f"unknown field; known fields: {', '.join(sorted(KNOWN_FIELDS))}")
     for key in _REQUIRED:
         if key not in raw:
             raise _fail(source, target, key, "missing (required)")
@@ -171,9 +169,7 @@ def parse_catalog(data: object, source: str) -> Catalog:
         if not isinstance(provider, str) or provider.startswith("_"):
             continue  # "_about" and friends: documentation inside a format without comments
         if not _PROVIDER_RE.match(provider):
-            raise _fail(
-                source, None, None, f"provider name {provider!r} may only use letters, digits and _ . -"
-            )
+            raise _fail(source, None, None, f"provider name {provider!r} may only use letters, digits and _ . -")
         if not isinstance(entries, dict):
             raise _fail(source, None, None, f"provider '{provider}' must map model names to objects")
         for name, raw in entries.items():
@@ -193,9 +189,7 @@ def load_catalog(path: str | Path) -> Catalog:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CatalogError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
+        raise CatalogError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     return parse_catalog(data, str(path))
 
 

@@ -90,9 +90,7 @@ def estimate_output_tokens(job: Job, task: str) -> int:
 def baseline_cost_usd(policy: Policy, catalog: Catalog, usage: Usage) -> float:
     model = catalog.get(policy.baseline_model)
     if model is None:
-        raise CatalogError(
-            f"policy baseline_model '{policy.baseline_model}' is not in the catalog {catalog.source}"
-        )
+        raise CatalogError(f"policy baseline_model '{policy.baseline_model}' is not in the catalog {catalog.source}")
     return cost_usd(model, usage)
 
 
@@ -122,9 +120,7 @@ def _pii_action(policy: Policy, rules: list[tuple[str, AccessRule]]) -> PiiActio
     return action
 
 
-def _needed_tier(
-    job: Job, task: str, policy: Policy, rules: list[tuple[str, AccessRule]]
-) -> tuple[int, int, str]:
+def _needed_tier(job: Job, task: str, policy: Policy, rules: list[tuple[str, AccessRule]]) -> tuple[int, int, str]:
     """(minimum tier rank, maximum tier rank, why) for an automatic route."""
     task_rule = policy.tasks.get(task)
     if "quality" not in job.model_fields_set and task_rule and task_rule.default_tier:
@@ -158,9 +154,7 @@ def _refusal(model: ModelInfo, policy: Policy, rules: list[tuple[str, AccessRule
     return None
 
 
-def _scan_messages(
-    job: Job, policy: Policy, action: PiiAction
-) -> tuple[tuple[ChatMessage, ...], list[str], bool]:
+def _scan_messages(job: Job, policy: Policy, action: PiiAction) -> tuple[tuple[ChatMessage, ...], list[str], bool]:
     """(messages to send, sorted PII kinds found, redacted?)."""
     messages = job.chat
     if action == "allow":
@@ -177,9 +171,7 @@ def _scan_messages(
     return redacted, found, True
 
 
-def _decision(
-    chosen: ModelInfo, candidates: list[str], reason: str, cost: float, redacted: bool
-) -> RouteDecision:
+def _decision(chosen: ModelInfo, candidates: list[str], reason: str, cost: float, redacted: bool) -> RouteDecision:
     return RouteDecision(
         provider=chosen.provider,
         model=chosen.model,
@@ -286,14 +278,11 @@ def choose_route(
     ):
         reason = "; ".join(
             [
-                f"no model of tier {TIERS[need]} or better fits task={task} ({why}); "
-                "using the policy's default model",
+                f"no model of tier {TIERS[need]} or better fits task={task} ({why}); using the policy's default model",
                 *notes,
             ]
         )
-        return Routed(
-            _decision(default, [default.target], reason, cost_usd(default, usage), redacted), messages
-        )
+        return Routed(_decision(default, [default.target], reason, cost_usd(default, usage), redacted), messages)
     if pii_only and wrong_pii:
         raise PolicyBlocked(
             f"personal data found in the prompt ({kinds_txt}) and no pii-approved model fits this job; "

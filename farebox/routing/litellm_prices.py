@@ -81,11 +81,7 @@ def import_litellm(
             value = entry.get(theirs_f)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 model[ours_f] = value
-        if (
-            "supports_reasoning" in entry
-            and entry.get("supports_reasoning")
-            and name.startswith(("o1", "o3", "o4"))
-        ):
+        if "supports_reasoning" in entry and entry.get("supports_reasoning") and name.startswith(("o1", "o3", "o4")):
             model["capabilities"] = ["reasoning"]  # OpenAI o-series always reason; others may switch it off
         deprecation = entry.get("deprecation_date")
         if today is not None and isinstance(deprecation, str):

@@ -25,9 +25,7 @@ class PiiFinding:
 # Every card, SSN and US phone has three digits followed (maybe after one separator) by two more.
 _DIGIT_RUN = re.compile(r"\d{3}[ .-]?\d\d")
 _IBAN_START = re.compile(r"[A-Z]{2}\d\d")
-_EMAIL = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b"
-)
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b")
 
 # Speed note: Python's re scans fast for a pattern that *starts* with a character class, and slowly for one
 # that starts with a look-behind. So the digit patterns start with the digit and ``_clear_before`` checks the
@@ -41,9 +39,7 @@ _CARD_GROUPS = frozenset({(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)})
 
 # Area 000, 666 and 9xx, group 00 and serial 0000 are never issued; separators must match (078-05-1120).
 _SSN = re.compile(r"\d{3}([- ])\d{2}\1\d{4}(?![\d-])")
-_SSN_LABELLED = re.compile(
-    r"(?i)\b(?:ssn|social security(?: number)?)\s*(?:is|:|#)?\s*(?!000|666|9)(\d{9})\b"
-)
+_SSN_LABELLED = re.compile(r"(?i)\b(?:ssn|social security(?: number)?)\s*(?:is|:|#)?\s*(?!000|666|9)(\d{9})\b")
 
 _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 

@@ -131,9 +131,7 @@ class Policy(_Strict):
 
     def budgets_for(self, tenant: str, user_tier: str | None) -> tuple[Budget, ...]:
         return tuple(
-            b
-            for b in self.budgets
-            if b.tenant in (tenant, "*") and (b.user_tier is None or b.user_tier == user_tier)
+            b for b in self.budgets if b.tenant in (tenant, "*") and (b.user_tier is None or b.user_tier == user_tier)
         )
 
 
@@ -165,9 +163,7 @@ def load_policy(path: str | Path) -> Policy:
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise CatalogError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
+        raise CatalogError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     return parse_policy(data, str(path))
 
 
@@ -176,9 +172,7 @@ def check_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> li
     accounting (baseline/default unknown); returns warnings for the rest."""
     for fld, target in (("baseline_model", policy.baseline_model), ("default_model", policy.default_model)):
         if target is not None and catalog.get(target) is None:
-            raise CatalogError(
-                f"{source}: field '{fld}': model '{target}' is not in the catalog {catalog.source}"
-            )
+            raise CatalogError(f"{source}: field '{fld}': model '{target}' is not in the catalog {catalog.source}")
     warnings = [
         f"{source}: field 'tiers.{t}': model not in the catalog (ignored)"
         for t in sorted(policy.tiers)

@@ -35,12 +35,14 @@ log = logging.getLogger("farebox.account")
 LEDGER_RETRY_MAX_S = 5.0
 
 
-def result_publish(result_json: bytes, reply_to: str | None, correlation_id: str | None,
-                   job_id: str) -> list[Publish]:
+def result_publish(result_json: bytes, reply_to: str | None, correlation_id: str | None, job_id: str) -> list[Publish]:
     if not reply_to:
         return []
-    return [Publish(routing_key=reply_to, body=result_json, correlation_id=correlation_id,
-                    message_id=job_id, caller_reply=True)]
+    return [
+        Publish(
+            routing_key=reply_to, body=result_json, correlation_id=correlation_id, message_id=job_id, caller_reply=True
+        )
+    ]
 
 
 def observe(result: JobResult) -> None:
@@ -60,8 +62,9 @@ def observe(result: JobResult) -> None:
 class AccountStage:
     name = "account"
 
-    def __init__(self, settings: Settings, store: CatalogStore, redis: Redis,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, store: CatalogStore, redis: Redis, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -82,15 +85,35 @@ class AccountStage:
         catalog, policy = self.store.current()
         result = build_result(env, catalog, policy, now=self.clock())
         # One structured line per job; the prompt only as a hash.
-        log.info("job %s %s", result.job_id, result.status, extra={
-            "job_id": result.job_id, "tenant": result.tenant, "stage": self.name, "model": result.model,
-            "provider": result.provider, "cost_usd": result.cost_usd, "cache": result.cache,
-            "latency_ms": result.latency_ms, "retries": result.retries, "prompt_hash": prompt_hash(env.job),
-            "code": result.error.code if result.error else None})
-        return await self.recorder.record_and_reply(Recording(
-            result=result, cache=self._cache_fill(env, result), lease_key=env.coalesce_key, reply_to=env.reply_to,
-            correlation_id=env.correlation_id, budgets=env.budgets,
-            reserved_usd=env.route.reserved_usd if env.route else 0.0))
+        log.info(
+            "job %s %s",
+            result.job_id,
+            result.status,
+            extra={
+                "job_id": result.job_id,
+                "tenant": result.tenant,
+                "stage": self.name,
+                "model": result.model,
+                "provider": result.provider,
+                "cost_usd": result.cost_usd,
+                "cache": result.cache,
+                "latency_ms": result.latency_ms,
+                "retries": result.retries,
+                "prompt_hash": prompt_hash(env.job),
+                "code": result.error.code if result.error else None,
+            },
+        )
+        return await self.recorder.record_and_reply(
+            Recording(
+                result=result,
+                cache=self._cache_fill(env, result),
+                lease_key=env.coalesce_key,
+                reply_to=env.reply_to,
+                correlation_id=env.correlation_id,
+                budgets=env.budgets,
+                reserved_usd=env.route.reserved_usd if env.route else 0.0,
+            )
+        )
 
     def _cache_fill(self, env: Envelope, result: JobResult) -> CacheFill | None:
         if env.cache_key is None or result.status != "ok" or env.cache_status != "miss" or env.outcome is None:
@@ -154,5 +177,12 @@ class Recorder:
         return Handled([*reply, *alerts])
 
     async def _record(self, rec: Recording, result_json: str) -> Recorded:
-        return await self.ledger.record(rec.result, ts=self.clock(), cache=rec.cache, lease_key=rec.lease_key,
-                                        budgets=rec.budgets, reserved_usd=rec.reserved_usd, result_json=result_json)
+        return await self.ledger.record(
+            rec.result,
+            ts=self.clock(),
+            cache=rec.cache,
+            lease_key=rec.lease_key,
+            budgets=rec.budgets,
+            reserved_usd=rec.reserved_usd,
+            result_json=result_json,
+        )

@@ -54,8 +54,9 @@ class Batcher:
     """Coalesces publishes to the same queue; ``add`` returns a future that resolves when the
     message holding the publish is confirmed (or fails as the publish failed)."""
 
-    def __init__(self, send: Callable[[Publish], Awaitable[None]], stage: str, *, max_items: int,
-                 linger_s: float) -> None:
+    def __init__(
+        self, send: Callable[[Publish], Awaitable[None]], stage: str, *, max_items: int, linger_s: float
+    ) -> None:
         self._send = send
         self._sizes = metrics.BATCH_SIZE.labels(stage)
         self._max = max_items
@@ -105,9 +106,15 @@ class Batcher:
         if len(batch) == 1:
             message = batch[0][0]
         else:
-            message = replace(batch[0][0], body=b"\n".join(p.body for p, _ in batch), headers={H_BATCH: len(batch)},
-                              content_type=BATCH_CONTENT_TYPE, reply_to=None, correlation_id=None,
-                              message_id=None)
+            message = replace(
+                batch[0][0],
+                body=b"\n".join(p.body for p, _ in batch),
+                headers={H_BATCH: len(batch)},
+                content_type=BATCH_CONTENT_TYPE,
+                reply_to=None,
+                correlation_id=None,
+                message_id=None,
+            )
         error: BaseException | None = None
         try:
             await self._send(message)

@@ -61,14 +61,25 @@ def period_id(period: str, ts: float) -> str:
     return f"{period}:" + time.strftime("%Y-%m-%d" if period == "day" else "%Y-%m", time.gmtime(ts))
 
 
-def holds_for(policy: Policy, keys: RedisKeys, tenant: str, user_tier: str | None,
-              ts: float) -> list[tuple[Budget, BudgetHold]]:
+def holds_for(
+    policy: Policy, keys: RedisKeys, tenant: str, user_tier: str | None, ts: float
+) -> list[tuple[Budget, BudgetHold]]:
     out = []
     for budget in policy.budgets_for(tenant, user_tier):
         who = tenant if budget.user_tier is None else f"{tenant}:{budget.user_tier}"
         period = period_id(budget.period, ts)
-        out.append((budget, BudgetHold(key=keys.budget(who, period), tenant=tenant, period=period,
-                                       limit_usd=budget.limit_usd, alerts=budget.alerts)))
+        out.append(
+            (
+                budget,
+                BudgetHold(
+                    key=keys.budget(who, period),
+                    tenant=tenant,
+                    period=period,
+                    limit_usd=budget.limit_usd,
+                    alerts=budget.alerts,
+                ),
+            )
+        )
     return out
 
 
@@ -78,8 +89,7 @@ class BudgetBook:
         self.keys = keys
         self._reserve = redis.register_script(_RESERVE)
 
-    async def reserve(self, job_id: str, holds: list[BudgetHold], estimate_usd: float, *,
-                      force: bool = False) -> int:
+    async def reserve(self, job_id: str, holds: list[BudgetHold], estimate_usd: float, *, force: bool = False) -> int:
         """0 if reserved in every budget (or already, for this job), else the 1-based index of the
         first one without room."""
         if not holds:
@@ -105,8 +115,9 @@ class BudgetAlerts:
         self.webhook_url = settings.alert_webhook_url
         self._posts: set[asyncio.Task[None]] = set()
 
-    async def check(self, holds: Sequence[BudgetHold], spent_usd: Sequence[float], *,
-                    exhausted: bool = False) -> list[Publish]:
+    async def check(
+        self, holds: Sequence[BudgetHold], spent_usd: Sequence[float], *, exhausted: bool = False
+    ) -> list[Publish]:
         """Alerts for thresholds the spend has reached; ``exhausted`` (a job was just refused or
         downgraded for this budget) counts as having reached all of them."""
         out = []
@@ -118,16 +129,29 @@ class BudgetAlerts:
                 if ratio < threshold or not await self.redis.sadd(fired, f"{threshold:g}"):
                     continue
                 await self.redis.expire(fired, PERIOD_TTL_S)
-                alert = {"type": "budget", "tenant": hold.tenant, "period": hold.period,
-                         "threshold": threshold, "spent_usd": round(spent, 9), "limit_usd": hold.limit_usd,
-                         "ts": round(time.time(), 3)}
-                log.warning("budget alert: tenant %s has spent %.0f%% of its %s budget ($%.6f of $%.2f)",
-                            hold.tenant, 100 * ratio, hold.period, spent, hold.limit_usd,
-                            extra={"tenant": hold.tenant, "threshold": threshold})
+                alert = {
+                    "type": "budget",
+                    "tenant": hold.tenant,
+                    "period": hold.period,
+                    "threshold": threshold,
+                    "spent_usd": round(spent, 9),
+                    "limit_usd": hold.limit_usd,
+                    "ts": round(time.time(), 3),
+                }
+                log.warning(
+                    "budget alert: tenant %s has spent %.0f%% of its %s budget ($%.6f of $%.2f)",
+                    hold.tenant,
+                    100 * ratio,
+                    hold.period,
+                    spent,
+                    hold.limit_usd,
+                    extra={"tenant": hold.tenant, "threshold": threshold},
+                )
                 metrics.BUDGET_ALERTS.labels(hold.tenant, f"{threshold:g}").inc()
                 body = json.dumps(alert).encode()
-                out.append(Publish(exchange=self.exchange, routing_key=f"budget.{hold.tenant}", body=body,
-                                   mandatory=False))
+                out.append(
+                    Publish(exchange=self.exchange, routing_key=f"budget.{hold.tenant}", body=body, mandatory=False)
+                )
                 if self.webhook_url:
                     task = asyncio.get_running_loop().create_task(self._post(body))
                     self._posts.add(task)

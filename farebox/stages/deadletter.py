@@ -44,8 +44,10 @@ def _death_reason(headers: dict[str, Any]) -> str:
         first = deaths[0]
         reason, queue = as_text(first.get("reason", b"")), as_text(first.get("queue", b""))
         if reason == "delivery_limit":
-            return (f"the job failed repeatedly in {queue} and hit the delivery limit; "
-                    f"it is kept in the dead-letter queue for inspection")
+            return (
+                f"the job failed repeatedly in {queue} and hit the delivery limit; "
+                f"it is kept in the dead-letter queue for inspection"
+            )
         return f"dead-lettered from {queue} ({reason})"
     return "dead-lettered"
 
@@ -90,11 +92,16 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
         # Deterministic, so a redelivered dead letter is still recorded only once.
         job_id = delivery.message_id or "invalid-" + hashlib.sha256(delivery.body).hexdigest()[:24]
     return DeadLetter(
-        job_id=job_id[:200], tenant=(tenant or "default")[:64],
+        job_id=job_id[:200],
+        tenant=(tenant or "default")[:64],
         code=code if code in ERROR_CODES else "internal",
         reason=str(reason) if reason else _death_reason(headers),
-        reply_to=reply_to or None, correlation_id=correlation_id,
-        lease_key=lease, metadata=metadata, budgets=budgets, reserved_usd=reserved,
+        reply_to=reply_to or None,
+        correlation_id=correlation_id,
+        lease_key=lease,
+        metadata=metadata,
+        budgets=budgets,
+        reserved_usd=reserved,
     )
 
 
@@ -116,8 +123,20 @@ class DeadLetterStage:
         return Handled([])
 
     async def handle(self, item: DeadLetter, delivery: Delivery) -> Handled:
-        result = JobResult(job_id=item.job_id, tenant=item.tenant, status="error", metadata=item.metadata,
-                           error=ErrorInfo(code=item.code, message=item.reason))
-        return await self.recorder.record_and_reply(Recording(
-            result=result, lease_key=item.lease_key, reply_to=item.reply_to, correlation_id=item.correlation_id,
-            budgets=item.budgets, reserved_usd=item.reserved_usd))
+        result = JobResult(
+            job_id=item.job_id,
+            tenant=item.tenant,
+            status="error",
+            metadata=item.metadata,
+            error=ErrorInfo(code=item.code, message=item.reason),
+        )
+        return await self.recorder.record_and_reply(
+            Recording(
+                result=result,
+                lease_key=item.lease_key,
+                reply_to=item.reply_to,
+                correlation_id=item.correlation_id,
+                budgets=item.budgets,
+                reserved_usd=item.reserved_usd,
+            )
+        )

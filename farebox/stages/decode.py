@@ -20,15 +20,15 @@ from farebox.stages.stage import Delivery
 
 def parse_job(body: bytes, max_body_bytes: int) -> Job:
     if len(body) > max_body_bytes:
-        raise InvalidRequest(f"message body is {len(body)} bytes; the limit is {max_body_bytes} "
-                             "(FAREBOX_MAX_BODY_BYTES)")
+        raise InvalidRequest(
+            f"message body is {len(body)} bytes; the limit is {max_body_bytes} (FAREBOX_MAX_BODY_BYTES)"
+        )
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise InvalidRequest(f"body is not UTF-8 (bad byte at offset {err.start})") from None
     except json.JSONDecodeError as err:
-        raise InvalidRequest(f"body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") \
-            from None
+        raise InvalidRequest(f"body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     except RecursionError:
         raise InvalidRequest("body JSON is nested too deeply") from None
     if not isinstance(data, dict):

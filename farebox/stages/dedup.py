@@ -54,8 +54,9 @@ return {'wait'}
 class DedupStage(EnvelopeStage):
     name = "dedup"
 
-    def __init__(self, settings: Settings, redis: Redis, rules: Callable[[], CacheRules],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, rules: Callable[[], CacheRules], clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.rules = rules
@@ -88,10 +89,17 @@ class DedupStage(EnvelopeStage):
 
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
         use_cache = env.cache_key is not None and env.job.cache.mode == "use"
-        keys = [self.keys.result(env.job_id), self.keys.cache(env.cache_key or "-"),
-                self.keys.inflight(env.coalesce_key or "-")]
-        args: list[str | int] = [env.job_id, self.settings.leader_lease_s, int(use_cache),
-                                 int(env.coalesce_key is not None)]
+        keys = [
+            self.keys.result(env.job_id),
+            self.keys.cache(env.cache_key or "-"),
+            self.keys.inflight(env.coalesce_key or "-"),
+        ]
+        args: list[str | int] = [
+            env.job_id,
+            self.settings.leader_lease_s,
+            int(use_cache),
+            int(env.coalesce_key is not None),
+        ]
         state, *value = await self._decide_script(keys=keys, args=args)
         state = as_text(state)
         if state == "answered":

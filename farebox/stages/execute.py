@@ -38,20 +38,33 @@ def next_target(env: Envelope, failed: str, unhealthy: frozenset[str] = frozense
     is not open."""
     assert env.route is not None
     tried = set(env.fallbacks) | {failed}
-    return next((c for c in env.route.candidates
-                 if c not in tried and c not in unhealthy and c.split("/", 1)[0] not in unhealthy), None)
+    return next(
+        (
+            c
+            for c in env.route.candidates
+            if c not in tried and c not in unhealthy and c.split("/", 1)[0] not in unhealthy
+        ),
+        None,
+    )
 
 
 class ExecuteStage(EnvelopeStage):
     name = "execute"
 
-    def __init__(self, settings: Settings, provider: str, adapters: AdapterPool, redis: Redis,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        provider: str,
+        adapters: AdapterPool,
+        redis: Redis,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.provider = provider
         self.adapters = adapters
-        self.limiter = SharedLimiter(redis, settings.keys, provider,
-                                     settings.provider_limits.get(provider, ProviderLimits()), clock=clock)
+        self.limiter = SharedLimiter(
+            redis, settings.keys, provider, settings.provider_limits.get(provider, ProviderLimits()), clock=clock
+        )
         # Enough unacked messages to keep every call slot busy (I/O-bound, not CPU-bound).
         self.prefetch = max(settings.prefetch, settings.provider_concurrency)
         self.redis = redis
@@ -76,8 +89,13 @@ class ExecuteStage(EnvelopeStage):
             kept = await self._kept_outcome(env.job_id)
             if kept is not None:
                 return Handled([envelope_publish(env.model_copy(update={"outcome": kept}), self.account_queue)])
-        request = ProviderRequest(model=env.route.model, messages=env.job.chat, max_tokens=env.job.max_tokens,
-                                  temperature=env.job.temperature, timeout_s=self.settings.provider_timeout_s)
+        request = ProviderRequest(
+            model=env.route.model,
+            messages=env.job.chat,
+            max_tokens=env.job.max_tokens,
+            temperature=env.job.temperature,
+            timeout_s=self.settings.provider_timeout_s,
+        )
         started = self.clock()
         # The retry budget is per job, across every candidate it falls back to.
         budget_left = max(0, self.settings.provider_retry_budget - env.retries)
@@ -92,16 +110,26 @@ class ExecuteStage(EnvelopeStage):
             async with self.adapters.adapter() as adapter:
                 limited = LimitedAdapter(adapter, self.limiter, env.deadline_at) if self.limiter.active else adapter
                 reply, retries = await call_with_retries(
-                    limited, request, max_attempts=min(self.settings.provider_max_attempts, budget_left + 1),
-                    deadline_at=env.deadline_at, on_retry=on_retry)
+                    limited,
+                    request,
+                    max_attempts=min(self.settings.provider_max_attempts, budget_left + 1),
+                    deadline_at=env.deadline_at,
+                    on_retry=on_retry,
+                )
         except RetryableError as err:
             return await self._fall_back(env.model_copy(update={"retries": env.retries + retried}), err)
         self._failures.pop(env.route.target, None)
         self._failures.pop(self.provider, None)
         latency = self.clock() - started
         metrics.child(metrics.LATENCY, env.route.model, self.provider).observe(latency)
-        outcome = Outcome(content=reply.content, provider=self.provider, model=env.route.model,
-                          usage=reply.usage, latency_s=round(latency, 4), retries=retries)
+        outcome = Outcome(
+            content=reply.content,
+            provider=self.provider,
+            model=env.route.model,
+            usage=reply.usage,
+            latency_s=round(latency, 4),
+            retries=retries,
+        )
         await self._keep_outcome(env.job_id, outcome)
         return Handled([envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)])
 
@@ -111,19 +139,28 @@ class ExecuteStage(EnvelopeStage):
         for name, threshold in ((failed, CIRCUIT_THRESHOLD), (self.provider, PROVIDER_CIRCUIT_THRESHOLD)):
             self._failures[name] = self._failures.get(name, 0) + 1
             if self._failures[name] >= threshold:
-                log.warning("%s: %d jobs in a row exhausted their retries; circuit open for %.0fs",
-                            name, self._failures[name], CIRCUIT_COOL_DOWN_S)
+                log.warning(
+                    "%s: %d jobs in a row exhausted their retries; circuit open for %.0fs",
+                    name,
+                    self._failures[name],
+                    CIRCUIT_COOL_DOWN_S,
+                )
                 await self.health.open_circuit(name, CIRCUIT_COOL_DOWN_S)
                 self._failures[name] = 0
         names = {*env.route.candidates, *(c.split("/", 1)[0] for c in env.route.candidates)}
         target = next_target(env, failed, await self.health.unhealthy(names))
         if target is None:
-            raise ProviderExhausted(f"{failed} failed after {env.retries} retries in all ({err}); "
-                                    "no healthy fallback candidate left")
+            raise ProviderExhausted(
+                f"{failed} failed after {env.retries} retries in all ({err}); no healthy fallback candidate left"
+            )
         provider, model = target.split("/", 1)
-        route = env.route.model_copy(update={
-            "provider": provider, "model": model,
-            "reason": f"{env.route.reason}; fell back from {failed} ({type(err).__name__})"})
+        route = env.route.model_copy(
+            update={
+                "provider": provider,
+                "model": model,
+                "reason": f"{env.route.reason}; fell back from {failed} ({type(err).__name__})",
+            }
+        )
         moved = env.model_copy(update={"route": route, "fallbacks": (*env.fallbacks, failed)})
         return Handled([envelope_publish(moved, self.topo.execute(provider))])
 

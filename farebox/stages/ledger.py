@@ -75,14 +75,24 @@ def nano(usd: float) -> int:
 
 
 def entry_json(result: JobResult, *, ts: float) -> str:
-    return json.dumps({
-        "job_id": result.job_id, "tenant": result.tenant or "default", "provider": result.provider or "",
-        "model": result.model or "", "status": result.status, "cache": result.cache,
-        "code": result.error.code if result.error else None,
-        "cost_usd": result.cost_usd, "baseline_cost_usd": result.baseline_cost_usd,
-        "input_tokens": result.usage.input_tokens, "output_tokens": result.usage.output_tokens,
-        "ts": round(ts, 3), "day": utc_day(ts),
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "job_id": result.job_id,
+            "tenant": result.tenant or "default",
+            "provider": result.provider or "",
+            "model": result.model or "",
+            "status": result.status,
+            "cache": result.cache,
+            "code": result.error.code if result.error else None,
+            "cost_usd": result.cost_usd,
+            "baseline_cost_usd": result.baseline_cost_usd,
+            "input_tokens": result.usage.input_tokens,
+            "output_tokens": result.usage.output_tokens,
+            "ts": round(ts, 3),
+            "day": utc_day(ts),
+        },
+        separators=(",", ":"),
+    )
 
 
 class Ledger:
@@ -92,9 +102,17 @@ class Ledger:
         self.result_ttl_s = result_ttl_s
         self._script = redis.register_script(_RECORD)
 
-    async def record(self, result: JobResult, *, ts: float, cache: CacheFill | None, lease_key: str | None,
-                     budgets: Sequence[BudgetHold] = (), reserved_usd: float = 0.0,
-                     result_json: str | None = None) -> Recorded:
+    async def record(
+        self,
+        result: JobResult,
+        *,
+        ts: float,
+        cache: CacheFill | None,
+        lease_key: str | None,
+        budgets: Sequence[BudgetHold] = (),
+        reserved_usd: float = 0.0,
+        result_json: str | None = None,
+    ) -> Recorded:
         """Record the job once. ``existing`` is the previously stored result when the job was
         already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
         after settling this job (empty on a replay). ``result_json`` is the result already
@@ -112,14 +130,26 @@ class Ledger:
             *(hold.key for hold in budgets),
         ]
         args: list[str | int | float] = [
-            result_json or result.model_dump_json(), self.result_ttl_s, entry_json(result, ts=ts), field_prefix,
-            nano(result.cost_usd), nano(result.baseline_cost_usd),
-            result.usage.input_tokens, result.usage.output_tokens,
-            1 if result.cache != "miss" else 0, 1 if result.status == "error" else 0, day,
-            cache.value if cache else "", cache.ttl_s if cache else 0,
-            result.job_id if lease_key else "", STREAM_MAXLEN, nano(reserved_usd),
+            result_json or result.model_dump_json(),
+            self.result_ttl_s,
+            entry_json(result, ts=ts),
+            field_prefix,
+            nano(result.cost_usd),
+            nano(result.baseline_cost_usd),
+            result.usage.input_tokens,
+            result.usage.output_tokens,
+            1 if result.cache != "miss" else 0,
+            1 if result.status == "error" else 0,
+            day,
+            cache.value if cache else "",
+            cache.ttl_s if cache else 0,
+            result.job_id if lease_key else "",
+            STREAM_MAXLEN,
+            nano(reserved_usd),
         ]
         reply = await self._script(keys=keys, args=args)
         existing = reply[0] if reply else None
-        return Recorded(existing=existing.encode() if isinstance(existing, str) else existing,
-                        spent_usd=tuple(int(v) / NANO for v in reply[1:]))
+        return Recorded(
+            existing=existing.encode() if isinstance(existing, str) else existing,
+            spent_usd=tuple(int(v) / NANO for v in reply[1:]),
+        )

@@ -73,8 +73,16 @@ return 0
 
 
 class SharedLimiter:
-    def __init__(self, redis: Redis, keys: RedisKeys, provider: str, limits: ProviderLimits, *,
-                 clock: Callable[[], float] = time.time, poll_max_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: RedisKeys,
+        provider: str,
+        limits: ProviderLimits,
+        *,
+        clock: Callable[[], float] = time.time,
+        poll_max_s: float = 1.0,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.provider = provider
@@ -105,8 +113,9 @@ class SharedLimiter:
     async def try_slot(self, lease_id: str) -> bool:
         if not self.limits.concurrency:
             return True
-        got = await self._slot(keys=[self.keys.concurrency(self.provider)],
-                               args=[self.limits.concurrency, lease_id, LEASE_S])
+        got = await self._slot(
+            keys=[self.keys.concurrency(self.provider)], args=[self.limits.concurrency, lease_id, LEASE_S]
+        )
         return bool(got)
 
     async def release_slot(self, lease_id: str) -> None:
@@ -138,8 +147,7 @@ class SharedLimiter:
         while (wait := await self.try_rate(tokens)) > 0:
             await self._sleep(wait, deadline_at, "its rate limit")
 
-    async def _wait_until(self, attempt: Callable[[], Awaitable[bool]], deadline_at: float | None,
-                          what: str) -> None:
+    async def _wait_until(self, attempt: Callable[[], Awaitable[bool]], deadline_at: float | None, what: str) -> None:
         delay = 0.01
         while not await attempt():
             await self._sleep(delay, deadline_at, what)

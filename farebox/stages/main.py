@@ -37,8 +37,9 @@ log = logging.getLogger("farebox.worker")
 def make_redis(settings: Settings) -> Redis:
     # The commands of concurrently handled jobs go out together (farebox/patches/redis_pipelining.py).
     # Short timeouts: a Redis outage must be noticed in about a second, not stall the pipeline.
-    return PipeliningRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
-                                     health_check_interval=10)
+    return PipeliningRedis.from_url(
+        settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10
+    )
 
 
 def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:
@@ -57,9 +58,14 @@ def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:
     return current
 
 
-async def run_stage(settings: Settings, stage: str, *, provider: str | None = None,
-                    stop: asyncio.Event | None = None,
-                    on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+async def run_stage(
+    settings: Settings,
+    stage: str,
+    *,
+    provider: str | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Run one stage (``account`` also answers dead letters) until ``stop`` is set."""
     stop = stop or asyncio.Event()
     store = CatalogStore(settings.catalog, settings.policy)
@@ -79,8 +85,11 @@ async def run_stage(settings: Settings, stage: str, *, provider: str | None = No
         if provider not in configs:
             raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
         config = configs[provider]
-        pool = AdapterPool(lambda client: build_adapter(config, client), size=settings.provider_concurrency,
-                           timeout_s=settings.provider_timeout_s)
+        pool = AdapterPool(
+            lambda client: build_adapter(config, client),
+            size=settings.provider_concurrency,
+            timeout_s=settings.provider_timeout_s,
+        )
         cores = [ExecuteStage(settings, provider, pool, redis)]
     elif stage == "account":
         cores = [AccountStage(settings, store, redis), DeadLetterStage(settings, redis)]

@@ -25,5 +25,8 @@ class RedisHealth:
         if self.up:
             self.up = False
             metrics.REDIS_UP.labels(self.stage).set(0)
-            log.error("stage %s: Redis unreachable (%s); serving without cache/dedup until it returns",
-                      self.stage, type(err).__name__)
+            log.error(
+                "stage %s: Redis unreachable (%s); serving without cache/dedup until it returns",
+                self.stage,
+                type(err).__name__,
+            )

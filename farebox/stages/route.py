@@ -25,8 +25,9 @@ from farebox.tokens import count_messages
 class RouteStage(EnvelopeStage):
     name = "route"
 
-    def __init__(self, settings: Settings, store: CatalogStore, redis: Redis,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, store: CatalogStore, redis: Redis, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -62,9 +63,16 @@ class RouteStage(EnvelopeStage):
         decided = env.model_copy(update=update)
         return Handled([envelope_publish(decided, self.topo.execute(routed.decision.provider)), *alerts])
 
-    async def _reserve(self, env: Envelope, routed: Routed, holds: list[tuple[Budget, BudgetHold]],
-                       catalog: Catalog, policy: Policy, input_tokens: int,
-                       unhealthy: frozenset[str]) -> tuple[Routed, tuple[BudgetHold, ...], list[Publish]]:
+    async def _reserve(
+        self,
+        env: Envelope,
+        routed: Routed,
+        holds: list[tuple[Budget, BudgetHold]],
+        catalog: Catalog,
+        policy: Policy,
+        input_tokens: int,
+        unhealthy: frozenset[str],
+    ) -> tuple[Routed, tuple[BudgetHold, ...], list[Publish]]:
         """Reserve the estimate in every budget of the tenant; on exceed apply the policy's action
         (and raise any alert of that budget not raised yet this period)."""
         budgets = [b for b, _ in holds]
@@ -78,10 +86,14 @@ class RouteStage(EnvelopeStage):
             budget, hold = budgets[full - 1], held[full - 1]
             alerts = await self.alerts.check([hold], [await self.book.spent_usd(hold)], exhausted=True)
             if budget.action == "reject" or any(b.action == "reject" for b in budgets[full:]):
-                raise BudgetRefusal(alerts, f"tenant {hold.tenant!r} has used its {budget.period} budget of "
-                                            f"${budget.limit_usd:g} ({hold.period}); the job was not run")
-            routed = choose_route(env.job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy,
-                                  downgrade=True)
+                raise BudgetRefusal(
+                    alerts,
+                    f"tenant {hold.tenant!r} has used its {budget.period} budget of "
+                    f"${budget.limit_usd:g} ({hold.period}); the job was not run",
+                )
+            routed = choose_route(
+                env.job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, downgrade=True
+            )
             await self.book.reserve(env.job_id, list(held), routed.decision.estimated_cost_usd, force=True)
         decision = routed.decision.model_copy(update={"reserved_usd": routed.decision.estimated_cost_usd})
         return Routed(decision=decision, messages=routed.messages), held, alerts

@@ -95,8 +95,11 @@ class Worker:
         self._prefetch: int = getattr(core, "prefetch", settings.prefetch)  # a core may need more (execute)
         # Jobs handled at once: what the prefetch allows for messages of one job each.
         self._slots = asyncio.Semaphore(self._prefetch)
-        self._batcher = (Batcher(self._publish, core.name, max_items=settings.batch_max,
-                                 linger_s=settings.batch_linger_ms / 1000) if settings.batch_max > 1 else None)
+        self._batcher = (
+            Batcher(self._publish, core.name, max_items=settings.batch_max, linger_s=settings.batch_linger_ms / 1000)
+            if settings.batch_max > 1
+            else None
+        )
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractRobustChannel | None = None
@@ -131,8 +134,7 @@ class Worker:
         if self._channel is None:
             return
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._channel.set_qos(prefetch_count=self._prefetch), 5)
+            await asyncio.wait_for(self._channel.set_qos(prefetch_count=self._prefetch), 5)
 
     async def _start(self, connection: AbstractRobustConnection) -> list[tuple[Any, Any]]:
         """Open the channel, declare the topology and consume; tried again while the connection
@@ -156,8 +158,13 @@ class Worker:
                     consumers.append((queue, await queue.consume(self._callback(name))))
                 return consumers
             except BROKER_DOWN as err:
-                log.warning("stage %s: could not start consuming (%s: %s); trying again in %.1fs",
-                            self.core.name, type(err).__name__, err, delay)
+                log.warning(
+                    "stage %s: could not start consuming (%s: %s); trying again in %.1fs",
+                    self.core.name,
+                    type(err).__name__,
+                    err,
+                    delay,
+                )
                 if channel is not None:
                     with contextlib.suppress(Exception):
                         await channel.close()  # a half-set-up robust channel must not be restored as well
@@ -202,8 +209,13 @@ class Worker:
         done = await asyncio.gather(*(self._job_of_batch(job, owed.release) for job in jobs), return_exceptions=True)
         failed = [d for d in done if isinstance(d, BaseException)]
         if failed:  # only when even dead-lettering a job failed: every job has finished either way
-            log.error("stage %s: %d job(s) of a batch of %d could not be settled (%s); batch requeued",
-                      self.core.name, len(failed), len(jobs), type(failed[0]).__name__)
+            log.error(
+                "stage %s: %d job(s) of a batch of %d could not be settled (%s); batch requeued",
+                self.core.name,
+                len(failed),
+                len(jobs),
+                type(failed[0]).__name__,
+            )
         await _settle(message, ack=not failed, requeue=bool(failed))
 
     async def _job_of_batch(self, delivery: Delivery, release: Callable[[], None]) -> None:
@@ -221,9 +233,13 @@ class Worker:
                 return
             release = _nothing  # counted once, on the first attempt
             if attempt >= self.settings.delivery_limit:
-                await self._dead_letter(delivery, DeliveryLimitReached(
-                    f"the job failed {attempt} times in {delivery.queue} and hit the delivery limit; "
-                    "it is kept in the dead-letter queue for inspection"))
+                await self._dead_letter(
+                    delivery,
+                    DeliveryLimitReached(
+                        f"the job failed {attempt} times in {delivery.queue} and hit the delivery limit; "
+                        "it is kept in the dead-letter queue for inspection"
+                    ),
+                )
                 return
             attempt += 1
             await asyncio.sleep(verdict)
@@ -276,8 +292,12 @@ class Worker:
             return delay
         except Exception:
             metrics.ERRORS.labels(stage, "internal").inc()
-            log.exception("stage %s: job %s failed (delivery %d); it will be retried", stage, _job_id(env),
-                          delivery.delivery_count + 1)
+            log.exception(
+                "stage %s: job %s failed (delivery %d); it will be retried",
+                stage,
+                _job_id(env),
+                delivery.delivery_count + 1,
+            )
             return 0.5
 
     def _done_handling(self) -> None:
@@ -297,8 +317,13 @@ class Worker:
         return direct, batched
 
     def _batches(self, p: Publish) -> bool:
-        return (not p.exchange and not p.headers and p.mandatory and not p.caller_reply
-                and self._topology.is_batched(p.routing_key))
+        return (
+            not p.exchange
+            and not p.headers
+            and p.mandatory
+            and not p.caller_reply
+            and self._topology.is_batched(p.routing_key)
+        )
 
     async def _dead_letter(self, delivery: Delivery, err: PermanentError) -> None:
         stage = self.core.name
@@ -316,18 +341,32 @@ class Worker:
             # Built per attempt: aiormq writes a random message_id into properties without one, and
             # a late return of an earlier attempt must not match this one.
             properties = aiormq_writes.persistent_properties(
-                content_type=p.content_type, headers=p.headers, correlation_id=p.correlation_id,
-                reply_to=p.reply_to, message_id=p.message_id)
+                content_type=p.content_type,
+                headers=p.headers,
+                correlation_id=p.correlation_id,
+                reply_to=p.reply_to,
+                message_id=p.message_id,
+            )
             try:
                 # Not waiting for the socket: this stage's publishes of one turn share a write.
-                await aiormq_writes.publish(self._channel, p.body, exchange=p.exchange, routing_key=p.routing_key,
-                                          properties=properties, mandatory=p.mandatory, timeout=30)
+                await aiormq_writes.publish(
+                    self._channel,
+                    p.body,
+                    exchange=p.exchange,
+                    routing_key=p.routing_key,
+                    properties=properties,
+                    mandatory=p.mandatory,
+                    timeout=30,
+                )
                 return
             except aiormq.exceptions.PublishError:
                 if p.caller_reply:
                     metrics.MESSAGES.labels(self.core.name, "reply_unroutable").inc()
-                    log.warning("stage %s: reply queue is gone; result dropped (it stays in the "
-                                "result store for a retry with the same job_id)", self.core.name)
+                    log.warning(
+                        "stage %s: reply queue is gone; result dropped (it stays in the "
+                        "result store for a retry with the same job_id)",
+                        self.core.name,
+                    )
                     return
                 raise
             except aiormq.exceptions.DeliveryError:

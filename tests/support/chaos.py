@@ -31,21 +31,35 @@ class FaultReport:
 
     def row(self) -> str:
         resume = f"{max(self.resume_s):.1f}" if self.resume_s else "-"
-        return (f"| {self.name} | {self.jobs} | {self.results} | {self.lost} | {self.double_charged} | "
-                f"{self.repeated_results} | {self.errors} | {resume} | {self.elapsed_s:.0f} |")
+        return (
+            f"| {self.name} | {self.jobs} | {self.results} | {self.lost} | {self.double_charged} | "
+            f"{self.repeated_results} | {self.errors} | {resume} | {self.elapsed_s:.0f} |"
+        )
 
 
-HEADER = ["| fault | jobs | results | lost | double charges | repeated results | error results "
-          "| max resume s | run s |", "|---|---|---|---|---|---|---|---|---|"]
+HEADER = [
+    "| fault | jobs | results | lost | double charges | repeated results | error results | max resume s | run s |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
 
 
 def distinct_jobs(n: int, tag: str) -> list[dict[str, object]]:
-    return [{"prompt": f"{tag}: summarize record {i}", "task": "summarize", "quality": "low", "max_tokens": 30,
-             "tenant": "acme", "job_id": f"{tag}-{i}"} for i in range(n)]
+    return [
+        {
+            "prompt": f"{tag}: summarize record {i}",
+            "task": "summarize",
+            "quality": "low",
+            "max_tokens": 30,
+            "tenant": "acme",
+            "job_id": f"{tag}-{i}",
+        }
+        for i in range(n)
+    ]
 
 
-async def account_for(report: FaultReport, results: list[JobResult], jobs: list[dict[str, object]],
-                      redis: Redis, settings: Settings) -> FaultReport:
+async def account_for(
+    report: FaultReport, results: list[JobResult], jobs: list[dict[str, object]], redis: Redis, settings: Settings
+) -> FaultReport:
     """Fill lost / double-charge figures from the results and the ledger."""
     wanted = {str(j["job_id"]) for j in jobs}
     got = {r.job_id for r in results}
@@ -61,8 +75,9 @@ async def account_for(report: FaultReport, results: list[JobResult], jobs: list[
     return report
 
 
-async def _stream(client: FareboxClient, jobs: list[dict[str, object]], stamps: list[float],
-                  max_in_flight: int) -> list[JobResult]:
+async def _stream(
+    client: FareboxClient, jobs: list[dict[str, object]], stamps: list[float], max_in_flight: int
+) -> list[JobResult]:
     out = []
     async for r in client.stream(jobs, max_in_flight=max_in_flight):
         out.append(r)
@@ -75,8 +90,9 @@ def resumed_after(stamps: list[float], at: float) -> float:
     return (later[0] - at) if later else float("inf")
 
 
-async def kill9_each_stage(settings: Settings, redis: Redis, emulator: str, *, jobs: int = 5000,
-                           rounds: int = 3) -> FaultReport:
+async def kill9_each_stage(
+    settings: Settings, redis: Redis, emulator: str, *, jobs: int = 5000, rounds: int = 3
+) -> FaultReport:
     s = settings.model_copy(update={"emulator_url": emulator})
     report = FaultReport(f"kill -9 of each stage x{rounds}", jobs)
     batch = distinct_jobs(jobs, f"k9{settings.namespace[-6:]}")
@@ -101,8 +117,9 @@ async def kill9_each_stage(settings: Settings, redis: Redis, emulator: str, *, j
     return await account_for(report, results, batch, redis, s)
 
 
-async def broker_outage(settings: Settings, redis: Redis, emulator: str, *, jobs: int = 2000,
-                        cuts: int = 2, outage_s: float = 3.0) -> FaultReport:
+async def broker_outage(
+    settings: Settings, redis: Redis, emulator: str, *, jobs: int = 2000, cuts: int = 2, outage_s: float = 3.0
+) -> FaultReport:
     """A TCP proxy between the workers and the broker drops every connection and refuses new ones
     for ``outage_s``; resume = first result after the broker is reachable again."""
     proxy, proxied_url = await proxy_in_front_of(settings.amqp_url)

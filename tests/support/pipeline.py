@@ -49,8 +49,9 @@ class InProcessPipeline:
             async def on_ready(ready: asyncio.Event = ready) -> None:
                 ready.set()
 
-            task = asyncio.create_task(run_stage(self.settings, stage, provider=provider or None,
-                                                 stop=stop, on_ready=on_ready))
+            task = asyncio.create_task(
+                run_stage(self.settings, stage, provider=provider or None, stop=stop, on_ready=on_ready)
+            )
             self._stops[spec], self._tasks[spec] = stop, task
             waiter = asyncio.create_task(ready.wait())
             await asyncio.wait([waiter, task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -88,14 +89,14 @@ async def drop_redis_prefix(settings: Settings) -> None:
     try:
         keys = [k async for k in redis.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
         for i in range(0, len(keys), 500):
-            await redis.delete(*keys[i:i + 500])
+            await redis.delete(*keys[i : i + 500])
     finally:
         await redis.aclose()
 
 
 async def ledger_entries(redis: Redis, settings: Settings) -> list[str]:
     prefix = settings.keys.ledger_entry("")
-    return [k.decode()[len(prefix):] async for k in redis.scan_iter(match=prefix + "*", count=1000)]
+    return [k.decode()[len(prefix) :] async for k in redis.scan_iter(match=prefix + "*", count=1000)]
 
 
 class ProcessPipeline:

@@ -14,6 +14,10 @@ WORKLOAD = Path(__file__).resolve().parents[3] / "shared" / "workloads" / "make_
 
 def make_workload(jobs: int, dup_rate: float, seed: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The jobs, and the generator's summary (jobs, unique_keys, repeats, ...)."""
-    run = subprocess.run([sys.executable, str(WORKLOAD), "--jobs", str(jobs), "--dup-rate", str(dup_rate),
-                          "--seed", str(seed)], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, str(WORKLOAD), "--jobs", str(jobs), "--dup-rate", str(dup_rate), "--seed", str(seed)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [json.loads(line) for line in run.stdout.splitlines()], json.loads(run.stderr.strip().splitlines()[-1])
