@@ -95,9 +95,8 @@ async def forward(
 async def bare_chain(n_hops: int = HOPS, *, coalesced: bool = False) -> AsyncIterator[str]:
     ns = f"fbbare-{uuid.uuid4().hex[:8]}"
     procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "hop", ns, str(i), str(n_hops)]  # noqa: ASYNC220
-            + (["coalesced"] if coalesced else [])
+        subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, __file__, "hop", ns, str(i), str(n_hops)] + (["coalesced"] if coalesced else [])
         )
         for i in range(n_hops)
     ]

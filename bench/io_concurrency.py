@@ -75,7 +75,8 @@ async def main() -> None:
         "io_concurrency",
         "\n".join(
             [
-                f"# I/O concurrency of one execute process ({cores()} cores, {a.runs} runs, emulator latency {a.latency_ms} ms "
+                f"# I/O concurrency of one execute process ({cores()} cores, {a.runs} runs, "
+                f"emulator latency {a.latency_ms} ms "
                 "+-50%, by FAREBOX_PROVIDER_CONCURRENCY cap)",
                 "",
                 "| measure | median (min, max) |",

@@ -274,7 +274,8 @@ async def main() -> None:
         "litellm_peer",
         "\n".join(
             [
-                f"# farebox vs the LiteLLM proxy {LITELLM_VERSION} ({cores()} cores, {a.runs} alternating runs, {a.jobs} jobs, "
+                f"# farebox vs the LiteLLM proxy {LITELLM_VERSION} ({cores()} cores, "
+                f"{a.runs} alternating runs, {a.jobs} jobs, "
                 f"{a.concurrency} in flight, emulator at 0 ms, LiteLLM --num_workers {a.litellm_workers})",
                 "",
                 "Median (min, max) over the runs; the ratio is farebox/LiteLLM, taken run by run.",
@@ -326,9 +327,12 @@ async def main() -> None:
                 ),
                 row("30% repeats: errors", lite30.errors, fare30.errors, ".0f", ratio=False),
                 "",
-                f"Direct emulator call, one at a time, p50 ms: {spread(direct, '.1f')}. Jobs: make_workload.py --jobs {a.jobs} "
-                f"(--dup-rate 0 --seed 1 and --dup-rate 0.3 --seed 2). LiteLLM sends every job to openai/{MODEL}; farebox "
-                "routes each by its policy (all providers are the emulator). farebox's figures include routing, PII scan, "
+                f"Direct emulator call, one at a time, p50 ms: {spread(direct, '.1f')}. "
+                f"Jobs: make_workload.py --jobs {a.jobs} "
+                f"(--dup-rate 0 --seed 1 and --dup-rate 0.3 --seed 2). LiteLLM sends "
+                f"every job to openai/{MODEL}; farebox "
+                "routes each by its policy (all providers are the emulator). farebox's "
+                "figures include routing, PII scan, "
                 "budgets, the ledger and durable queues; LiteLLM's include its spend tracking and logging defaults. "
                 "RabbitMQ's and Redis's memory is the whole server's (other data included), not farebox's share.",
                 "",
