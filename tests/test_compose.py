@@ -207,7 +207,7 @@ def test_commands_parse_with_the_real_cli(farebox_services: dict[str, dict[str, 
 
 def test_emulator_service(services: dict[str, dict[str, Any]]) -> None:
     from farebox.cli import build_parser
-    from farebox.emulator.server import knobs_from_args
+    from farebox.cli.emulator import knobs_from_args
 
     emu = services["emulator"]
     knobs = knobs_from_args(build_parser().parse_args(command_of(emu)))

@@ -14,9 +14,10 @@ import httpx
 import pydantic
 import pytest
 
+from farebox.cli.emulator import add_commands, knobs_from_args
 from farebox.emulator.app import ANTHROPIC, GEMINI, OPENAI, EmulatorApp, match_provider
 from farebox.emulator.knobs import EmulatorKnobs
-from farebox.emulator.server import add_command, knobs_from_args, running, serve
+from farebox.emulator.server import running, serve
 from farebox.tokens import count_messages
 
 CHAT = {
@@ -240,7 +241,7 @@ def test_command_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("FAREBOX_EMULATOR_FAIL_RATE", "0.5")
     monkeypatch.setenv("FAREBOX_EMULATOR_PORT", "9001")
     parser = argparse.ArgumentParser()
-    add_command(parser.add_subparsers(dest="command"))
+    add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["emulator", "--fail-rate", "0.1", "--faulty", "anthropic", "--host", "127.0.0.2"])
     knobs = knobs_from_args(args)
     assert callable(args.func)

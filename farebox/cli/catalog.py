@@ -161,7 +161,7 @@ def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(subparsers: Any) -> None:
     cat = subparsers.add_parser("catalog", help="validate, list and import model prices")
     sub = cat.add_subparsers(dest="catalog_command", required=True)
 

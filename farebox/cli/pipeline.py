@@ -1,0 +1,42 @@
+"""``farebox up`` (the whole pipeline on this machine) and ``farebox worker`` (one stage)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from farebox.constants import STAGES
+from farebox.settings import Settings
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from farebox.supervisor import run_up
+
+    scale = {}
+    for item in args.scale or []:
+        stage, _, n = item.partition("=")
+        scale[stage] = int(n)
+    return asyncio.run(run_up(settings, scale=scale))
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from farebox.stages.main import worker_main
+
+    return worker_main(settings, args.stage, args.provider)
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("up", help="run the whole pipeline on this machine")
+    p.add_argument(
+        "--scale",
+        action="append",
+        metavar="STAGE=N",
+        help="replicas of a stage (dedup, route, execute, account); repeatable",
+    )
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("worker", help="run one stage (any number of replicas, any host)")
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--provider", help="with execute: the provider whose queue to serve")
+    p.set_defaults(func=cmd_worker)
