@@ -23,7 +23,8 @@ from farebox.settings import Settings  # noqa: E402
 from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
 from tests.support.workload import make_workload as make_workload  # noqa: E402  (re-exported for the scripts)
 
-# run_all --smoke points this elsewhere, so a smoke run never overwrites the measured tables
+# bench/results/ is untracked (.gitignore), so a run never rewrites tracked files; run_all --smoke
+# points this at a temporary folder, so a smoke run never overwrites the measured tables either.
 RESULTS = Path(os.environ.get("FAREBOX_BENCH_RESULTS", ROOT / "bench" / "results"))
 
 

@@ -19,6 +19,7 @@ REQUESTS = Counter(
     ["model", "provider", "cache_hit"],
 )
 COST = Counter("llm_proxy_cost_total", "USD charged for provider calls", ["model", "provider"])
+TENANT_COST = Counter("farebox_tenant_cost_usd_total", "USD charged, by tenant", ["tenant"])
 TOKENS_IN = Counter("llm_proxy_token_count_input_total", "Input tokens billed", ["model"])
 TOKENS_OUT = Counter("llm_proxy_token_count_output_total", "Output tokens billed", ["model"])
 LATENCY = Histogram(
@@ -62,8 +63,8 @@ def child(metric: _M, *labels: str) -> _M:
     return found
 
 
-def serve_metrics(port: int) -> int:
-    """Expose /metrics on ``port`` (0 = do not serve). Returns the port."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Expose /metrics on ``host:port`` (port 0 = do not serve). Returns the port."""
     if port:
-        start_http_server(port, addr="0.0.0.0")
+        start_http_server(port, addr=host)
     return port

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     policy: Path = CATALOG_DIR / "policy.json"
     cache_ttl_s: int = Field(3600, ge=0)
     metrics_port: int = Field(9464, ge=0, le=65535)
+    # Loopback unless asked: the container image sets 0.0.0.0 so Prometheus can scrape it.
+    metrics_host: str = "127.0.0.1"
 
     # Not in the contract's table, but needed to run two pipelines (or a test run) on one broker.
     namespace: str = Field(DEFAULT_NAMESPACE, pattern=r"^[A-Za-z0-9_.-]{1,64}$")

@@ -1,8 +1,11 @@
 """Fixtures over the real RabbitMQ and Redis.
 
 URLs come from FAREBOX_AMQP_URL / FAREBOX_REDIS_URL, else the local services, else testcontainers
-when a Docker engine is there; under CI=true a missing service fails the run with a clear message.
-Every test gets its own broker namespace (queue prefix) and Redis key prefix, removed afterwards.
+when a Docker engine is there. A test that needs neither (its fixtures do not reach ``services``)
+is marked ``unit``: ``pytest -m unit`` (``make unit``) runs those alone, without services. Any other
+run that selects a test needing the services stops at once with a clear message when they do not
+answer, in CI or not: a run must not pass by skipping them. Every test gets its own broker
+namespace (queue prefix) and Redis key prefix, removed afterwards.
 """
 
 from __future__ import annotations
@@ -58,10 +61,55 @@ def _docker_services(stack: contextlib.ExitStack) -> Services | None:
     return Services(amqp, f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0")
 
 
+def _needs_services(item: pytest.Item) -> bool:
+    return "services" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not _needs_services(item):
+            item.add_marker(pytest.mark.unit)
+
+
+def _configured_urls() -> tuple[str, str]:
+    return os.environ.get("FAREBOX_AMQP_URL", LOCAL_AMQP), os.environ.get("FAREBOX_REDIS_URL", LOCAL_REDIS)
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop before the first test when the selected tests need services that do not answer."""
+    needing = sum(_needs_services(i) for i in session.items)
+    if session.config.option.collectonly or not needing:
+        return
+    amqp, redis = _configured_urls()
+    down = [
+        f"{name} ({url})"
+        for name, url, port in (("RabbitMQ", amqp, 5672), ("Redis", redis, 6379))
+        if not _answers(url, port)
+    ]
+    if down and not _docker_answers():
+        pytest.exit(
+            f"{' and '.join(down)} not answering, and no Docker engine for testcontainers: {needing} selected "
+            "tests need them. Start them (bash scripts/services.sh starts local installs), point "
+            "FAREBOX_AMQP_URL / FAREBOX_REDIS_URL at them, or run only the unit tests: make unit (pytest -m unit).",
+            returncode=3,
+        )
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    amqp = os.environ.get("FAREBOX_AMQP_URL", LOCAL_AMQP)
-    redis = os.environ.get("FAREBOX_REDIS_URL", LOCAL_REDIS)
+    amqp, redis = _configured_urls()
     with contextlib.ExitStack() as stack:
         if _answers(amqp, 5672) and _answers(redis, 6379):
             yield Services(amqp, redis)
@@ -70,13 +118,7 @@ def services() -> Iterator[Services]:
         if found is not None:
             yield found
             return
-        message = (
-            f"RabbitMQ ({amqp}) or Redis ({redis}) is not answering and no Docker engine is available; "
-            "start them (see README, 'Running the tests') or set FAREBOX_AMQP_URL/FAREBOX_REDIS_URL"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"RabbitMQ ({amqp}) or Redis ({redis}) stopped answering and no Docker engine is available")
 
 
 @pytest.fixture

@@ -45,8 +45,9 @@ def build_result(env: Envelope, catalog: Catalog, policy: Policy, *, now: float)
         provider=out.provider,
         model=out.model,
         usage=usage,
-        cost_usd=cost,
-        baseline_cost_usd=baseline,
+        # To the ledger's nano-dollar precision: no float noise such as 0.0019999999999999996.
+        cost_usd=round(cost, 9),
+        baseline_cost_usd=round(baseline, 9),
         cache=env.cache_status,
         retries=env.retries + (out.retries if env.cache_status == "miss" else 0),
         **common,
