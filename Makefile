@@ -1,6 +1,6 @@
 # Everyday commands. Each sets up .venv from requirements.lock first (scripts/setup.sh).
 PY := .venv/bin/python
-.PHONY: setup demo test unit chaos lint format typecheck bench bench-smoke lock schemas clean
+.PHONY: setup demo test unit chaos lint format typecheck bench bench-smoke lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -34,9 +34,6 @@ bench: setup          ## every benchmark, 3+ runs each (20-30 min); tables go to
 
 bench-smoke: setup
 	$(PY) bench/run_all.py --smoke
-
-schemas: setup        ## regenerate schemas/*.json (the contract's messages as JSON Schema)
-	$(PY) -m farebox.schemas.export schemas
 
 lock:                 ## re-resolve requirements*.lock from pyproject.toml (needs PyPI)
 	$(PY) -m pip install -q uv==0.13.8

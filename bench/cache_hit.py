@@ -21,7 +21,7 @@ PROMPT = {"prompt": "Classify the sentiment: I love this queue.", "task": "class
 async def one_run(emulator: str, singles: int, bulk: int) -> tuple[float, float, float]:
     async with (
         process_pipeline(emulator) as (settings, _),
-        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60, coalesce_writes=True) as client,
     ):
         first = await client.complete(PROMPT, timeout=60)
         assert first.status == "ok", first.error

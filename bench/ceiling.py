@@ -93,7 +93,7 @@ async def main() -> None:
         help="unanswered jobs the producer allows (both sides); one set of rows per value",
     )
     a = ap.parse_args()
-    # Process-wide, so the same in every run: farebox's client installs it anyway, and the stock
+    # Process-wide, so the same in every run (farebox's client here included), as its stages and CLI do; the stock
     # driver's aio-pika publishes (one per turn under aiormq's channel lock) write as before.
     aiormq_writes.install()
     fresh, repeats = make_workload(a.jobs, 0, seed=1)[0], make_workload(a.jobs, 0.3, seed=2)[0]

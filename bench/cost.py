@@ -37,7 +37,7 @@ class Totals:
 async def through_farebox(emulator: str, jobs: list[dict[str, Any]]) -> Totals:
     async with (
         process_pipeline(emulator) as (settings, _),
-        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60, coalesce_writes=True) as client,
     ):
         t = Totals(0.0, 0.0, 0, 0, Counter(), Counter())
         async for r in client.stream(

@@ -38,7 +38,7 @@ async def one_run(emulator: str, n: int, concurrency: int) -> tuple[float, int, 
         httpx.AsyncClient() as http,
     ):
         await http.post(f"{emulator}/_emulator/reset")
-        async with FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client:
+        async with FareboxClient.from_settings(settings, wait_for_pipeline_s=60, coalesce_writes=True) as client:
             t0 = time.perf_counter()
             async for r in client.stream(jobs, max_in_flight=n):
                 by_provider[r.provider or "-"] = by_provider.get(r.provider or "-", 0) + 1

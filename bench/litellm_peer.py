@@ -177,7 +177,7 @@ async def farebox_side(
 ) -> None:
     async with (
         process_pipeline(emulator) as (settings, procs),
-        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60, coalesce_writes=True) as client,
     ):
         run = settings.namespace
         async for _ in client.stream(

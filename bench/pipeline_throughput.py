@@ -39,7 +39,7 @@ RSS: dict[str, list[float]] = {}
 async def one_run(emulator: str, jobs: list[dict[str, object]], singles: int) -> tuple[float, float, float]:
     async with (
         process_pipeline(emulator) as (settings, procs),
-        FareboxClient.from_settings(settings, wait_for_pipeline_s=60) as client,
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=60, coalesce_writes=True) as client,
     ):
         run = settings.namespace
         await client.complete({"prompt": "warm up", "job_id": f"warm-{run}"}, timeout=60)

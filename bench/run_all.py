@@ -35,7 +35,7 @@ SUITE: dict[str, tuple[list[str], list[str] | None]] = {
     ),
     "cost": (["--jobs", "10000", "--runs", "3"], ["--jobs", "200", "--runs", "1"]),
     "litellm_peer": (["--jobs", "3000", "--runs", "3"], None),
-    "http_client": (["--calls", "4000", "--runs", "3"], ["--calls", "200", "--runs", "1", "--in-flight", "32"]),
+    "http_client": (["--calls", "1000", "--runs", "7"], ["--calls", "200", "--runs", "1", "--in-flight", "32"]),
 }
 
 

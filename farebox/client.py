@@ -41,12 +41,19 @@ from farebox.errors import (
     describe_validation_error,
 )
 from farebox.patches import aiormq_writes
+from farebox.publishing import Backoff, publish_confirmed
 from farebox.schemas import ErrorInfo, Job, JobResult
 from farebox.settings import Settings
 
 log = logging.getLogger("farebox.client")
 # Publishes of one stream awaiting their broker confirms at once.
 PUBLISH_WINDOW = 64
+# While the intake is full or the broker away, publishes are tried again this often.
+PUBLISH_BACKOFF = Backoff(first_s=0.05, max_s=2.0)
+# How long after connecting the intake may still have no consumer before on_no_pipeline is told.
+NO_PIPELINE_GRACE_S = 1.0
+# A consumer count that could not be had: the broker away, or the probe channel refused.
+PROBE_FAILED: tuple[type[Exception], ...] = (*BROKER_DOWN_OR_TIMEOUT, aiormq.exceptions.AMQPError)
 
 
 class PublishWindow:
@@ -114,13 +121,31 @@ def client_timeout_result(job_id: str, waited_s: float) -> JobResult:
 
 
 class FareboxClient:
-    def __init__(self, amqp_url: str, *, namespace: str = DEFAULT_NAMESPACE, wait_for_pipeline_s: float = 30.0) -> None:
+    """``coalesce_writes``: switch aiormq, for the whole process, to one socket write per
+    event-loop turn (farebox/patches/aiormq_writes.py) before connecting. Off by default, since it
+    changes every other aio-pika connection of the process too; farebox's CLI and stages turn it on.
+
+    ``on_no_pipeline``: called once with a message for people when, a second after connecting,
+    nothing consumes the intake (no pipeline is running); the client keeps waiting either way."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        wait_for_pipeline_s: float = 30.0,
+        coalesce_writes: bool = False,
+        on_no_pipeline: Callable[[str], None] | None = None,
+    ) -> None:
         self.amqp_url = amqp_url
         self.topology = Topology(namespace)
         self.wait_for_pipeline_s = wait_for_pipeline_s
+        self.coalesce_writes = coalesce_writes
+        self.on_no_pipeline = on_no_pipeline
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._reply_queue: AbstractQueue | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._waiters: dict[str, asyncio.Future[JobResult]] = {}
         self._stream_inbox: asyncio.Queue[JobResult] | None = None
         self.repeats_dropped = 0  # repeated results (same job_id) that stream() did not yield again
@@ -139,7 +164,9 @@ class FareboxClient:
         await self.close()
 
     async def connect(self) -> None:
-        aiormq_writes.install()
+        """Connect, then wait (up to ``wait_for_pipeline_s``) for the pipeline to declare the intake."""
+        if self.coalesce_writes:
+            aiormq_writes.install()
         try:
             self._connection = await aio_pika.connect_robust(
                 self.amqp_url, client_properties={"connection_name": "farebox-client"}
@@ -148,36 +175,71 @@ class FareboxClient:
             raise DependencyUnavailable(
                 f"cannot reach RabbitMQ at the configured FAREBOX_AMQP_URL ({type(err).__name__})"
             ) from None
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel
-        await self._wait_for_intake()
-        self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await self._reply_queue.consume(self._on_reply, no_ack=True)
+        try:
+            if self.on_no_pipeline is not None:
+                self._watcher = asyncio.create_task(self._warn_if_no_pipeline(self.on_no_pipeline))
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._channel = channel
+            await self._wait_for_intake()
+            self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await self._reply_queue.consume(self._on_reply, no_ack=True)
+        except BaseException:  # a failed or cancelled connect leaves nothing open behind it
+            await self.close()
+            raise
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
 
+    async def intake_consumers(self) -> int:
+        """How many consumers the intake queue has now. 0 (also when the queue does not exist)
+        means no pipeline is taking jobs: what is published meanwhile waits in the queue."""
+        return await self._intake_consumers() or 0
+
+    async def _intake_consumers(self) -> int | None:
+        """Consumers on the intake, or None when the queue does not exist (yet)."""
+        assert self._connection is not None, "call connect() first"
+        probe = await self._connection.channel()  # a failed passive declare closes its channel
+        try:
+            declared = await probe.declare_queue(self.topology.intake, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.close()
+        return declared.declaration_result.consumer_count or 0
+
+    async def _warn_if_no_pipeline(self, warn: Callable[[str], None]) -> None:
+        # A pipeline starting beside the client gets a moment to attach before anyone is told.
+        await asyncio.sleep(NO_PIPELINE_GRACE_S)
+        try:
+            consumers = await self.intake_consumers()
+        except PROBE_FAILED as err:
+            log.info("could not count the intake's consumers (%s)", type(err).__name__)
+            return
+        if consumers == 0:
+            warn(
+                f"nothing is consuming queue {self.topology.intake!r}: no farebox pipeline is running "
+                f"for namespace {self.topology.namespace!r}. Start one with `farebox up`; "
+                "waiting for it meanwhile"
+            )
+
     async def _wait_for_intake(self) -> None:
         """The workers declare the intake; give a pipeline that is starting up time to do so."""
-        assert self._connection is not None
         deadline = time.monotonic() + self.wait_for_pipeline_s
-        while True:
-            probe = await self._connection.channel()
-            try:
-                await probe.declare_queue(self.topology.intake, passive=True)
-                return
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                if time.monotonic() >= deadline:
-                    raise DependencyUnavailable(
-                        f"queue {self.topology.intake!r} does not exist: is the pipeline running? "
-                        "(start it with `farebox up`)"
-                    ) from None
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await probe.close()
+        while await self._intake_consumers() is None:
+            if time.monotonic() >= deadline:
+                raise DependencyUnavailable(
+                    f"queue {self.topology.intake!r} does not exist: is the pipeline running? "
+                    "(start it with `farebox up`)"
+                )
+            await asyncio.sleep(0.5)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -199,30 +261,24 @@ class FareboxClient:
             parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
         assert parsed.job_id is not None
         body = parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
-        delay = 0.05
-        while True:
-            properties = aiormq_writes.persistent_properties(
-                content_type=CONTENT_TYPE,
-                reply_to=self._reply_queue.name,
-                correlation_id=correlation_id or parsed.job_id,
-                message_id=parsed.job_id,
+        try:
+            await publish_confirmed(
+                self._channel,
+                body,
+                routing_key=self.topology.intake,
+                properties=functools.partial(
+                    aiormq_writes.persistent_properties,
+                    content_type=CONTENT_TYPE,
+                    reply_to=self._reply_queue.name,
+                    correlation_id=correlation_id or parsed.job_id,
+                    message_id=parsed.job_id,
+                ),
+                backoff=PUBLISH_BACKOFF,
+                on_broker_down=_publish_interrupted,
             )
-            try:
-                # Not waiting for the socket: a window of publishes shares writes (aiormq_writes).
-                await aiormq_writes.publish(
-                    self._channel, body, routing_key=self.topology.intake, properties=properties, timeout=30
-                )
-                return parsed
-            except aiormq.exceptions.PublishError:
-                raise DependencyUnavailable(
-                    f"queue {self.topology.intake!r} is gone: is the pipeline running?"
-                ) from None
-            except aiormq.exceptions.DeliveryError:
-                pass  # the intake is full: back off and try again (back-pressure, not loss)
-            except BROKER_DOWN_OR_TIMEOUT:
-                log.warning("publish interrupted; retrying once the connection is back")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        except aiormq.exceptions.PublishError:
+            raise DependencyUnavailable(f"queue {self.topology.intake!r} is gone: is the pipeline running?") from None
+        return parsed
 
     async def complete(self, job: JobLike, *, timeout: float = 120.0) -> JobResult:
         """Publish one job and wait for its result (DeadlineExceeded after ``timeout`` seconds)."""
@@ -301,6 +357,10 @@ class FareboxClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
             self._stream_inbox = None
+
+
+def _publish_interrupted(err: Exception) -> None:
+    log.warning("publish interrupted; retrying once the connection is back")
 
 
 async def _aiter(jobs: Iterable[JobLike] | AsyncIterable[JobLike]) -> AsyncIterator[JobLike]:

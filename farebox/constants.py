@@ -44,10 +44,6 @@ class Topology:
         return f"{self.namespace}.wait"
 
     @property
-    def wait_exchange(self) -> str:
-        return f"{self.namespace}.wait.dlx"
-
-    @property
     def route(self) -> str:
         return f"{self.namespace}.route"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import defaultdict
+from datetime import date
 from typing import Any
 
 from redis.asyncio import Redis
@@ -13,14 +15,31 @@ from rich.console import Console
 from rich.table import Table
 
 from farebox.constants import NANO, RedisKeys, as_text
+from farebox.errors import InvalidRequest
 
 DIMENSIONS = ("tenant", "provider", "model", "day")
 METRICS = ("jobs", "cost_nusd", "baseline_nusd", "input_tokens", "output_tokens", "cache_hits", "errors")
+# Exactly the ledger's day keys: date.fromisoformat alone would also take "20261201" or "2026-W48-2".
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_day(text: str) -> str:
+    """``text`` if it is a real YYYY-MM-DD date, else InvalidRequest. Days are compared as strings with the
+    ledger's day keys, so anything else ("12/01/2026", "yesterday") would silently select all days or none."""
+    try:
+        if _DAY_RE.match(text):
+            date.fromisoformat(text)
+            return text
+    except ValueError:
+        pass
+    raise InvalidRequest(f"{text!r} is not a date; give the first UTC day as YYYY-MM-DD, e.g. 2026-12-01")
 
 
 async def load_rows(
     redis: Redis, keys: RedisKeys, *, by: tuple[str, ...], since: str | None = None, tenant: str | None = None
 ) -> list[dict[str, Any]]:
+    if since is not None:
+        since = parse_day(since)
     days = sorted(as_text(d) for d in await redis.smembers(keys.ledger_days))
     groups: dict[tuple[str, ...], dict[str, int]] = defaultdict(lambda: dict.fromkeys(METRICS, 0))
     for day in days:

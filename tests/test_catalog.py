@@ -21,7 +21,8 @@ from farebox.settings import CATALOG_DIR
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LITELLM = SHARED / "data" / "litellm_model_prices.json"
 
-# The seed's catalog, byte for byte in shape: only the two price fields per model.
+# The seed's prices as a bare price file: only the two price fields per model, tiers left to the policy. The
+# seed's own file, with its tiers, is tests/fixtures/seed_model_costs.json (tests/test_seed_catalog.py).
 SEED = {
     "openai": {
         "gpt-4-turbo": {"input_cost_per_1k_tokens": 0.01, "output_cost_per_1k_tokens": 0.03},
@@ -281,8 +282,12 @@ def test_policy_defaults_and_helpers() -> None:
 
 
 def test_policy_cross_check(bundled: Any) -> None:
-    with pytest.raises(CatalogError, match="field 'baseline_model': model 'x/y' is not in the catalog"):
-        check_policy(parse_policy({"baseline_model": "x/y"}, "p"), bundled, "p")
+    # An absent baseline is replaced, not refused (tests/test_policy_check.py has the rules).
+    warnings = check_policy(parse_policy({"baseline_model": "x/y"}, "p"), bundled, "p")
+    assert warnings == [
+        f"p: field 'baseline_model': model 'x/y' is not in the catalog {bundled.source}; "
+        "using 'openai/gpt-4.1', the cheapest model of the highest tier, instead"
+    ]
     warnings = check_policy(parse_policy({"tiers": {"nope/nope": "low"}}, "p"), bundled, "p")
     assert warnings == ["p: field 'tiers.nope/nope': model not in the catalog (ignored)"]
 

@@ -1,4 +1,5 @@
-"""Hot reload: a good edit is picked up, a broken one is refused once and the old catalog keeps serving."""
+"""Hot reload: a good edit is picked up, a broken one is refused once and the old catalog keeps serving; the
+pair served has the policy's fallbacks applied, and each check warning is logged once."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ POLICY = {"baseline_model": "openai/a"}
 
 
 def catalog_doc(price: float) -> dict[str, object]:
-    return {"openai": {"a": {"input_cost_per_1k_tokens": price, "output_cost_per_1k_tokens": price, "tier": "low"}}}
+    # One high-tier model serves every quality ("or better").
+    return {"openai": {"a": {"input_cost_per_1k_tokens": price, "output_cost_per_1k_tokens": price, "tier": "high"}}}
 
 
 class Clock:
@@ -78,17 +80,38 @@ def test_reload_and_broken_file(files: tuple[Path, Path], caplog: pytest.LogCapt
     assert price(store) == 0.003 and store.last_error is None
 
 
-def test_policy_inconsistent_with_catalog_is_refused(
-    files: tuple[Path, Path], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_policy_inconsistent_with_catalog_is_refused(files: tuple[Path, Path]) -> None:
     _, pol = files
     clock = Clock()
     store = CatalogStore(*files, clock=clock)
-    write(pol, {"baseline_model": "openai/missing"}, 1)
+    # A user tier capped at low, and no low model: every one of its jobs would go to the default model.
+    write(pol, {**POLICY, "user_tiers": {"free": {"max_tier": "low"}}}, 1)
     clock.now += 5
     _, policy = store.current()
-    assert policy.baseline_model == "openai/a"
-    assert "baseline_model" in (store.last_error or "")
+    assert policy.user_tiers == {}
+    assert "user tier free (max_tier low): no model of tier low" in (store.last_error or "")
+
+
+def test_absent_default_model_falls_back_and_is_logged_once(
+    files: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cat, pol = files
+    caplog.set_level(logging.INFO, logger="farebox.catalog")
+    clock = Clock()
+    store = CatalogStore(*files, clock=clock)
+    assert store.current()[1].default_model is None
+    write(pol, {**POLICY, "default_model": "openai/gpt-4o-mini"}, 1)  # an edit that needs the fallback
+    clock.now += 5
+    assert store.current()[1].default_model == "openai/a"
+    for bump in (2, 3):  # reloads that keep the same fallback say nothing new
+        write(cat, catalog_doc(0.001 * bump), bump)
+        clock.now += 5
+        assert price(store) == 0.001 * bump and store.current()[1].default_model == "openai/a"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [
+        f"catalog check: {pol}: field 'default_model': model 'openai/gpt-4o-mini' is not in the catalog {cat}; "
+        "using 'openai/a', the cheapest eligible model, instead"
+    ]
 
 
 def test_deleted_file_keeps_serving(files: tuple[Path, Path]) -> None:

@@ -555,6 +555,6 @@ def test_dockerignore_keeps_the_context_small() -> None:
     }
     assert {".venv", ".git", "tests", "bench"} <= lines
     assert any("__pycache__" in ln for ln in lines)
-    # What the wheel is built from: the package, the data it links to, and the project files.
-    needed = {"farebox", "catalog", "pyproject.toml", "README.md", "requirements-runtime.lock"}
+    # What the wheel is built from: the package, the folders it links in, and the project files.
+    needed = {"farebox", "schemas", "workers", "catalog", "pyproject.toml", "README.md", "requirements-runtime.lock"}
     assert not needed & lines, f"ignored but needed by the build: {sorted(needed & lines)}"

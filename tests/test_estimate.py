@@ -68,7 +68,8 @@ def test_estimate_lines_counts_bad_lines(data: tuple[object, object]) -> None:
     assert report.jobs == 5 and report.total.jobs == 1 and report.invalid == 3 and report.blocked == 1
     assert [n for n, _ in report.invalid_examples] == [3, 4, 5]
     messages = " ".join(m for _, m in report.invalid_examples)
-    assert "not valid JSON" in messages and "qualty" in messages and "unknown model 'nope/nope'" in messages
+    assert "not valid JSON" in messages and "unknown model 'nope/nope'" in messages
+    assert report.invalid_examples[1] == (4, "qualty: Extra inputs are not permitted")  # farebox.errors' wording
     assert "secret prompt text" not in messages
 
 

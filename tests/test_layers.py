@@ -5,6 +5,7 @@ emulator). Parsed from the source, lazy imports inside functions included."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,11 @@ LEAVES = {"constants", "errors"}
 FOREIGN_TOP_LEVEL = {"workers", "schemas", "catalog", "tests", "bench"}
 
 
+def package_files() -> list[Path]:
+    """Every .py file of the package, through the links that bring schemas/ and workers/ in."""
+    return sorted(Path(d, f) for d, _, files in os.walk(PACKAGE, followlinks=True) for f in files if f.endswith(".py"))
+
+
 def unit_of(path: Path) -> str:
     rel = path.relative_to(PACKAGE)
     return rel.parts[0].removesuffix(".py")
@@ -75,11 +81,11 @@ def imported_modules(path: Path, text: str | None = None) -> list[tuple[int, str
 
 
 def farebox_modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if "catalog" not in p.relative_to(PACKAGE).parts[:1])
+    return [p for p in package_files() if "catalog" not in p.relative_to(PACKAGE).parts[:1]]
 
 
 def test_every_unit_of_the_package_has_a_layer() -> None:
-    units = {unit_of(p) for p in PACKAGE.rglob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    units = {unit_of(p) for p in package_files()} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
     units.discard("__pycache__")
     assert units - set(LAYERS) == set(), "give each new module or subpackage a layer here"
 
@@ -117,3 +123,19 @@ def test_imports_run_one_way(path: Path) -> None:
 def test_the_import_parser_sees_every_form(source: str, where: str, expected: list[str]) -> None:
     """The checker must see relative, multi-name and lazy imports, or the layering test proves nothing."""
     assert [n for _, n in imported_modules(PACKAGE / where, source)] == expected
+
+
+def outside_files() -> list[Path]:
+    root = PACKAGE.parent
+    return sorted(p for d in ("tests", "bench", "examples") for p in (root / d).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", outside_files(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_tests_and_benchmarks_import_the_package_not_its_folders(path: Path) -> None:
+    """From a checkout, ``import schemas`` would find the folder; installed, only farebox exists."""
+    wrong = [
+        f"line {line}: {name}"
+        for line, name in imported_modules(path)
+        if name.partition(".")[0] in FOREIGN_TOP_LEVEL - {"tests", "bench"}
+    ]
+    assert not wrong, "\n".join(wrong)

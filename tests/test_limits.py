@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import pytest
 from redis.asyncio import Redis
 
+import farebox.stages.limits as limits_module
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.errors import DeadlineExceeded
 from farebox.providers.base import ProviderReply, ProviderRequest
-from farebox.schemas import ChatMessage
+from farebox.schemas import ChatMessage, Usage
 from farebox.settings import ProviderLimits, Settings
 from farebox.stages.limits import LimitedAdapter, SharedLimiter
+from farebox.tokens import count_messages
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import InProcessPipeline, collect
 
@@ -87,3 +90,68 @@ async def test_two_execute_replicas_share_one_concurrency_limit(settings: Settin
             await p.close()
     assert len(results) == 30 and all(r.status == "ok" and r.provider == "google" for r in results)
     assert 1 <= stats["peak_in_flight"] <= 3
+
+
+class Echo:
+    name = "openai"
+
+    async def complete(self, request: ProviderRequest) -> ProviderReply:
+        return ProviderReply(content="ok", usage=Usage(input_tokens=1, output_tokens=1), model="m", usage_reported=True)
+
+
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = limits_module.count_messages
+
+    def counting(messages: Iterable[tuple[str, str]]) -> int:
+        calls.append(1)
+        return real(messages)
+
+    monkeypatch.setattr(limits_module, "count_messages", counting)
+    return calls
+
+
+PROMPT = (ChatMessage(role="user", content="Count the words in this sentence, please."),)
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "debit", "counts"),
+    [
+        (100, 100 + 5, 0),  # the route stage's count, carried on the envelope
+        (None, count_messages((m.role, m.content) for m in PROMPT) + 5, 1),  # an older envelope: counted here
+    ],
+)
+async def test_tokens_per_minute_debit_the_carried_count_or_count_once(
+    redis: Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    prompt_tokens: int | None,
+    debit: int,
+    counts: int,
+) -> None:
+    limiter = SharedLimiter(redis, settings.keys, "openai", ProviderLimits(tpm=10_000))
+    calls = counted(monkeypatch)
+    adapter = LimitedAdapter(Echo(), limiter, deadline_at=None, prompt_tokens=prompt_tokens)
+    request = ProviderRequest(model="m", messages=PROMPT, max_tokens=5, temperature=0, timeout_s=5)
+    await adapter.complete(request)
+    assert len(calls) == counts
+    left = float(await redis.hget(settings.keys.rate_bucket("openai", "tpm"), "tokens"))
+    assert left == pytest.approx(10_000 - debit, abs=1.0)  # plus what refilled meanwhile (1/6 token per ms)
+
+
+async def test_the_execute_stage_uses_the_count_the_route_stage_carried(
+    settings: Settings, emulator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = {p: ProviderLimits(tpm=10_000_000) for p in ("openai", "anthropic", "google")}
+    s = settings.model_copy(update={"emulator_url": emulator, "provider_limits": limits})
+    calls = counted(monkeypatch)
+    p = InProcessPipeline(s)
+    try:
+        await p.start()
+        async with p.client() as client:
+            clean = await client.complete({"prompt": "Summarize: tokens are counted once.", "task": "summarize"})
+            assert clean.status == "ok" and calls == []  # counted by the route stage only
+            redacted = await client.complete({"prompt": "Summarize: mail jane@example.com today.", "task": "summarize"})
+    finally:
+        await p.close()
+    assert redacted.status == "ok" and len(calls) == 1  # the redacted text is counted where it is sent

@@ -6,11 +6,13 @@ from typing import Any
 
 import pytest
 
+import farebox.routing.pii as pii_module
 from farebox.errors import InvalidRequest, PolicyBlocked
 from farebox.routing.catalog import Catalog, cost_usd, load_catalog, parse_catalog
 from farebox.routing.choose import (
     baseline_cost_usd,
     choose_route,
+    downgrade_route,
     estimate_output_tokens,
     infer_task,
 )
@@ -293,6 +295,39 @@ def test_pii_kinds_filter() -> None:
 def test_clean_prompt_not_marked() -> None:
     routed = choose_route(job(prompt="In 2024 order 12345678 shipped"), CAT, with_pii("block"), input_tokens=10)
     assert not routed.decision.redacted
+
+
+@pytest.mark.parametrize(
+    ("kw", "policy", "unhealthy"),
+    [
+        ({"quality": "high"}, POL, frozenset()),
+        ({"quality": "high", "task": "reason"}, POL, frozenset({"google"})),
+        ({"quality": "high", "tenant": "globex"}, POL, frozenset()),
+        ({"quality": "high", "user_tier": "free"}, POL, frozenset()),
+        ({"quality": "high", "tenant": "lonely"}, POL, frozenset()),  # the policy's default model
+        ({"prompt": SECRET_PROMPT, "quality": "high"}, with_pii("redact"), frozenset()),
+        ({"prompt": SECRET_PROMPT, "quality": "high"}, with_pii("route"), frozenset({"anthropic/mid-pii"})),
+        ({"model": "openai/hi"}, POL, frozenset({"openai"})),  # a pin stays, and says so
+    ],
+)
+def test_downgrade_from_the_first_pass_equals_routing_again(
+    kw: dict[str, Any], policy: Policy, unhealthy: frozenset[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = job(**kw)
+    again = choose_route(j, CAT, policy, input_tokens=100, unhealthy=unhealthy, downgrade=True)
+    scans: list[str] = []
+    real_scan = pii_module.scan
+
+    def counting_scan(text: str) -> list[pii_module.PiiFinding]:
+        scans.append(text)
+        return real_scan(text)
+
+    monkeypatch.setattr(pii_module, "scan", counting_scan)
+    first = choose_route(j, CAT, policy, input_tokens=100, unhealthy=unhealthy)
+    downgraded = downgrade_route(first)
+    assert downgraded.decision == again.decision
+    assert downgraded.messages == again.messages
+    assert len(scans) == len(j.chat)  # the downgrade reused the first pass's scan
 
 
 # --- task and output estimates -------------------------------------------------------------

@@ -7,8 +7,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from farebox.cli import catalog, emulator, jobs, pipeline, report
-from farebox.errors import FareboxError
+from farebox.errors import FareboxError, describe_validation_error
 from farebox.logs import setup_logging
 from farebox.settings import Settings
 
@@ -26,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        print(f"farebox: invalid FAREBOX_* setting: {describe_validation_error(err)}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level, json_lines=settings.log_json or args.log_json)
     try:
         code: int = args.func(args, settings)

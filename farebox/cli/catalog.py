@@ -16,11 +16,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from farebox.routing.catalog import Catalog, CatalogError, load_catalog
-from farebox.routing.estimate import EstimateReport, estimate_lines
+from farebox.routing.catalog import TIERS, Catalog, CatalogError, load_catalog, parse_catalog
+from farebox.routing.estimate import Bucket, EstimateReport, estimate_lines
 from farebox.routing.litellm_prices import import_litellm, normalize_providers
-from farebox.routing.policy import Policy, check_policy, load_policy, tier_of
-from farebox.settings import Settings
+from farebox.routing.policy import Policy, checked_policy, load_policy, tier_of
+from farebox.routing.tier_rules import UNTIERED, apply_tier_rules, load_tier_rules
+from farebox.settings import CATALOG_DIR, Settings
+
+DEFAULT_TIER_RULES = CATALOG_DIR / "tier_rules.json"
 
 
 def _err(message: str) -> int:
@@ -29,9 +32,10 @@ def _err(message: str) -> int:
 
 
 def _load(catalog_path: Path, policy_path: Path) -> tuple[Catalog, Policy, list[str]]:
+    """The catalog, the policy as the pipeline routes with it (fallbacks applied) and the check's warnings."""
     catalog = load_catalog(catalog_path)
-    policy = load_policy(policy_path)
-    return catalog, policy, check_policy(policy, catalog, str(policy_path))
+    policy, warnings = checked_policy(load_policy(policy_path), catalog, str(policy_path))
+    return catalog, policy, warnings
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -82,41 +86,59 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_map(path: str) -> dict[str, Any] | str:
+    """The decoded LiteLLM price map, or what is wrong with the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror or exc}"
+    except json.JSONDecodeError as exc:
+        return f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})"
+    if not isinstance(data, dict):
+        return f"{path}: not a LiteLLM price map (top level must be an object)"
+    return data
+
+
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     try:
         providers = normalize_providers([p.strip() for p in args.providers.split(",") if p.strip()])
-    except ValueError as exc:
+        rules = load_tier_rules(args.tier_rules)
+    except (ValueError, CatalogError) as exc:
         return _err(str(exc))
-    try:
-        data = json.loads(Path(args.litellm_json).read_text(encoding="utf-8"))
-    except OSError as exc:
-        return _err(f"{args.litellm_json}: cannot read: {exc.strerror or exc}")
-    except json.JSONDecodeError as exc:
-        return _err(f"{args.litellm_json}: not valid JSON (line {exc.lineno}: {exc.msg})")
-    if not isinstance(data, dict):
-        return _err(f"{args.litellm_json}: not a LiteLLM price map (top level must be an object)")
+    data = _read_map(args.litellm_json)
+    if isinstance(data, str):
+        return _err(data)
     doc = import_litellm(data, providers, today=date.today())
     counts = {p: len(v) for p, v in doc.items() if not p.startswith("_")}
     if not counts:
         return _err(f"{args.litellm_json}: no chat models for providers {', '.join(sorted(providers))}")
+    tiers = apply_tier_rules(doc, rules)
     text = json.dumps(doc, indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     summary = ", ".join(f"{p} {n}" for p, n in sorted(counts.items()))
+    by_tier = ", ".join(f"{t} {tiers[t]}" for t in (*TIERS, UNTIERED))
     print(
-        f"imported {sum(counts.values())} models ({summary}){' to ' + args.output if args.output else ''}",
+        f"imported {sum(counts.values())} models ({summary}){' to ' + args.output if args.output else ''}\n"
+        f"tiers by {rules.source} (first matching rule; --tier-rules FILE to use others): {by_tier}",
         file=sys.stderr,
     )
+    # The user may pair the file with another policy, so a mismatch with this one is told, not refused.
+    try:
+        imported = parse_catalog(doc, args.output or "<stdout>")
+        checked_policy(load_policy(settings.policy), imported, str(settings.policy))
+    except CatalogError as exc:
+        print(f"warning: `farebox catalog check` will refuse it: {exc}", file=sys.stderr)
     return 0
 
 
-def _print_estimate(report: EstimateReport, console: Console) -> None:
-    table = Table(title="estimate by model")
-    for col in ("model", "jobs", "input tok", "output tok", "cost", "baseline"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for name, b in sorted(report.by_model.items(), key=lambda kv: -kv[1].cost_usd):
+def _bucket_table(title: str, key: str, rows: list[tuple[str, Bucket]]) -> Table:
+    table = Table(title=title)
+    for col in (key, "jobs", "input tok", "output tok", "cost", "baseline", "savings"):
+        table.add_column(col, justify="left" if col == key else "right")
+    for name, b in rows:
         table.add_row(
             name,
             f"{b.jobs:,}",
@@ -124,10 +146,18 @@ def _print_estimate(report: EstimateReport, console: Console) -> None:
             f"{b.output_tokens:,}",
             f"${b.cost_usd:,.4f}",
             f"${b.baseline_cost_usd:,.4f}",
+            f"${b.baseline_cost_usd - b.cost_usd:,.4f}",
         )
-    console.print(table)
-    by_task = ", ".join(f"{k} {v.jobs}" for k, v in sorted(report.by_task.items()))
-    console.print(f"tasks: {by_task}")
+    return table
+
+
+def _print_estimate(report: EstimateReport, console: Console) -> None:
+    tier_order: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
+    console.print(_bucket_table("estimate by task", "task", sorted(report.by_task.items())))
+    tiers = sorted(report.by_tier.items(), key=lambda kv: (tier_order.get(kv[0], len(TIERS)), kv[0]))
+    console.print(_bucket_table("estimate by tier", "tier", tiers))
+    models = sorted(report.by_model.items(), key=lambda kv: (-kv[1].cost_usd, kv[0]))
+    console.print(_bucket_table("estimate by model", "model", models))
     pct = 100.0 * report.savings_usd / report.total.baseline_cost_usd if report.total.baseline_cost_usd else 0.0
     console.print(
         f"jobs {report.jobs:,}: routed {report.total.jobs:,}, blocked {report.blocked:,}, "
@@ -181,6 +211,13 @@ def add_commands(subparsers: Any) -> None:
         "--providers",
         default="openai,anthropic,gemini",
         help="comma-separated providers to import (default: openai,anthropic,gemini)",
+    )
+    p.add_argument(
+        "--tier-rules",
+        default=str(DEFAULT_TIER_RULES),
+        metavar="FILE",
+        help="rules giving each model its tier: name patterns and output price bands, first match wins "
+        f"(default: the bundled {DEFAULT_TIER_RULES.name}, which says how to write your own)",
     )
     p.set_defaults(func=cmd_import)
 

@@ -8,7 +8,18 @@ from typing import Any
 
 from rich.console import Console
 
+from farebox.errors import InvalidRequest
 from farebox.settings import Settings
+
+
+def _day(text: str) -> str:
+    # Checked while parsing, so a bad date is a usage error (exit 2) before Redis is touched.
+    from farebox.report import parse_day
+
+    try:
+        return parse_day(text)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -36,7 +47,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("report", help="spend from the ledger")
     p.add_argument("--by", default="tenant,model", help="comma list of tenant,model,provider,day")
-    p.add_argument("--since", help="first UTC day, YYYY-MM-DD")
+    p.add_argument("--since", type=_day, metavar="YYYY-MM-DD", help="first UTC day, YYYY-MM-DD")
     p.add_argument("--tenant")
     p.add_argument("--json", action="store_true")
     p.add_argument("--csv", action="store_true")

@@ -16,7 +16,22 @@ deepens its write queue (aiormq 7.x, pinned in pyproject.toml); ``install`` refu
 when aiormq's ``FrameGenerator`` is not the class it found at import or has no ``__anext__``.
 It is process-wide: every aiormq connection opened afterwards writes this way (the stages, the
 client, and any other aio-pika connection of the same process; their semantics do not change).
-Connections opened before ``install`` keep aiormq's own writer.
+Connections opened before ``install`` keep aiormq's own writer. farebox's stages install it;
+``FareboxClient`` only when the application asks (``coalesce_writes=True``), so a host
+application's own aio-pika connections keep aiormq's writer unless it opts in.
+
+What it relies on in aiormq (pinned ``aiormq>=7.2,<7.3`` in pyproject.toml), and the tests of
+tests/test_aiormq_writes.py that fail when that changes:
+
+| relied on                               | how                        | pinned by                                |
+|-----------------------------------------|----------------------------|------------------------------------------|
+| ``aiormq.connection.FrameGenerator``    | swapped for a subclass     | test_install_is_idempotent_and_*,        |
+| (internal, looked up by name)           | that joins what is queued  | test_publishes_of_one_turn_share_writes* |
+| ``Connection.FRAME_BUFFER_SIZE``        | raised from 10 frames      | test_install_is_idempotent_and_*         |
+| ``ChannelFrame`` (payload, should_close,| one frame made of several  | test_coalesce_keeps_order_and_drains*,   |
+| drain)                                  |                            | test_nothing_is_joined_after_a_close_*   |
+| ``basic_publish`` / ``basic_ack`` with  | no wait for the socket     | test_the_stages_and_the_client_publish*, |
+| ``wait=False``                          | buffer to drain            | test_a_graceful_stop_leaves_no_handled*  |
 """
 
 from __future__ import annotations
@@ -31,7 +46,7 @@ import aio_pika.abc
 import aiormq.connection
 from aiormq.abc import ChannelFrame
 
-log = logging.getLogger("farebox.aiormq_writes")
+log = logging.getLogger("farebox.patches.aiormq_writes")
 
 # A write stops taking more frames once it holds this much (the frame that crosses it included):
 # enough for a few hundred small frames, without copying one large body after another.

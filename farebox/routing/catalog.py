@@ -1,8 +1,9 @@
 """The model price catalog: load, validate, look up, price a usage.
 
 The file format is the seed's: ``{provider: {model: {"input_cost_per_1k_tokens": ..,
-"output_cost_per_1k_tokens": .., optional fields}}}``. A bare seed file (only the two price fields) is valid;
-tiers then come from the policy. Top-level keys starting with ``_`` are documentation and are skipped. Unknown
+"output_cost_per_1k_tokens": .., optional fields}}}``, ``"tier"`` among them (the seed's own five-model file,
+tests/fixtures/seed_model_costs.json, has the two prices and a tier). A bare price file is valid too; tiers then
+come from the policy. Top-level keys starting with ``_`` are documentation and are skipped. Unknown
 per-model fields are refused: a typo (``input_cost_per_1k_token``) is an error, not a silently missing price.
 """
 

@@ -1,7 +1,10 @@
 """Pick the model for a job: the cheapest one that is good enough, allowed, and fits.
 
 Pure and synchronous: the route stage calls ``choose_route`` with the current catalog and policy, the token
-count it measured, and the providers it currently considers unhealthy. Error messages never quote the prompt.
+count it measured, and the providers it currently considers unhealthy. What routing measures once per job (task,
+token estimate, access rules, tier bounds, the PII scan) is a ``RouteContext``; the models the job may use, of
+any tier, are screened once from it. A budget downgrade (``downgrade_route``) picks again from those, without a
+second scan. Error messages never quote the prompt.
 """
 
 from __future__ import annotations
@@ -10,17 +13,74 @@ import math
 import re
 from dataclasses import dataclass
 
-from farebox.errors import InvalidRequest, PolicyBlocked
+from farebox.errors import FareboxError, InvalidRequest, PolicyBlocked
 from farebox.routing.catalog import TIER_RANK, TIERS, Catalog, CatalogError, ModelInfo, cost_usd
-from farebox.routing.pii import PiiFinding, apply_redactions, scan
+from farebox.routing.pii import scan_chat
 from farebox.routing.policy import AccessRule, PiiAction, Policy, tier_of
 from farebox.schemas import ChatMessage, Job, RouteDecision, Usage
+
+Rules = tuple[tuple[str, AccessRule], ...]  # (who, rule): the job's user tier, then its tenant
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """What every routing step reads, measured once per job."""
+
+    job: Job
+    catalog: Catalog
+    policy: Policy
+    task: str
+    usage: Usage  # the prompt's tokens and the expected output
+    rules: Rules
+    need: int  # lowest tier rank an automatic route may pick
+    cap: int  # highest tier rank the rules allow
+    why: str  # how ``need`` came about, for the reason
+    messages: tuple[ChatMessage, ...]  # what to send: redacted when the policy's pii action is "redact"
+    pii_kinds: tuple[str, ...]  # sorted
+    redacted: bool
+    pii_only: bool  # personal data found and the action is "route": pii-approved models only
+    unhealthy: frozenset[str]
+
+    @property
+    def total_tokens(self) -> int:
+        return self.usage.input_tokens + self.usage.output_tokens
+
+    @property
+    def kinds_txt(self) -> str:
+        return ", ".join(self.pii_kinds)
+
+    def pii_notes(self) -> list[str]:
+        notes = []
+        if self.redacted:
+            notes.append(f"personal data redacted ({self.kinds_txt})")
+        if self.pii_only:
+            notes.append(f"personal data found ({self.kinds_txt}): pii-approved models only")
+        return notes
+
+
+@dataclass(frozen=True)
+class Screen:
+    """Every model an automatic route may use for the job whatever its tier (the tier floor is applied when
+    picking), and the tier ranks of the ones set aside only for size or for personal data (for the error)."""
+
+    eligible: tuple[tuple[int, ModelInfo], ...]  # (tier rank, model)
+    too_small: tuple[int, ...]
+    wrong_pii: tuple[int, ...]
+
+
+# (estimated cost for the context's usage, target, model): a plain tuple, as routing makes a dozen per job.
+Candidate = tuple[float, str, ModelInfo]
 
 
 @dataclass(frozen=True)
 class Routed:
     decision: RouteDecision
-    messages: tuple[ChatMessage, ...]  # what to send: redacted when the policy's pii action is "redact"
+    context: RouteContext
+    screen: Screen | None  # None for a pinned model
+
+    @property
+    def messages(self) -> tuple[ChatMessage, ...]:
+        return self.context.messages
 
 
 # Keyword heuristics for jobs without a ``task``: first match wins, so the specific tasks come first.
@@ -102,16 +162,16 @@ def _is_unhealthy(model: ModelInfo, unhealthy: frozenset[str]) -> bool:
     return bool(unhealthy) and (model.provider in unhealthy or model.target in unhealthy)
 
 
-def _rules(job: Job, policy: Policy) -> list[tuple[str, AccessRule]]:
+def _rules(job: Job, policy: Policy) -> Rules:
     rules = []
     if job.user_tier is not None and job.user_tier in policy.user_tiers:
         rules.append((f"user tier {job.user_tier}", policy.user_tiers[job.user_tier]))
     if job.tenant in policy.tenants:
         rules.append((f"tenant {job.tenant}", policy.tenants[job.tenant]))
-    return rules
+    return tuple(rules)
 
 
-def _pii_action(policy: Policy, rules: list[tuple[str, AccessRule]]) -> PiiAction:
+def _pii_action(policy: Policy, rules: Rules) -> PiiAction:
     # The tenant's override beats the user tier's: the tenant signs the data-processing contract.
     action = policy.pii.action
     for _, rule in rules:
@@ -120,7 +180,7 @@ def _pii_action(policy: Policy, rules: list[tuple[str, AccessRule]]) -> PiiActio
     return action
 
 
-def _needed_tier(job: Job, task: str, policy: Policy, rules: list[tuple[str, AccessRule]]) -> tuple[int, int, str]:
+def _needed_tier(job: Job, task: str, policy: Policy, rules: Rules) -> tuple[int, int, str]:
     """(minimum tier rank, maximum tier rank, why) for an automatic route."""
     task_rule = policy.tasks.get(task)
     if "quality" not in job.model_fields_set and task_rule and task_rule.default_tier:
@@ -143,32 +203,73 @@ def _needed_tier(job: Job, task: str, policy: Policy, rules: list[tuple[str, Acc
     return need, cap, "; ".join(why)
 
 
-def _refusal(model: ModelInfo, policy: Policy, rules: list[tuple[str, AccessRule]], cap: int) -> str | None:
+def _refusal(model: ModelInfo, ctx: RouteContext) -> str | None:
     """Why policy forbids ``model`` for this job (tenant/user-tier lists and tier cap), or None."""
-    for name, rule in rules:
+    for name, rule in ctx.rules:
         if not rule.permits(model.target):
             return f"model '{model.target}' is not allowed for {name}"
-    tier = tier_of(model, policy)
-    if tier is not None and TIER_RANK[tier] > cap:
-        return f"model '{model.target}' is tier {tier}, above this job's cap ({TIERS[cap]}, user tier/tenant)"
+    tier = tier_of(model, ctx.policy)
+    if tier is not None and TIER_RANK[tier] > ctx.cap:
+        return f"model '{model.target}' is tier {tier}, above this job's cap ({TIERS[ctx.cap]}, user tier/tenant)"
     return None
 
 
-def _scan_messages(job: Job, policy: Policy, action: PiiAction) -> tuple[tuple[ChatMessage, ...], list[str], bool]:
-    """(messages to send, sorted PII kinds found, redacted?)."""
-    messages = job.chat
-    if action == "allow":
-        return messages, [], False  # nothing to do with findings, so skip the scan's cost
-    kinds = set(policy.pii.kinds)
-    per_message: list[list[PiiFinding]] = [[f for f in scan(m.content) if f.kind in kinds] for m in messages]
-    found = sorted({f.kind for fs in per_message for f in fs})
-    if not found or action != "redact":
-        return messages, found, False
-    redacted = tuple(
-        ChatMessage(role=m.role, content=apply_redactions(m.content, fs)) if fs else m
-        for m, fs in zip(messages, per_message, strict=True)
+def route_context(
+    job: Job, catalog: Catalog, policy: Policy, *, input_tokens: int, unhealthy: frozenset[str] = frozenset()
+) -> RouteContext:
+    """Measure the job once: task, token estimate, rules, tier bounds and the PII scan (which may block it)."""
+    task = infer_task(job)
+    usage = Usage(input_tokens=input_tokens, output_tokens=estimate_output_tokens(job, task))
+    rules = _rules(job, policy)
+    action = _pii_action(policy, rules)
+    messages: tuple[ChatMessage, ...] = job.chat
+    pii_kinds: tuple[str, ...] = ()
+    if action != "allow":  # with "allow" nothing is done with findings, so skip the scan's cost
+        messages, pii_kinds = scan_chat(job.chat, frozenset(policy.pii.kinds), redact=action == "redact")
+    if pii_kinds and action == "block":
+        raise PolicyBlocked(
+            f"personal data found in the prompt ({', '.join(pii_kinds)}); the policy blocks such jobs. "
+            "Remove it, or ask the operator for a pii route"
+        )
+    need, cap, why = _needed_tier(job, task, policy, rules)
+    return RouteContext(
+        job=job,
+        catalog=catalog,
+        policy=policy,
+        task=task,
+        usage=usage,
+        rules=rules,
+        need=need,
+        cap=cap,
+        why=why,
+        messages=messages,
+        pii_kinds=pii_kinds,
+        redacted=bool(pii_kinds) and action == "redact",
+        pii_only=bool(pii_kinds) and action == "route",
+        unhealthy=unhealthy,
     )
-    return redacted, found, True
+
+
+def _screen(ctx: RouteContext) -> Screen:
+    eligible: list[tuple[int, ModelInfo]] = []
+    too_small: list[int] = []
+    wrong_pii: list[int] = []
+    total_tokens = ctx.total_tokens
+    room_to_reason = ctx.job.max_tokens >= ctx.policy.reasoning_min_max_tokens
+    for model in ctx.catalog.models.values():
+        tier = tier_of(model, ctx.policy)
+        if tier is None or model.deprecated:
+            continue  # untiered models are for pins only; deprecated ones may disappear any day
+        if _refusal(model, ctx) is not None or ("reasoning" in model.capabilities and not room_to_reason):
+            continue
+        rank = TIER_RANK[tier]
+        if not _fits(model, total_tokens):
+            too_small.append(rank)
+        elif ctx.pii_only and "pii" not in model.compliance:
+            wrong_pii.append(rank)
+        else:
+            eligible.append((rank, model))
+    return Screen(tuple(eligible), tuple(too_small), tuple(wrong_pii))
 
 
 def _decision(chosen: ModelInfo, candidates: list[str], reason: str, cost: float, redacted: bool) -> RouteDecision:
@@ -191,158 +292,115 @@ def choose_route(
     unhealthy: frozenset[str] = frozenset(),
     downgrade: bool = False,
 ) -> Routed:
-    task = infer_task(job)
-    out_tokens = estimate_output_tokens(job, task)
-    total_tokens = input_tokens + out_tokens
-    usage = Usage(input_tokens=input_tokens, output_tokens=out_tokens)
-    rules = _rules(job, policy)
-    action = _pii_action(policy, rules)
-    messages, pii_kinds, redacted = _scan_messages(job, policy, action)
-    kinds_txt = ", ".join(pii_kinds)
-    if pii_kinds and action == "block":
-        raise PolicyBlocked(
-            f"personal data found in the prompt ({kinds_txt}); the policy blocks such jobs. "
-            "Remove it, or ask the operator for a pii route"
-        )
-    pii_only = bool(pii_kinds) and action == "route"
-    notes = []
-    if redacted:
-        notes.append(f"personal data redacted ({kinds_txt})")
-    if pii_only:
-        notes.append(f"personal data found ({kinds_txt}): pii-approved models only")
-    need, cap, why = _needed_tier(job, task, policy, rules)
-
+    ctx = route_context(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy)
     if job.model is not None:
-        return _pinned(
-            job,
-            catalog,
-            policy,
-            rules,
-            cap,
-            messages,
-            usage,
-            total_tokens,
-            pii_only,
-            kinds_txt,
-            notes,
-            unhealthy,
-            downgrade,
-            redacted,
-        )
+        return _pinned(ctx, downgrade=downgrade)
+    return _automatic(ctx, _screen(ctx), downgrade=downgrade)
 
-    eligible: list[tuple[float, str, ModelInfo]] = []
-    too_small = wrong_pii = 0
-    for model in catalog.models.values():
-        tier = tier_of(model, policy)
-        if tier is None or model.deprecated:
-            continue  # untiered models are for pins only; deprecated ones may disappear any day
-        if (not downgrade and TIER_RANK[tier] < need) or _refusal(model, policy, rules, cap) is not None:
-            continue
-        if "reasoning" in model.capabilities and job.max_tokens < policy.reasoning_min_max_tokens:
-            continue
-        if not _fits(model, total_tokens):
-            too_small += 1
-            continue
-        if pii_only and "pii" not in model.compliance:
-            wrong_pii += 1
-            continue
-        eligible.append((cost_usd(model, usage), model.target, model))
 
-    healthy = [e for e in eligible if not _is_unhealthy(e[2], unhealthy)]
+def downgrade_route(routed: Routed) -> Routed:
+    """What ``choose_route(..., downgrade=True)`` gives for the same job, picked from what ``routed`` already
+    measured and screened: no second PII scan, token count or pass over the catalog."""
+    if routed.screen is None:
+        return _pinned(routed.context, downgrade=True)
+    return _automatic(routed.context, routed.screen, downgrade=True)
+
+
+def _healthy_first(eligible: list[Candidate], unhealthy: frozenset[str], notes: list[str]) -> list[Candidate]:
+    """The eligible candidates not marked unhealthy, or all of them when none is (noted in ``notes``)."""
+    healthy = [c for c in eligible if not _is_unhealthy(c[2], unhealthy)]
     if healthy and len(healthy) < len(eligible):
-        skipped = sorted(e[1] for e in eligible if _is_unhealthy(e[2], unhealthy))
+        skipped = sorted(target for _, target, model in eligible if _is_unhealthy(model, unhealthy))
         notes.append(f"routed around unhealthy {', '.join(skipped)}")
     elif eligible and not healthy:
         # Health is a preference, not a rule: failing the job permanently for a transient outage would be
         # worse than trying; the execute stage retries and falls back down the list.
         notes.append("every eligible model is marked unhealthy; routing anyway")
         healthy = eligible
-    if healthy:
-        healthy.sort(key=lambda e: (e[0], e[1]))  # cost, then target: same input, same route
-        chosen_cost, _, chosen = healthy[0]
-        n = len(healthy)
-        if downgrade:
-            head = f"budget downgrade: cheapest eligible model regardless of tier (task={task}; {why})"
-        else:
-            head = f"cheapest {TIERS[need]}-or-better model for task={task} ({why})"
-        reason = "; ".join([head, f"{n} candidate{'s' if n != 1 else ''}", *notes])
-        return Routed(_decision(chosen, [e[1] for e in healthy], reason, chosen_cost, redacted), messages)
+    return healthy
 
+
+def _automatic(ctx: RouteContext, screen: Screen, *, downgrade: bool) -> Routed:
+    floor = 0 if downgrade else ctx.need  # a downgrade takes any tier the rules allow
+    notes = ctx.pii_notes()
+    usage = ctx.usage
+    priced = [(cost_usd(m, usage), m.target, m) for rank, m in screen.eligible if rank >= floor]
+    healthy = _healthy_first(priced, ctx.unhealthy, notes)
+    if healthy:
+        healthy.sort(key=lambda c: (c[0], c[1]))  # cost, then target: same input, same route
+        (cost, _, chosen), n = healthy[0], len(healthy)
+        if downgrade:
+            head = f"budget downgrade: cheapest eligible model regardless of tier (task={ctx.task}; {ctx.why})"
+        else:
+            head = f"cheapest {TIERS[ctx.need]}-or-better model for task={ctx.task} ({ctx.why})"
+        reason = "; ".join([head, f"{n} candidate{'s' if n != 1 else ''}", *notes])
+        decision = _decision(chosen, [target for _, target, _ in healthy], reason, cost, ctx.redacted)
+        return Routed(decision, ctx, screen)
     # Nothing qualifies: the policy's default model, when it is at least possible for this job.
-    default = catalog.get(policy.default_model) if policy.default_model else None
+    default = ctx.catalog.get(ctx.policy.default_model) if ctx.policy.default_model else None
     if (
         default is not None
-        and _fits(default, total_tokens)
-        and not (pii_only and "pii" not in default.compliance)
-        and _refusal(default, policy, rules, cap) is None
+        and _fits(default, ctx.total_tokens)
+        and not (ctx.pii_only and "pii" not in default.compliance)
+        and _refusal(default, ctx) is None
     ):
-        reason = "; ".join(
-            [
-                f"no model of tier {TIERS[need]} or better fits task={task} ({why}); using the policy's default model",
-                *notes,
-            ]
+        head = (
+            f"no model of tier {TIERS[ctx.need]} or better fits task={ctx.task} ({ctx.why}); "
+            "using the policy's default model"
         )
-        return Routed(_decision(default, [default.target], reason, cost_usd(default, usage), redacted), messages)
-    if pii_only and wrong_pii:
-        raise PolicyBlocked(
-            f"personal data found in the prompt ({kinds_txt}) and no pii-approved model fits this job; "
+        reason = "; ".join([head, *notes])
+        decision = _decision(default, [default.target], reason, cost_usd(default, ctx.usage), ctx.redacted)
+        return Routed(decision, ctx, screen)
+    raise _no_route(ctx, screen, floor)
+
+
+def _no_route(ctx: RouteContext, screen: Screen, floor: int) -> FareboxError:
+    """Why no model at all could take the job."""
+    if ctx.pii_only and any(rank >= floor for rank in screen.wrong_pii):
+        return PolicyBlocked(
+            f"personal data found in the prompt ({ctx.kinds_txt}) and no pii-approved model fits this job; "
             "remove the personal data or ask the operator to approve a model"
         )
-    if too_small:
-        largest = max((m.context_window or 0) for m in catalog.models.values())
-        raise InvalidRequest(
-            f"prompt is {input_tokens} tokens plus about {out_tokens} expected output tokens, more than the "
-            f"context window of every eligible model (largest in the catalog: {largest}); shorten the prompt "
-            "or lower max_tokens"
+    if any(rank >= floor for rank in screen.too_small):
+        largest = max((m.context_window or 0) for m in ctx.catalog.models.values())
+        return InvalidRequest(
+            f"prompt is {ctx.usage.input_tokens} tokens plus about {ctx.usage.output_tokens} expected output "
+            f"tokens, more than the context window of every eligible model (largest in the catalog: {largest}); "
+            "shorten the prompt or lower max_tokens"
         )
-    raise InvalidRequest(
-        f"no model in the catalog meets this job's requirements (tier {TIERS[need]} or better; {why}); "
+    return InvalidRequest(
+        f"no model in the catalog meets this job's requirements (tier {TIERS[ctx.need]} or better; {ctx.why}); "
         "see `farebox catalog show`"
     )
 
 
-def _pinned(
-    job: Job,
-    catalog: Catalog,
-    policy: Policy,
-    rules: list[tuple[str, AccessRule]],
-    cap: int,
-    messages: tuple[ChatMessage, ...],
-    usage: Usage,
-    total_tokens: int,
-    pii_only: bool,
-    kinds_txt: str,
-    notes: list[str],
-    unhealthy: frozenset[str],
-    downgrade: bool,
-    redacted: bool,
-) -> Routed:
+def _pinned(ctx: RouteContext, *, downgrade: bool) -> Routed:
     """An explicit ``job.model`` wins over cost, but is still checked against the catalog and the policy."""
-    assert job.model is not None
-    model = catalog.get(job.model)
+    assert ctx.job.model is not None
+    model = ctx.catalog.get(ctx.job.model)
     if model is None:
-        raise InvalidRequest(f"unknown model '{job.model}'; see `farebox catalog show`")
-    refusal = _refusal(model, policy, rules, cap)
+        raise InvalidRequest(f"unknown model '{ctx.job.model}'; see `farebox catalog show`")
+    refusal = _refusal(model, ctx)
     if refusal is not None:
         raise PolicyBlocked(f"{refusal}; remove the pin or pick an allowed model")
-    if pii_only and "pii" not in model.compliance:
-        approved = sorted(m.target for m in catalog.models.values() if "pii" in m.compliance)
+    if ctx.pii_only and "pii" not in model.compliance:
+        approved = sorted(m.target for m in ctx.catalog.models.values() if "pii" in m.compliance)
         raise PolicyBlocked(
-            f"personal data found in the prompt ({kinds_txt}); pinned model '{model.target}' is not approved "
+            f"personal data found in the prompt ({ctx.kinds_txt}); pinned model '{model.target}' is not approved "
             f"for personal data (approved: {', '.join(approved) or 'none'})"
         )
-    if not _fits(model, total_tokens):
+    if not _fits(model, ctx.total_tokens):
         raise InvalidRequest(
-            f"prompt is {usage.input_tokens} tokens plus about {usage.output_tokens} expected output tokens, "
-            f"more than the context window of '{model.target}' ({model.context_window}); shorten the prompt, "
-            "lower max_tokens or pin a larger model"
+            f"prompt is {ctx.usage.input_tokens} tokens plus about {ctx.usage.output_tokens} expected output "
+            f"tokens, more than the context window of '{model.target}' ({model.context_window}); shorten the "
+            "prompt, lower max_tokens or pin a larger model"
         )
     extra = []
     if model.deprecated:
         extra.append("model is deprecated")
-    if _is_unhealthy(model, unhealthy):
+    if _is_unhealthy(model, ctx.unhealthy):
         extra.append("provider currently marked unhealthy")
     if downgrade:
         extra.append("budget downgrade not applied to a pinned model")
-    reason = "; ".join([f"pinned by the job ({model.target})", *extra, *notes])
-    return Routed(_decision(model, [model.target], reason, cost_usd(model, usage), redacted), messages)
+    reason = "; ".join([f"pinned by the job ({model.target})", *extra, *ctx.pii_notes()])
+    return Routed(_decision(model, [model.target], reason, cost_usd(model, ctx.usage), ctx.redacted), ctx, None)

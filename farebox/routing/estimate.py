@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from farebox.errors import BlockedError, InvalidRequest
+from farebox.errors import BlockedError, InvalidRequest, describe_validation_error
 from farebox.routing.catalog import Catalog
 from farebox.routing.choose import baseline_cost_usd, choose_route, estimate_output_tokens, infer_task
 from farebox.routing.policy import Policy, tier_of
@@ -128,14 +128,6 @@ def estimate_jobs(jobs: Iterable[Job], catalog: Catalog, policy: Policy) -> Esti
     for job in jobs:
         report.add_job(job, catalog, policy)
     return report
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """The first problem of a rejected job, by field, without echoing the input (it may be prompt text)."""
-    first = exc.errors(include_input=False, include_url=False)[0]
-    where = ".".join(str(p) for p in first["loc"]) or "job"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
 
 
 def estimate_lines(lines: Iterable[str], catalog: Catalog, policy: Policy) -> EstimateReport:

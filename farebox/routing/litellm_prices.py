@@ -3,7 +3,8 @@
 Only chat models of the providers farebox can call are taken. LiteLLM names Google's direct Gemini API
 ``gemini`` (keys like ``gemini/gemini-2.5-pro``) and Vertex AI ``vertex_ai-language-models``; both become our
 ``google``, and the direct API's entry wins a name clash because that is the endpoint farebox calls.
-Tiers and compliance are judgements, not prices, so the import leaves them out (set them in the policy).
+Tiers and compliance are judgements, not prices: this conversion leaves them out; ``farebox catalog import``
+then gives tiers by the tier rules it names (farebox/routing/tier_rules.py), and compliance is the user's.
 """
 
 from __future__ import annotations

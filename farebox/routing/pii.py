@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+
+from farebox.schemas import ChatMessage
 
 
 @dataclass(frozen=True)
@@ -222,5 +224,16 @@ def apply_redactions(text: str, findings: Iterable[PiiFinding]) -> str:
     return "".join(out)
 
 
-def redact(text: str) -> str:
-    return apply_redactions(text, scan(text))
+def scan_chat(
+    messages: tuple[ChatMessage, ...], kinds: Collection[str], *, redact: bool
+) -> tuple[tuple[ChatMessage, ...], tuple[str, ...]]:
+    """(the messages, with every finding of ``kinds`` redacted when ``redact``; the sorted kinds found)."""
+    per_message = [[f for f in scan(m.content) if f.kind in kinds] for m in messages]
+    found = tuple(sorted({f.kind for fs in per_message for f in fs}))
+    if not found or not redact:
+        return messages, found
+    redacted = tuple(
+        ChatMessage(role=m.role, content=apply_redactions(m.content, fs)) if fs else m
+        for m, fs in zip(messages, per_message, strict=True)
+    )
+    return redacted, found

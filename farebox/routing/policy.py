@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from farebox.routing.catalog import TIER_RANK, Catalog, CatalogError, ModelInfo, Tier
+from farebox.routing.catalog import TIER_RANK, TIERS, Catalog, CatalogError, ModelInfo, Tier
 from farebox.schemas import Job
 
 PiiAction = Literal["block", "route", "redact", "allow"]
@@ -167,13 +167,109 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(data, str(path))
 
 
-def check_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> list[str]:
-    """Cross-check a policy against a catalog. Raises CatalogError for what would break every job's
-    accounting (baseline/default unknown); returns warnings for the rest."""
+def _routable(catalog: Catalog, policy: Policy) -> list[tuple[int, ModelInfo]]:
+    """(tier rank, model) of every model the router may pick on its own: tiered and not deprecated."""
+    out = []
+    for model in catalog.models.values():
+        tier = tier_of(model, policy)
+        if tier is not None and not model.deprecated:
+            out.append((TIER_RANK[tier], model))
+    return out
+
+
+def _list_price(model: ModelInfo) -> tuple[float, str]:
+    # A static ranking needs a usage; equal input and output weight, then the name for a stable answer.
+    return (model.input_cost_per_1k + model.output_cost_per_1k, model.target)
+
+
+def _fallback(fld: str, routable: list[tuple[int, ModelInfo]]) -> ModelInfo:
+    """The model standing in for an absent ``default_model`` (the cheapest eligible model) or
+    ``baseline_model`` (the cheapest of the highest tier: the baseline means "a premium model for every job",
+    and its cheapest keeps the savings claimed on the low side)."""
+    # Reasoning models may answer nothing for a small max_tokens, so they stand in only when nothing else can.
+    plain = [(rank, m) for rank, m in routable if "reasoning" not in m.capabilities] or routable
+    if fld == "baseline_model":
+        top = max(rank for rank, _ in plain)
+        plain = [(rank, m) for rank, m in plain if rank == top]
+    return min((m for _, m in plain), key=_list_price)
+
+
+def _resolve_models(policy: Policy, catalog: Catalog, source: str) -> tuple[Policy, list[str]]:
+    """``policy`` with an absent default or baseline model replaced by its fallback, and a warning for each.
+    Only called once ``_coverage`` found no problem, so there is at least one routable model."""
+    routable = _routable(catalog, policy)
+    update: dict[str, str] = {}
+    warnings = []
     for fld, target in (("baseline_model", policy.baseline_model), ("default_model", policy.default_model)):
-        if target is not None and catalog.get(target) is None:
-            raise CatalogError(f"{source}: field '{fld}': model '{target}' is not in the catalog {catalog.source}")
-    warnings = [
+        if target is None or catalog.get(target) is not None:
+            continue
+        stand_in = _fallback(fld, routable)
+        kind = "model of the highest tier" if fld == "baseline_model" else "eligible model"
+        update[fld] = stand_in.target
+        warnings.append(
+            f"{source}: field '{fld}': model '{target}' is not in the catalog {catalog.source}; "
+            f"using '{stand_in.target}', the cheapest {kind}, instead"
+        )
+    return (policy.model_copy(update=update) if update else policy), warnings
+
+
+def _contexts(policy: Policy) -> list[tuple[str, int, int]]:
+    """(who, lowest tier rank a job can need, highest it may get) for every job and each access rule."""
+    out = [("", 0, len(TIERS) - 1)]
+    for kind, rules in (("user tier", policy.user_tiers), ("tenant", policy.tenants)):
+        for name, rule in sorted(rules.items()):
+            lo = TIER_RANK[rule.min_tier] if rule.min_tier else 0
+            cap = TIER_RANK[rule.max_tier] if rule.max_tier else len(TIERS) - 1
+            if (lo, cap) != (0, len(TIERS) - 1):
+                bounds = [f"{b} {t}" for b, t in (("min_tier", rule.min_tier), ("max_tier", rule.max_tier)) if t]
+                out.append((f"{kind} {name} ({', '.join(bounds)})", lo, cap))
+    return out
+
+
+def _coverage(policy: Policy, catalog: Catalog) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for the tiers jobs can need that no routable model serves: such jobs all go to the
+    default model. A quality a job may ask for left without a model (tier t or better), or a user tier or tenant
+    left without any model it may use, is a problem. A gap inside a user tier's or tenant's bounds is only a
+    warning: those jobs already accept less than they ask, and the default model they get stays within them."""
+    routable = _routable(catalog, policy)
+    everyone = {rank for rank, _ in routable}
+    plain = {rank for rank, m in routable if "reasoning" not in m.capabilities}
+    problems, warnings = [], []
+    for who, lo, cap in _contexts(policy):
+        # Tier t is served by any model of tier t..cap, so what is missing is always a top run k..cap.
+        missing = [t for t in range(lo, cap + 1) if not any(t <= r <= cap for r in everyone)]
+        weak = [t for t in range(lo, cap + 1) if t not in missing and not any(t <= r <= cap for r in plain)]
+        head = f"{who}: " if who else ""
+        if missing:
+            gap = f"{head}no model of tier {' or '.join(TIERS[t] for t in missing)}"
+            if not who or missing[0] == lo:
+                problems.append(gap)
+            else:
+                warnings.append(f"{gap}: its jobs that need {TIERS[missing[0]]} go to the default model")
+        if weak:
+            warnings.append(
+                f"{head}tier {' or '.join(TIERS[t] for t in weak)} is served only by reasoning models, which the "
+                f"router skips for jobs with max_tokens below {policy.reasoning_min_max_tokens}: those jobs go to "
+                "the default model"
+            )
+    return problems, warnings
+
+
+def checked_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> tuple[Policy, list[str]]:
+    """Cross-check a policy against a catalog: (the policy to route with, warnings).
+
+    Raises CatalogError when a tier the policy's jobs can need has no model to serve it. An absent baseline or
+    default model is replaced by a fallback (see ``_fallback``), with a warning that names both."""
+    problems, coverage_warnings = _coverage(policy, catalog)
+    if problems:
+        raise CatalogError(
+            f"{source}: the catalog {catalog.source} leaves tiers the policy uses without a model, so those jobs "
+            f"would all go to the default model: {'; '.join(problems)}. Give models a tier (the catalog's "
+            "'tier', the policy's 'tiers', or `farebox catalog import --tier-rules`)"
+        )
+    effective, warnings = _resolve_models(policy, catalog, source)
+    warnings += coverage_warnings
+    warnings += [
         f"{source}: field 'tiers.{t}': model not in the catalog (ignored)"
         for t in sorted(policy.tiers)
         if catalog.get(t) is None
@@ -185,4 +281,9 @@ def check_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> li
             + ", ".join(untiered[:8])
             + (" ..." if len(untiered) > 8 else "")
         )
-    return warnings
+    return effective, warnings
+
+
+def check_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> list[str]:
+    """The warnings of ``checked_policy`` (which raises CatalogError for what it refuses)."""
+    return checked_policy(policy, catalog, source)[1]

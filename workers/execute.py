@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from farebox import metrics
 from farebox.errors import REDIS_DOWN, DeadlineExceeded, InvalidRequest, ProviderExhausted, RetryableError
 from farebox.providers.base import ProviderRequest
-from farebox.providers.pool import AdapterPool
+from farebox.providers.calls import ProviderCalls
 from farebox.providers.retry import call_with_retries
 from farebox.schemas import Envelope, Outcome
 from farebox.settings import ProviderLimits, Settings
@@ -55,7 +55,7 @@ class ExecuteStage(EnvelopeStage):
         self,
         settings: Settings,
         provider: str,
-        adapters: AdapterPool,
+        adapters: ProviderCalls,
         redis: Redis,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -108,7 +108,11 @@ class ExecuteStage(EnvelopeStage):
 
         try:
             async with self.adapters.adapter() as adapter:
-                limited = LimitedAdapter(adapter, self.limiter, env.deadline_at) if self.limiter.active else adapter
+                limited = (
+                    LimitedAdapter(adapter, self.limiter, env.deadline_at, env.prompt_tokens)
+                    if self.limiter.active
+                    else adapter
+                )
                 reply, retries = await call_with_retries(
                     limited,
                     request,

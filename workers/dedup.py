@@ -23,28 +23,33 @@ from farebox.schemas import Envelope, Outcome
 from farebox.settings import Settings
 from farebox.stages.cache_keys import CacheRules
 from farebox.stages.decode import envelope_from_intake, envelope_from_internal
+from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.stage import Delivery, EnvelopeStage, Handled, envelope_publish
 
 # One round trip, atomic: answered job_id? cached answer? else take (or find) the lease. Being
 # atomic, a leader that fills the cache and releases its lease can never slip in between.
+_DECIDE_LAYOUT = Layout(
+    keys=("result_key", "cache_key", "lease_key"),
+    args=("job_id", "lease_ttl_s", "use_cache", "coalesce"),  # the last two: '1' or '0'
+)
 _DECIDE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', result_key) == 1 then
   return {'answered'}
 end
-if ARGV[3] == '1' then
-  local cached = redis.call('GET', KEYS[2])
+if use_cache == '1' then
+  local cached = redis.call('GET', cache_key)
   if cached then
     return {'cached', cached}
   end
 end
-if ARGV[4] ~= '1' then
+if coalesce ~= '1' then
   return {'route'}
 end
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'EX', ARGV[2]) then
+if redis.call('SET', lease_key, job_id, 'NX', 'EX', lease_ttl_s) then
   return {'lead'}
 end
-if redis.call('GET', KEYS[3]) == ARGV[1] then
+if redis.call('GET', lease_key) == job_id then
   return {'own'}
 end
 return {'wait'}
@@ -65,7 +70,7 @@ class DedupStage(EnvelopeStage):
         self.account_queue = self.topo.account
         self.keys = settings.keys
         self.health = RedisHealth(self.name)
-        self._decide_script = redis.register_script(_DECIDE)
+        self._decide_script = NamedScript(redis, _DECIDE_LAYOUT, _DECIDE)
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.intake, self.topo.recheck)
@@ -89,17 +94,17 @@ class DedupStage(EnvelopeStage):
 
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
         use_cache = env.cache_key is not None and env.job.cache.mode == "use"
-        keys = [
-            self.keys.result(env.job_id),
-            self.keys.cache(env.cache_key or "-"),
-            self.keys.inflight(env.coalesce_key or "-"),
-        ]
-        args: list[str | int] = [
-            env.job_id,
-            self.settings.leader_lease_s,
-            int(use_cache),
-            int(env.coalesce_key is not None),
-        ]
+        keys = {
+            "result_key": self.keys.result(env.job_id),
+            "cache_key": self.keys.cache(env.cache_key or "-"),
+            "lease_key": self.keys.inflight(env.coalesce_key or "-"),
+        }
+        args: dict[str, Scalar] = {
+            "job_id": env.job_id,
+            "lease_ttl_s": self.settings.leader_lease_s,
+            "use_cache": int(use_cache),
+            "coalesce": int(env.coalesce_key is not None),
+        }
         state, *value = await self._decide_script(keys=keys, args=args)
         state = as_text(state)
         if state == "answered":

@@ -51,7 +51,7 @@ def observe(result: JobResult) -> None:
     if result.status == "ok":
         metrics.child(metrics.REQUESTS, model, provider, "false" if result.cache == "miss" else "true").inc()
         metrics.child(metrics.COST, model, provider).inc(result.cost_usd)
-        metrics.child(metrics.TENANT_COST, result.tenant).inc(result.cost_usd)
+        metrics.child(metrics.TENANT_COST, result.tenant or "-").inc(result.cost_usd)
         if result.cache == "miss":
             metrics.child(metrics.TOKENS_IN, model).inc(result.usage.input_tokens)
             metrics.child(metrics.TOKENS_OUT, model).inc(result.usage.output_tokens)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
@@ -33,7 +34,6 @@ from farebox import metrics
 from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
 from farebox.errors import (
     BROKER_DOWN,
-    BROKER_DOWN_OR_TIMEOUT,
     BlockedError,
     DeliveryLimitReached,
     FareboxError,
@@ -41,6 +41,7 @@ from farebox.errors import (
     RetryableError,
 )
 from farebox.patches import aiormq_writes
+from farebox.publishing import Backoff, publish_confirmed
 from farebox.settings import Settings
 from farebox.stages.batching import Batcher, batch_count, split_batch
 from farebox.stages.stage import Delivery, Handled, Publish, StageCore
@@ -48,7 +49,7 @@ from farebox.stages.topology import declare_topology, queue_plan
 
 log = logging.getLogger("farebox.runtime")
 
-MAX_PUBLISH_BACKOFF_S = 1.0
+PUBLISH_BACKOFF = Backoff(first_s=0.02, max_s=1.0)
 DRAIN_TIMEOUT_S = 30.0
 
 
@@ -336,45 +337,36 @@ class Worker:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish
         nack) or the connection is being restored, so nothing is acked before it is safe."""
         assert self._channel is not None
-        delay = 0.02
-        while True:
-            # Built per attempt: aiormq writes a random message_id into properties without one, and
-            # a late return of an earlier attempt must not match this one.
-            properties = aiormq_writes.persistent_properties(
-                content_type=p.content_type,
-                headers=p.headers,
-                correlation_id=p.correlation_id,
-                reply_to=p.reply_to,
-                message_id=p.message_id,
+        try:
+            await publish_confirmed(
+                self._channel,
+                p.body,
+                exchange=p.exchange,
+                routing_key=p.routing_key,
+                properties=functools.partial(
+                    aiormq_writes.persistent_properties,
+                    content_type=p.content_type,
+                    headers=p.headers,
+                    correlation_id=p.correlation_id,
+                    reply_to=p.reply_to,
+                    message_id=p.message_id,
+                ),
+                mandatory=p.mandatory,
+                backoff=PUBLISH_BACKOFF,
+                on_broker_down=self._publish_interrupted,
             )
-            try:
-                # Not waiting for the socket: this stage's publishes of one turn share a write.
-                await aiormq_writes.publish(
-                    self._channel,
-                    p.body,
-                    exchange=p.exchange,
-                    routing_key=p.routing_key,
-                    properties=properties,
-                    mandatory=p.mandatory,
-                    timeout=30,
-                )
-                return
-            except aiormq.exceptions.PublishError:
-                if p.caller_reply:
-                    metrics.MESSAGES.labels(self.core.name, "reply_unroutable").inc()
-                    log.warning(
-                        "stage %s: reply queue is gone; result dropped (it stays in the "
-                        "result store for a retry with the same job_id)",
-                        self.core.name,
-                    )
-                    return
+        except aiormq.exceptions.PublishError:
+            if not p.caller_reply:
                 raise
-            except aiormq.exceptions.DeliveryError:
-                pass  # nacked: the next queue is full; hold the input and wait (back-pressure)
-            except BROKER_DOWN_OR_TIMEOUT as err:
-                log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_PUBLISH_BACKOFF_S)
+            metrics.MESSAGES.labels(self.core.name, "reply_unroutable").inc()
+            log.warning(
+                "stage %s: reply queue is gone; result dropped (it stays in the "
+                "result store for a retry with the same job_id)",
+                self.core.name,
+            )
+
+    def _publish_interrupted(self, err: Exception) -> None:
+        log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
 
 
 class _Unhandled:

@@ -25,19 +25,24 @@ from farebox.constants import RedisKeys
 from farebox.errors import REDIS_DOWN, DeadlineExceeded
 from farebox.providers.base import ProviderAdapter, ProviderReply, ProviderRequest
 from farebox.settings import ProviderLimits
+from farebox.stages.lua import Layout, NamedScript
 from farebox.tokens import count_messages
 
 LEASE_S = 300  # a call holding a concurrency slot longer than this is presumed dead
 
-# Returns 0 when the call may go now (and debits it), else the seconds to wait.
+# Returns '0' when the call may go now (and debits it), else the seconds to wait.
+_BUCKETS_LAYOUT = Layout(
+    key_tail="buckets",
+    arg_tail="limits_and_needs",  # per bucket, in KEYS order: its per-minute limit, then what this call takes
+)
 _BUCKETS = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
 local wait = 0
 local states = {}
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local need = tonumber(ARGV[2 * i])
+for i, key in ipairs(buckets) do
+  local limit = tonumber(limits_and_needs[2 * i - 1])
+  local need = tonumber(limits_and_needs[2 * i])
   local rate = limit / 60.0
   local state = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens = tonumber(state[1]) or limit
@@ -52,20 +57,22 @@ end
 if wait > 0 then
   return tostring(wait)
 end
-for i, key in ipairs(KEYS) do
+for i, key in ipairs(buckets) do
   redis.call('HSET', key, 'tokens', states[i][1] - states[i][2], 'ts', now)
   redis.call('EXPIRE', key, 120)
 end
 return '0'
 """
 
+# Returns 1 and takes a slot (a lease that expires by itself) when fewer than max_slots are held, else 0.
+_SLOT_LAYOUT = Layout(keys=("slots_key",), args=("max_slots", "lease_id", "lease_s"))
 _SLOT = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', now)
+if redis.call('ZCARD', slots_key) < tonumber(max_slots) then
+  redis.call('ZADD', slots_key, now + tonumber(lease_s), lease_id)
+  redis.call('EXPIRE', slots_key, tonumber(lease_s))
   return 1
 end
 return 0
@@ -89,8 +96,8 @@ class SharedLimiter:
         self.limits = limits
         self.clock = clock
         self.poll_max_s = poll_max_s
-        self._buckets = redis.register_script(_BUCKETS)
-        self._slot = redis.register_script(_SLOT)
+        self._buckets = NamedScript(redis, _BUCKETS_LAYOUT, _BUCKETS)
+        self._slot = NamedScript(redis, _SLOT_LAYOUT, _SLOT)
 
     @property
     def active(self) -> bool:
@@ -108,13 +115,14 @@ class SharedLimiter:
             args += [self.limits.tpm, tokens]
         if not keys:
             return 0.0
-        return float(await self._buckets(keys=keys, args=args))
+        return float(await self._buckets(key_tail=keys, arg_tail=args))
 
     async def try_slot(self, lease_id: str) -> bool:
         if not self.limits.concurrency:
             return True
         got = await self._slot(
-            keys=[self.keys.concurrency(self.provider)], args=[self.limits.concurrency, lease_id, LEASE_S]
+            keys={"slots_key": self.keys.concurrency(self.provider)},
+            args={"max_slots": self.limits.concurrency, "lease_id": lease_id, "lease_s": LEASE_S},
         )
         return bool(got)
 
@@ -161,18 +169,29 @@ class SharedLimiter:
 
 class LimitedAdapter:
     """An adapter whose every attempt (retries included) first passes the shared limits; the
-    token reservation is the prompt plus max_tokens, as providers count it for their limits."""
+    token reservation is the prompt plus max_tokens, as providers count it for their limits.
+    ``prompt_tokens`` is the prompt's count when the route stage measured it (``Envelope.prompt_tokens``);
+    without it the prompt is counted here."""
 
-    def __init__(self, adapter: ProviderAdapter, limiter: SharedLimiter, deadline_at: float | None) -> None:
+    def __init__(
+        self,
+        adapter: ProviderAdapter,
+        limiter: SharedLimiter,
+        deadline_at: float | None,
+        prompt_tokens: int | None = None,
+    ) -> None:
         self.name = adapter.name
         self._adapter = adapter
         self._limiter = limiter
         self._deadline_at = deadline_at
+        self._prompt_tokens = prompt_tokens
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
-        # Counting the prompt costs CPU on every attempt; only a tokens-per-minute limit reads it.
         tokens = 0
-        if self._limiter.limits.tpm:
-            tokens = count_messages((m.role, m.content) for m in request.messages) + request.max_tokens
+        if self._limiter.limits.tpm:  # only a tokens-per-minute limit reads the count
+            prompt = self._prompt_tokens
+            if prompt is None:
+                prompt = count_messages((m.role, m.content) for m in request.messages)
+            tokens = prompt + request.max_tokens
         async with self._limiter.call(tokens, self._deadline_at):
             return await self._adapter.complete(request)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.patches.redis_pipelining import PipeliningRedis
-from farebox.providers.pool import AdapterPool
+from farebox.providers.calls import ProviderCalls
 from farebox.providers.registry import build_adapter, emulator_url, provider_configs
 from farebox.routing.store import CatalogStore
 from farebox.settings import Settings
@@ -72,7 +72,7 @@ async def run_stage(
     catalog, _ = store.current()
     providers = catalog.providers()
     redis = make_redis(settings)
-    pool: AdapterPool | None = None
+    calls: ProviderCalls | None = None
     cores: list[StageCore]
     if stage == "dedup":
         cores = [DedupStage(settings, redis, current_cache_rules(store))]
@@ -85,12 +85,12 @@ async def run_stage(
         if provider not in configs:
             raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
         config = configs[provider]
-        pool = AdapterPool(
+        calls = ProviderCalls(
             lambda client: build_adapter(config, client),
-            size=settings.provider_concurrency,
+            max_in_flight=settings.provider_concurrency,
             timeout_s=settings.provider_timeout_s,
         )
-        cores = [ExecuteStage(settings, provider, pool, redis)]
+        cores = [ExecuteStage(settings, provider, calls, redis)]
     elif stage == "account":
         cores = [AccountStage(settings, store, redis), DeadLetterStage(settings, redis)]
     else:
@@ -109,16 +109,16 @@ async def run_stage(
         await asyncio.gather(*tasks)
     finally:
         stop.set()
-        if pool is not None:
-            await pool.aclose()
+        if calls is not None:
+            await calls.aclose()
         await redis.aclose()
 
 
 def worker_main(settings: Settings, stage: str, provider: str | None) -> int:
     if settings.metrics_port:
         with contextlib.suppress(OSError):
-            metrics.serve_metrics(settings.metrics_port)
-            log.info("stage %s: metrics on :%d/metrics", stage, settings.metrics_port)
+            metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+            log.info("stage %s: metrics on %s:%d/metrics", stage, settings.metrics_host, settings.metrics_port)
 
     async def main() -> None:
         stop = asyncio.Event()

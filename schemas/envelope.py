@@ -69,6 +69,9 @@ class Envelope(BaseModel):
     coalesce_key: str | None = None  # identical in-flight jobs share it; the leader holds its lease
     waits: int = Field(0, ge=0)  # times this job has waited for a coalesced leader
     route: RouteDecision | None = None
+    # Tokens of job.chat as it now stands, counted by the route stage so that the execute stage's
+    # tokens-per-minute limit need not count again; None (older messages, or after a redaction) counts there.
+    prompt_tokens: int | None = Field(None, ge=0)
     fallbacks: tuple[str, ...] = ()  # targets that failed, in order
     retries: int = Field(0, ge=0)  # provider retries spent so far, across fallbacks
     budgets: tuple[BudgetHold, ...] = ()  # reservations to settle (route.reserved_usd each)

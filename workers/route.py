@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from redis.asyncio import Redis
 
 from farebox.errors import REDIS_DOWN, BudgetExceeded, FareboxError
-from farebox.routing.catalog import Catalog
-from farebox.routing.choose import Routed, choose_route
-from farebox.routing.policy import Budget, Policy
+from farebox.routing.choose import Routed, choose_route, downgrade_route
+from farebox.routing.policy import Budget
 from farebox.routing.store import CatalogStore
 from farebox.schemas import BudgetHold, Envelope
 from farebox.settings import Settings
@@ -51,27 +51,23 @@ class RouteStage(EnvelopeStage):
         unhealthy = await self.health.unhealthy([*catalog.providers(), *catalog.models])
         routed = choose_route(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy)
         holds = holds_for(policy, self.settings.keys, job.tenant, job.user_tier, self.clock())
-        update_budgets: dict[str, object] = {}
+        update: dict[str, object] = {}
         alerts: list[Publish] = []
         if holds:
-            routed, held, alerts = await self._reserve(env, routed, holds, catalog, policy, input_tokens, unhealthy)
-            update_budgets = {"budgets": held}
-        update: dict[str, object] = {"route": routed.decision, **update_budgets}
+            routed, held, alerts = await self._reserve(env, routed, holds)
+            update["budgets"] = held
+        update["route"] = routed.decision
         if routed.messages != job.chat:
-            # Redacted before it leaves us: the provider only ever sees the redacted text.
+            # Redacted before it leaves us: the provider only ever sees the redacted text. The count
+            # was of the text before, so the execute stage counts what it sends.
             update["job"] = job.model_copy(update={"messages": routed.messages, "prompt": None})
+        else:
+            update["prompt_tokens"] = input_tokens
         decided = env.model_copy(update=update)
         return Handled([envelope_publish(decided, self.topo.execute(routed.decision.provider)), *alerts])
 
     async def _reserve(
-        self,
-        env: Envelope,
-        routed: Routed,
-        holds: list[tuple[Budget, BudgetHold]],
-        catalog: Catalog,
-        policy: Policy,
-        input_tokens: int,
-        unhealthy: frozenset[str],
+        self, env: Envelope, routed: Routed, holds: list[tuple[Budget, BudgetHold]]
     ) -> tuple[Routed, tuple[BudgetHold, ...], list[Publish]]:
         """Reserve the estimate in every budget of the tenant; on exceed apply the policy's action
         (and raise any alert of that budget not raised yet this period)."""
@@ -91,12 +87,10 @@ class RouteStage(EnvelopeStage):
                     f"tenant {hold.tenant!r} has used its {budget.period} budget of "
                     f"${budget.limit_usd:g} ({hold.period}); the job was not run",
                 )
-            routed = choose_route(
-                env.job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, downgrade=True
-            )
+            routed = downgrade_route(routed)
             await self.book.reserve(env.job_id, list(held), routed.decision.estimated_cost_usd, force=True)
         decision = routed.decision.model_copy(update={"reserved_usd": routed.decision.estimated_cost_usd})
-        return Routed(decision=decision, messages=routed.messages), held, alerts
+        return replace(routed, decision=decision), held, alerts
 
     def fail(self, item: object, err: FareboxError) -> Handled:
         handled = super().fail(item, err)

@@ -24,6 +24,7 @@ from farebox.routing.policy import Budget, Policy
 from farebox.schemas import BudgetHold
 from farebox.settings import Settings
 from farebox.stages.ledger import nano
+from farebox.stages.lua import Layout, NamedScript
 from farebox.stages.stage import Publish
 
 log = logging.getLogger("farebox.budget")
@@ -31,28 +32,33 @@ log = logging.getLogger("farebox.budget")
 PERIOD_TTL_S = 40 * 86_400
 
 # Returns 0 when every budget has room (and reserves in all of them), else the 1-based index of
-# the first budget that does not. With ARGV[1] == "force" it reserves without checking. KEYS[1]
-# marks the job as reserved, so a redelivered route message never reserves twice.
+# the first budget that does not. With mode "force" it reserves without checking. The
+# reservation key marks the job as reserved, so a redelivered route message never reserves twice.
+_RESERVE_LAYOUT = Layout(
+    keys=("reservation_key",),
+    key_tail="budget_keys",
+    args=("mode", "estimate_nusd", "ttl_s"),
+    arg_tail="limits_nusd",  # one per budget key, in the same order
+)
 _RESERVE = """
-local est = tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local est = tonumber(estimate_nusd)
+if redis.call('EXISTS', reservation_key) == 1 then
   return 0
 end
-if ARGV[1] ~= 'force' then
-  for i = 2, #KEYS do
-    local key = KEYS[i]
+if mode ~= 'force' then
+  for i, key in ipairs(budget_keys) do
     local spent = tonumber(redis.call('HGET', key, 'spent_nusd') or '0')
     local reserved = tonumber(redis.call('HGET', key, 'reserved_nusd') or '0')
-    if spent + reserved + est > tonumber(ARGV[i + 1]) then
-      return i - 1
+    if spent + reserved + est > tonumber(limits_nusd[i]) then
+      return i
     end
   end
 end
-for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'reserved_nusd', est)
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[#ARGV]))
+for _, key in ipairs(budget_keys) do
+  redis.call('HINCRBY', key, 'reserved_nusd', est)
+  redis.call('EXPIRE', key, tonumber(ttl_s))
 end
-redis.call('SET', KEYS[1], est, 'EX', tonumber(ARGV[#ARGV]))
+redis.call('SET', reservation_key, est, 'EX', tonumber(ttl_s))
 return 0
 """
 
@@ -87,17 +93,20 @@ class BudgetBook:
     def __init__(self, redis: Redis, keys: RedisKeys) -> None:
         self.redis = redis
         self.keys = keys
-        self._reserve = redis.register_script(_RESERVE)
+        self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE)
 
     async def reserve(self, job_id: str, holds: list[BudgetHold], estimate_usd: float, *, force: bool = False) -> int:
         """0 if reserved in every budget (or already, for this job), else the 1-based index of the
         first one without room."""
         if not holds:
             return 0
-        args: list[str | int] = ["force" if force else "check", nano(estimate_usd)]
-        args += [nano(h.limit_usd) for h in holds]
-        args.append(PERIOD_TTL_S)
-        return int(await self._reserve(keys=[self.keys.reservation(job_id), *(h.key for h in holds)], args=args))
+        reply = await self._reserve(
+            keys={"reservation_key": self.keys.reservation(job_id)},
+            key_tail=[h.key for h in holds],
+            args={"mode": "force" if force else "check", "estimate_nusd": nano(estimate_usd), "ttl_s": PERIOD_TTL_S},
+            arg_tail=[nano(h.limit_usd) for h in holds],
+        )
+        return int(reply)
 
     async def spent_usd(self, hold: BudgetHold) -> float:
         value = await self.redis.hget(hold.key, "spent_nusd")

@@ -1,0 +1,177 @@
+"""The ledger: one entry per job, written atomically with its aggregates, the stored result, the
+cache fill and the release of the job's coalescing lease (one Lua script, one round trip).
+
+``SET NX`` on the entry key makes a redelivered account message unable to charge twice; the
+stored result (with a TTL) lets the dedup stage replay a job_id that is already done.
+Money is aggregated in integer nano-dollars so totals add up exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from farebox.constants import NANO, RedisKeys
+from farebox.schemas import BudgetHold, JobResult
+from farebox.stages.lua import Layout, NamedScript, Scalar
+
+STREAM_MAXLEN = 1_000_000
+
+_RECORD_LAYOUT = Layout(
+    keys=("result_key", "entry_key", "day_key", "days_key", "stream_key", "cache_key", "lease_key"),
+    key_tail="budget_keys",  # the budgets this job reserved against
+    args=(
+        "result_json",
+        "result_ttl_s",
+        "entry_json",
+        "field_prefix",  # "tenant|provider|model|" of this job's aggregate fields
+        "cost_nusd",
+        "baseline_nusd",
+        "input_tokens",
+        "output_tokens",
+        "cache_hit",  # 1 or 0
+        "is_error",  # 1 or 0
+        "day",
+        "cache_value",  # '' when the answer is not cached
+        "cache_ttl_s",
+        "lease_owner",  # the job id when the job holds its coalescing lease, else ''
+        "stream_maxlen",
+        "reserved_nusd",
+    ),
+)
+_RECORD = """
+local existing = redis.call('GET', result_key)
+local spent = {}
+if not existing then
+  if redis.call('SET', entry_key, entry_json, 'NX') then
+    -- Budgets this job reserved against: release the reservation, add the actual cost.
+    for _, budget_key in ipairs(budget_keys) do
+      redis.call('HINCRBY', budget_key, 'reserved_nusd', -tonumber(reserved_nusd))
+      spent[#spent + 1] = redis.call('HINCRBY', budget_key, 'spent_nusd', cost_nusd)
+    end
+    local p = field_prefix
+    redis.call('HINCRBY', day_key, p .. 'jobs', 1)
+    redis.call('HINCRBY', day_key, p .. 'cost_nusd', cost_nusd)
+    redis.call('HINCRBY', day_key, p .. 'baseline_nusd', baseline_nusd)
+    redis.call('HINCRBY', day_key, p .. 'input_tokens', input_tokens)
+    redis.call('HINCRBY', day_key, p .. 'output_tokens', output_tokens)
+    redis.call('HINCRBY', day_key, p .. 'cache_hits', cache_hit)
+    redis.call('HINCRBY', day_key, p .. 'errors', is_error)
+    redis.call('SADD', days_key, day)
+    redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*', 'entry', entry_json)
+  end
+  redis.call('SET', result_key, result_json, 'EX', result_ttl_s)
+  if cache_value ~= '' then
+    redis.call('SET', cache_key, cache_value, 'EX', cache_ttl_s)
+  end
+end
+if lease_owner ~= '' and redis.call('GET', lease_key) == lease_owner then
+  redis.call('DEL', lease_key)
+end
+return {existing or false, unpack(spent)}
+"""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    existing: bytes | None
+    spent_usd: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheFill:
+    key: str
+    value: str
+    ttl_s: int
+
+
+def utc_day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def nano(usd: float) -> int:
+    return round(usd * NANO)
+
+
+def entry_json(result: JobResult, *, ts: float) -> str:
+    return json.dumps(
+        {
+            "job_id": result.job_id,
+            "tenant": result.tenant or "default",
+            "provider": result.provider or "",
+            "model": result.model or "",
+            "status": result.status,
+            "cache": result.cache,
+            "code": result.error.code if result.error else None,
+            "cost_usd": result.cost_usd,
+            "baseline_cost_usd": result.baseline_cost_usd,
+            "input_tokens": result.usage.input_tokens,
+            "output_tokens": result.usage.output_tokens,
+            "ts": round(ts, 3),
+            "day": utc_day(ts),
+        },
+        separators=(",", ":"),
+    )
+
+
+class Ledger:
+    def __init__(self, redis: Redis, keys: RedisKeys, *, result_ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.result_ttl_s = result_ttl_s
+        self._script = NamedScript(redis, _RECORD_LAYOUT, _RECORD)
+
+    async def record(
+        self,
+        result: JobResult,
+        *,
+        ts: float,
+        cache: CacheFill | None,
+        lease_key: str | None,
+        budgets: Sequence[BudgetHold] = (),
+        reserved_usd: float = 0.0,
+        result_json: str | None = None,
+    ) -> Recorded:
+        """Record the job once. ``existing`` is the previously stored result when the job was
+        already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
+        after settling this job (empty on a replay). ``result_json`` is the result already
+        serialised by the caller (the reply body), so it is not serialised twice."""
+        day = utc_day(ts)
+        field_prefix = f"{result.tenant or 'default'}|{result.provider or '-'}|{result.model or '-'}|"
+        keys = {
+            "result_key": self.keys.result(result.job_id),
+            "entry_key": self.keys.ledger_entry(result.job_id),
+            "day_key": self.keys.ledger_agg(day),
+            "days_key": self.keys.ledger_days,
+            "stream_key": self.keys.ledger_stream,
+            "cache_key": self.keys.cache(cache.key) if cache else self.keys.cache("-"),
+            "lease_key": self.keys.inflight(lease_key) if lease_key else self.keys.inflight("-"),
+        }
+        args: dict[str, Scalar] = {
+            "result_json": result_json or result.model_dump_json(),
+            "result_ttl_s": self.result_ttl_s,
+            "entry_json": entry_json(result, ts=ts),
+            "field_prefix": field_prefix,
+            "cost_nusd": nano(result.cost_usd),
+            "baseline_nusd": nano(result.baseline_cost_usd),
+            "input_tokens": result.usage.input_tokens,
+            "output_tokens": result.usage.output_tokens,
+            "cache_hit": 1 if result.cache != "miss" else 0,
+            "is_error": 1 if result.status == "error" else 0,
+            "day": day,
+            "cache_value": cache.value if cache else "",
+            "cache_ttl_s": cache.ttl_s if cache else 0,
+            "lease_owner": result.job_id if lease_key else "",
+            "stream_maxlen": STREAM_MAXLEN,
+            "reserved_nusd": nano(reserved_usd),
+        }
+        reply = await self._script(keys=keys, args=args, key_tail=[hold.key for hold in budgets])
+        existing = reply[0] if reply else None
+        return Recorded(
+            existing=existing.encode() if isinstance(existing, str) else existing,
+            spent_usd=tuple(int(v) / NANO for v in reply[1:]),
+        )

@@ -1,0 +1,106 @@
+"""Redis Lua scripts whose KEYS and ARGV are named, not numbered.
+
+A script declares the names of its keys and arguments once, in a ``Layout``. The same declaration
+writes the script's Lua prologue (``local job_id = ARGV[1]`` ...) and puts the caller's mapping
+of named values in that order, so the Python side and the Lua side cannot disagree about which
+position holds what. A name the layout does not list, or one it lists that the caller leaves out,
+is an error before anything is sent.
+
+A script with a variable number of keys or arguments (one per budget, say) declares a *tail*:
+whatever follows the named positions, bound in Lua to a table of that name (``{unpack(KEYS, 8)}``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+
+Scalar = str | int | float
+_T = TypeVar("_T")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Lua keywords, and the globals the scripts call: a local of that name would hide it.
+_RESERVED = frozenset(
+    "and break do else elseif end false for function if in local nil not or repeat return then true until while"
+    " KEYS ARGV redis tonumber tostring unpack ipairs pairs math string table error type select next cjson".split()
+)
+
+
+class LayoutError(ValueError):
+    """A script's named keys or arguments do not match its layout."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The order of a script's KEYS and ARGV, by name; ``*_tail`` names the table of the rest."""
+
+    keys: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    key_tail: str | None = None
+    arg_tail: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [*self.keys, *self.args, *(t for t in (self.key_tail, self.arg_tail) if t is not None)]
+        for name in names:
+            if not _IDENT.match(name) or name in _RESERVED:
+                raise LayoutError(f"{name!r} cannot be a Lua local name")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise LayoutError(f"names used twice: {', '.join(repeated)}")
+
+    def prologue(self) -> str:
+        """The Lua lines that bind every name to its position."""
+        lines = [f"local {name} = KEYS[{i}]" for i, name in enumerate(self.keys, 1)]
+        if self.key_tail is not None:
+            lines.append(f"local {self.key_tail} = {{unpack(KEYS, {len(self.keys) + 1})}}")
+        lines += [f"local {name} = ARGV[{i}]" for i, name in enumerate(self.args, 1)]
+        if self.arg_tail is not None:
+            lines.append(f"local {self.arg_tail} = {{unpack(ARGV, {len(self.args) + 1})}}")
+        return "".join(f"{line}\n" for line in lines)
+
+    def key_list(self, named: Mapping[str, str], tail: Sequence[str] = ()) -> list[str]:
+        return _ordered("KEYS", self.keys, named, self.key_tail, tail)
+
+    def arg_list(self, named: Mapping[str, Scalar], tail: Sequence[Scalar] = ()) -> list[Scalar]:
+        return _ordered("ARGV", self.args, named, self.arg_tail, tail)
+
+
+def _ordered(
+    what: str, names: tuple[str, ...], named: Mapping[str, _T], tail_name: str | None, tail: Sequence[_T]
+) -> list[_T]:
+    missing = [n for n in names if n not in named]
+    unknown = sorted(set(named) - set(names))
+    problems = [
+        f"{label} {', '.join(listed)}" for label, listed in (("missing", missing), ("unknown", unknown)) if listed
+    ]
+    if problems:
+        raise LayoutError(f"{what}: {'; '.join(problems)}")
+    if tail and tail_name is None:
+        raise LayoutError(f"{what}: {len(tail)} values beyond the named ones, and the layout has no tail")
+    return [named[n] for n in names] + list(tail)
+
+
+class NamedScript:
+    """A registered script called with named keys and arguments (plus the tails, if any)."""
+
+    def __init__(self, redis: Redis, layout: Layout, body: str) -> None:
+        self.layout = layout
+        self.source = layout.prologue() + body
+        self._script = redis.register_script(self.source)
+
+    async def __call__(
+        self,
+        *,
+        keys: Mapping[str, str] | None = None,
+        args: Mapping[str, Scalar] | None = None,
+        key_tail: Sequence[str] = (),
+        arg_tail: Sequence[Scalar] = (),
+    ) -> Any:
+        return await self._script(
+            keys=self.layout.key_list(keys or {}, key_tail),
+            args=self.layout.arg_list(args or {}, arg_tail),
+        )
