@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from farebox.errors import InvalidRequest
 from farebox.schemas import Usage
@@ -181,17 +181,29 @@ def parse_catalog(data: object, source: str) -> Catalog:
     return Catalog(models=models, source=source)
 
 
-def load_catalog(path: str | Path) -> Catalog:
-    path = Path(path)
+def read_json_file(path: Path, what: str) -> object:
+    """A catalog, policy or rule file's JSON, or a CatalogError naming the file and what is wrong."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CatalogError(f"{path}: cannot read catalog: {exc.strerror or exc}") from None
+        raise CatalogError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CatalogError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    return parse_catalog(data, str(path))
+
+
+def validation_failure(source: str, exc: ValidationError) -> CatalogError:
+    """A data file's first validation error, with the field's path and how many more there are."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return CatalogError(f"{source}: field '{where}': {first['msg']}{more}")
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    return parse_catalog(read_json_file(path, "catalog"), str(path))
 
 
 def cost_usd(model: ModelInfo, usage: Usage) -> float:

@@ -8,13 +8,21 @@ and the budgets (only parsed and validated here; the account stage enforces them
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from farebox.routing.catalog import TIER_RANK, TIERS, Catalog, CatalogError, ModelInfo, Tier
+from farebox.routing.catalog import (
+    TIER_RANK,
+    TIERS,
+    Catalog,
+    CatalogError,
+    ModelInfo,
+    Tier,
+    read_json_file,
+    validation_failure,
+)
 from farebox.schemas import Job
 
 PiiAction = Literal["block", "route", "redact", "allow"]
@@ -140,10 +148,6 @@ def tier_of(model: ModelInfo, policy: Policy) -> str | None:
     return model.tier or policy.tiers.get(model.target)
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<top level>"
-
-
 def parse_policy(data: object, source: str) -> Policy:
     if not isinstance(data, dict):
         raise CatalogError(f"{source}: top level must be an object")
@@ -151,20 +155,12 @@ def parse_policy(data: object, source: str) -> Policy:
     try:
         return Policy.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise CatalogError(f"{source}: field '{_field_path(first['loc'])}': {first['msg']}{more}") from None
+        raise validation_failure(source, exc) from None
 
 
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CatalogError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CatalogError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    return parse_policy(data, str(path))
+    return parse_policy(read_json_file(path, "policy"), str(path))
 
 
 def _routable(catalog: Catalog, policy: Policy) -> list[tuple[int, ModelInfo]]:

@@ -11,14 +11,13 @@ rule matches is untiered too.
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from farebox.routing.catalog import TIERS, CatalogError, Tier
+from farebox.routing.catalog import TIERS, CatalogError, Tier, read_json_file, validation_failure
 
 UNTIERED = "untiered"
 
@@ -73,21 +72,12 @@ def parse_tier_rules(data: object, source: str) -> TierRules:
     try:
         return TierRules(_RuleFile.model_validate(body).rules, source)
     except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<top level>"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise CatalogError(f"{source}: field '{where}': {first['msg']}{more}") from None
+        raise validation_failure(source, exc) from None
 
 
 def load_tier_rules(path: str | Path) -> TierRules:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CatalogError(f"{path}: cannot read tier rules: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CatalogError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    return parse_tier_rules(data, str(path))
+    return parse_tier_rules(read_json_file(path, "tier rules"), str(path))
 
 
 def apply_tier_rules(doc: dict[str, Any], rules: TierRules) -> dict[str, int]:
