@@ -7,7 +7,7 @@ Prints a table and writes bench/results/http_client.md.
 * httpx, one client: one httpx.AsyncClient on httpx's own transport (httpcore) with a connection per
   call in flight;
 * farebox transport (before): the hand-written httpx transport over aiohttp the execute stage used
-  until this comparison retired it (it was farebox/patches/httpx_transport.py; a copy is kept here,
+  until this comparison retired it (it was workers/providers/transport.py before this change; a copy is kept here,
   marked BENCH_ONLY, so the comparison can be re-run), with the client's cookie-jar swap;
 * httpx-aiohttp (now): the maintained aiohttp transport for httpx (the OpenAI SDK's), as the execute
   stage builds it (farebox/providers/calls.py ``provider_client``: failures mapped, no cookies);
@@ -54,7 +54,7 @@ NOW = "httpx-aiohttp (now)"
 Call = Callable[[], Awaitable[object]]
 
 
-# --- BENCH_ONLY: farebox's former transport, as it was (farebox/patches/httpx_transport.py) ----------------------
+# --- BENCH_ONLY: farebox's former transport, as it was (workers/providers/transport.py) ------------------------
 _EXCEPTIONS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
     (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
     (aiohttp.SocketTimeoutError, httpx.ReadTimeout),
@@ -152,7 +152,7 @@ class FareboxAiohttpTransport(httpx.AsyncBaseTransport):
 
 def farebox_client(in_flight: int) -> httpx.AsyncClient:
     client = httpx.AsyncClient(transport=FareboxAiohttpTransport(max_connections=in_flight), timeout=30)
-    client._cookies = NoCookies()  # as farebox/providers/pool.py did
+    client._cookies = NoCookies()  # as workers/providers/pool.py did
     return client
 
 

@@ -1,4 +1,4 @@
-"""Routing decisions per second of catalog.routing.choose_route over a JSONL workload.
+"""Routing decisions per second of farebox.routing.choose.choose_route over a JSONL workload.
 
     python /work/shared/workloads/make_workload.py --jobs 10000 --dup-rate 0 > /tmp/w.jsonl
     python bench/route_speed.py /tmp/w.jsonl [--repeat 3] [--md bench/results/route_speed.md]
@@ -74,7 +74,7 @@ def main() -> None:
     d = report.as_dict()
     by_model = ", ".join(f"{k} {v['jobs']}" for k, v in sorted(d["by_model"].items(), key=lambda kv: -kv[1]["jobs"]))
     lines = [
-        "# Routing speed (catalog.routing.choose_route)",
+        "# Routing speed (farebox.routing.choose.choose_route)",
         "",
         f"Workload: `{a.workload}`, {n} jobs (make_workload.py; mean input {sum(tokens) / n:.0f} tokens). "
         f"Python {platform.python_version()} on {platform.machine()}, one core, best of {a.repeat} runs.",

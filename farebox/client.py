@@ -38,6 +38,7 @@ from farebox.errors import (
     DeadlineExceeded,
     DependencyUnavailable,
     InvalidRequest,
+    broker_away,
     describe_validation_error,
 )
 from farebox.patches import aiormq_writes
@@ -183,8 +184,11 @@ class FareboxClient:
             await self._wait_for_intake()
             self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
-        except BaseException:  # a failed or cancelled connect leaves nothing open behind it
+        except BaseException as err:  # a failed or cancelled connect leaves nothing open behind it
+            connection = self._connection
             await self.close()
+            if isinstance(err, Exception) and broker_away(err, connection):
+                raise DependencyUnavailable(f"RabbitMQ went away while connecting ({type(err).__name__})") from None
             raise
 
     async def close(self) -> None:

@@ -31,6 +31,19 @@ BROKER_DOWN: tuple[type[Exception], ...] = (
     ConnectionError,
 )
 BROKER_DOWN_OR_TIMEOUT: tuple[type[Exception], ...] = (*BROKER_DOWN, TimeoutError)
+
+
+def broker_away(err: BaseException, connection: object) -> bool:
+    """Whether ``err`` means the broker is away. aiormq and aio-pika also raise a bare RuntimeError
+    ("... closed") when a call meets a connection that closed under it: that counts only while the
+    connection really is closed or reconnecting; any other RuntimeError is a bug and must surface."""
+    if isinstance(err, BROKER_DOWN):
+        return True
+    if type(err) is RuntimeError:
+        return bool(getattr(connection, "is_closed", False) or getattr(connection, "reconnecting", False))
+    return False
+
+
 # What a Redis outage looks like from redis-py.
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis_errors.ConnectionError,

@@ -282,14 +282,11 @@ def test_policy_defaults_and_helpers() -> None:
 
 
 def test_policy_cross_check(bundled: Any) -> None:
-    # An absent baseline is replaced, not refused (tests/test_policy_check.py has the rules).
-    warnings = check_policy(parse_policy({"baseline_model": "x/y"}, "p"), bundled, "p")
-    assert warnings == [
-        f"p: field 'baseline_model': model 'x/y' is not in the catalog {bundled.source}; "
-        "using 'openai/gpt-4.1', the cheapest model of the highest tier, instead"
-    ]
+    # An absent baseline is refused; an absent default is replaced (tests/test_policy_check.py has the rules).
+    with pytest.raises(CatalogError, match="field 'baseline_model': model 'x/y' is not in the catalog"):
+        check_policy(parse_policy({"baseline_model": "x/y"}, "p"), bundled, "p")
     warnings = check_policy(parse_policy({"tiers": {"nope/nope": "low"}}, "p"), bundled, "p")
-    assert warnings == ["p: field 'tiers.nope/nope': model not in the catalog (ignored)"]
+    assert warnings == ["p: field 'tiers' names 1 models not in the catalog (ignored): nope/nope"]
 
 
 # --- LiteLLM import ---------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_check_refuses_an_untiered_catalog(tmp_path: Path, capsys: pytest.Captur
     untiered = {
         "openai": {
             n: {"input_cost_per_1k_tokens": 0.001, "output_cost_per_1k_tokens": 0.002}
-            for n in ("gpt-4-turbo", "gpt-4o-mini")
+            for n in ("house-model-a", "house-model-b")
         }
     }
     path = tmp_path / "untiered.json"

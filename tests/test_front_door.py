@@ -85,3 +85,19 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     assert main(["report"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("farebox: invalid FAREBOX_* setting:") and "prefetch" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("route=2", ("route", 2)), ("execute=10", ("execute", 10)), ("x=y", None), ("route=0", None), ("route", None)],
+)
+def test_scale_takes_a_stage_and_a_count(text: str, expected: tuple[str, int] | None) -> None:
+    import argparse
+
+    from farebox.cli.pipeline import scale_arg
+
+    if expected is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            scale_arg(text)
+    else:
+        assert scale_arg(text) == expected

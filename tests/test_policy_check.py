@@ -1,5 +1,6 @@
-"""checked_policy: a catalog must serve every tier the policy's jobs can need, and an absent default or
-baseline model is replaced by a fallback (with a warning) instead of refusing the pair."""
+"""checked_policy: a catalog must serve every tier the policy's jobs can need; an absent default model is
+replaced by the cheapest eligible one (with a warning), an absent baseline model is refused, as before:
+the baseline prices every result's savings."""
 
 from __future__ import annotations
 
@@ -102,21 +103,9 @@ FALLBACK_CATALOG = {
             "openai/mid",
             ["default_model"],
         ),
-        (
-            {"baseline_model": "x/gone", "default_model": "openai/lo"},
-            "openai/hi-cheap",
-            "openai/lo",
-            ["baseline_model"],
-        ),
-        (
-            {"baseline_model": "x/gone", "default_model": "x/gone-too"},
-            "openai/hi-cheap",
-            "openai/mid",
-            ["baseline_model", "default_model"],
-        ),
     ],
 )
-def test_absent_default_and_baseline_fall_back(
+def test_an_absent_default_falls_back(
     policy: dict[str, Any], baseline: str, default: str | None, warned: list[str]
 ) -> None:
     catalog = parse_catalog(FALLBACK_CATALOG, "cat.json")
@@ -128,6 +117,16 @@ def test_absent_default_and_baseline_fall_back(
         named = policy[fld]
         assert w.startswith(f"pol.json: field '{fld}': model '{named}' is not in the catalog cat.json; using '")
         assert f"'{getattr(effective, fld)}', the cheapest" in w
+
+
+@pytest.mark.parametrize("default", ["openai/lo", "x/gone-too", None])
+def test_an_absent_baseline_is_refused(default: str | None) -> None:
+    """Every result's baseline_cost_usd is priced on the baseline: a stand-in would change what savings mean."""
+    catalog = parse_catalog(FALLBACK_CATALOG, "cat.json")
+    with pytest.raises(CatalogError, match=r"^pol.json: field 'baseline_model': model 'x/gone' is not in the catalog"):
+        checked_policy(
+            parse_policy({"baseline_model": "x/gone", "default_model": default}, "pol.json"), catalog, "pol.json"
+        )
 
 
 def test_fallback_uses_a_reasoning_model_only_when_nothing_else_is_routable() -> None:

@@ -14,6 +14,7 @@ from farebox.cli.catalog import add_commands
 from farebox.routing.catalog import load_catalog
 from farebox.routing.choose import choose_route
 from farebox.routing.estimate import estimate_lines
+from farebox.routing.policy import load_policy, tier_of
 from farebox.routing.store import CatalogStore
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
@@ -35,7 +36,19 @@ def test_seed_file_is_the_seed_format() -> None:
         "openai/gpt-3.5-turbo",
         "openai/gpt-4-turbo",
     ]
-    assert {m.tier for m in catalog.models.values()} == {"low", "high"}
+    # Exactly the seed's shape: two price fields per model, no tier (the bundled policy tiers them).
+    raw = json.loads(SEED_FILE.read_text())
+    fields = {f for models in raw.values() for m in models.values() for f in m}
+    assert fields == {"input_cost_per_1k_tokens", "output_cost_per_1k_tokens"}
+    assert {m.tier for m in catalog.models.values()} == {None}
+    policy = load_policy(POLICY)
+    assert {m.target: tier_of(m, policy) for m in catalog.models.values()} == {
+        "anthropic/claude-3-haiku": "low",
+        "anthropic/claude-3-opus": "high",
+        "google/gemini-pro": "low",
+        "openai/gpt-3.5-turbo": "low",
+        "openai/gpt-4-turbo": "high",
+    }
     assert "openai/gpt-4o-mini" not in catalog.models
 
 

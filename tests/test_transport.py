@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
@@ -427,7 +428,7 @@ def test_the_cookie_jar_swap_takes_or_falls_back(caplog: pytest.LogCaptureFixtur
 
     later = LaterHttpx()
     del later._cookies
-    with caplog.at_level("WARNING", logger="farebox.httpx_cookies"):
+    with caplog.at_level("WARNING", logger="farebox.patches.httpx_cookies"):
         drop_cookies(later)
     assert isinstance(later.cookies.jar, NoCookieJar)  # still keeps none, through the public setter
     assert "no AsyncClient._cookies" in caplog.text
@@ -608,3 +609,27 @@ async def test_bodies_stream_both_ways() -> None:
         assert bodies == [b'{"model": "m"}']
         reply = await OpenAIAdapter(client, url + "/v1", None).complete(request())
     assert reply.content == "hi" and json.loads(bodies[1])["model"] == "m"
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (
+            ValueError("Forbidden control character detected in headers. Potential header injection attack."),
+            httpx.LocalProtocolError,
+        ),
+        (ValueError("some other bug"), ValueError),
+        (aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError),
+        (KeyError("bug"), KeyError),
+    ],
+)
+def test_only_aiohttps_header_refusal_among_value_errors_is_mapped(
+    raised: BaseException, expected: type[BaseException]
+) -> None:
+    """A bug's ValueError must not become a permanent provider error."""
+    from farebox.patches.httpx_aiohttp_errors import map_aiohttp_errors
+
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    with pytest.raises(expected) as caught, map_aiohttp_errors(request):
+        raise raised
+    assert type(caught.value) is expected

@@ -1,4 +1,4 @@
-"""Route stage: pick the cheapest model able to do the job (catalog.routing) and hand the job to
+"""Route stage: pick the cheapest model able to do the job (farebox.routing.choose) and hand the job to
 that provider's execute queue. The decision and its reason travel on the envelope."""
 
 from __future__ import annotations

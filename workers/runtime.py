@@ -33,12 +33,12 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from farebox import metrics
 from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
 from farebox.errors import (
-    BROKER_DOWN,
     BlockedError,
     DeliveryLimitReached,
     FareboxError,
     PermanentError,
     RetryableError,
+    broker_away,
 )
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, publish_confirmed
@@ -158,7 +158,9 @@ class Worker:
                     queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
                     consumers.append((queue, await queue.consume(self._callback(name))))
                 return consumers
-            except BROKER_DOWN as err:
+            except Exception as err:
+                if not broker_away(err, connection):
+                    raise
                 log.warning(
                     "stage %s: could not start consuming (%s: %s); trying again in %.1fs",
                     self.core.name,

@@ -13,11 +13,17 @@ from farebox.settings import Settings
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from farebox.supervisor import run_up
 
-    scale = {}
-    for item in args.scale or []:
-        stage, _, n = item.partition("=")
-        scale[stage] = int(n)
-    return asyncio.run(run_up(settings, scale=scale))
+    return asyncio.run(run_up(settings, scale=dict(args.scale or [])))
+
+
+def scale_arg(text: str) -> tuple[str, int]:
+    """``STAGE=N`` for ``--scale``: a known stage and a whole number of replicas, 1 or more."""
+    stage, _, n = text.partition("=")
+    if stage not in STAGES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the stage must be one of {', '.join(STAGES)}")
+    if not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give replicas as STAGE=N with N a whole number, 1 or more")
+    return stage, int(n)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -31,6 +37,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--scale",
         action="append",
+        type=scale_arg,
         metavar="STAGE=N",
         help="replicas of a stage (dedup, route, execute, account); repeatable",
     )

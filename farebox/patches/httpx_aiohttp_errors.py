@@ -13,7 +13,7 @@ while the request is sent and while its body is read.
 | mapped again here | for | pinned by (tests/test_transport.py) |
 |---|---|---|
 | httpx errors it raises `from` aiohttp's | httpx-aiohttp 0.2.x | `test_failures_surface_as_httpx_exceptions` |
-| aiohttp errors, `ValueError` it lets out | aiohttp 3.14.x | the same, and the proxy, TLS and "\\r" tests |
+| aiohttp errors; a refused header's `ValueError` | aiohttp 3.14.x | the same, the proxy, TLS, "\\r" tests |
 
 The first relies on httpx-aiohttp raising its mapped exceptions ``from`` aiohttp's (its
 ``map_aiohttp_exceptions``); the rest is public API (``httpx.AsyncBaseTransport``,
@@ -44,10 +44,11 @@ _EXCEPTIONS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] 
     (aiohttp.ClientOSError, httpx.ReadError),
     (aiohttp.ClientError, httpx.NetworkError),
     (TimeoutError, httpx.TimeoutException),
-    # aiohttp refuses to send a header with a control character (a key read with its "\r"
-    # from a CRLF .env file): a request we cannot send, as httpcore's LocalProtocolError says.
-    (ValueError, httpx.LocalProtocolError),
 )
+# aiohttp refuses to send a header with a control character (a key read with its "\r" from a CRLF
+# .env file) with a ValueError saying so: a request we cannot send, as httpcore's LocalProtocolError
+# says. Any other ValueError is a bug and goes out as it is.
+_REFUSED_HEADER = "Forbidden control character detected in headers"
 
 
 @contextlib.contextmanager
@@ -63,6 +64,8 @@ def map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
         for kind, target in _EXCEPTIONS:
             if isinstance(source, kind):
                 raise target(str(source) or type(source).__name__, request=request) from source
+        if type(source) is ValueError and str(source).startswith(_REFUSED_HEADER):
+            raise httpx.LocalProtocolError(str(source), request=request) from source
         raise
 
 

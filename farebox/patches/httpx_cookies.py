@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger("farebox.httpx_cookies")
+log = logging.getLogger("farebox.patches.httpx_cookies")
 
 
 class NoCookieJar(http.cookiejar.CookieJar):

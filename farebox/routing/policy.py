@@ -178,35 +178,29 @@ def _list_price(model: ModelInfo) -> tuple[float, str]:
     return (model.input_cost_per_1k + model.output_cost_per_1k, model.target)
 
 
-def _fallback(fld: str, routable: list[tuple[int, ModelInfo]]) -> ModelInfo:
-    """The model standing in for an absent ``default_model`` (the cheapest eligible model) or
-    ``baseline_model`` (the cheapest of the highest tier: the baseline means "a premium model for every job",
-    and its cheapest keeps the savings claimed on the low side)."""
+def _fallback(routable: list[tuple[int, ModelInfo]]) -> ModelInfo:
+    """The model standing in for an absent ``default_model``: the cheapest eligible one."""
     # Reasoning models may answer nothing for a small max_tokens, so they stand in only when nothing else can.
     plain = [(rank, m) for rank, m in routable if "reasoning" not in m.capabilities] or routable
-    if fld == "baseline_model":
-        top = max(rank for rank, _ in plain)
-        plain = [(rank, m) for rank, m in plain if rank == top]
     return min((m for _, m in plain), key=_list_price)
 
 
 def _resolve_models(policy: Policy, catalog: Catalog, source: str) -> tuple[Policy, list[str]]:
-    """``policy`` with an absent default or baseline model replaced by its fallback, and a warning for each.
-    Only called once ``_coverage`` found no problem, so there is at least one routable model."""
-    routable = _routable(catalog, policy)
-    update: dict[str, str] = {}
-    warnings = []
-    for fld, target in (("baseline_model", policy.baseline_model), ("default_model", policy.default_model)):
-        if target is None or catalog.get(target) is not None:
-            continue
-        stand_in = _fallback(fld, routable)
-        kind = "model of the highest tier" if fld == "baseline_model" else "eligible model"
-        update[fld] = stand_in.target
-        warnings.append(
-            f"{source}: field '{fld}': model '{target}' is not in the catalog {catalog.source}; "
-            f"using '{stand_in.target}', the cheapest {kind}, instead"
+    """``policy`` with an absent default model replaced by its fallback, and a warning saying so. An absent
+    baseline is refused: every result's ``baseline_cost_usd`` is priced on it, and a stand-in would change
+    what the savings mean. Only called once ``_coverage`` found no problem, so a routable model exists."""
+    if catalog.get(policy.baseline_model) is None:
+        raise CatalogError(
+            f"{source}: field 'baseline_model': model '{policy.baseline_model}' is not in the catalog {catalog.source}"
         )
-    return (policy.model_copy(update=update) if update else policy), warnings
+    if policy.default_model is None or catalog.get(policy.default_model) is not None:
+        return policy, []
+    stand_in = _fallback(_routable(catalog, policy))
+    warning = (
+        f"{source}: field 'default_model': model '{policy.default_model}' is not in the catalog {catalog.source}; "
+        f"using '{stand_in.target}', the cheapest eligible model, instead"
+    )
+    return policy.model_copy(update={"default_model": stand_in.target}), [warning]
 
 
 def _contexts(policy: Policy) -> list[tuple[str, int, int]]:
@@ -265,11 +259,12 @@ def checked_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> 
         )
     effective, warnings = _resolve_models(policy, catalog, source)
     warnings += coverage_warnings
-    warnings += [
-        f"{source}: field 'tiers.{t}': model not in the catalog (ignored)"
-        for t in sorted(policy.tiers)
-        if catalog.get(t) is None
-    ]
+    # One line: the bundled policy tiers the seed's five models, which an imported catalog may lack.
+    absent = sorted(t for t in policy.tiers if catalog.get(t) is None)
+    if absent:
+        warnings.append(
+            f"{source}: field 'tiers' names {len(absent)} models not in the catalog (ignored): {', '.join(absent)}"
+        )
     untiered = sorted(m.target for m in catalog.models.values() if tier_of(m, policy) is None)
     if untiered:
         warnings.append(
