@@ -3,11 +3,12 @@
 #   docker run --rm farebox worker route     (see docker-compose.yml for the whole pipeline)
 
 # The wheel is built from the whole build context (.dockerignore keeps it small), so the image
-# needs no list of packages of its own: pyproject.toml finds them.
+# needs no list of packages of its own: pyproject.toml finds them. setuptools as requirements.lock
+# pins it.
 FROM python:3.11-slim AS wheel
 WORKDIR /src
 COPY . .
-RUN pip install --no-cache-dir --disable-pip-version-check "setuptools>=77" \
+RUN pip install --no-cache-dir --disable-pip-version-check "setuptools==84.2.1" \
     && pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM python:3.11-slim

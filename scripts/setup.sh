@@ -13,8 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   echo "setup: installing $(grep -c '^[a-z].*==' requirements.lock) locked packages from requirements.lock" \
     "into .venv (the first time takes about a minute; log: .venv/install.log)" >&2
   started=$(date +%s)
-  if ! { .venv/bin/python -m pip install --upgrade pip \
-         && .venv/bin/python -m pip install --require-hashes -r requirements.lock \
+  if ! { .venv/bin/python -m pip install --require-hashes -r requirements.lock \
          && .venv/bin/python -m pip install --no-deps --no-build-isolation -e . ; } > .venv/install.log 2>&1; then
     tail -n 40 .venv/install.log >&2
     echo "setup: the install failed (the whole log is .venv/install.log)" >&2

@@ -541,6 +541,8 @@ def test_dockerfile_installs_the_locked_tree_and_the_wheel() -> None:
     copied = [rest.split()[0] for word, rest in steps if word == "COPY" and not rest.startswith("--from")]
     assert "." in copied and "requirements-runtime.lock" in copied
     assert (ROOT / "requirements-runtime.lock").is_file()
+    locked = re.search(r"^setuptools==(\S+)", (ROOT / "requirements.lock").read_text(), re.M)
+    assert locked and f'"setuptools=={locked.group(1)}"' in runs, "the wheel stage builds with the locked setuptools"
     env = " ".join(rest for word, rest in steps if word == "ENV")
     assert "FAREBOX_METRICS_HOST=0.0.0.0" in env, "in the image the metrics must answer on every interface"
     entry = [rest for word, rest in steps if word == "ENTRYPOINT"]
