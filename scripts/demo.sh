@@ -48,7 +48,30 @@ rm -f "$OUT"
 .venv/bin/farebox up > out/demo-up.log 2>&1 &
 UP=$!
 trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
-sleep 1
+# Wait (up to 60 s) until the stages consume the intake, so the submit below does not warn that
+# no pipeline is running while they are still starting.
+.venv/bin/python - <<'PY' || echo "demo: the pipeline did not start consuming within 60 s (see out/demo-up.log)"
+import asyncio, sys, time
+import aio_pika, aiormq
+from farebox.settings import Settings
+
+async def main() -> int:
+    s = Settings()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            conn = await aio_pika.connect(s.amqp_url)
+            async with conn:
+                queue = await (await conn.channel()).declare_queue(s.topology.intake, passive=True)
+                if queue.declaration_result.consumer_count:
+                    return 0
+        except (aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.AMQPConnectionError, OSError):
+            pass
+        await asyncio.sleep(0.5)
+    return 1
+
+sys.exit(asyncio.run(main()))
+PY
 head -n 3 out/demo-up.log || true
 .venv/bin/farebox submit out/demo-jobs.jsonl -o "$OUT" || [ $? -eq 1 ]  # 1: some jobs ended in an error result, kept in $OUT
 echo
