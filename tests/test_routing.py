@@ -9,14 +9,9 @@ import pytest
 import farebox.routing.pii as pii_module
 from farebox.errors import InvalidRequest, PolicyBlocked
 from farebox.routing.catalog import Catalog, cost_usd, load_catalog, parse_catalog
-from farebox.routing.choose import (
-    baseline_cost_usd,
-    choose_route,
-    downgrade_route,
-    estimate_output_tokens,
-    infer_task,
-)
+from farebox.routing.choose import choose_route, downgrade_route
 from farebox.routing.policy import PiiPolicy, Policy, parse_policy
+from farebox.routing.tasks import baseline_cost_usd, estimate_output_tokens, infer_task
 from farebox.schemas import Job, Usage
 from farebox.settings import CATALOG_DIR
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from farebox.routing.catalog import Catalog, cost_usd
-from farebox.routing.choose import baseline_cost_usd
 from farebox.routing.policy import Policy
+from farebox.routing.tasks import baseline_cost_usd
 from farebox.schemas import Envelope, ErrorInfo, JobResult, RouteInfo, Usage
 
 

@@ -16,8 +16,9 @@ from pydantic import ValidationError
 
 from farebox.errors import BlockedError, InvalidRequest, describe_validation_error
 from farebox.routing.catalog import Catalog
-from farebox.routing.choose import baseline_cost_usd, choose_route, estimate_output_tokens, infer_task
+from farebox.routing.choose import choose_route
 from farebox.routing.policy import Policy, tier_of
+from farebox.routing.tasks import baseline_cost_usd, estimate_output_tokens, infer_task
 from farebox.schemas import Job, Usage
 from farebox.tokens import count_messages
 
