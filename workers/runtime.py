@@ -31,7 +31,6 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from farebox import metrics
-from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
 from farebox.errors import (
     BlockedError,
     DeliveryLimitReached,
@@ -44,6 +43,7 @@ from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, publish_confirmed
 from farebox.settings import Settings
 from farebox.stages.batching import Batcher, batch_count, split_batch
+from farebox.stages.messages import dead_letter_publish, settle, to_delivery
 from farebox.stages.stage import Delivery, Handled, Publish, StageCore
 from farebox.stages.topology import declare_topology, queue_plan
 
@@ -51,36 +51,6 @@ log = logging.getLogger("farebox.runtime")
 
 PUBLISH_BACKOFF = Backoff(first_s=0.02, max_s=1.0)
 DRAIN_TIMEOUT_S = 30.0
-
-
-def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
-    headers = dict(message.headers or {})
-    count = headers.get(H_DELIVERY_COUNT, 0)
-    ts = message.timestamp
-    return Delivery(
-        queue=queue,
-        body=message.body,
-        redelivered=bool(message.redelivered),
-        delivery_count=int(count) if isinstance(count, int) else 0,
-        headers=headers,
-        reply_to=message.reply_to,
-        correlation_id=message.correlation_id,
-        message_id=message.message_id,
-        timestamp=ts.timestamp() if ts is not None else None,
-    )
-
-
-def dead_letter_publish(settings: Settings, delivery: Delivery, stage: str, err: FareboxError) -> Publish:
-    # The reason is our own error text, which never quotes the body (see farebox.errors).
-    return Publish(
-        exchange=settings.topology.dead_exchange,
-        routing_key=delivery.queue,
-        body=delivery.body,
-        headers={H_REASON: str(err)[:500], H_STAGE: stage, H_CODE: err.code},
-        reply_to=delivery.reply_to,
-        correlation_id=delivery.correlation_id,
-        message_id=delivery.message_id,
-    )
 
 
 class Worker:
@@ -183,7 +153,7 @@ class Worker:
                 await self._process(message, queue, owed)
             except Exception:  # the shell must never die on one message
                 log.exception("stage %s: unexpected failure handling a message", self.core.name)
-                await _settle(message, requeue=True)
+                await settle(message, requeue=True)
             finally:
                 owed.release_all()
                 self._inflight -= 1
@@ -199,14 +169,14 @@ class Worker:
             verdict = await self._attempt(delivery, owed.release)
             if verdict is not True:
                 await asyncio.sleep(verdict)
-            await _settle(message, ack=verdict is True, requeue=verdict is not True)
+            await settle(message, ack=verdict is True, requeue=verdict is not True)
             return
         try:
             jobs = split_batch(delivery, count)
         except PermanentError as err:
             owed.release()
             await self._dead_letter(delivery, err)
-            await _settle(message, ack=True)
+            await settle(message, ack=True)
             return
         owed.add(len(jobs) - 1)
         done = await asyncio.gather(*(self._job_of_batch(job, owed.release) for job in jobs), return_exceptions=True)
@@ -219,7 +189,7 @@ class Worker:
                 len(jobs),
                 type(failed[0]).__name__,
             )
-        await _settle(message, ack=not failed, requeue=bool(failed))
+        await settle(message, ack=not failed, requeue=bool(failed))
 
     async def _job_of_batch(self, delivery: Delivery, release: Callable[[], None]) -> None:
         """A job of a batch is settled on its own, so the rest of the batch is never repeated for
@@ -401,15 +371,3 @@ def _nothing() -> None:
 
 def _job_id(item: Any) -> str:
     return str(getattr(item, "job_id", "?"))
-
-
-async def _settle(message: AbstractIncomingMessage, *, ack: bool = False, requeue: bool = False) -> None:
-    # After a connection loss the delivery tag belongs to a dead channel: the broker has already
-    # requeued the message, so failing to settle it here is expected and harmless.
-    try:
-        if ack:
-            await aiormq_writes.ack(message)
-        else:
-            await message.nack(requeue=requeue)
-    except Exception as err:
-        log.info("could not settle a message (%s); the broker redelivers it", type(err).__name__)

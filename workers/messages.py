@@ -1,0 +1,57 @@
+"""An AMQP message as a stage core sees it (``Delivery``), what dead-letters it, and settling it."""
+
+from __future__ import annotations
+
+import logging
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
+from farebox.errors import FareboxError
+from farebox.patches import aiormq_writes
+from farebox.settings import Settings
+from farebox.stages.stage import Delivery, Publish
+
+log = logging.getLogger("farebox.runtime")
+
+
+def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
+    headers = dict(message.headers or {})
+    count = headers.get(H_DELIVERY_COUNT, 0)
+    ts = message.timestamp
+    return Delivery(
+        queue=queue,
+        body=message.body,
+        redelivered=bool(message.redelivered),
+        delivery_count=int(count) if isinstance(count, int) else 0,
+        headers=headers,
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=ts.timestamp() if ts is not None else None,
+    )
+
+
+def dead_letter_publish(settings: Settings, delivery: Delivery, stage: str, err: FareboxError) -> Publish:
+    # The reason is our own error text, which never quotes the body (see farebox.errors).
+    return Publish(
+        exchange=settings.topology.dead_exchange,
+        routing_key=delivery.queue,
+        body=delivery.body,
+        headers={H_REASON: str(err)[:500], H_STAGE: stage, H_CODE: err.code},
+        reply_to=delivery.reply_to,
+        correlation_id=delivery.correlation_id,
+        message_id=delivery.message_id,
+    )
+
+
+async def settle(message: AbstractIncomingMessage, *, ack: bool = False, requeue: bool = False) -> None:
+    # After a connection loss the delivery tag belongs to a dead channel: the broker has already
+    # requeued the message, so failing to settle it here is expected and harmless.
+    try:
+        if ack:
+            await aiormq_writes.ack(message)
+        else:
+            await message.nack(requeue=requeue)
+    except Exception as err:
+        log.info("could not settle a message (%s); the broker redelivers it", type(err).__name__)
