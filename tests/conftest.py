@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import aio_pika
+import aio_pika.abc
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -203,3 +205,14 @@ async def pipeline(settings: Settings, redis: Redis, emulator: str) -> AsyncIter
     p = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator}))
     yield p
     await p.close()
+
+
+@pytest.fixture
+async def bare_intake(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
+    """The namespace's intake queue with no pipeline behind it (as after `farebox up` stopped):
+    publishes are confirmed and wait there."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).declare_queue(settings.topology.intake)
+        yield queue
+        await queue.delete(if_unused=False, if_empty=False)

@@ -19,6 +19,7 @@ from farebox.patches import aiormq_writes
 from farebox.patches.aiormq_writes import CoalescedFrame, CoalescingFrameGenerator, coalesce
 from tests.conftest import Services
 from tests.support.pipeline import InProcessPipeline
+from tests.support.workload import ticket_jobs
 
 
 def frame(payload: bytes, *, drain: asyncio.Future[None] | None = None, close: bool = False) -> ChannelFrame:
@@ -139,15 +140,7 @@ async def test_the_stages_and_the_client_publish_without_waiting_for_the_socket(
 
     monkeypatch.setattr(aiormq.Channel, "basic_publish", recording)
     await pipeline.start()
-    jobs = [
-        {
-            "prompt": f"Classify ticket {i}: refund please",
-            "task": "classify",
-            "quality": "low",
-            "job_id": str(uuid.uuid4()),
-        }
-        for i in range(10)
-    ]
+    jobs = ticket_jobs(10)
     async with pipeline.client() as client:
         results = [r async for r in client.stream(jobs, max_in_flight=10, idle_timeout_s=60)]
     assert all(r.status == "ok" for r in results)
@@ -195,15 +188,7 @@ async def test_a_graceful_stop_leaves_no_handled_message_unacked(
 
     monkeypatch.setattr(CoalescingFrameGenerator, "__anext__", lagging)
     await pipeline.start()
-    jobs = [
-        {
-            "prompt": f"Classify ticket {i}: refund please",
-            "task": "classify",
-            "quality": "low",
-            "job_id": str(uuid.uuid4()),
-        }
-        for i in range(400)
-    ]
+    jobs = ticket_jobs(400)
     async with pipeline.client() as client:
         got = 0
         async for _ in client.stream(jobs, max_in_flight=400, idle_timeout_s=60):

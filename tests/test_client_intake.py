@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aio_pika
 import aiormq
@@ -16,16 +15,6 @@ from farebox.client import NO_PIPELINE_GRACE_S, FareboxClient
 from farebox.patches import aiormq_writes
 from farebox.settings import Settings
 from tests.support.pipeline import InProcessPipeline
-
-
-@pytest.fixture
-async def bare_intake(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
-    """The namespace's intake queue with no pipeline behind it (as after `farebox up` stopped)."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        queue = await (await connection.channel()).declare_queue(settings.topology.intake)
-        yield queue
-        await queue.delete(if_unused=False, if_empty=False)
 
 
 async def first_warning(warnings: list[str], within_s: float) -> float | None:

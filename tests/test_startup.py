@@ -7,7 +7,6 @@ jobs waited until the caller gave up."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import aiormq
@@ -15,6 +14,7 @@ import pytest
 from aio_pika.robust_queue import RobustQueue
 
 from tests.support.pipeline import InProcessPipeline
+from tests.support.workload import ticket_jobs
 
 
 async def test_a_stage_whose_first_consume_fails_starts_anyway(
@@ -31,15 +31,7 @@ async def test_a_stage_whose_first_consume_fails_starts_anyway(
 
     monkeypatch.setattr(RobustQueue, "consume", consume)
     await pipeline.start()
-    jobs = [
-        {
-            "prompt": f"Classify ticket {i}: refund please",
-            "task": "classify",
-            "quality": "low",
-            "job_id": str(uuid.uuid4()),
-        }
-        for i in range(20)
-    ]
+    jobs = ticket_jobs(20)
     async with pipeline.client() as client:
         results = [r async for r in client.stream(jobs, max_in_flight=10, idle_timeout_s=60)]
     assert failed, "the fault was never injected"

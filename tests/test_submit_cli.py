@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -242,16 +241,6 @@ class Stderr:
     async def rest(self) -> str:
         self.text += (await self.stream.read()).decode()
         return self.text
-
-
-@pytest.fixture
-async def bare_intake(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
-    """The intake with no pipeline behind it: publishes are confirmed and wait there."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        queue = await (await connection.channel()).declare_queue(settings.topology.intake)
-        yield queue
-        await queue.delete(if_unused=False, if_empty=False)
 
 
 async def held(settings: Settings) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +22,16 @@ def make_workload(jobs: int, dup_rate: float, seed: int = 3) -> tuple[list[dict[
         check=True,
     )
     return [json.loads(line) for line in run.stdout.splitlines()], json.loads(run.stderr.strip().splitlines()[-1])
+
+
+def ticket_jobs(n: int) -> list[dict[str, Any]]:
+    """``n`` distinct, cheap classify jobs with their own job ids."""
+    return [
+        {
+            "prompt": f"Classify ticket {i}: refund please",
+            "task": "classify",
+            "quality": "low",
+            "job_id": str(uuid.uuid4()),
+        }
+        for i in range(n)
+    ]
