@@ -72,16 +72,17 @@ class Layout:
 def _ordered(
     what: str, names: tuple[str, ...], named: Mapping[str, _T], tail_name: str | None, tail: Sequence[_T]
 ) -> list[_T]:
+    if tail and tail_name is None:
+        raise LayoutError(f"{what}: {len(tail)} values beyond the named ones, and the layout has no tail")
+    # The per-job path: as many values as names and every name there means none is unknown either.
+    if len(named) == len(names) and all(n in named for n in names):
+        return [named[n] for n in names] + list(tail)
     missing = [n for n in names if n not in named]
     unknown = sorted(set(named) - set(names))
     problems = [
         f"{label} {', '.join(listed)}" for label, listed in (("missing", missing), ("unknown", unknown)) if listed
     ]
-    if problems:
-        raise LayoutError(f"{what}: {'; '.join(problems)}")
-    if tail and tail_name is None:
-        raise LayoutError(f"{what}: {len(tail)} values beyond the named ones, and the layout has no tail")
-    return [named[n] for n in names] + list(tail)
+    raise LayoutError(f"{what}: {'; '.join(problems)}")
 
 
 class NamedScript:
