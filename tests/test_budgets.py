@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from farebox.routing.catalog import load_catalog
 from farebox.routing.choose import choose_route
-from farebox.routing.policy import load_policy
+from farebox.routing.policy import load_policy, load_policy_router
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.tokens import count_messages
@@ -58,11 +58,13 @@ async def calibrate(settings: Settings, emulator: str, tmp_path: Path) -> tuple[
 
 def estimate(policy_path: Path, **kw: Any) -> tuple[float, str]:
     j = Job(**job("any", **kw))
+    policy = load_policy(policy_path)
     routed = choose_route(
         j,
         load_catalog(CATALOG_DIR / "model_costs.json"),
-        load_policy(policy_path),
+        policy,
         input_tokens=count_messages((m.role, m.content) for m in j.chat),
+        router=load_policy_router(policy, policy_path),  # the bundled policy's, as the route stage loads it
     )
     return routed.decision.estimated_cost_usd, routed.decision.target
 

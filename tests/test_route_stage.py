@@ -96,9 +96,9 @@ async def test_a_downgrade_scans_and_counts_once_and_routes_as_before(
     assert len(scans) == len(MESSAGES)  # one scan of each message, not a second pass for the downgrade
     assert len(counts) == 1
     monkeypatch.undo()
-    catalog, policy_now = stage.store.current()
+    catalog, policy_now, router = stage.store.current_unit()
     tokens = count_messages((m.role, m.content) for m in env.job.chat)
-    before = choose_route(env.job, catalog, policy_now, input_tokens=tokens, downgrade=True)
+    before = choose_route(env.job, catalog, policy_now, input_tokens=tokens, downgrade=True, router=router)
     assert out.route == before.decision.model_copy(update={"reserved_usd": before.decision.estimated_cost_usd})
     assert out.route is not None and out.route.reason.startswith("budget downgrade") and out.route.redacted
     assert out.job.chat == before.messages

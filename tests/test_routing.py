@@ -363,9 +363,12 @@ def test_baseline_cost() -> None:
 
 # --- the bundled data, end to end ---------------------------------------------------------------
 def bundled() -> tuple[Catalog, Policy]:
-    from farebox.routing.policy import load_policy
+    from farebox.routing.policy import RouterRule, load_policy
 
-    return load_catalog(CATALOG_DIR / "model_costs.json"), load_policy(CATALOG_DIR / "policy.json")
+    # Pinned to the rules router (quality low/medium/high needs that tier): tests/test_route_learned.py routes
+    # the bundled data with the learned router the bundled policy names.
+    policy = load_policy(CATALOG_DIR / "policy.json").model_copy(update={"router": RouterRule()})
+    return load_catalog(CATALOG_DIR / "model_costs.json"), policy
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from farebox.cli.catalog import add_commands
 from farebox.routing.catalog import load_catalog
 from farebox.routing.choose import choose_route
 from farebox.routing.estimate import estimate_lines
-from farebox.routing.policy import load_policy, tier_of
+from farebox.routing.policy import RouterRule, load_policy, tier_of
 from farebox.routing.store import CatalogStore
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
@@ -90,12 +90,14 @@ def test_pipeline_store_serves_the_fallback_and_says_so_once(caplog: pytest.LogC
 )
 def test_routes(store: CatalogStore, job: dict[str, str], target: str, reason: str) -> None:
     catalog, policy = store.current()
+    policy = policy.model_copy(update={"router": RouterRule()})  # the quality -> tier rules, as the seed had them
     decision = choose_route(Job(prompt="hello there", **job), catalog, policy, input_tokens=10).decision
     assert decision.target == target and reason in decision.reason
 
 
 def test_estimate(store: CatalogStore) -> None:
     catalog, policy = store.current()
+    policy = policy.model_copy(update={"router": RouterRule()})  # rules: one job per tier the seed has
     lines = [json.dumps({"prompt": "hello", "quality": q}) for q in ("low", "medium", "high")]
     report = estimate_lines(lines, catalog, policy)
     assert report.total.jobs == 3 and report.invalid == report.blocked == 0

@@ -12,7 +12,7 @@ import pytest
 from farebox.routing.catalog import CatalogError, parse_catalog
 from farebox.routing.choose import choose_route
 from farebox.routing.litellm_prices import import_litellm
-from farebox.routing.policy import checked_policy, load_policy
+from farebox.routing.policy import RouterRule, checked_policy, load_policy
 from farebox.routing.tier_rules import apply_tier_rules, load_tier_rules, parse_tier_rules
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR
@@ -113,6 +113,7 @@ def imported() -> Any:
 
 def test_bundled_rules_make_the_litellm_map_routable(imported: Any) -> None:
     policy, _ = checked_policy(load_policy(CATALOG_DIR / "policy.json"), imported, "policy.json")
+    policy = policy.model_copy(update={"router": RouterRule()})  # quality -> tier by rules: what is tested here
     for quality in ("low", "medium", "high"):
         decision = choose_route(Job(prompt="hello", quality=quality), imported, policy, input_tokens=10).decision
         model = imported.get(decision.target)

@@ -1,5 +1,6 @@
 """Route stage: pick the cheapest model able to do the job (farebox.routing.choose) and hand the job to
-that provider's execute queue. The decision and its reason travel on the envelope."""
+that provider's execute queue. The decision and its reason travel on the envelope. When the policy names a
+learned router, ``choose_route`` scores the prompt once (a budget downgrade reuses that pass)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,12 @@ class RouteStage(EnvelopeStage):
         return envelope_from_internal(delivery)
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
-        catalog, policy = self.store.current()
+        catalog, policy, router = self.store.current_unit()
         job = env.job
         input_tokens = count_messages((m.role, m.content) for m in job.chat)
         # Circuits open per provider/model, and per provider when all its models fail.
         unhealthy = await self.health.unhealthy([*catalog.providers(), *catalog.models])
-        routed = choose_route(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy)
+        routed = choose_route(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router)
         holds = holds_for(policy, self.settings.keys, job.tenant, job.user_tier, self.clock())
         update: dict[str, object] = {}
         alerts: list[Publish] = []

@@ -16,10 +16,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from farebox.routing.catalog import TIERS, Catalog, CatalogError, load_catalog, parse_catalog
+from farebox.routing.catalog import TIERS, Catalog, CatalogError, parse_catalog
 from farebox.routing.estimate import Bucket, EstimateReport, estimate_lines
+from farebox.routing.learned import LearnedRouter
 from farebox.routing.litellm_prices import import_litellm, normalize_providers
 from farebox.routing.policy import Policy, checked_policy, load_policy, tier_of
+from farebox.routing.store import load_pair
 from farebox.routing.tier_rules import UNTIERED, apply_tier_rules, load_tier_rules
 from farebox.settings import CATALOG_DIR, Settings
 
@@ -31,23 +33,26 @@ def _err(message: str) -> int:
     return 1
 
 
-def _load(catalog_path: Path, policy_path: Path) -> tuple[Catalog, Policy, list[str]]:
-    """The catalog, the policy as the pipeline routes with it (fallbacks applied) and the check's warnings."""
-    catalog = load_catalog(catalog_path)
-    policy, warnings = checked_policy(load_policy(policy_path), catalog, str(policy_path))
-    return catalog, policy, warnings
+def _load(catalog_path: Path, policy_path: Path) -> tuple[Catalog, Policy, LearnedRouter | None, list[str]]:
+    """The catalog, the policy as the pipeline routes with it (fallbacks applied), the learned router it
+    names (None: rules) and the check's warnings: what the pipeline's workers load (farebox/routing/store.py)."""
+    return load_pair(catalog_path, policy_path)
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     catalog_path = Path(args.path) if args.path else settings.catalog
     policy_path = Path(args.policy) if args.policy else settings.policy
     try:
-        catalog, _, warnings = _load(catalog_path, policy_path)
+        catalog, _, router, warnings = _load(catalog_path, policy_path)
     except CatalogError as exc:
         return _err(str(exc))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"ok: {catalog_path}: {len(catalog)} models from {', '.join(catalog.providers())}; policy {policy_path} ok")
+    routed_by = f"learned router {router.describe()}" if router is not None else "rules router"
+    print(
+        f"ok: {catalog_path}: {len(catalog)} models from {', '.join(catalog.providers())}; policy {policy_path} ok; "
+        f"{routed_by} ok"
+    )
     return 0
 
 
@@ -57,7 +62,7 @@ def _per_1m(price: float | None) -> str:
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        catalog, policy, _ = _load(settings.catalog, settings.policy)
+        catalog, policy, _, _ = _load(settings.catalog, settings.policy)
     except CatalogError as exc:
         return _err(str(exc))
     models = sorted(catalog.models.values(), key=lambda m: (m.provider, m.input_cost_per_1k, m.model))
@@ -158,6 +163,7 @@ def _print_estimate(report: EstimateReport, console: Console) -> None:
     console.print(_bucket_table("estimate by tier", "tier", tiers))
     models = sorted(report.by_model.items(), key=lambda kv: (-kv[1].cost_usd, kv[0]))
     console.print(_bucket_table("estimate by model", "model", models))
+    console.print(_bucket_table("estimate by quality kept", "quality", sorted(report.by_quality.items())))
     pct = 100.0 * report.savings_usd / report.total.baseline_cost_usd if report.total.baseline_cost_usd else 0.0
     console.print(
         f"jobs {report.jobs:,}: routed {report.total.jobs:,}, blocked {report.blocked:,}, "
@@ -166,21 +172,27 @@ def _print_estimate(report: EstimateReport, console: Console) -> None:
         f"vs baseline ${report.total.baseline_cost_usd:,.4f}: "
         f"savings ${report.savings_usd:,.4f} ({pct:.1f}%)"
     )
+    if report.quality_kept is not None:
+        console.print(
+            f"quality kept: {report.quality_kept * 100:.1f}% of premium quality on average over the "
+            f"{report.scored:,} jobs the learned router decided (each at its quality's level, calibrated on "
+            "held-back outcome data; see `farebox eval`)"
+        )
     for line, message in report.invalid_examples:
         console.print(f"invalid line {line}: {message}", markup=False)
 
 
 def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        catalog, policy, _ = _load(settings.catalog, settings.policy)
+        catalog, policy, router, _ = _load(settings.catalog, settings.policy)
     except CatalogError as exc:
         return _err(str(exc))
     try:
         if args.file == "-":
-            report = estimate_lines(sys.stdin, catalog, policy)
+            report = estimate_lines(sys.stdin, catalog, policy, router)
         else:
             with open(args.file, encoding="utf-8", errors="replace") as f:
-                report = estimate_lines(f, catalog, policy)
+                report = estimate_lines(f, catalog, policy, router)
     except OSError as exc:
         return _err(f"{args.file}: cannot read: {exc.strerror or exc}")
     if args.json:

@@ -1,10 +1,11 @@
 """Pick the model for a job: the cheapest one that is good enough, allowed, and fits.
 
-Pure and synchronous: the route stage calls ``choose_route`` with the current catalog and policy, the token
-count it measured, and the providers it currently considers unhealthy. What routing measures once per job (task,
-token estimate, access rules, tier bounds, the PII scan) is a ``RouteContext``; the models the job may use, of
+Pure and synchronous: the route stage calls ``choose_route`` with the current catalog, policy and learned
+router (if the policy names one), the token count it measured, and the providers it currently considers
+unhealthy. What routing measures once per job (task, token estimate, access rules, the PII scan, tier bounds
+with the router's score: farebox/routing/tiering.py) is a ``RouteContext``; the models the job may use, of
 any tier, are screened once from it. A budget downgrade (``downgrade_route``) picks again from those, without a
-second scan. Error messages never quote the prompt.
+second scan or score. Error messages never quote the prompt.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from dataclasses import dataclass
 
 from farebox.errors import FareboxError, InvalidRequest, PolicyBlocked
 from farebox.routing.catalog import TIER_RANK, TIERS, Catalog, ModelInfo, cost_usd
+from farebox.routing.learned import LearnedRouter
 from farebox.routing.pii import scan_chat
-from farebox.routing.policy import AccessRule, PiiAction, Policy, tier_of
+from farebox.routing.policy import PiiAction, Policy, tier_of
 from farebox.routing.tasks import estimate_output_tokens, infer_task
+from farebox.routing.tiering import Rules, Tiering, needed_tier
 from farebox.schemas import ChatMessage, Job, RouteDecision, Usage
-
-Rules = tuple[tuple[str, AccessRule], ...]  # (who, rule): the job's user tier, then its tenant
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,24 @@ class RouteContext:
     task: str
     usage: Usage  # the prompt's tokens and the expected output
     rules: Rules
-    need: int  # lowest tier rank an automatic route may pick
-    cap: int  # highest tier rank the rules allow
-    why: str  # how ``need`` came about, for the reason
+    tiering: Tiering  # the tier bounds, how they came about and the learned router's score (if any)
     messages: tuple[ChatMessage, ...]  # what to send: redacted when the policy's pii action is "redact"
     pii_kinds: tuple[str, ...]  # sorted
     redacted: bool
     pii_only: bool  # personal data found and the action is "route": pii-approved models only
     unhealthy: frozenset[str]
+
+    @property
+    def need(self) -> int:
+        return self.tiering.need  # lowest tier rank an automatic route may pick
+
+    @property
+    def cap(self) -> int:
+        return self.tiering.cap  # highest tier rank the rules allow
+
+    @property
+    def why(self) -> str:
+        return "; ".join(self.tiering.why)
 
     @property
     def total_tokens(self) -> int:
@@ -108,29 +119,6 @@ def _pii_action(policy: Policy, rules: Rules) -> PiiAction:
     return action
 
 
-def _needed_tier(job: Job, task: str, policy: Policy, rules: Rules) -> tuple[int, int, str]:
-    """(minimum tier rank, maximum tier rank, why) for an automatic route."""
-    task_rule = policy.tasks.get(task)
-    if "quality" not in job.model_fields_set and task_rule and task_rule.default_tier:
-        need, why = TIER_RANK[task_rule.default_tier], [f"task {task} defaults to {task_rule.default_tier}"]
-    else:
-        need, why = TIER_RANK[job.quality], [f"quality={job.quality}"]
-    if task_rule and task_rule.min_tier and TIER_RANK[task_rule.min_tier] > need:
-        need = TIER_RANK[task_rule.min_tier]
-        why.append(f"task {task} needs {task_rule.min_tier}")
-    cap = TIER_RANK["high"]
-    for name, rule in rules:
-        if rule.min_tier and TIER_RANK[rule.min_tier] > need:
-            need = TIER_RANK[rule.min_tier]
-            why.append(f"{name} needs {rule.min_tier}")
-        if rule.max_tier and TIER_RANK[rule.max_tier] < cap:
-            cap = TIER_RANK[rule.max_tier]
-    if need > cap:
-        need = cap
-        why.append(f"capped at {TIERS[cap]}")
-    return need, cap, "; ".join(why)
-
-
 def _refusal(model: ModelInfo, ctx: RouteContext) -> str | None:
     """Why policy forbids ``model`` for this job (tenant/user-tier lists and tier cap), or None."""
     for name, rule in ctx.rules:
@@ -143,9 +131,19 @@ def _refusal(model: ModelInfo, ctx: RouteContext) -> str | None:
 
 
 def route_context(
-    job: Job, catalog: Catalog, policy: Policy, *, input_tokens: int, unhealthy: frozenset[str] = frozenset()
+    job: Job,
+    catalog: Catalog,
+    policy: Policy,
+    *,
+    input_tokens: int,
+    unhealthy: frozenset[str] = frozenset(),
+    router: LearnedRouter | None = None,
 ) -> RouteContext:
-    """Measure the job once: task, token estimate, rules, tier bounds and the PII scan (which may block it)."""
+    """Measure the job once: task, token estimate, rules, the PII scan (which may block it) and tier bounds,
+    with the learned router's score when the policy has one (``router``, loaded with the policy; never for
+    a pinned job)."""
+    if router is None and policy.router.kind == "learned":
+        raise ValueError("the policy routes with a learned router: pass the one loaded with it (router=...)")
     task = infer_task(job)
     usage = Usage(input_tokens=input_tokens, output_tokens=estimate_output_tokens(job, task))
     rules = _rules(job, policy)
@@ -159,7 +157,7 @@ def route_context(
             f"personal data found in the prompt ({', '.join(pii_kinds)}); the policy blocks such jobs. "
             "Remove it, or ask the operator for a pii route"
         )
-    need, cap, why = _needed_tier(job, task, policy, rules)
+    tiering = needed_tier(job, task, policy, rules, router if job.model is None else None)
     return RouteContext(
         job=job,
         catalog=catalog,
@@ -167,9 +165,7 @@ def route_context(
         task=task,
         usage=usage,
         rules=rules,
-        need=need,
-        cap=cap,
-        why=why,
+        tiering=tiering,
         messages=messages,
         pii_kinds=pii_kinds,
         redacted=bool(pii_kinds) and action == "redact",
@@ -219,8 +215,11 @@ def choose_route(
     input_tokens: int,
     unhealthy: frozenset[str] = frozenset(),
     downgrade: bool = False,
+    router: LearnedRouter | None = None,
 ) -> Routed:
-    ctx = route_context(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy)
+    """Route ``job``. ``router``: the learned router loaded with ``policy`` (required when the policy names
+    one; see farebox/routing/store.py)."""
+    ctx = route_context(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router)
     if job.model is not None:
         return _pinned(ctx, downgrade=downgrade)
     return _automatic(ctx, _screen(ctx), downgrade=downgrade)
@@ -260,7 +259,7 @@ def _automatic(ctx: RouteContext, screen: Screen, *, downgrade: bool) -> Routed:
         if downgrade:
             head = f"budget downgrade: cheapest eligible model regardless of tier (task={ctx.task}; {ctx.why})"
         else:
-            head = f"cheapest {TIERS[ctx.need]}-or-better model for task={ctx.task} ({ctx.why})"
+            head = ctx.tiering.head(ctx.task)
         reason = "; ".join([head, f"{n} candidate{'s' if n != 1 else ''}", *notes])
         decision = _decision(chosen, [target for _, target, _ in healthy], reason, cost, ctx.redacted)
         return Routed(decision, ctx, screen)

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from farebox.errors import BlockedError, InvalidRequest, describe_validation_error
 from farebox.routing.catalog import Catalog
-from farebox.routing.choose import choose_route
+from farebox.routing.choose import Routed, choose_route
+from farebox.routing.learned import LearnedRouter
 from farebox.routing.policy import Policy, tier_of
 from farebox.routing.tasks import baseline_cost_usd, estimate_output_tokens, infer_task
 from farebox.schemas import Job, Usage
@@ -57,6 +58,10 @@ class EstimateReport:
     by_task: dict[str, Bucket] = field(default_factory=dict)
     by_tier: dict[str, Bucket] = field(default_factory=dict)
     by_model: dict[str, Bucket] = field(default_factory=dict)
+    # How each job's tier was decided, and with it the quality it keeps (see ``quality_basis``).
+    by_quality: dict[str, Bucket] = field(default_factory=dict)
+    scored: int = 0  # jobs whose tier the learned router decided
+    kept_sum: float = 0.0  # the sum of their levels (share of premium quality kept)
     blocked: int = 0
     blocked_by_code: dict[str, int] = field(default_factory=dict)
     invalid: int = 0
@@ -71,15 +76,28 @@ class EstimateReport:
     def savings_usd(self) -> float:
         return self.total.baseline_cost_usd - self.total.cost_usd
 
+    @property
+    def quality_kept(self) -> float | None:
+        """The mean share of premium quality the learned router's jobs keep, as calibrated; None: no such job."""
+        return self.kept_sum / self.scored if self.scored else None
+
     def add_invalid(self, line: int | None, message: str) -> None:
         self.invalid += 1
         if len(self.invalid_examples) < MAX_INVALID_KEPT:
             self.invalid_examples.append((line, message))
 
-    def add_job(self, job: Job, catalog: Catalog, policy: Policy, *, line: int | None = None) -> None:
+    def add_job(
+        self,
+        job: Job,
+        catalog: Catalog,
+        policy: Policy,
+        *,
+        line: int | None = None,
+        router: LearnedRouter | None = None,
+    ) -> None:
         input_tokens = count_messages((m.role, m.content) for m in job.chat)
         try:
-            routed = choose_route(job, catalog, policy, input_tokens=input_tokens)
+            routed = choose_route(job, catalog, policy, input_tokens=input_tokens, router=router)
         except BlockedError as exc:
             self.blocked += 1
             self.blocked_by_code[exc.code] = self.blocked_by_code.get(exc.code, 0) + 1
@@ -96,7 +114,17 @@ class EstimateReport:
         tier = (tier_of(model, policy) if model else None) or "untiered"
         self.redacted += decision.redacted
         self.total.add(usage, cost, baseline)
-        for table, key in ((self.by_task, task), (self.by_tier, tier), (self.by_model, decision.target)):
+        basis = quality_basis(routed)
+        score = routed.context.tiering.score if routed.screen is not None else None
+        if score is not None:
+            self.scored += 1
+            self.kept_sum += score.level
+        for table, key in (
+            (self.by_task, task),
+            (self.by_tier, tier),
+            (self.by_model, decision.target),
+            (self.by_quality, basis),
+        ):
             table.setdefault(key, Bucket()).add(usage, cost, baseline)
 
     def as_dict(self) -> dict[str, Any]:
@@ -121,17 +149,35 @@ class EstimateReport:
             "by_task": table(self.by_task),
             "by_tier": table(self.by_tier),
             "by_model": table(self.by_model),
+            "by_quality": table(self.by_quality),
+            "learned_jobs": self.scored,
+            "quality_kept": self.quality_kept,
         }
 
 
-def estimate_jobs(jobs: Iterable[Job], catalog: Catalog, policy: Policy) -> EstimateReport:
+def quality_basis(routed: Routed) -> str:
+    """What a routed job keeps of premium quality: the learned router's level, calibrated on held-back
+    outcome data ("medium: learned, keeps 95%"), or how the rules decided when no router scored it."""
+    if routed.screen is None:
+        return "pinned model"
+    score = routed.context.tiering.score
+    if score is not None:
+        return f"{score.quality}: learned, keeps {score.level * 100:g}% of premium quality"
+    return f"{routed.context.job.quality}: rules ({routed.context.tiering.why[0]})"
+
+
+def estimate_jobs(
+    jobs: Iterable[Job], catalog: Catalog, policy: Policy, router: LearnedRouter | None = None
+) -> EstimateReport:
     report = EstimateReport()
     for job in jobs:
-        report.add_job(job, catalog, policy)
+        report.add_job(job, catalog, policy, router=router)
     return report
 
 
-def estimate_lines(lines: Iterable[str], catalog: Catalog, policy: Policy) -> EstimateReport:
+def estimate_lines(
+    lines: Iterable[str], catalog: Catalog, policy: Policy, router: LearnedRouter | None = None
+) -> EstimateReport:
     """Estimate a JSONL stream. A bad line counts as invalid, with its line number; it never stops the run."""
     report = EstimateReport()
     for number, line in enumerate(lines, start=1):
@@ -145,5 +191,5 @@ def estimate_lines(lines: Iterable[str], catalog: Catalog, policy: Policy) -> Es
         except ValidationError as exc:
             report.add_invalid(number, describe_validation_error(exc))
             continue
-        report.add_job(job, catalog, policy, line=number)
+        report.add_job(job, catalog, policy, line=number, router=router)
     return report

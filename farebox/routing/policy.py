@@ -23,7 +23,11 @@ from farebox.routing.catalog import (
     read_json_file,
     validation_failure,
 )
+from farebox.routing.learned import BUILTIN, LearnedRouter, load_router
 from farebox.schemas import Job
+from farebox.schemas.job import Quality
+
+QUALITIES: tuple[Quality, ...] = ("low", "medium", "high")
 
 PiiAction = Literal["block", "route", "redact", "allow"]
 PiiKind = Literal["email", "phone", "card", "ssn", "iban", "secret"]
@@ -89,6 +93,47 @@ class Budget(_Strict):
         return tuple(sorted(set(v)))
 
 
+class RouterRule(_Strict):
+    """Which router sets the tier a job's quality needs. ``rules`` (the default): quality low/medium/high needs
+    that tier. ``learned``: a router file scores the prompt; quality names a level (the share of premium
+    quality to keep), whose threshold sends the job to ``premium_tier`` at or above it, else ``economy_tier``.
+    ``path`` is relative to the policy file's folder unless absolute or "builtin" (the file shipped)."""
+
+    kind: Literal["rules", "learned"] = "rules"
+    path: str | None = Field(None, min_length=1)
+    levels: dict[Quality, float] | None = None
+    premium_tier: Tier = "high"
+    economy_tier: Tier = "low"
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: dict[Quality, float] | None) -> dict[Quality, float] | None:
+        for quality, level in (v or {}).items():
+            if not 0 < level <= 1:
+                raise ValueError(f"level of quality {quality!r} is {level:g}: a share of premium quality in (0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> RouterRule:
+        if self.kind == "rules":
+            given = [f for f in ("path", "levels", "premium_tier", "economy_tier") if f in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for kind 'learned' (this router is kind 'rules')")
+            return self
+        if self.path is None:
+            raise ValueError("kind 'learned' needs 'path': a router file, or \"builtin\" for the one shipped")
+        missing = [q for q in QUALITIES if q not in (self.levels or {})]
+        if missing:
+            raise ValueError(f"kind 'learned' needs a level for every quality; missing: {', '.join(missing)}")
+        if TIER_RANK[self.economy_tier] >= TIER_RANK[self.premium_tier]:
+            raise ValueError(f"economy_tier {self.economy_tier!r} must be below premium_tier {self.premium_tier!r}")
+        return self
+
+    def level(self, quality: Quality) -> float:
+        assert self.levels is not None
+        return self.levels[quality]
+
+
 class Policy(_Strict):
     baseline_model: str = "openai/gpt-4-turbo"
     default_model: str | None = None  # used when no model meets the job's requirements
@@ -100,6 +145,7 @@ class Policy(_Strict):
     cache: CachePolicy = CachePolicy()
     cache_sharing: tuple[tuple[str, ...], ...] = ()  # groups of tenants that may read each other's cache
     budgets: tuple[Budget, ...] = ()
+    router: RouterRule = RouterRule()
     # Models with the "reasoning" capability spend hidden tokens out of max_tokens; below this they may
     # return nothing at all, so the router does not pick them automatically.
     reasoning_min_max_tokens: int = Field(1024, ge=0)
@@ -161,6 +207,30 @@ def parse_policy(data: object, source: str) -> Policy:
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     return parse_policy(read_json_file(path, "policy"), str(path))
+
+
+def router_location(policy: Policy, policy_path: str | Path) -> str | Path | None:
+    """Where the policy's learned router file is: "builtin", a path (relative ones from the policy file's
+    folder), or None for the rules router."""
+    rule = policy.router
+    if rule.kind != "learned" or rule.path is None:
+        return None
+    if rule.path == BUILTIN:
+        return BUILTIN
+    path = Path(rule.path).expanduser()
+    return path if path.is_absolute() else Path(policy_path).parent / path
+
+
+def load_policy_router(policy: Policy, policy_path: str | Path) -> LearnedRouter | None:
+    """The learned router the policy names (None for the rules router); CatalogError in one line that names
+    the policy file and the router file."""
+    where = router_location(policy, policy_path)
+    if where is None:
+        return None
+    try:
+        return load_router(where)
+    except CatalogError as exc:
+        raise CatalogError(f"{policy_path}: field 'router.path': {exc}") from None
 
 
 def _routable(catalog: Catalog, policy: Policy) -> list[tuple[int, ModelInfo]]:

@@ -1,0 +1,114 @@
+"""Features of a prompt that say how hard it is, for the learned router: cheap, domain-general and pure.
+
+Only signals that carry across subjects earn a place: a router is judged on subjects it never saw, and what
+is specific to one subject (its words) does not transfer. Each feature is a plain function of the text, so
+training (farebox/routing/training.py) and serving (farebox/routing/learned.py) compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+# Enough text to judge a prompt by; a longer one costs CPU on the route stage's hot path and says no more.
+MAX_CHARS = 8000
+_WORD = re.compile(r"[A-Za-z]+")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_OPTION = re.compile(r"^\s*\(?[A-Ja-j][.)]\s+(.*)$", re.MULTILINE)
+_MATH = frozenset("=+*/^<>|\\$%")
+
+
+def _question(text: str) -> str:
+    """The text before a multiple-choice option list (all of it when there is none)."""
+    match = _OPTION.search(text)
+    return text[: match.start()] if match else text
+
+
+def _options(text: str) -> list[str]:
+    return _OPTION.findall(text)
+
+
+def _share(text: str, test: Callable[[str], bool]) -> float:
+    return sum(1 for c in text if test(c)) / (len(text) + 1)
+
+
+def _log_chars(text: str) -> float:
+    return math.log1p(len(text))
+
+
+def _log_question_chars(text: str) -> float:
+    return math.log1p(len(_question(text)))
+
+
+def _log_option_chars(text: str) -> float:
+    options = _options(text)
+    return math.log1p(sum(len(o) for o in options) / len(options)) if options else 0.0
+
+
+def _log_words(text: str) -> float:
+    return math.log1p(len(_WORD.findall(text)))
+
+
+def _mean_word_length(text: str) -> float:
+    words = _WORD.findall(text)
+    return sum(len(w) for w in words) / len(words) if words else 0.0
+
+
+def _long_word_share(text: str) -> float:
+    words = _WORD.findall(text)
+    return sum(1 for w in words if len(w) >= 9) / len(words) if words else 0.0
+
+
+def _digit_share(text: str) -> float:
+    return _share(text, str.isdigit)
+
+
+def _math_share(text: str) -> float:
+    return _share(text, _MATH.__contains__)
+
+
+def _upper_share(text: str) -> float:
+    return _share(text, str.isupper)
+
+
+def _log_numbers(text: str) -> float:
+    return math.log1p(len(_NUMBER.findall(text)))
+
+
+def _log_lines(text: str) -> float:
+    return math.log1p(text.count("\n"))
+
+
+def _log_sentences(text: str) -> float:
+    return math.log1p(len(re.findall(r"[.!?](?:\s|$)", text)))
+
+
+FEATURES: dict[str, Callable[[str], float]] = {
+    "log_chars": _log_chars,
+    "log_question_chars": _log_question_chars,
+    "log_option_chars": _log_option_chars,
+    "log_words": _log_words,
+    "mean_word_length": _mean_word_length,
+    "long_word_share": _long_word_share,
+    "digit_share": _digit_share,
+    "math_share": _math_share,
+    "upper_share": _upper_share,
+    "log_numbers": _log_numbers,
+    "log_lines": _log_lines,
+    "log_sentences": _log_sentences,
+}
+
+
+def lexical_features(texts: Sequence[str], names: Sequence[str]) -> NDArray[np.float64]:
+    """One row per text, one column per named feature (names from ``FEATURES``)."""
+    funcs = [FEATURES[name] for name in names]
+    out = np.empty((len(texts), len(funcs)), dtype=np.float64)
+    for i, text in enumerate(texts):
+        clipped = text[:MAX_CHARS]
+        for j, func in enumerate(funcs):
+            out[i, j] = func(clipped)
+    return out
