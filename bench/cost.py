@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,11 @@ class Totals:
     ok: int
     cache: Counter[str]
     models: Counter[str]
+    kept: list[float]  # per job the learned router decided: the share of premium quality its level keeps
+
+
+# The route reason of a job the learned router decided names its level (farebox/routing/tiering.py).
+KEEPS = re.compile(r"^learned router score .*? keeps ([\d.]+)% of premium quality")
 
 
 async def through_farebox(emulator: str, jobs: list[dict[str, Any]]) -> Totals:
@@ -39,7 +45,7 @@ async def through_farebox(emulator: str, jobs: list[dict[str, Any]]) -> Totals:
         process_pipeline(emulator) as (settings, _),
         FareboxClient.from_settings(settings, wait_for_pipeline_s=60, coalesce_writes=True) as client,
     ):
-        t = Totals(0.0, 0.0, 0, 0, Counter(), Counter())
+        t = Totals(0.0, 0.0, 0, 0, Counter(), Counter(), [])
         async for r in client.stream(
             [dict(j, job_id=f"{settings.namespace}-{i}") for i, j in enumerate(jobs)], max_in_flight=256
         ):
@@ -49,6 +55,9 @@ async def through_farebox(emulator: str, jobs: list[dict[str, Any]]) -> Totals:
             t.baseline_usd += r.baseline_cost_usd
             t.cache[r.cache] += 1
             t.models[f"{r.provider}/{r.model}"] += 1
+            match = KEEPS.match(r.route.reason) if r.route is not None else None
+            if match:
+                t.kept.append(float(match.group(1)))
         return t
 
 
@@ -87,6 +96,10 @@ async def main() -> None:
                 f"| ok results | {spread([r.ok for r in routed], '.0f')} | {spread([n.ok for n in naive], '.0f')} |",
                 f"| cache hits + coalesced, % of jobs | {spread(hits, '.1f')} | 0 (bypassed) |",
                 f"| savings vs the baseline run, % | {spread(savings, '.1f')} | - |",
+                f"| quality kept, % of premium (the learned router's calibrated level, mean over the jobs it "
+                f"decided) | {spread([sum(r.kept) / len(r.kept) if r.kept else 100.0 for r in routed], '.1f')} "
+                "| 100 (all premium) |",
+                f"| jobs the learned router decided | {spread([len(r.kept) for r in routed], '.0f')} | - |",
                 f"| farebox's own baseline figure USD (same usage priced on {baseline_model}) | "
                 f"{spread([r.baseline_usd for r in routed], '.4f')} | - |",
                 "",
