@@ -151,7 +151,9 @@ def pids_of(pattern: str) -> list[int]:
 
 
 def broker_pids() -> list[int]:
-    return pids_of("beam.smp")
+    # The RabbitMQ server's Erlang VM only: rabbitmqctl and rabbitmq-diagnostics run short-lived beam.smp
+    # processes too, and one exiting mid-run would fail the measurement.
+    return pids_of(r"beam\.smp .*-s rabbit boot")
 
 
 def redis_pids() -> list[int]:
