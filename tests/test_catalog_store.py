@@ -3,15 +3,14 @@ pair served has the policy's fallbacks applied, and each check warning is logged
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
 
 from farebox.routing.catalog import CatalogError
 from farebox.routing.store import CatalogStore
+from tests.support.files import Clock, write
 
 POLICY = {"baseline_model": "openai/a"}
 
@@ -19,21 +18,6 @@ POLICY = {"baseline_model": "openai/a"}
 def catalog_doc(price: float) -> dict[str, object]:
     # One high-tier model serves every quality ("or better").
     return {"openai": {"a": {"input_cost_per_1k_tokens": price, "output_cost_per_1k_tokens": price, "tier": "high"}}}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def write(path: Path, data: object, bump: int) -> None:
-    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
-    # Make the change visible even on filesystems with coarse mtimes.
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + bump * 1_000_000_000))
 
 
 @pytest.fixture

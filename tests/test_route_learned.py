@@ -8,7 +8,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import uuid
 from pathlib import Path
@@ -25,6 +24,7 @@ from farebox.routing.store import CatalogStore, load_pair
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.tokens import count_messages
+from tests.support.files import Clock, write
 from tests.support.pipeline import InProcessPipeline
 
 # --- a tiny real router: one feature, log1p(characters), so a prompt of n characters scores exactly
@@ -291,20 +291,6 @@ def test_bundled_data_routes_to_economy_or_premium() -> None:
 
 
 # --- the hot-reloaded unit -------------------------------------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def write(path: Path, data: object, bump: int) -> None:
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
-    st = path.stat()  # make the change visible even on filesystems with coarse mtimes
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + bump * 1_000_000_000))
-
-
 @pytest.fixture
 def unit(tmp_path: Path) -> tuple[Path, Path, Path]:
     cat, pol, rtr = tmp_path / "model_costs.json", tmp_path / "policy.json", tmp_path / "router.json"
