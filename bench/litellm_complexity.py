@@ -19,11 +19,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import venv
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 VERSION = "1.110.2"  # the newest 1.110.x on PyPI (issue 17 quotes "LiteLLM 1.110's complexity_router")
@@ -31,37 +28,12 @@ VENV = HERE / ".litellm-venv-complexity"
 TIERS = ("SIMPLE", "MEDIUM", "COMPLEX", "REASONING")  # the default ladder, cheapest first
 
 
-@contextmanager
-def _checks_on_this_venv() -> Iterator[ModuleType]:
-    """bench/litellm_proxy.py's checks, pointed at this venv instead of bench/.litellm-venv."""
-    import litellm_proxy
-
-    saved = litellm_proxy.VENV
-    litellm_proxy.VENV = VENV
-    try:
-        yield litellm_proxy
-    finally:
-        litellm_proxy.VENV = saved
-
-
 def ensure_venv() -> Path:
     """The venv's Python with litellm==VERSION installed and checked (SystemExit when refused)."""
-    with _checks_on_this_venv() as lp:
-        if VERSION in lp.KNOWN_MALICIOUS or lp._version_tuple(VERSION) < lp.SAFE_FLOOR:
-            raise SystemExit(f"refusing litellm=={VERSION}: older than 1.83.7 or a known malicious release")
-        if VENV.exists():
-            lp._refuse_if_planted()  # before any of the venv's own Python runs
-        python = VENV / "bin" / "python"
-        if not python.exists():
-            venv.create(VENV, with_pip=True)
-            (VENV / ".gitignore").write_text("*\n")  # as Python 3.13's venv writes: git never lists it
-        if lp._installed_version() != VERSION:
-            print(f"installing litellm=={VERSION} into {VENV} ...", file=sys.stderr, flush=True)
-            # Wheels only: no package's build script runs during the install. No extras: the scorer needs none.
-            subprocess.run(
-                [python, "-m", "pip", "install", "-q", "--only-binary=:all:", f"litellm=={VERSION}"], check=True
-            )
-        lp._refuse_if_planted()
+    from litellm_proxy import ensure_litellm_venv
+
+    python = ensure_litellm_venv(VENV, VERSION)
+    (VENV / ".gitignore").write_text("*\n")  # as Python 3.13's venv writes: git never lists it
     return python
 
 
@@ -94,8 +66,9 @@ def score_prompts(prompts: Sequence[str]) -> tuple[list[float], list[str]]:
 
 
 def installed_version() -> str | None:
-    with _checks_on_this_venv() as lp:
-        return lp._installed_version()
+    from litellm_proxy import installed_version as version_in
+
+    return version_in(VENV)
 
 
 # --- the worker, run under the LiteLLM venv's Python ---------------------------------------------------------------

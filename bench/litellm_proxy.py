@@ -50,11 +50,11 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 KNOWN_PTH = {"distutils-precedence.pth"}  # setuptools' own, in every virtual environment
 
 
-def _code_running_pth() -> list[Path]:
+def _code_running_pth(venv_dir: Path) -> list[Path]:
     """.pth files that would run code at every start of the venv's Python (lines beginning with
     `import` are executed by site.py), other than setuptools' own; litellm_init.pth in any case."""
     found = []
-    for pth in VENV.glob("lib/python*/site-packages/*.pth"):
+    for pth in venv_dir.glob("lib/python*/site-packages/*.pth"):
         lines = pth.read_text(errors="replace").splitlines()
         if pth.name == "litellm_init.pth" or (
             pth.name not in KNOWN_PTH and any(line.startswith(("import ", "import\t")) for line in lines)
@@ -63,41 +63,47 @@ def _code_running_pth() -> list[Path]:
     return found
 
 
-def _refuse_if_planted() -> None:
-    planted = _code_running_pth()
+def _refuse_if_planted(venv_dir: Path) -> None:
+    planted = _code_running_pth(venv_dir)
     if planted:
-        shutil.rmtree(VENV)
+        shutil.rmtree(venv_dir)
         raise SystemExit(
             f"refusing to run: {', '.join(map(str, planted))} would run code at every start of the "
-            f"venv's Python (litellm_init.pth was the 1.82.7/1.82.8 malware's hook); {VENV} removed"
+            f"venv's Python (litellm_init.pth was the 1.82.7/1.82.8 malware's hook); {venv_dir} removed"
         )
 
 
-def _installed_version() -> str | None:
+def installed_version(venv_dir: Path) -> str | None:
     """Read from the dist-info, so no interpreter of the venv runs before the .pth check."""
-    for meta in VENV.glob("lib/python*/site-packages/litellm-*.dist-info/METADATA"):
+    for meta in venv_dir.glob("lib/python*/site-packages/litellm-*.dist-info/METADATA"):
         for line in meta.read_text(errors="replace").splitlines():
             if line.startswith("Version:"):
                 return line.split(":", 1)[1].strip()
     return None
 
 
-def ensure_litellm() -> Path:
-    if LITELLM_VERSION in KNOWN_MALICIOUS or _version_tuple(LITELLM_VERSION) < SAFE_FLOOR:
-        raise SystemExit(f"refusing litellm=={LITELLM_VERSION}: older than 1.83.7 or a known malicious release")
-    if VENV.exists():
-        _refuse_if_planted()  # before any of the venv's own Python runs
-    python = VENV / "bin" / "python"
+def ensure_litellm_venv(venv_dir: Path, version: str, extras: str = "") -> Path:
+    """The Python of ``venv_dir`` with ``litellm[extras]==version`` installed from wheels and checked: the
+    release floor and known malicious releases refused, code-running .pth files searched for before the venv's
+    Python first runs and after the install (SystemExit, the venv removed, when one is there)."""
+    if version in KNOWN_MALICIOUS or _version_tuple(version) < SAFE_FLOOR:
+        raise SystemExit(f"refusing litellm=={version}: older than 1.83.7 or a known malicious release")
+    if venv_dir.exists():
+        _refuse_if_planted(venv_dir)  # before any of the venv's own Python runs
+    python = venv_dir / "bin" / "python"
     if not python.exists():
-        venv.create(VENV, with_pip=True)
-    if _installed_version() != LITELLM_VERSION:
-        print(f"installing litellm[proxy]=={LITELLM_VERSION} into {VENV} ...", file=sys.stderr)
+        venv.create(venv_dir, with_pip=True)
+    requirement = f"litellm{extras}=={version}"
+    if installed_version(venv_dir) != version:
+        print(f"installing {requirement} into {venv_dir} ...", file=sys.stderr)
         # Wheels only: no package's build script runs during the install.
-        subprocess.run(
-            [python, "-m", "pip", "install", "-q", "--only-binary=:all:", f"litellm[proxy]=={LITELLM_VERSION}"],
-            check=True,
-        )
-    _refuse_if_planted()
+        subprocess.run([python, "-m", "pip", "install", "-q", "--only-binary=:all:", requirement], check=True)
+    _refuse_if_planted(venv_dir)
+    return python
+
+
+def ensure_litellm() -> Path:
+    ensure_litellm_venv(VENV, LITELLM_VERSION, "[proxy]")
     return VENV / "bin" / "litellm"
 
 

@@ -26,7 +26,7 @@ def venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_clean_environment_passes(venv: Path) -> None:
-    litellm_proxy._refuse_if_planted()
+    litellm_proxy._refuse_if_planted(litellm_proxy.VENV)
     assert venv.exists()
 
 
@@ -40,16 +40,16 @@ def test_a_clean_environment_passes(venv: Path) -> None:
 def test_a_code_running_pth_is_refused_and_the_environment_removed(venv: Path, name: str, text: str) -> None:
     (venv / name).write_text(text)
     with pytest.raises(SystemExit, match=name):
-        litellm_proxy._refuse_if_planted()
+        litellm_proxy._refuse_if_planted(litellm_proxy.VENV)
     assert not litellm_proxy.VENV.exists()
 
 
 def test_version_is_read_from_the_dist_info(venv: Path) -> None:
-    assert litellm_proxy._installed_version() is None
+    assert litellm_proxy.installed_version(litellm_proxy.VENV) is None
     meta = venv / "litellm-1.106.12.dist-info"
     meta.mkdir()
     (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: litellm\nVersion: 1.106.12\n")
-    assert litellm_proxy._installed_version() == "1.106.12"
+    assert litellm_proxy.installed_version(litellm_proxy.VENV) == "1.106.12"
 
 
 @pytest.mark.parametrize("pin", ["1.82.7", "1.82.8", "1.83.6", "1.70.0"])
