@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, publish_table, spread
+from common import RESULTS, ROOT, publish_table, spread
 
 from farebox.routing.baselines import rules_scores
 from farebox.routing.evaluation import Floats, bootstrap
 from farebox.routing.features import lexical_features
+from farebox.routing.learned import LearnedRouter
 from farebox.routing.outcomes import KNOWN_PRICES, OutcomeSet, load_outcomes
 from farebox.routing.store import load_pair
 from farebox.routing.training import train_router
@@ -41,7 +42,7 @@ def cell(interval: dict[str, float | None], percent: bool = False) -> str:
     return f"{value * k:{spec}} [{low * k:{spec}}, {high * k:{spec}}]"
 
 
-def row(name: str, data: OutcomeSet, scores: Floats, rounds: int) -> dict[str, dict[str, float | None]]:
+def row(data: OutcomeSet, scores: Floats, rounds: int) -> dict[str, dict[str, float | None]]:
     cost_strong, cost_weak = data.costs(KNOWN_PRICES)
     got = bootstrap(scores, data.strong, data.weak, cost_strong, cost_weak, rounds=rounds)
     return {k: v.as_dict() for k, v in got.items()}
@@ -75,10 +76,10 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {}
     for label, (data, learned) in sets.items():
         results[label] = {
-            "learned (farebox)": row("learned", data, learned, a.bootstrap),
-            "rules (before)": row("rules", data, rules_scores(data.prompts, catalog, policy).scores, a.bootstrap),
-            "prompt length": row("length", data, lexical_features(data.prompts, ["log_words"])[:, 0], a.bootstrap),
-            "random": row("random", data, np.zeros(len(data)), a.bootstrap),
+            "learned (farebox)": row(data, learned, a.bootstrap),
+            "rules (before)": row(data, rules_scores(data.prompts, catalog, policy).scores, a.bootstrap),
+            "prompt length": row(data, lexical_features(data.prompts, ["log_words"])[:, 0], a.bootstrap),
+            "random": row(data, np.zeros(len(data)), a.bootstrap),
         }
     lines = [
         "| data | router | APGR | CPT(50%) % | CPT(80%) % | saving @95% % | saving @100% % |",
@@ -91,7 +92,7 @@ def main() -> None:
                 f"{cell(figs['cpt80'], True)} | {cell(figs['saving95'], True)} | {cell(figs['saving100'], True)} |"
             )
     size = len(json.dumps(trained.document, indent=1))
-    per_prompt = score_cpu_us(trained, list(gsm8k.prompts) + list(mmlu.prompts[:2000]))
+    per_prompt = score_cpu_us(trained.router, list(gsm8k.prompts) + list(mmlu.prompts[:2000]))
     lines += [
         "",
         f"values [95% bootstrap interval, {a.bootstrap} resamples of the prompts]; {TARGETS}",
@@ -102,11 +103,11 @@ def main() -> None:
         f" {len(gsm8k) + 2000} prompts",
     ]
     publish_table("router_quality", "\n".join(lines) + "\n")
-    (Path(ROOT / "bench" / "results") / "router_quality.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "router_quality.json").write_text(json.dumps(results, indent=1))
 
 
-def score_cpu_us(trained: object, prompts: list[str]) -> list[float]:
-    router = trained.router  # type: ignore[attr-defined]
+def score_cpu_us(router: LearnedRouter, prompts: list[str]) -> list[float]:
+    """CPU microseconds per prompt scored one at a time, as the route stage scores, per pass."""
     out = []
     for _ in range(5):
         t0 = time.process_time()
