@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator
 import aio_pika
 import uvloop
 
-from farebox.client import PublishWindow
 from farebox.constants import CONTENT_TYPE
 from farebox.errors import BROKER_DOWN
 from farebox.patches import aiormq_writes
+from farebox.publishing import PublishWindow
 
 AMQP = os.environ.get("FAREBOX_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 HOPS = 4

@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -42,56 +42,17 @@ from farebox.errors import (
     describe_validation_error,
 )
 from farebox.patches import aiormq_writes
-from farebox.publishing import Backoff, publish_confirmed
-from farebox.schemas import ErrorInfo, Job, JobResult
+from farebox.publishing import Backoff, PublishWindow, publish_confirmed
+from farebox.schemas import ErrorInfo, Feedback, FeedbackReceipt, Job, JobResult
 from farebox.settings import Settings
 
 log = logging.getLogger("farebox.client")
-# Publishes of one stream awaiting their broker confirms at once.
-PUBLISH_WINDOW = 64
 # While the intake is full or the broker away, publishes are tried again this often.
 PUBLISH_BACKOFF = Backoff(first_s=0.05, max_s=2.0)
 # How long after connecting the intake may still have no consumer before on_no_pipeline is told.
 NO_PIPELINE_GRACE_S = 1.0
 # A consumer count that could not be had: the broker away, or the probe channel refused.
 PROBE_FAILED: tuple[type[Exception], ...] = (*BROKER_DOWN_OR_TIMEOUT, aiormq.exceptions.AMQPError)
-
-
-class PublishWindow:
-    """Up to ``size`` publishes awaiting their broker confirms at once: one at a time, a producer
-    could not publish faster than one confirm round trip per job. The first failure is kept in
-    ``failure`` and raised by the next ``start`` or by ``drain``."""
-
-    def __init__(self, size: int = PUBLISH_WINDOW) -> None:
-        self._room = asyncio.Semaphore(size)
-        self._pending: set[asyncio.Task[Any]] = set()
-        self.failure: BaseException | None = None
-
-    async def start(self, publish: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        """Wait for room, then start ``publish()`` without waiting for its confirm."""
-        await self._room.acquire()
-        if self.failure is not None:
-            self._room.release()
-            raise self.failure
-        task = asyncio.create_task(publish())
-        self._pending.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._room.release()
-        self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None and self.failure is None:
-            self.failure = task.exception()
-
-    async def drain(self) -> None:
-        """Wait for every confirm; raise the first failure."""
-        await asyncio.gather(*self._pending, return_exceptions=True)
-        if self.failure is not None:
-            raise self.failure
-
-    def cancel(self) -> None:
-        for task in self._pending:
-            task.cancel()
 
 
 JobLike = Job | Mapping[str, Any] | str
@@ -148,6 +109,7 @@ class FareboxClient:
         self._reply_queue: AbstractQueue | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._waiters: dict[str, asyncio.Future[JobResult]] = {}
+        self._receipts: dict[str, asyncio.Future[FeedbackReceipt]] = {}
         self._stream_inbox: asyncio.Queue[JobResult] | None = None
         self.repeats_dropped = 0  # repeated results (same job_id) that stream() did not yield again
 
@@ -246,6 +208,13 @@ class FareboxClient:
             await asyncio.sleep(0.5)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        receipt_waiter = self._receipts.pop(message.correlation_id or "", None)
+        if receipt_waiter is not None:
+            try:
+                receipt_waiter.set_result(FeedbackReceipt.model_validate_json(message.body))
+            except ValidationError:
+                log.warning("dropping a reply that is not a feedback receipt")
+            return
         try:
             result = JobResult.model_validate_json(message.body)
         except ValidationError:
@@ -283,6 +252,51 @@ class FareboxClient:
         except aiormq.exceptions.PublishError:
             raise DependencyUnavailable(f"queue {self.topology.intake!r} is gone: is the pipeline running?") from None
         return parsed
+
+    async def feedback(
+        self,
+        job_id: str,
+        score: float | str,
+        *,
+        tenant: str = "default",
+        source: str = "user",
+        label: str | None = None,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> FeedbackReceipt | None:
+        """Publish feedback on a finished job to the feedback queue (confirmed). ``score`` is in [0, 1] or
+        "good"/"bad". With ``wait`` (the default) return the stage's receipt: ``status`` "error" with a typed
+        ``error`` when it was refused (malformed, unknown job, another tenant's job)."""
+        assert self._channel is not None and self._reply_queue is not None, "call connect() first"
+        try:
+            fb = Feedback(job_id=job_id, tenant=tenant, score=score, source=source, label=label)
+        except ValidationError as err:
+            raise InvalidRequest("invalid feedback: " + describe_validation_error(err)) from None
+        correlation_id = str(uuid.uuid4())
+        future: asyncio.Future[FeedbackReceipt] = asyncio.get_running_loop().create_future()
+        if wait:
+            self._receipts[correlation_id] = future
+        try:
+            await publish_confirmed(
+                self._channel,
+                fb.model_dump_json(exclude_none=True).encode(),
+                routing_key=self.topology.feedback,
+                properties=functools.partial(
+                    aiormq_writes.persistent_properties,
+                    content_type=CONTENT_TYPE,
+                    reply_to=self._reply_queue.name if wait else None,
+                    correlation_id=correlation_id,
+                ),
+                backoff=PUBLISH_BACKOFF,
+                on_broker_down=_publish_interrupted,
+            )
+            return await asyncio.wait_for(future, timeout) if wait else None
+        except aiormq.exceptions.PublishError:
+            raise DependencyUnavailable(f"queue {self.topology.feedback!r} is gone: is the pipeline running?") from None
+        except TimeoutError:
+            raise DeadlineExceeded(f"no feedback receipt within {timeout:.0f}s") from None
+        finally:
+            self._receipts.pop(correlation_id, None)
 
     async def complete(self, job: JobLike, *, timeout: float = 120.0) -> JobResult:
         """Publish one job and wait for its result (DeadlineExceeded after ``timeout`` seconds)."""

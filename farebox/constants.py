@@ -54,6 +54,11 @@ class Topology:
     def account(self) -> str:
         return f"{self.namespace}.account"
 
+    @property
+    def feedback(self) -> str:
+        """Quality feedback on finished jobs, from any producer (schemas/feedback.py)."""
+        return f"{self.namespace}.feedback"
+
     def is_batched(self, queue: str) -> bool:
         """The internal hops whose messages may carry several jobs (farebox/stages/batching.py)."""
         return queue in (self.route, self.account) or queue.startswith(f"{self.namespace}.execute.")
@@ -110,6 +115,37 @@ class RedisKeys:
     @property
     def ledger_days(self) -> str:
         return f"{self.prefix}ledger:days"
+
+    def ledger_arms(self, day: str) -> str:
+        """Hash of one UTC day's jobs in experiments; fields ``experiment|arm|metric`` (metrics: jobs, cost_nusd,
+        baseline_nusd, errors, cache_hits, shadow_nusd: what shadow grading of the arm's jobs spent)."""
+        return f"{self.prefix}ledger:arms:{day}"
+
+    def arm(self, job_id: str) -> str:
+        """The experiment arm a job was put in, so a policy reload never moves it (farebox/stages/arms.py)."""
+        return f"{self.prefix}arm:{job_id}"
+
+    def feedback(self, job_id: str) -> str:
+        """Hash of a job's feedback: source -> JSON {score, label, ts}; one per source, the latest wins."""
+        return f"{self.prefix}feedback:{job_id}"
+
+    def feedback_arms(self, day: str) -> str:
+        """Hash of the feedback on one UTC day's jobs (the job's day) in experiments; fields
+        ``experiment|arm|source|n`` (integer), ``...|sum`` and ``...|sumsq`` of the scores (floats)."""
+        return f"{self.prefix}feedback:arms:{day}"
+
+    @property
+    def feedback_jobs(self) -> str:
+        """Sorted set of the job ids with feedback, scored by the time of their latest feedback."""
+        return f"{self.prefix}feedback:jobs"
+
+    def prompt(self, job_id: str) -> str:
+        """An experiment job's messages as sent (redacted), kept for ``farebox feedback export``."""
+        return f"{self.prefix}prompt:{job_id}"
+
+    def shadow_spend(self, experiment: str, period: str) -> str:
+        """Evaluation spend of an experiment's shadow grading in one period, in nano-dollars."""
+        return f"{self.prefix}shadow:{experiment}:{period}"
 
     def reservation(self, job_id: str) -> str:
         return f"{self.prefix}reservation:{job_id}"

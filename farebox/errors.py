@@ -115,6 +115,12 @@ class BudgetExceeded(BlockedError):
     code: ClassVar[str] = "budget_exceeded"
 
 
+class Forbidden(BlockedError):
+    """The sender may not act for that tenant (a tenant rating another's job, for one)."""
+
+    code: ClassVar[str] = "forbidden"
+
+
 # --- retryable -------------------------------------------------------------------------------
 class ProviderUnavailable(RetryableError):
     """5xx, timeout, connection error, malformed response."""
@@ -130,7 +136,9 @@ class DependencyUnavailable(RetryableError):
     """Redis or the broker cannot be reached right now."""
 
 
-ERROR_CODES = frozenset({"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"})
+ERROR_CODES = frozenset(
+    {"invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal", "forbidden"}
+)
 
 
 def describe_validation_error(err: ValidationError, limit: int = 5) -> str:

@@ -48,6 +48,17 @@ REDIS_PIPELINE = Histogram(
 )
 MESSAGES = Counter("farebox_messages_total", "Messages handled by a stage, by outcome", ["stage", "outcome"])
 REDIS_UP = Gauge("farebox_redis_available", "1 while this process can reach Redis", ["stage"])
+# Experiments and feedback: experiment and arm names come from the policy, sources from its feedback_sources.
+EXPERIMENT_JOBS = Counter("farebox_experiment_jobs_total", "Jobs routed by an experiment arm", ["experiment", "arm"])
+EXPERIMENT_COST = Counter(
+    "farebox_experiment_cost_usd_total", "USD charged for jobs routed by an experiment arm", ["experiment", "arm"]
+)
+FEEDBACK = Counter("farebox_feedback_total", "Feedback messages recorded", ["experiment", "arm", "source"])
+FEEDBACK_SCORE = Counter(
+    "farebox_feedback_score_total",
+    "Sum of recorded feedback scores (divide by farebox_feedback_total for the mean)",
+    ["experiment", "arm", "source"],
+)
 CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")
 
 

@@ -12,14 +12,18 @@ the broker were down.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika.abc
 import aiormq
 
 from farebox.errors import BROKER_DOWN_OR_TIMEOUT
 from farebox.patches import aiormq_writes
+
+# Publishes of one stream awaiting their broker confirms at once.
+PUBLISH_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,40 @@ async def publish_confirmed(
             on_broker_down(err)
         await asyncio.sleep(delay)
         delay = min(delay * 2, backoff.max_s)
+
+
+class PublishWindow:
+    """Up to ``size`` publishes awaiting their broker confirms at once: one at a time, a producer
+    could not publish faster than one confirm round trip per job. The first failure is kept in
+    ``failure`` and raised by the next ``start`` or by ``drain``."""
+
+    def __init__(self, size: int = PUBLISH_WINDOW) -> None:
+        self._room = asyncio.Semaphore(size)
+        self._pending: set[asyncio.Task[Any]] = set()
+        self.failure: BaseException | None = None
+
+    async def start(self, publish: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Wait for room, then start ``publish()`` without waiting for its confirm."""
+        await self._room.acquire()
+        if self.failure is not None:
+            self._room.release()
+            raise self.failure
+        task = asyncio.create_task(publish())
+        self._pending.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._room.release()
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+
+    async def drain(self) -> None:
+        """Wait for every confirm; raise the first failure."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        if self.failure is not None:
+            raise self.failure
+
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()

@@ -1,8 +1,9 @@
 """Pydantic message models: the wire job and result (CONTRACT.md) and the internal envelope."""
 
 from farebox.schemas.envelope import BudgetHold, Envelope, Outcome, RouteDecision
+from farebox.schemas.feedback import Feedback, FeedbackReceipt
 from farebox.schemas.job import CacheOptions, ChatMessage, Job
-from farebox.schemas.result import ErrorInfo, JobResult, RouteInfo, Usage
+from farebox.schemas.result import ErrorInfo, JobResult, RouteInfo, StrategyRef, Usage
 
 __all__ = [
     "BudgetHold",
@@ -10,10 +11,13 @@ __all__ = [
     "ChatMessage",
     "Envelope",
     "ErrorInfo",
+    "Feedback",
+    "FeedbackReceipt",
     "Job",
     "JobResult",
     "Outcome",
     "RouteDecision",
     "RouteInfo",
+    "StrategyRef",
     "Usage",
 ]

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from farebox.schemas.job import Job
-from farebox.schemas.result import CacheStatus, ErrorInfo, Usage
+from farebox.schemas.result import CacheStatus, ErrorInfo, StrategyRef, Usage
 
 
 class RouteDecision(BaseModel):
@@ -24,6 +24,7 @@ class RouteDecision(BaseModel):
     estimated_cost_usd: float = 0.0
     reserved_usd: float = 0.0  # budget reservation the account stage settles
     redacted: bool = False
+    strategy: StrategyRef | None = None  # the experiment arm that routed the job, if any
 
     @property
     def target(self) -> str:

@@ -43,6 +43,8 @@ class Job(BaseModel):
     quality: Quality = "medium"
     model: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.:@/-]+$", max_length=200)
     user_tier: str | None = Field(None, max_length=64)
+    # Who the job is for (a user id, a session): experiments keep one subject in one arm. Never logged.
+    subject: str | None = Field(None, min_length=1, max_length=200)
     max_tokens: int = Field(256, ge=1, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     cache: CacheOptions = CacheOptions()

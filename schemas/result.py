@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ErrorCode = Literal["invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal"]
+ErrorCode = Literal[
+    "invalid_request", "blocked", "budget_exceeded", "provider_error", "timeout", "internal", "forbidden"
+]
 CacheStatus = Literal["miss", "hit", "coalesced"]
 
 
@@ -18,12 +20,22 @@ class Usage(BaseModel):
     cached_input_tokens: int = Field(0, ge=0)
 
 
+class StrategyRef(BaseModel):
+    """The experiment and arm (farebox/routing/experiments.py) whose routing strategy routed a job."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experiment: str
+    arm: str
+
+
 class RouteInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     reason: str
     candidates: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()  # provider/model tried first and given up on, in order
+    strategy: StrategyRef | None = None  # set when an experiment of the policy covered the job
 
 
 class ErrorInfo(BaseModel):

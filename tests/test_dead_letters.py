@@ -10,9 +10,9 @@ import aio_pika
 import pytest
 from redis.asyncio import Redis
 
-from farebox.client import PUBLISH_WINDOW
 from farebox.constants import H_CODE, H_REASON
 from farebox.errors import DependencyUnavailable
+from farebox.publishing import PUBLISH_WINDOW
 from farebox.settings import Settings
 from tests.support.faults import crash_route_on_poison
 from tests.support.pipeline import InProcessPipeline, collect, get_message, ledger_entries

@@ -19,8 +19,9 @@ from farebox.cli.catalog import add_commands
 from farebox.routing.catalog import CatalogError, parse_catalog
 from farebox.routing.choose import choose_route, downgrade_route
 from farebox.routing.learned import FORMAT, VERSION, LearnedRouter, load_router, prompt_text, router_from_document
-from farebox.routing.policy import RouterRule, load_policy, parse_policy
+from farebox.routing.policy import load_policy, parse_policy
 from farebox.routing.store import CatalogStore, load_pair
+from farebox.routing.strategies import RouterRule
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.tokens import count_messages

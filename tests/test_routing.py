@@ -363,7 +363,8 @@ def test_baseline_cost() -> None:
 
 # --- the bundled data, end to end ---------------------------------------------------------------
 def bundled() -> tuple[Catalog, Policy]:
-    from farebox.routing.policy import RouterRule, load_policy
+    from farebox.routing.policy import load_policy
+    from farebox.routing.strategies import RouterRule
 
     # Pinned to the rules router (quality low/medium/high needs that tier): tests/test_route_learned.py routes
     # the bundled data with the learned router the bundled policy names.

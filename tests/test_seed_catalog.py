@@ -14,8 +14,9 @@ from farebox.cli.catalog import add_commands
 from farebox.routing.catalog import load_catalog
 from farebox.routing.choose import choose_route
 from farebox.routing.estimate import estimate_lines
-from farebox.routing.policy import RouterRule, load_policy, tier_of
+from farebox.routing.policy import load_policy, tier_of
 from farebox.routing.store import CatalogStore
+from farebox.routing.strategies import RouterRule
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR, Settings
 

@@ -12,7 +12,8 @@ import pytest
 from farebox.routing.catalog import CatalogError, parse_catalog
 from farebox.routing.choose import choose_route
 from farebox.routing.litellm_prices import import_litellm
-from farebox.routing.policy import RouterRule, checked_policy, load_policy
+from farebox.routing.policy import checked_policy, load_policy
+from farebox.routing.strategies import RouterRule
 from farebox.routing.tier_rules import apply_tier_rules, load_tier_rules, parse_tier_rules
 from farebox.schemas import Job
 from farebox.settings import CATALOG_DIR

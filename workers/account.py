@@ -10,6 +10,7 @@ result is published first and the ledger write is retried until Redis returns, b
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,13 +20,14 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.errors import REDIS_DOWN, FareboxError
+from farebox.routing.policy import Policy
 from farebox.routing.store import CatalogStore
 from farebox.schemas import BudgetHold, Envelope, JobResult
 from farebox.settings import Settings
 from farebox.stages.budgets import BudgetAlerts
 from farebox.stages.cache_keys import prompt_hash
 from farebox.stages.decode import envelope_from_internal
-from farebox.stages.ledger import CacheFill, Ledger, Recorded
+from farebox.stages.ledger import CacheFill, KeptPrompt, Ledger, Recorded
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.results import build_result
 from farebox.stages.stage import Delivery, Handled, Publish
@@ -56,7 +58,12 @@ def observe(result: JobResult) -> None:
             metrics.child(metrics.TOKENS_IN, model).inc(result.usage.input_tokens)
             metrics.child(metrics.TOKENS_OUT, model).inc(result.usage.output_tokens)
         metrics.SAVINGS.inc(max(0.0, result.baseline_cost_usd - result.cost_usd))
-    else:
+    # Labels from the policy: the arm was one of its experiments' when the job was routed.
+    strategy = result.route.strategy if result.route else None
+    if strategy is not None:
+        metrics.child(metrics.EXPERIMENT_JOBS, strategy.experiment, strategy.arm).inc()
+        metrics.child(metrics.EXPERIMENT_COST, strategy.experiment, strategy.arm).inc(result.cost_usd)
+    if result.status != "ok":
         metrics.ERRORS.labels("account", result.error.code if result.error else "internal").inc()
 
 
@@ -113,6 +120,7 @@ class AccountStage:
                 correlation_id=env.correlation_id,
                 budgets=env.budgets,
                 reserved_usd=env.route.reserved_usd if env.route else 0.0,
+                prompt=kept_prompt(env, policy),
             )
         )
 
@@ -123,6 +131,20 @@ class AccountStage:
         if ttl <= 0:
             return None
         return CacheFill(env.cache_key, env.outcome.model_dump_json(), ttl)
+
+
+def kept_prompt(env: Envelope, policy: Policy) -> KeptPrompt | None:
+    """An experiment job's messages as sent (redacted when the policy redacts), for `farebox feedback export`,
+    kept as long as its experiment says (7 days when the experiment has since left the policy)."""
+    strategy = env.route.strategy if env.route else None
+    if strategy is None:
+        return None
+    experiment = next((e for e in policy.experiments if e.name == strategy.experiment), None)
+    ttl = experiment.keep_prompts_s if experiment is not None else 7 * 86_400
+    if ttl <= 0:
+        return None
+    messages = [{"role": m.role, "content": m.content} for m in env.job.chat]
+    return KeptPrompt(json.dumps(messages, ensure_ascii=False, separators=(",", ":")), ttl)
 
 
 @dataclass(frozen=True)
@@ -136,6 +158,7 @@ class Recording:
     correlation_id: str | None = None
     budgets: tuple[BudgetHold, ...] = ()
     reserved_usd: float = 0.0
+    prompt: KeptPrompt | None = None
 
 
 class Recorder:
@@ -186,4 +209,5 @@ class Recorder:
             budgets=rec.budgets,
             reserved_usd=rec.reserved_usd,
             result_json=result_json,
+            prompt=rec.prompt,
         )

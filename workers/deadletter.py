@@ -16,11 +16,12 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from farebox.constants import H_CODE, H_REASON, as_text
+from farebox.constants import H_CODE, H_REASON, H_STAGE, as_text
 from farebox.errors import ERROR_CODES, FareboxError
-from farebox.schemas import BudgetHold, Envelope, ErrorInfo, JobResult
+from farebox.schemas import BudgetHold, Envelope, ErrorInfo, FeedbackReceipt, JobResult
 from farebox.settings import Settings
 from farebox.stages.account import Recorder, Recording
+from farebox.stages.feedback import receipt_publish
 from farebox.stages.stage import Delivery, Handled
 
 
@@ -50,6 +51,40 @@ def _death_reason(headers: dict[str, Any]) -> str:
             )
         return f"dead-lettered from {queue} ({reason})"
     return "dead-lettered"
+
+
+@dataclass(frozen=True)
+class DeadFeedback:
+    """A feedback message that was refused: no job, no ledger entry; its sender gets an error receipt."""
+
+    job_id: str
+    code: str
+    reason: str
+
+
+def dead_feedback(delivery: Delivery, feedback_queue: str) -> DeadFeedback | None:
+    """The feedback message ``delivery`` holds, when it was dead-lettered from the feedback queue."""
+    headers = dict(delivery.headers)
+    deaths = headers.get("x-death")
+    queue = deaths[0].get("queue") if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else None
+    if _header(headers.get(H_STAGE)) != "feedback" and _header(queue) != feedback_queue:
+        return None
+    job_id = None
+    try:
+        data = json.loads(delivery.body)
+        job_id = _text(data.get("job_id")) if isinstance(data, dict) else None
+    except (ValueError, RecursionError):
+        pass
+    code = _header(headers.get(H_CODE)) or "internal"
+    return DeadFeedback(
+        job_id=(job_id or "")[:200],
+        code=code if code in ERROR_CODES else "internal",
+        reason=_header(headers.get(H_REASON)) or _death_reason(headers),
+    )
+
+
+def _header(value: object) -> str | None:
+    return as_text(value) if isinstance(value, (bytes, str)) else None
 
 
 def _text(value: object) -> str | None:
@@ -116,13 +151,16 @@ class DeadLetterStage:
     def input_queues(self) -> Sequence[str]:
         return (self.settings.topology.dead_notify,)
 
-    def decode(self, delivery: Delivery) -> DeadLetter:
-        return read_dead_letter(delivery)
+    def decode(self, delivery: Delivery) -> DeadLetter | DeadFeedback:
+        return dead_feedback(delivery, self.settings.topology.feedback) or read_dead_letter(delivery)
 
     def fail(self, item: object, err: FareboxError) -> Handled:
         return Handled([])
 
-    async def handle(self, item: DeadLetter, delivery: Delivery) -> Handled:
+    async def handle(self, item: DeadLetter | DeadFeedback, delivery: Delivery) -> Handled:
+        if isinstance(item, DeadFeedback):
+            error = ErrorInfo(code=item.code, message=item.reason)
+            return Handled(receipt_publish(FeedbackReceipt(job_id=item.job_id, status="error", error=error), delivery))
         result = JobResult(
             job_id=item.job_id,
             tenant=item.tenant,

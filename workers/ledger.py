@@ -22,7 +22,17 @@ from farebox.stages.lua import Layout, NamedScript, Scalar
 STREAM_MAXLEN = 1_000_000
 
 _RECORD_LAYOUT = Layout(
-    keys=("result_key", "entry_key", "day_key", "days_key", "stream_key", "cache_key", "lease_key"),
+    keys=(
+        "result_key",
+        "entry_key",
+        "day_key",
+        "days_key",
+        "stream_key",
+        "cache_key",
+        "lease_key",
+        "arms_key",  # the day's experiment aggregates (farebox/strategy_report.py reads them)
+        "prompt_key",
+    ),
     key_tail="budget_keys",  # the budgets this job reserved against
     args=(
         "result_json",
@@ -41,6 +51,9 @@ _RECORD_LAYOUT = Layout(
         "lease_owner",  # the job id when the job holds its coalescing lease, else ''
         "stream_maxlen",
         "reserved_nusd",
+        "arm_prefix",  # "experiment|arm|" when an experiment arm routed the job, else ''
+        "prompt_json",  # the messages as sent, kept for `farebox feedback export`; '' when not kept
+        "prompt_ttl_s",
     ),
 )
 _RECORD = """
@@ -63,6 +76,17 @@ if not existing then
     redis.call('HINCRBY', day_key, p .. 'errors', is_error)
     redis.call('SADD', days_key, day)
     redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*', 'entry', entry_json)
+    if arm_prefix ~= '' then
+      local a = arm_prefix
+      redis.call('HINCRBY', arms_key, a .. 'jobs', 1)
+      redis.call('HINCRBY', arms_key, a .. 'cost_nusd', cost_nusd)
+      redis.call('HINCRBY', arms_key, a .. 'baseline_nusd', baseline_nusd)
+      redis.call('HINCRBY', arms_key, a .. 'cache_hits', cache_hit)
+      redis.call('HINCRBY', arms_key, a .. 'errors', is_error)
+    end
+    if prompt_json ~= '' then
+      redis.call('SET', prompt_key, prompt_json, 'EX', prompt_ttl_s)
+    end
   end
   redis.call('SET', result_key, result_json, 'EX', result_ttl_s)
   if cache_value ~= '' then
@@ -83,6 +107,14 @@ class Recorded:
 
 
 @dataclass(frozen=True)
+class KeptPrompt:
+    """An experiment job's messages as sent, kept ``ttl_s`` for ``farebox feedback export``."""
+
+    messages_json: str
+    ttl_s: int
+
+
+@dataclass(frozen=True)
 class CacheFill:
     key: str
     value: str
@@ -98,8 +130,11 @@ def nano(usd: float) -> int:
 
 
 def entry_json(result: JobResult, *, ts: float) -> str:
+    strategy = result.route.strategy if result.route else None
+    arm = {"experiment": strategy.experiment, "arm": strategy.arm} if strategy else {}
     return json.dumps(
         {
+            **arm,
             "job_id": result.job_id,
             "tenant": result.tenant or "default",
             "provider": result.provider or "",
@@ -135,6 +170,7 @@ class Ledger:
         budgets: Sequence[BudgetHold] = (),
         reserved_usd: float = 0.0,
         result_json: str | None = None,
+        prompt: KeptPrompt | None = None,
     ) -> Recorded:
         """Record the job once. ``existing`` is the previously stored result when the job was
         already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
@@ -150,7 +186,10 @@ class Ledger:
             "stream_key": self.keys.ledger_stream,
             "cache_key": self.keys.cache(cache.key) if cache else self.keys.cache("-"),
             "lease_key": self.keys.inflight(lease_key) if lease_key else self.keys.inflight("-"),
+            "arms_key": self.keys.ledger_arms(day),
+            "prompt_key": self.keys.prompt(result.job_id),
         }
+        strategy = result.route.strategy if result.route else None
         args: dict[str, Scalar] = {
             "result_json": result_json or result.model_dump_json(),
             "result_ttl_s": self.result_ttl_s,
@@ -168,6 +207,9 @@ class Ledger:
             "lease_owner": result.job_id if lease_key else "",
             "stream_maxlen": STREAM_MAXLEN,
             "reserved_nusd": nano(reserved_usd),
+            "arm_prefix": f"{strategy.experiment}|{strategy.arm}|" if strategy else "",
+            "prompt_json": prompt.messages_json if prompt else "",
+            "prompt_ttl_s": prompt.ttl_s if prompt else 0,
         }
         reply = await self._script(keys=keys, args=args, key_tail=[hold.key for hold in budgets])
         existing = reply[0] if reply else None

@@ -27,6 +27,7 @@ from farebox.stages.cache_keys import CacheRules, rules_from_policy
 from farebox.stages.deadletter import DeadLetterStage
 from farebox.stages.dedup import DedupStage
 from farebox.stages.execute import ExecuteStage
+from farebox.stages.feedback import FeedbackStage
 from farebox.stages.route import RouteStage
 from farebox.stages.runtime import Worker
 from farebox.stages.stage import StageCore
@@ -66,7 +67,7 @@ async def run_stage(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run one stage (``account`` also answers dead letters) until ``stop`` is set."""
+    """Run one stage (``account`` also answers dead letters and records feedback) until ``stop`` is set."""
     stop = stop or asyncio.Event()
     store = CatalogStore(settings.catalog, settings.policy)
     catalog, _ = store.current()
@@ -92,7 +93,11 @@ async def run_stage(
         )
         cores = [ExecuteStage(settings, provider, calls, redis)]
     elif stage == "account":
-        cores = [AccountStage(settings, store, redis), DeadLetterStage(settings, redis)]
+        cores = [
+            AccountStage(settings, store, redis),
+            DeadLetterStage(settings, redis),
+            FeedbackStage(settings, store, redis),
+        ]
     else:
         raise SystemExit(f"unknown stage {stage!r}; one of dedup, route, execute, account")
     workers = [Worker(settings, core, providers) for core in cores]

@@ -11,7 +11,12 @@ from farebox.schemas import Envelope, ErrorInfo, JobResult, RouteInfo, Usage
 def build_result(env: Envelope, catalog: Catalog, policy: Policy, *, now: float) -> JobResult:
     route = None
     if env.route is not None:
-        route = RouteInfo(reason=env.route.reason, candidates=env.route.candidates, fallbacks=env.fallbacks)
+        route = RouteInfo(
+            reason=env.route.reason,
+            candidates=env.route.candidates,
+            fallbacks=env.fallbacks,
+            strategy=env.route.strategy,
+        )
     common = {
         "job_id": env.job_id,
         "tenant": env.job.tenant,

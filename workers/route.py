@@ -12,10 +12,14 @@ from redis.asyncio import Redis
 
 from farebox.errors import REDIS_DOWN, BudgetExceeded, FareboxError
 from farebox.routing.choose import Routed, choose_route, downgrade_route
-from farebox.routing.policy import Budget
-from farebox.routing.store import CatalogStore
-from farebox.schemas import BudgetHold, Envelope
+from farebox.routing.experiments import Assignment, assign
+from farebox.routing.learned import LearnedRouter
+from farebox.routing.policy import Budget, Policy
+from farebox.routing.store import CatalogStore, Routing
+from farebox.routing.tasks import infer_task
+from farebox.schemas import BudgetHold, Envelope, Job, StrategyRef
 from farebox.settings import Settings
+from farebox.stages.arms import ArmPins
 from farebox.stages.budgets import BudgetAlerts, BudgetBook, holds_for
 from farebox.stages.circuits import Circuits
 from farebox.stages.decode import envelope_from_internal
@@ -37,6 +41,7 @@ class RouteStage(EnvelopeStage):
         self.health = Circuits(redis, settings.keys, clock=clock)
         self.book = BudgetBook(redis, settings.keys)
         self.alerts = BudgetAlerts(redis, settings)
+        self.pins = ArmPins(redis, settings.keys, ttl_s=settings.result_ttl_s)
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.route,)
@@ -45,18 +50,24 @@ class RouteStage(EnvelopeStage):
         return envelope_from_internal(delivery)
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
-        catalog, policy, router = self.store.current_unit()
+        routing = self.store.current_routing()
+        catalog, policy = routing.catalog, routing.policy
         job = env.job
         input_tokens = count_messages((m.role, m.content) for m in job.chat)
         # Circuits open per provider/model, and per provider when all its models fail.
         unhealthy = await self.health.unhealthy([*catalog.providers(), *catalog.models])
-        routed = choose_route(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router)
+        arm_job, arm_policy, router, arm = await self._arm(env, routing)
+        routed = choose_route(
+            arm_job, catalog, arm_policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router
+        )
         holds = holds_for(policy, self.settings.keys, job.tenant, job.user_tier, self.clock())
         update: dict[str, object] = {}
         alerts: list[Publish] = []
         if holds:
             routed, held, alerts = await self._reserve(env, routed, holds)
             update["budgets"] = held
+        if arm is not None:  # after the reservation: a budget downgrade stays in the arm
+            routed = with_strategy(routed, arm)
         update["route"] = routed.decision
         if routed.messages != job.chat:
             # Redacted before it leaves us: the provider only ever sees the redacted text. The count
@@ -66,6 +77,22 @@ class RouteStage(EnvelopeStage):
             update["prompt_tokens"] = input_tokens
         decided = env.model_copy(update=update)
         return Handled([envelope_publish(decided, self.topo.execute(routed.decision.provider)), *alerts])
+
+    async def _arm(
+        self, env: Envelope, routing: Routing
+    ) -> tuple[Job, Policy, LearnedRouter | None, Assignment | None]:
+        """The job, policy and router to route with: those of the job's experiment arm, if one covers it."""
+        job, policy = env.job, routing.policy
+        if not policy.experiments or job.model is not None:
+            return job, policy, routing.router, None
+        drawn = assign(policy.experiments, env.job_id, job, infer_task(job))
+        if drawn is None:
+            return job, policy, routing.router, None
+        arm = await self.pins.pin(env.job_id, drawn, policy.experiments)
+        plan = routing.arms[arm.experiment, arm.arm]
+        if plan.model is not None:  # a fixed-model arm routes the job as if it were pinned
+            job = job.model_copy(update={"model": plan.model})
+        return job, plan.policy, plan.router, arm
 
     async def _reserve(
         self, env: Envelope, routed: Routed, holds: list[tuple[Budget, BudgetHold]]
@@ -106,3 +133,13 @@ class BudgetRefusal(BudgetExceeded):
     def __init__(self, alerts: list[Publish], message: str) -> None:
         super().__init__(message)
         self.alerts = alerts
+
+
+def with_strategy(routed: Routed, arm: Assignment) -> Routed:
+    """The decision marked with its experiment arm, the reason saying how the job came to be in it."""
+    decision = routed.decision
+    head = f"experiment {arm.experiment} arm {arm.arm} ({arm.sticky} hash {arm.draw:.4f})"
+    marked = decision.model_copy(
+        update={"strategy": StrategyRef(experiment=arm.experiment, arm=arm.arm), "reason": f"{head}; {decision.reason}"}
+    )
+    return replace(routed, decision=marked)

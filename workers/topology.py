@@ -44,6 +44,7 @@ def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[s
         topo.intake: stage_queue_arguments(settings, max_length=settings.intake_max_length),
         topo.route: stage_queue_arguments(settings, max_length=settings.stage_max_length),
         topo.account: stage_queue_arguments(settings, max_length=settings.stage_max_length),
+        topo.feedback: stage_queue_arguments(settings, max_length=settings.stage_max_length),
         # Dead-letter targets must never refuse a message, so they have no max length.
         topo.recheck: stage_queue_arguments(settings, max_length=None),
         topo.dead: {"x-queue-type": "quorum"},

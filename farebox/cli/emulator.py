@@ -10,6 +10,7 @@ import uvloop
 
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import serve_until_signalled
+from farebox.errors import InvalidRequest
 
 _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--port", "port", int, "port to listen on (FAREBOX_EMULATOR_PORT, default 8099)"),
@@ -22,6 +23,12 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--truncated-rate", "truncated_rate", float, "share answered 200 with JSON cut in half"),
     ("--faulty", "faulty", str, "comma list of providers the fault rates apply to (default all)"),
     ("--seed", "seed", int, "seed for fault and latency draws (reproducible runs)"),
+    (
+        "--outcomes",
+        "outcomes",
+        str,
+        "JSONL of labelled prompts answered right or wrong per provider/model (FAREBOX_EMULATOR_OUTCOMES)",
+    ),
 )
 
 
@@ -56,6 +63,9 @@ def run_command(args: argparse.Namespace, settings: object) -> int:
         # uvloop, and httptools (which uvicorn picks when installed), halve the emulator's CPU per
         # request; it shares the cores with the pipeline in every benchmark.
         uvloop.run(serve_until_signalled(knobs))
+    except InvalidRequest as exc:  # a bad --outcomes file, found before the port is opened
+        print(f"farebox emulator: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"farebox emulator: cannot listen on {knobs.host}:{knobs.port}: {exc}", file=sys.stderr)
         return 1

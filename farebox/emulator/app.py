@@ -21,9 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from farebox.emulator.knobs import EmulatorKnobs
-from farebox.emulator.text import fake_answer
-from farebox.emulator.wire import STATUS, AnthropicWire, BadRequest, ErrorKind, GeminiWire, OpenAIWire, Wire
-from farebox.tokens import count_messages
+from farebox.emulator.outcomes import Outcome, OutcomeBook, load_outcomes
+from farebox.emulator.text import Answer, fake_answer
+from farebox.emulator.wire import (
+    STATUS,
+    AnthropicWire,
+    BadRequest,
+    ErrorKind,
+    GeminiWire,
+    OpenAIWire,
+    Prompt,
+    Wire,
+)
+from farebox.tokens import count_messages, count_text
 
 Fault = Literal["fail", "rate_limit", "timeout", "malformed", "truncated"]
 FAULT_ORDER: tuple[Fault, ...] = ("fail", "rate_limit", "timeout", "malformed", "truncated")
@@ -44,13 +54,17 @@ class EmulatorState:
     peak_in_flight: int = 0  # the most requests open at once: what a client's I/O concurrency reached
     # Set on shutdown so hung "timeout" requests give up and the server can stop promptly.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome_counts: Counter[str] = field(default_factory=Counter)  # right / wrong / unmatched
     fault_rng: random.Random = field(init=False)
     latency_rng: random.Random = field(init=False)
+    outcomes: OutcomeBook | None = field(init=False)
 
     def __post_init__(self) -> None:
         # Two streams, so turning latency on does not change which requests fail.
         self.fault_rng = random.Random(self.knobs.seed)
         self.latency_rng = random.Random(None if self.knobs.seed is None else self.knobs.seed + 1)
+        # Read at startup, so a bad file stops the emulator before it listens (InvalidRequest).
+        self.outcomes = load_outcomes(self.knobs.outcomes) if self.knobs.outcomes else None
 
     def draw_fault(self, provider: str) -> Fault | None:
         knobs = self.knobs
@@ -128,14 +142,28 @@ async def _answer(state: EmulatorState, raw: bytes, wire: Wire, provider: str, p
             pass
         return _error(wire, "unavailable", "emulator shutting down")
 
-    answer = fake_answer(prompt.model, prompt.pairs, prompt.max_tokens)
+    answer, outcome = _choose_answer(state, provider, prompt)
     payload = wire.render(prompt, answer, count_messages(prompt.pairs))
     if fault == "malformed":
         return Reply(200, b"<html>emulated proxy hiccup</html>")
     reply = json_reply(payload)
     if fault == "truncated":
         return Reply(200, reply.body[: len(reply.body) // 2])
+    if outcome is not None:  # counted only for answers that arrive whole
+        state.outcome_counts[outcome] += 1
     return reply
+
+
+def _choose_answer(state: EmulatorState, provider: str, prompt: Prompt) -> tuple[Answer, Outcome | None]:
+    """The answer, and how it counts when the outcomes knob is set: the recorded label (or a wrong
+    answer) for a labelled prompt, else the usual fake answer."""
+    if state.outcomes is None:
+        return fake_answer(prompt.model, prompt.pairs, prompt.max_tokens), None
+    text, outcome = state.outcomes.answer(provider, prompt.model, prompt.pairs)
+    if text is None:
+        return fake_answer(prompt.model, prompt.pairs, prompt.max_tokens), outcome
+    # The exact text, even past max_tokens: a cut label would grade as wrong.
+    return Answer(text=text, tokens=count_text(text), hit_limit=False), outcome
 
 
 async def _provider_call(
@@ -160,19 +188,21 @@ async def _gemini(state: EmulatorState, raw: bytes, provider: str, target: str) 
 
 
 def _stats(state: EmulatorState) -> Reply:
-    return json_reply(
-        {
-            "requests": dict(state.requests),
-            "faults": dict(state.faults),
-            "in_flight": state.in_flight,
-            "peak_in_flight": state.peak_in_flight,
-        }
-    )
+    payload: dict[str, Any] = {
+        "requests": dict(state.requests),
+        "faults": dict(state.faults),
+        "in_flight": state.in_flight,
+        "peak_in_flight": state.peak_in_flight,
+    }
+    if state.outcomes is not None:
+        payload["outcomes"] = {kind: state.outcome_counts[kind] for kind in ("right", "wrong", "unmatched")}
+    return json_reply(payload)
 
 
 def _reset(state: EmulatorState) -> Reply:
     state.requests.clear()
     state.faults.clear()
+    state.outcome_counts.clear()
     state.peak_in_flight = state.in_flight
     return json_reply({"requests": {}, "faults": {}})
 

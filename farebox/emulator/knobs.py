@@ -18,6 +18,7 @@ class EmulatorKnobs(BaseSettings):
     malformed_rate: float = Field(0.0, ge=0.0, le=1.0)
     truncated_rate: float = Field(0.0, ge=0.0, le=1.0)
     faulty: str = ""
+    outcomes: str = ""  # JSONL of labelled prompts answered right or wrong per model (emulator/outcomes.py)
     seed: int | None = None
     retry_after_s: float = Field(1.0, ge=0.0)
     # How long a "timeout" request hangs: far beyond any sane client timeout, yet finite so a

@@ -105,6 +105,8 @@ async def serve_until_signalled(knobs: EmulatorKnobs) -> None:
         faults = ""
         if knobs.fault_total:
             faults = f", faults {knobs.fault_total:.0%} on {knobs.faulty or 'all providers'}"
+        if knobs.outcomes:
+            faults += f", outcomes from {knobs.outcomes}"
         print(
             f"farebox emulator listening on {url} (latency {knobs.latency_ms:g} ms{faults})",
             file=sys.stderr,

@@ -11,7 +11,7 @@ import fnmatch
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from farebox.routing.catalog import (
     TIER_RANK,
@@ -23,28 +23,22 @@ from farebox.routing.catalog import (
     read_json_file,
     validation_failure,
 )
+from farebox.routing.experiments import Experiment, check_experiments
 from farebox.routing.learned import BUILTIN, LearnedRouter, load_router
+from farebox.routing.strategies import RouterRule, Strict
 from farebox.schemas import Job
-from farebox.schemas.job import Quality
-
-QUALITIES: tuple[Quality, ...] = ("low", "medium", "high")
 
 PiiAction = Literal["block", "route", "redact", "allow"]
 PiiKind = Literal["email", "phone", "card", "ssn", "iban", "secret"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "ssn", "iban", "secret")
 
 
-class _Strict(BaseModel):
-    # Frozen and closed: a typo in the policy file ("min_teir") is an error, never a silent default.
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TaskRule(_Strict):
+class TaskRule(Strict):
     min_tier: Tier | None = None  # the task needs at least this, whatever the job asks
     default_tier: Tier | None = None  # used instead of the job's default when the job gives no quality
 
 
-class AccessRule(_Strict):
+class AccessRule(Strict):
     """Tier bounds, model allow/deny lists (fnmatch patterns over "provider/model") and a PII override,
     for a user tier or a tenant."""
 
@@ -66,18 +60,18 @@ class AccessRule(_Strict):
         return self.allow is None or any(fnmatch.fnmatchcase(target, p) for p in self.allow)
 
 
-class PiiPolicy(_Strict):
+class PiiPolicy(Strict):
     action: PiiAction = "redact"
     kinds: tuple[PiiKind, ...] = PII_KINDS  # which findings count; others are ignored
 
 
-class CachePolicy(_Strict):
+class CachePolicy(Strict):
     enabled: bool = True
     # Only deterministic requests are worth caching: by default temperature must be 0.
     max_temperature: float = Field(0.0, ge=0.0, le=2.0)
 
 
-class Budget(_Strict):
+class Budget(Strict):
     tenant: str = Field(min_length=1)  # "*": every tenant, each with its own budget
     user_tier: str | None = None
     period: Literal["day", "month"]
@@ -93,48 +87,7 @@ class Budget(_Strict):
         return tuple(sorted(set(v)))
 
 
-class RouterRule(_Strict):
-    """Which router sets the tier a job's quality needs. ``rules`` (the default): quality low/medium/high needs
-    that tier. ``learned``: a router file scores the prompt; quality names a level (the share of premium
-    quality to keep), whose threshold sends the job to ``premium_tier`` at or above it, else ``economy_tier``.
-    ``path`` is relative to the policy file's folder unless absolute or "builtin" (the file shipped)."""
-
-    kind: Literal["rules", "learned"] = "rules"
-    path: str | None = Field(None, min_length=1)
-    levels: dict[Quality, float] | None = None
-    premium_tier: Tier = "high"
-    economy_tier: Tier = "low"
-
-    @field_validator("levels")
-    @classmethod
-    def _levels(cls, v: dict[Quality, float] | None) -> dict[Quality, float] | None:
-        for quality, level in (v or {}).items():
-            if not 0 < level <= 1:
-                raise ValueError(f"level of quality {quality!r} is {level:g}: a share of premium quality in (0, 1]")
-        return v
-
-    @model_validator(mode="after")
-    def _kind(self) -> RouterRule:
-        if self.kind == "rules":
-            given = [f for f in ("path", "levels", "premium_tier", "economy_tier") if f in self.model_fields_set]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only for kind 'learned' (this router is kind 'rules')")
-            return self
-        if self.path is None:
-            raise ValueError("kind 'learned' needs 'path': a router file, or \"builtin\" for the one shipped")
-        missing = [q for q in QUALITIES if q not in (self.levels or {})]
-        if missing:
-            raise ValueError(f"kind 'learned' needs a level for every quality; missing: {', '.join(missing)}")
-        if TIER_RANK[self.economy_tier] >= TIER_RANK[self.premium_tier]:
-            raise ValueError(f"economy_tier {self.economy_tier!r} must be below premium_tier {self.premium_tier!r}")
-        return self
-
-    def level(self, quality: Quality) -> float:
-        assert self.levels is not None
-        return self.levels[quality]
-
-
-class Policy(_Strict):
+class Policy(Strict):
     baseline_model: str = "openai/gpt-4-turbo"
     default_model: str | None = None  # used when no model meets the job's requirements
     tiers: dict[str, Tier] = {}  # "provider/model" -> tier, for catalog entries without one
@@ -146,6 +99,9 @@ class Policy(_Strict):
     cache_sharing: tuple[tuple[str, ...], ...] = ()  # groups of tenants that may read each other's cache
     budgets: tuple[Budget, ...] = ()
     router: RouterRule = RouterRule()
+    experiments: tuple[Experiment, ...] = ()  # A/B tests of routing strategies (farebox/routing/experiments.py)
+    # Feedback sources that get a Prometheus label of their own; any other source is counted as "other".
+    feedback_sources: tuple[str, ...] = ("user", "user-thumbs", "grader", "shadow")
     # Models with the "reasoning" capability spend hidden tokens out of max_tokens; below this they may
     # return nothing at all, so the router does not pick them automatically.
     reasoning_min_max_tokens: int = Field(1024, ge=0)
@@ -209,10 +165,9 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(read_json_file(path, "policy"), str(path))
 
 
-def router_location(policy: Policy, policy_path: str | Path) -> str | Path | None:
-    """Where the policy's learned router file is: "builtin", a path (relative ones from the policy file's
-    folder), or None for the rules router."""
-    rule = policy.router
+def rule_location(rule: RouterRule, policy_path: str | Path) -> str | Path | None:
+    """Where a learned router rule's file is: "builtin", a path (relative ones from the policy file's folder),
+    or None for the rules router."""
     if rule.kind != "learned" or rule.path is None:
         return None
     if rule.path == BUILTIN:
@@ -221,16 +176,26 @@ def router_location(policy: Policy, policy_path: str | Path) -> str | Path | Non
     return path if path.is_absolute() else Path(policy_path).parent / path
 
 
-def load_policy_router(policy: Policy, policy_path: str | Path) -> LearnedRouter | None:
-    """The learned router the policy names (None for the rules router); CatalogError in one line that names
-    the policy file and the router file."""
-    where = router_location(policy, policy_path)
+def router_location(policy: Policy, policy_path: str | Path) -> str | Path | None:
+    """Where the policy's learned router file is (see ``rule_location``)."""
+    return rule_location(policy.router, policy_path)
+
+
+def load_rule_router(rule: RouterRule, policy_path: str | Path, field: str = "router") -> LearnedRouter | None:
+    """The learned router ``rule`` names (None for the rules router); CatalogError in one line that names the
+    policy file, the field and the router file."""
+    where = rule_location(rule, policy_path)
     if where is None:
         return None
     try:
         return load_router(where)
     except CatalogError as exc:
-        raise CatalogError(f"{policy_path}: field 'router.path': {exc}") from None
+        raise CatalogError(f"{policy_path}: field '{field}.path': {exc}") from None
+
+
+def load_policy_router(policy: Policy, policy_path: str | Path) -> LearnedRouter | None:
+    """The learned router the policy names (None for the rules router)."""
+    return load_rule_router(policy.router, policy_path)
 
 
 def _routable(catalog: Catalog, policy: Policy) -> list[tuple[int, ModelInfo]]:
@@ -320,6 +285,9 @@ def checked_policy(policy: Policy, catalog: Catalog, source: str = "policy") -> 
 
     Raises CatalogError when a tier the policy's jobs can need has no model to serve it. An absent baseline or
     default model is replaced by a fallback (see ``_fallback``), with a warning that names both."""
+    broken = check_experiments(policy.experiments, catalog)
+    if broken:
+        raise CatalogError(f"{source}: field 'experiments': {'; '.join(broken)}")
     problems, coverage_warnings = _coverage(policy, catalog)
     if problems:
         raise CatalogError(

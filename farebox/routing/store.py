@@ -16,12 +16,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from farebox.routing.catalog import Catalog, CatalogError, load_catalog
 from farebox.routing.learned import LearnedRouter
-from farebox.routing.policy import Policy, checked_policy, load_policy, load_policy_router, router_location
+from farebox.routing.policy import (
+    Policy,
+    checked_policy,
+    load_policy,
+    load_policy_router,
+    load_rule_router,
+    router_location,
+    rule_location,
+)
+from farebox.routing.strategies import FixedModel
 
 log = logging.getLogger("farebox.catalog")
 
@@ -29,6 +39,53 @@ log = logging.getLogger("farebox.catalog")
 _Stamp = tuple[int, int, int] | None
 _Stamps = tuple[_Stamp, _Stamp, _Stamp]  # catalog, policy, router file (None: rules or builtin router)
 Unit = tuple[Catalog, Policy, LearnedRouter | None]
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    """How an experiment arm routes: the policy with the arm's router in place of the policy's, that router
+    (None for rules), or a fixed model. Built once per load, so a job in an arm costs no more to route."""
+
+    policy: Policy
+    router: LearnedRouter | None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One consistent unit, as loaded together: catalog, policy, its learned router and the experiments' arms."""
+
+    catalog: Catalog
+    policy: Policy
+    router: LearnedRouter | None
+    arms: Mapping[tuple[str, str], ArmPlan] = field(default_factory=dict)  # (experiment, arm) -> plan
+
+    @property
+    def unit(self) -> Unit:
+        return self.catalog, self.policy, self.router
+
+
+def arm_plans(policy: Policy, policy_path: Path, router: LearnedRouter | None) -> dict[tuple[str, str], ArmPlan]:
+    """The plan of every arm of the policy's experiments; a router file is read once however many arms use it
+    (the policy's own router is reused). CatalogError names the arm whose router file cannot be read."""
+    loaded: dict[str, LearnedRouter | None] = {str(router_location(policy, policy_path)): router}
+    plans: dict[tuple[str, str], ArmPlan] = {}
+    for experiment in policy.experiments:
+        for arm in experiment.arms:
+            strategy = arm.strategy
+            if isinstance(strategy, FixedModel):
+                plans[experiment.name, arm.name] = ArmPlan(policy, router, strategy.model)  # pinned: never scored
+                continue
+            where = str(rule_location(strategy, policy_path))
+            if where not in loaded:
+                loaded[where] = load_rule_router(strategy, policy_path, f"experiments.{experiment.name}.{arm.name}")
+            plans[experiment.name, arm.name] = ArmPlan(policy.model_copy(update={"router": strategy}), loaded[where])
+    return plans
+
+
+def load_routing(catalog_path: Path, policy_path: Path) -> tuple[Routing, list[str]]:
+    catalog, policy, router, warnings = load_pair(catalog_path, policy_path)
+    return Routing(catalog, policy, router, arm_plans(policy, policy_path, router)), warnings
 
 
 def _stamp(path: Path | None) -> _Stamp:
@@ -79,9 +136,9 @@ class CatalogStore:
         # The first load must succeed: with nothing to fall back on, the caller has to see the error.
         self._watch: Path | None = None
         self._stamps = self._read_stamps()
-        catalog, policy, router, warnings = load_pair(*self._paths)
-        self._unit: Unit = (catalog, policy, router)
-        self._watched(router_file(policy, self._paths[1]))
+        routing, warnings = load_routing(*self._paths)
+        self._routing = routing
+        self._watched(router_file(routing.policy, self._paths[1]))
         self._warned: frozenset[str] = frozenset()
         self._log_warnings(warnings)
         self._next_check = clock() + check_interval_s
@@ -110,21 +167,25 @@ class CatalogStore:
 
     def current_unit(self) -> Unit:
         """(catalog, policy, learned router or None): one consistent unit, as loaded together."""
+        return self.current_routing().unit
+
+    def current_routing(self) -> Routing:
+        """The unit in force, with the experiments' arm plans."""
         if self._clock() < self._next_check:
-            return self._unit
+            return self._routing
         with self._lock:
             now = self._clock()
             if now >= self._next_check:
                 self._next_check = now + self._interval
                 self._maybe_reload()
-            return self._unit
+            return self._routing
 
     def _maybe_reload(self) -> None:
         stamps = self._read_stamps()
         if stamps == self._stamps or stamps == self._refused:
             return
         try:
-            catalog, policy, router, warnings = load_pair(*self._paths)
+            routing, warnings = load_routing(*self._paths)
         except CatalogError as exc:
             # Watch the router file the refused policy names: writing (or fixing) it is then seen as a change.
             watch = _named_router_file(self._paths[1])
@@ -135,12 +196,18 @@ class CatalogStore:
             self.last_error = str(exc)
             log.error("catalog reload refused, still serving the previous version: %s", exc)
             return
-        self._unit = (catalog, policy, router)
+        self._routing = routing
         self._log_warnings(warnings)
         self._stamps = stamps
-        self._watched(router_file(policy, self._paths[1]))
+        self._watched(router_file(routing.policy, self._paths[1]))
         self._refused = None
         self.last_error = None
         self.reloads += 1
-        routed_by = router.describe() if router is not None else "rules"
-        log.info("catalog reloaded: %d models from %s, policy %s, router %s", len(catalog), *self._paths, routed_by)
+        routed_by = routing.router.describe() if routing.router is not None else "rules"
+        log.info(
+            "catalog reloaded: %d models from %s, policy %s, router %s, %d experiment(s)",
+            len(routing.catalog),
+            *self._paths,
+            routed_by,
+            len(routing.policy.experiments),
+        )

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from farebox.routing.catalog import TIER_RANK, TIERS, Tier
 from farebox.routing.learned import LearnedRouter, prompt_text
-from farebox.routing.policy import AccessRule, Policy, RouterRule
+from farebox.routing.policy import AccessRule, Policy
+from farebox.routing.strategies import RouterRule
 from farebox.schemas import Job
 from farebox.schemas.job import Quality
 

@@ -1,0 +1,42 @@
+"""Which experiment arm a job is in, pinned in Redis so that a policy reload never moves a running job.
+
+The arm is drawn statelessly (farebox/routing/experiments.py): a redelivered job draws the same arm as long as
+the policy is unchanged. A reload that changes the weights would draw some jobs differently, so the first draw
+of a job is kept (``SET NX GET``, one round trip) for as long as its result is kept, and a redelivery after a
+reload takes the kept arm if the policy still has it. With Redis away the draw is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+
+from farebox.constants import RedisKeys, as_text
+from farebox.errors import REDIS_DOWN
+from farebox.routing.experiments import Assignment, Experiment
+
+log = logging.getLogger("farebox.route")
+
+
+class ArmPins:
+    def __init__(self, redis: Redis, keys: RedisKeys, *, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_s = ttl_s
+
+    async def pin(self, job_id: str, drawn: Assignment, experiments: tuple[Experiment, ...]) -> Assignment:
+        """The arm the job was first put in (when the policy still has it), else ``drawn``, now kept."""
+        value = f"{drawn.experiment}|{drawn.arm}"
+        try:
+            kept = await self.redis.set(self.keys.arm(job_id), value, nx=True, get=True, ex=self.ttl_s)
+        except REDIS_DOWN as err:
+            log.warning("route: arm of job %s not pinned, Redis away (%s)", job_id, type(err).__name__)
+            return drawn
+        if not isinstance(kept, (bytes, str)) or as_text(kept) == value:
+            return drawn  # nothing kept yet (None): the draw is now the job's arm
+        experiment, _, arm = as_text(kept).partition("|")
+        for e in experiments:
+            if e.name == experiment and e.arm(arm) is not None:
+                return Assignment(experiment, arm, drawn.draw, drawn.sticky)
+        return drawn  # the kept arm is gone from the policy: the job takes the arm it draws now
