@@ -59,6 +59,9 @@ FEEDBACK_SCORE = Counter(
     "Sum of recorded feedback scores (divide by farebox_feedback_total for the mean)",
     ["experiment", "arm", "source"],
 )
+SHADOW_CAPPED = Counter(
+    "farebox_shadow_capped_total", "Shadow gradings not made because the experiment's cap was reached", ["experiment"]
+)
 CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")
 
 

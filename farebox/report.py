@@ -18,7 +18,16 @@ from farebox.constants import NANO, RedisKeys, as_text
 from farebox.errors import InvalidRequest
 
 DIMENSIONS = ("tenant", "provider", "model", "day")
-METRICS = ("jobs", "cost_nusd", "baseline_nusd", "input_tokens", "output_tokens", "cache_hits", "errors")
+METRICS = (
+    "jobs",
+    "cost_nusd",
+    "baseline_nusd",
+    "input_tokens",
+    "output_tokens",
+    "cache_hits",
+    "errors",
+    "evaluation_nusd",  # the part of cost_nusd that was evaluation spend (shadow grading of experiments)
+)
 # Exactly the ledger's day keys: date.fromisoformat alone would also take "20261201" or "2026-W48-2".
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -50,7 +59,8 @@ async def load_rows(
             if tenant and t != tenant:
                 continue
             dims = {"tenant": t, "provider": p, "model": m, "day": day}
-            groups[tuple(dims[d] for d in by)][metric] += int(value)
+            agg = groups[tuple(dims[d] for d in by)]
+            agg[metric] = agg.get(metric, 0) + int(value)  # a metric of a newer release is carried, not a crash
     rows = []
     for key, agg in sorted(groups.items()):
         row: dict[str, Any] = dict(zip(by, key, strict=True))
@@ -63,6 +73,7 @@ async def load_rows(
             output_tokens=agg["output_tokens"],
             cache_hits=agg["cache_hits"],
             errors=agg["errors"],
+            evaluation_cost_usd=agg["evaluation_nusd"] / NANO,
             cache_hit_rate=round(agg["cache_hits"] / agg["jobs"], 4) if agg["jobs"] else 0.0,
         )
         rows.append(row)

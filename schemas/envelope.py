@@ -56,6 +56,26 @@ class Outcome(BaseModel):
     retries: int = 0
 
 
+class Evaluation(BaseModel):
+    """Marks an internal evaluation job (shadow grading, farebox/stages/shadow.py): its cost is evaluation spend
+    under the experiment's cap, it has no caller, and its answer is graded against the job it shadows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["shadow", "judge"]  # shadow: the reference model's answer; judge: the judge model's verdict
+    experiment: str
+    arm: str  # the arm of the job being graded
+    of_job_id: str  # the job being graded
+    answer: str  # that job's answer
+    answered_by: str  # provider/model that gave it
+    reference: str  # the reference model (provider/model)
+    reference_answer: str | None = None  # for a judge: what the reference answered
+    grader: Literal["exact", "judge"] = "exact"
+    judge_model: str | None = None
+    estimated_nusd: int = 0  # reserved against the experiment's shadow cap; settled with the actual cost
+    cap_key: str = ""  # the Redis key of that period's shadow spend
+
+
 class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -79,3 +99,4 @@ class Envelope(BaseModel):
     outcome: Outcome | None = None
     cache_status: CacheStatus = "miss"
     error: ErrorInfo | None = None
+    evaluation: Evaluation | None = None  # set on shadow-grading jobs only

@@ -23,6 +23,8 @@ class Feedback(BaseModel):
     score: Score  # in [0, 1], or "good" (1) / "bad" (0)
     label: str | None = Field(None, max_length=10_000)  # e.g. the correct answer
     source: str = Field("user", min_length=1, max_length=64, pattern=SOURCE_PATTERN)
+    # The provider/model whose answer the score compares with, when a grader scored agreement (shadow grading).
+    reference: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.:@/-]+$", max_length=200)
 
     @property
     def value(self) -> float:

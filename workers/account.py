@@ -13,8 +13,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from redis.asyncio import Redis
 
@@ -30,6 +31,7 @@ from farebox.stages.decode import envelope_from_internal
 from farebox.stages.ledger import CacheFill, KeptPrompt, Ledger, Recorded
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.results import build_result
+from farebox.stages.shadow import Shadowing
 from farebox.stages.stage import Delivery, Handled, Publish
 
 log = logging.getLogger("farebox.account")
@@ -77,6 +79,7 @@ class AccountStage:
         self.store = store
         self.clock = clock
         self.recorder = Recorder(settings, redis, self.name, clock)
+        self.shadow = Shadowing(settings, redis, clock)
 
     def input_queues(self) -> Sequence[str]:
         return (self.settings.topology.account,)
@@ -111,6 +114,14 @@ class AccountStage:
                 "code": result.error.code if result.error else None,
             },
         )
+        if env.evaluation is not None:
+            then: Callable[[], Awaitable[list[Publish]]] | None = partial(
+                self.shadow.graded, env, result, policy, catalog
+            )
+        elif policy.experiments:
+            then = partial(self.shadow.launch, env, result, policy, catalog)
+        else:
+            then = None
         return await self.recorder.record_and_reply(
             Recording(
                 result=result,
@@ -121,7 +132,9 @@ class AccountStage:
                 budgets=env.budgets,
                 reserved_usd=env.route.reserved_usd if env.route else 0.0,
                 prompt=kept_prompt(env, policy),
-            )
+                evaluation=env.evaluation.kind if env.evaluation else None,
+            ),
+            then=then,
         )
 
     def _cache_fill(self, env: Envelope, result: JobResult) -> CacheFill | None:
@@ -159,6 +172,7 @@ class Recording:
     budgets: tuple[BudgetHold, ...] = ()
     reserved_usd: float = 0.0
     prompt: KeptPrompt | None = None
+    evaluation: str | None = None  # an evaluation job's kind (shadow grading): its cost is evaluation spend
 
 
 class Recorder:
@@ -170,7 +184,11 @@ class Recorder:
         self.health = RedisHealth(stage)
         self.clock = clock
 
-    async def record_and_reply(self, rec: Recording) -> Handled:
+    async def record_and_reply(
+        self, rec: Recording, then: Callable[[], Awaitable[list[Publish]]] | None = None
+    ) -> Handled:
+        """Record ``rec`` once and answer its caller; ``then`` gives what else to publish once it is freshly
+        recorded (never for a replay, and not while Redis is away)."""
         result = rec.result
         result_json = result.model_dump_json()
         reply = result_publish(result_json.encode(), rec.reply_to, rec.correlation_id, result.job_id)
@@ -198,7 +216,18 @@ class Recorder:
             return Handled(result_publish(recorded.existing, rec.reply_to, rec.correlation_id, result.job_id))
         observe(result)
         alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []
-        return Handled([*reply, *alerts])
+        more = await self._then(then, result.job_id)
+        return Handled([*reply, *alerts, *more])
+
+    async def _then(self, then: Callable[[], Awaitable[list[Publish]]] | None, job_id: str) -> list[Publish]:
+        # What follows a recording (shadow grading) is best effort: the job is recorded and answered either way.
+        if then is None:
+            return []
+        try:
+            return await then()
+        except REDIS_DOWN as err:
+            log.warning("account: follow-up of job %s skipped, Redis away (%s)", job_id, type(err).__name__)
+            return []
 
     async def _record(self, rec: Recording, result_json: str) -> Recorded:
         return await self.ledger.record(
@@ -210,4 +239,5 @@ class Recorder:
             reserved_usd=rec.reserved_usd,
             result_json=result_json,
             prompt=rec.prompt,
+            evaluation=rec.evaluation,
         )

@@ -115,7 +115,7 @@ class FeedbackStage:
     async def handle(self, item: FeedbackItem, delivery: Delivery) -> Handled:
         fb = item.feedback
         now = self.clock()
-        record = {"score": fb.value, "label": fb.label, "ts": round(now, 3)}
+        record = {"score": fb.value, "label": fb.label, "reference": fb.reference, "ts": round(now, 3)}
         args: dict[str, Scalar] = {
             "job_id": fb.job_id,
             "tenant": fb.tenant,

@@ -54,6 +54,7 @@ _RECORD_LAYOUT = Layout(
         "arm_prefix",  # "experiment|arm|" when an experiment arm routed the job, else ''
         "prompt_json",  # the messages as sent, kept for `farebox feedback export`; '' when not kept
         "prompt_ttl_s",
+        "evaluation_nusd",  # the cost again when it is evaluation spend (shadow grading), else 0
     ),
 )
 _RECORD = """
@@ -83,6 +84,9 @@ if not existing then
       redis.call('HINCRBY', arms_key, a .. 'baseline_nusd', baseline_nusd)
       redis.call('HINCRBY', arms_key, a .. 'cache_hits', cache_hit)
       redis.call('HINCRBY', arms_key, a .. 'errors', is_error)
+    end
+    if evaluation_nusd ~= '0' then
+      redis.call('HINCRBY', day_key, p .. 'evaluation_nusd', evaluation_nusd)
     end
     if prompt_json ~= '' then
       redis.call('SET', prompt_key, prompt_json, 'EX', prompt_ttl_s)
@@ -129,9 +133,11 @@ def nano(usd: float) -> int:
     return round(usd * NANO)
 
 
-def entry_json(result: JobResult, *, ts: float) -> str:
+def entry_json(result: JobResult, *, ts: float, evaluation: str | None = None) -> str:
     strategy = result.route.strategy if result.route else None
-    arm = {"experiment": strategy.experiment, "arm": strategy.arm} if strategy else {}
+    arm: dict[str, str] = {"experiment": strategy.experiment, "arm": strategy.arm} if strategy else {}
+    if evaluation is not None:
+        arm["evaluation"] = evaluation
     return json.dumps(
         {
             **arm,
@@ -171,6 +177,7 @@ class Ledger:
         reserved_usd: float = 0.0,
         result_json: str | None = None,
         prompt: KeptPrompt | None = None,
+        evaluation: str | None = None,
     ) -> Recorded:
         """Record the job once. ``existing`` is the previously stored result when the job was
         already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
@@ -193,7 +200,7 @@ class Ledger:
         args: dict[str, Scalar] = {
             "result_json": result_json or result.model_dump_json(),
             "result_ttl_s": self.result_ttl_s,
-            "entry_json": entry_json(result, ts=ts),
+            "entry_json": entry_json(result, ts=ts, evaluation=evaluation),
             "field_prefix": field_prefix,
             "cost_nusd": nano(result.cost_usd),
             "baseline_nusd": nano(result.baseline_cost_usd),
@@ -210,6 +217,7 @@ class Ledger:
             "arm_prefix": f"{strategy.experiment}|{strategy.arm}|" if strategy else "",
             "prompt_json": prompt.messages_json if prompt else "",
             "prompt_ttl_s": prompt.ttl_s if prompt else 0,
+            "evaluation_nusd": nano(result.cost_usd) if evaluation else 0,
         }
         reply = await self._script(keys=keys, args=args, key_tail=[hold.key for hold in budgets])
         existing = reply[0] if reply else None
