@@ -19,6 +19,7 @@ from tests.conftest import Services
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {name: "| measure |" for name in ("pipeline_throughput", "ceiling", "cache_hit", "io_concurrency", "cost")}
 TABLES["http_client"] = "| httpx-aiohttp (now) |"
+TABLES["ab_replay"] = "| rules (control) |"
 
 
 def run_smoke(services: Services, tmp_path: Path, only: list[str], timeout_s: float) -> None:
@@ -51,6 +52,11 @@ def run_smoke(services: Services, tmp_path: Path, only: list[str], timeout_s: fl
 @pytest.mark.timeout(200)
 def test_the_ceiling_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
     run_smoke(services, tmp_path, ["ceiling"], 180)
+
+
+@pytest.mark.timeout(120)
+def test_the_ab_replay_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
+    run_smoke(services, tmp_path, ["ab_replay"], 100)
 
 
 @pytest.mark.slow

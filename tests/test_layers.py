@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "client": 4,
     "submit": 4,
     "report": 4,
+    "feedback_export": 4,
     "strategy_report": 4,
     "supervisor": 4,
     "emulator": 4,

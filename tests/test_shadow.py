@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from farebox.cli import main as cli_main
 from farebox.constants import NANO, as_text
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.outcomes import wrong_answer
 from farebox.emulator.server import running
+from farebox.feedback_export import ExportFilter, collect, export_lines
+from farebox.routing.outcomes import load_outcomes
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.stages.shadow import JUDGE_PROMPT, agreement, judge_verdict, period_of
 from tests.support.pipeline import InProcessPipeline
@@ -199,3 +202,36 @@ async def test_a_judge_model_grades_open_answers(
     assert scores == {job_id: (1.0 if CHEAP_RIGHT[i] else 0.0) for job_id, i in cheap.items()}
     judged = json.loads(await redis.get(s.keys.ledger_entry(f"judge-{next(iter(cheap))}")))
     assert judged["evaluation"] == "judge" and judged["model"] == "claude-3-haiku"
+
+
+async def test_feedback_export_is_training_data_for_router_train(
+    settings: Settings, redis: Redis, labelled_emulator: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = settings.model_copy(update={"emulator_url": labelled_emulator, "policy": shadow_policy(tmp_path)})
+    results = await run_jobs(s)
+    cheap = cheap_jobs(results)
+    await shadow_scores(redis, s, list(cheap), len(cheap))
+    # A human rates one premium job too: that prompt has only the premium model's outcome.
+    premium = next(r for r in results if r.job_id not in cheap)
+    async with settings_pipeline[0].client() as client:
+        await client.feedback(premium.job_id, "good", tenant="acme", source="user-thumbs")
+    rows, counts = await collect(redis, s.keys, ExportFilter())
+    lines = [json.loads(line) for line in export_lines(rows, counts, everything=False)]
+    assert counts.written == len(cheap) and counts.single_model == 1 and counts.no_prompt == 0
+    by_prompt = {line["prompt"]: line for line in lines}
+    for i in cheap.values():
+        line = by_prompt[PROMPTS[i]]
+        assert line["outcomes"] == {CHEAP: 1.0 if CHEAP_RIGHT[i] else 0.0, REFERENCE: 1.0}
+        assert line["group"] == "acme"
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = load_outcomes([path])  # what `farebox router train` reads
+    assert data.strong_model == REFERENCE and data.weak_model == CHEAP and len(data) == len(cheap)
+    only_thumbs, _ = await collect(redis, s.keys, ExportFilter(sources=frozenset({"user-thumbs"})))
+    assert [r.line()["outcomes"] for r in only_thumbs] == [{REFERENCE: 1.0}]
+    # The command line writes the same lines (and says what it left out).
+    monkeypatch.setenv("FAREBOX_REDIS_PREFIX", s.redis_prefix)
+    monkeypatch.setenv("FAREBOX_REDIS_URL", s.redis_url)
+    out = tmp_path / "cli.jsonl"
+    assert await asyncio.to_thread(cli_main, ["feedback", "export", "-o", str(out)]) == 0
+    assert sorted(out.read_text().splitlines()) == sorted(json.dumps(line, ensure_ascii=False) for line in lines)
