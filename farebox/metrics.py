@@ -53,14 +53,20 @@ EXPERIMENT_JOBS = Counter("farebox_experiment_jobs_total", "Jobs routed by an ex
 EXPERIMENT_COST = Counter(
     "farebox_experiment_cost_usd_total", "USD charged for jobs routed by an experiment arm", ["experiment", "arm"]
 )
-FEEDBACK = Counter("farebox_feedback_total", "Feedback messages recorded", ["experiment", "arm", "source"])
-FEEDBACK_SCORE = Counter(
-    "farebox_feedback_score_total",
-    "Sum of recorded feedback scores (divide by farebox_feedback_total for the mean)",
+FEEDBACK = Counter(
+    "farebox_feedback_total",
+    "Jobs given feedback (the first score of each job and source)",
     ["experiment", "arm", "source"],
 )
-SHADOW_CAPPED = Counter(
-    "farebox_shadow_capped_total", "Shadow gradings not made because the experiment's cap was reached", ["experiment"]
+FEEDBACK_SCORE = Counter(
+    "farebox_feedback_score_total",
+    "Sum of first feedback scores (divide by farebox_feedback_total for the mean; replacements are in the report)",
+    ["experiment", "arm", "source"],
+)
+SHADOW_SKIPPED = Counter(
+    "farebox_shadow_skipped_total",
+    "Shadow-grading calls not made: reason cap (the experiment's cap reached) or policy (the target refused)",
+    ["experiment", "reason"],
 )
 CACHE_BYPASSED = Counter("farebox_cache_bypassed_total", "Jobs that skipped the cache because Redis was down")
 

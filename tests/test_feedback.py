@@ -173,3 +173,41 @@ async def test_a_kept_arm_survives_a_reload_that_changes_the_weights(settings: S
     renamed = Experiment.model_validate({"name": "ab", "arms": [{**ARMS[0], "name": "rules2"}, ARMS[1]]})
     assert (await pins.pin(job_id, Assignment("ab", "mini", 0.3, "job_id"), (renamed,))).arm == "mini"
     assert 0 < await redis.ttl(settings.keys.arm(job_id)) <= 60
+
+
+async def test_experiment_answers_do_not_fill_the_shared_cache(ab_pipeline: InProcessPipeline) -> None:
+    async with ab_pipeline.client() as client:
+        first = await client.complete({"prompt": "Cache me if you can", "tenant": "acme"}, timeout=30)
+        again = await client.complete({"prompt": "Cache me if you can", "tenant": "acme"}, timeout=30)
+        outside = await client.complete({"prompt": "Cache me if you can", "tenant": "other"}, timeout=30)
+        outside_again = await client.complete({"prompt": "Cache me if you can", "tenant": "other"}, timeout=30)
+    assert first.cache == "miss" and again.cache == "miss"  # an arm's answer is never served from the cache
+    assert again.route is not None and again.route.strategy is not None
+    assert outside.cache == "miss" and outside_again.cache == "hit"  # jobs outside experiments still are
+
+
+async def test_a_redelivered_job_keeps_its_arm_when_a_reload_no_longer_draws_it(
+    settings: Settings, redis: Redis
+) -> None:
+    pins = ArmPins(redis, settings.keys, ttl_s=60)
+    ab = Experiment.model_validate({"name": "ab", "arms": ARMS})
+    await pins.pin("job-7", Assignment("ab", "mini", 0.7, "job_id"), (ab,))
+    kept = await pins.kept("job-7", (ab,))
+    assert kept is not None and (kept.experiment, kept.arm) == ("ab", "mini")
+    assert await pins.kept("job-8", (ab,)) is None  # never pinned
+    assert await pins.kept("job-7", ()) is None  # the experiment has left the policy
+
+
+def test_catalog_check_reads_the_arms_router_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from farebox.cli import main
+
+    arms = [
+        ARMS[0],
+        {
+            "name": "learned",
+            "strategy": {"kind": "learned", "path": "gone.json", "levels": {"high": 0.9, "medium": 0.9, "low": 0.9}},
+        },
+    ]
+    policy = experiment_policy(tmp_path, arms)
+    assert main(["catalog", "check", "--policy", str(policy)]) != 0
+    assert "experiments.ab.learned.path" in capsys.readouterr().err

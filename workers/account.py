@@ -93,7 +93,8 @@ class AccountStage:
         return Handled([])
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
-        catalog, policy = self.store.current()
+        unit = self.store.current_unit()
+        catalog, policy, _ = unit
         result = build_result(env, catalog, policy, now=self.clock())
         # One structured line per job; the prompt only as a hash.
         log.info(
@@ -115,11 +116,9 @@ class AccountStage:
             },
         )
         if env.evaluation is not None:
-            then: Callable[[], Awaitable[list[Publish]]] | None = partial(
-                self.shadow.graded, env, result, policy, catalog
-            )
+            then: Callable[[], Awaitable[list[Publish]]] | None = partial(self.shadow.graded, env, result, unit)
         elif policy.experiments:
-            then = partial(self.shadow.launch, env, result, policy, catalog)
+            then = partial(self.shadow.launch, env, result, unit)
         else:
             then = None
         return await self.recorder.record_and_reply(
@@ -139,6 +138,10 @@ class AccountStage:
 
     def _cache_fill(self, env: Envelope, result: JobResult) -> CacheFill | None:
         if env.cache_key is None or result.status != "ok" or env.cache_status != "miss" or env.outcome is None:
+            return None
+        if env.route is not None and env.route.strategy is not None:
+            # An experiment arm's answer (a fixed-model arm's, a worse-on-purpose one's) must not be served to
+            # jobs outside that arm; the cache key does not name the arm.
             return None
         ttl = env.job.cache.ttl_s if env.job.cache.ttl_s is not None else self.settings.cache_ttl_s
         if ttl <= 0:

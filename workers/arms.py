@@ -40,3 +40,18 @@ class ArmPins:
             if e.name == experiment and e.arm(arm) is not None:
                 return Assignment(experiment, arm, drawn.draw, drawn.sticky)
         return drawn  # the kept arm is gone from the policy: the job takes the arm it draws now
+
+    async def kept(self, job_id: str, experiments: tuple[Experiment, ...]) -> Assignment | None:
+        """The arm a redelivered job was put in before a reload that no longer draws it (a lower share, a
+        narrower experiment), when the policy still has that arm."""
+        try:
+            value = await self.redis.get(self.keys.arm(job_id))
+        except REDIS_DOWN:
+            return None
+        if not isinstance(value, (bytes, str)):
+            return None
+        experiment, _, arm = as_text(value).partition("|")
+        for e in experiments:
+            if e.name == experiment and e.arm(arm) is not None:
+                return Assignment(experiment, arm, 0.0, "job_id")
+        return None

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from farebox.constants import H_CODE, H_REASON, H_STAGE, as_text
 from farebox.errors import ERROR_CODES, FareboxError
-from farebox.schemas import BudgetHold, Envelope, ErrorInfo, FeedbackReceipt, JobResult
+from farebox.schemas import BudgetHold, Envelope, ErrorInfo, FeedbackReceipt, JobResult, RouteInfo
 from farebox.settings import Settings
 from farebox.stages.account import Recorder, Recording
 from farebox.stages.feedback import receipt_publish
@@ -37,6 +37,7 @@ class DeadLetter:
     metadata: dict[str, Any]
     budgets: tuple[BudgetHold, ...] = ()  # a reservation the dead job still holds
     reserved_usd: float = 0.0
+    route: RouteInfo | None = None  # how it was routed, so a failed experiment job still counts in its arm
 
 
 def _death_reason(headers: dict[str, Any]) -> str:
@@ -104,10 +105,13 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
     metadata: dict[str, Any] = {}
     budgets: tuple[BudgetHold, ...] = ()
     reserved = 0.0
+    route = None
     try:
         env = Envelope.model_validate_json(delivery.body)
         job_id, tenant, lease, metadata = env.job_id, env.job.tenant, env.coalesce_key, env.job.metadata
         budgets, reserved = env.budgets, env.route.reserved_usd if env.route else 0.0
+        if env.route is not None:
+            route = RouteInfo(reason=env.route.reason, candidates=env.route.candidates, strategy=env.route.strategy)
         reply_to, correlation_id = env.reply_to or reply_to, env.correlation_id or correlation_id
     except (ValidationError, ValueError):
         try:
@@ -137,6 +141,7 @@ def read_dead_letter(delivery: Delivery) -> DeadLetter:
         metadata=metadata,
         budgets=budgets,
         reserved_usd=reserved,
+        route=route,
     )
 
 
@@ -167,6 +172,7 @@ class DeadLetterStage:
             status="error",
             metadata=item.metadata,
             error=ErrorInfo(code=item.code, message=item.reason),
+            route=item.route,
         )
         return await self.recorder.record_and_reply(
             Recording(

@@ -10,6 +10,7 @@ dead-lettered with their reason (the dead-letter stage sends the typed error rec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -20,15 +21,17 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.constants import as_text
-from farebox.errors import FareboxError, Forbidden, InvalidRequest, describe_validation_error
+from farebox.errors import REDIS_DOWN, FareboxError, Forbidden, InvalidRequest, describe_validation_error
 from farebox.routing.store import CatalogStore
 from farebox.schemas import Feedback, FeedbackReceipt
 from farebox.settings import Settings
 from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.messages import dead_letter_publish
+from farebox.stages.redis_health import RedisHealth
 from farebox.stages.stage import Delivery, Handled, Publish
 
 MAX_FEEDBACK_BYTES = 64 * 1024
+REDIS_RETRY_MAX_S = 5.0
 
 _LAYOUT = Layout(
     keys=("entry_key", "feedback_key", "jobs_key"),
@@ -101,6 +104,7 @@ class FeedbackStage:
         self.keys = settings.keys
         self.clock = clock
         self._script = NamedScript(redis, _LAYOUT, _ATTACH)
+        self.health = RedisHealth(self.name)
 
     def input_queues(self) -> Sequence[str]:
         return (self.settings.topology.feedback,)
@@ -130,7 +134,7 @@ class FeedbackStage:
             "feedback_key": self.keys.feedback(fb.job_id),
             "jobs_key": self.keys.feedback_jobs,
         }
-        reply = [as_text(v) for v in await self._script(keys=keys, args=args)]
+        reply = [as_text(v) for v in await self._attach(keys, args)]
         verdict, experiment, arm = [*reply, "", ""][:3]
         if verdict == "unknown":
             raise InvalidRequest(
@@ -138,9 +142,24 @@ class FeedbackStage:
             )
         if verdict == "forbidden":
             raise Forbidden(f"job {fb.job_id!r} is not one of tenant {fb.tenant!r}'s jobs; its feedback is refused")
-        self._observe(fb, experiment or "-", arm or "-")
+        if verdict == "added":  # a replacement or a redelivery is not a second score
+            self._observe(fb, experiment or "-", arm or "-")
         receipt = FeedbackReceipt(job_id=fb.job_id, status="ok", source=fb.source, replaced=verdict == "replaced")
         return Handled(receipt_publish(receipt, delivery))
+
+    async def _attach(self, keys: dict[str, str], args: dict[str, Scalar]) -> list[bytes | str]:
+        """Run the script, holding the message while Redis is away (as the account stage holds its ledger
+        write): requeueing would spend the delivery limit and dead-letter good feedback in a short outage."""
+        delay = 0.2
+        while True:
+            try:
+                reply: list[bytes | str] = await self._script(keys=keys, args=args)
+                self.health.ok()
+                return reply
+            except REDIS_DOWN as err:
+                self.health.down(err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
     def _observe(self, fb: Feedback, experiment: str, arm: str) -> None:
         sources = self.store.current()[1].feedback_sources

@@ -56,9 +56,10 @@ class RouteStage(EnvelopeStage):
         input_tokens = count_messages((m.role, m.content) for m in job.chat)
         # Circuits open per provider/model, and per provider when all its models fail.
         unhealthy = await self.health.unhealthy([*catalog.providers(), *catalog.models])
-        arm_job, arm_policy, router, arm = await self._arm(env, routing)
+        task = infer_task(job)
+        arm_job, arm_policy, router, arm = await self._arm(env, routing, task, delivery.redelivered)
         routed = choose_route(
-            arm_job, catalog, arm_policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router
+            arm_job, catalog, arm_policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router, task=task
         )
         holds = holds_for(policy, self.settings.keys, job.tenant, job.user_tier, self.clock())
         update: dict[str, object] = {}
@@ -79,16 +80,19 @@ class RouteStage(EnvelopeStage):
         return Handled([envelope_publish(decided, self.topo.execute(routed.decision.provider)), *alerts])
 
     async def _arm(
-        self, env: Envelope, routing: Routing
+        self, env: Envelope, routing: Routing, task: str, redelivered: bool
     ) -> tuple[Job, Policy, LearnedRouter | None, Assignment | None]:
         """The job, policy and router to route with: those of the job's experiment arm, if one covers it."""
         job, policy = env.job, routing.policy
         if not policy.experiments or job.model is not None:
             return job, policy, routing.router, None
-        drawn = assign(policy.experiments, env.job_id, job, infer_task(job))
-        if drawn is None:
+        drawn = assign(policy.experiments, env.job_id, job, task)
+        if drawn is not None:
+            arm: Assignment | None = await self.pins.pin(env.job_id, drawn, policy.experiments)
+        else:  # a redelivery after a reload that no longer draws the job keeps the arm it had
+            arm = await self.pins.kept(env.job_id, policy.experiments) if redelivered else None
+        if arm is None:
             return job, policy, routing.router, None
-        arm = await self.pins.pin(env.job_id, drawn, policy.experiments)
         plan = routing.arms[arm.experiment, arm.arm]
         if plan.model is not None:  # a fixed-model arm routes the job as if it were pinned
             job = job.model_copy(update={"model": plan.model})

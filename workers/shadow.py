@@ -14,6 +14,7 @@ A crash between the ledger write and the shadow hand-off loses that one sample (
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -22,22 +23,26 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from farebox import metrics
 from farebox.constants import NANO
-from farebox.routing.catalog import Catalog, cost_usd
+from farebox.errors import FareboxError
+from farebox.routing.catalog import cost_usd
+from farebox.routing.choose import choose_route
 from farebox.routing.experiments import Experiment, unit_draw
 from farebox.routing.policy import Policy
-from farebox.schemas import ChatMessage, Envelope, Evaluation, Feedback, JobResult, RouteDecision, Usage
+from farebox.routing.store import Unit
+from farebox.schemas import ChatMessage, Envelope, Evaluation, Feedback, Job, JobResult, RouteDecision, Usage
 from farebox.schemas.job import CacheOptions
 from farebox.settings import Settings
 from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.stage import Publish, envelope_publish
-from farebox.tokens import count_text
+from farebox.tokens import count_messages, count_text
 
 log = logging.getLogger("farebox.shadow")
 
 SPEND_TTL_S = 40 * 86_400  # a month's key outlives its month
 JUDGE_MAX_CHARS = 6000  # of each text shown to the judge
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"\w+")  # Unicode words: Chinese or Cyrillic answers are compared too
 
 _RESERVE_LAYOUT = Layout(keys=("spend_key",), args=("estimate_nusd", "cap_nusd", "ttl_s"))
 _RESERVE = """
@@ -56,7 +61,7 @@ JUDGE_PROMPT = (
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.casefold())
 
 
 def agreement(answer: str, reference: str) -> float:
@@ -92,8 +97,10 @@ class Shadowing:
         self.clock = clock
         self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE)
 
-    async def launch(self, env: Envelope, result: JobResult, policy: Policy, catalog: Catalog) -> list[Publish]:
-        """The shadow job for ``env``'s freshly recorded result, if its experiment samples it and the cap allows."""
+    async def launch(self, env: Envelope, result: JobResult, unit: Unit) -> list[Publish]:
+        """The shadow job for ``env``'s freshly recorded result, if its experiment samples it, the policy lets
+        the job's tenant and data go to the reference model, and the cap allows."""
+        policy = unit[1]
         strategy = env.route.strategy if env.route else None
         if strategy is None or result.status != "ok" or result.cache != "miss" or result.content is None:
             return []
@@ -115,8 +122,10 @@ class Shadowing:
             grader=shadow.grader,
             judge_model=shadow.judge_model,
         )
+        # Reserved for the most the reference may answer (max_tokens), settled down to the actual cost.
+        usage = Usage(input_tokens=result.usage.input_tokens, output_tokens=env.job.max_tokens)
         job = await self._evaluation_job(
-            env, evaluation, experiment, catalog, EvalCall(shadow.reference, env.job.chat, result.usage)
+            env, evaluation, experiment, unit, EvalCall(shadow.reference, env.job.chat, usage)
         )
         return [job] if job is not None else []
 
@@ -125,15 +134,34 @@ class Shadowing:
         env: Envelope,
         evaluation: Evaluation,
         experiment: Experiment,
-        catalog: Catalog,
+        unit: Unit,
         call: EvalCall,
     ) -> Publish | None:
-        """An evaluation job for ``call``, its estimate reserved under the cap; None when the cap is reached."""
+        """An evaluation job for ``call``, its estimate reserved under the cap; None when the policy refuses
+        the target for this job (tenant or user-tier rules, personal data) or the cap is reached."""
+        catalog = unit[0]
         target = call.target
         model = catalog.get(target)
         assert experiment.shadow is not None
         if model is None:
             log.warning("shadow: experiment %s names %s, which the catalog lacks", experiment.name, target)
+            return None
+        job = env.job.model_copy(
+            update={
+                "job_id": evaluation_job_id(evaluation.kind, evaluation.of_job_id),
+                "messages": call.chat,
+                "prompt": None,
+                "model": target,
+                "cache": CacheOptions(mode="bypass"),
+                "metadata": {},
+                "deadline_s": None,
+                "max_tokens": call.max_tokens or env.job.max_tokens,
+            }
+        )
+        refused = refusal(job, unit)
+        if refused is not None:
+            metrics.SHADOW_SKIPPED.labels(experiment.name, "policy").inc()
+            log.info("shadow: %s call of experiment %s not made: %s", evaluation.kind, experiment.name, refused)
             return None
         estimate = round(cost_usd(model, call.usage) * NANO)
         now = self.clock()
@@ -144,23 +172,11 @@ class Shadowing:
             "ttl_s": SPEND_TTL_S,
         }
         if not await self._reserve(keys={"spend_key": spend_key}, args=args):
-            log.info(
-                "shadow: experiment %s reached its shadow cap for this %s", experiment.name, experiment.shadow.period
-            )
+            metrics.SHADOW_SKIPPED.labels(experiment.name, "cap").inc()
+            log.info("shadow: experiment %s is at its cap for this %s", experiment.name, experiment.shadow.period)
             return None
-        job_id = f"{evaluation.kind}-{evaluation.of_job_id}"
-        job = env.job.model_copy(
-            update={
-                "job_id": job_id,
-                "messages": call.chat,
-                "prompt": None,
-                "model": target,
-                "cache": CacheOptions(mode="bypass"),
-                "metadata": {},
-                "deadline_s": None,
-                "max_tokens": call.max_tokens or env.job.max_tokens,
-            }
-        )
+        assert job.job_id is not None
+        job_id = job.job_id
         route = RouteDecision(
             provider=model.provider,
             model=model.model,
@@ -172,7 +188,7 @@ class Shadowing:
         shadow_env = Envelope(job_id=job_id, job=job, received_at=now, route=route, evaluation=marked)
         return envelope_publish(shadow_env, self.settings.topology.execute(model.provider))
 
-    async def graded(self, env: Envelope, result: JobResult, policy: Policy, catalog: Catalog) -> list[Publish]:
+    async def graded(self, env: Envelope, result: JobResult, unit: Unit) -> list[Publish]:
         """An evaluation job is recorded: settle its reservation, then grade (feedback) or ask the judge."""
         evaluation = env.evaluation
         assert evaluation is not None
@@ -194,12 +210,10 @@ class Shadowing:
             return [self._feedback(env, evaluation, score)]
         if evaluation.grader == "exact" or evaluation.judge_model is None:
             return [self._feedback(env, evaluation, agreement(evaluation.answer, result.content))]
-        return await self._ask_judge(env, evaluation, result.content, policy, catalog)
+        return await self._ask_judge(env, evaluation, result.content, unit)
 
-    async def _ask_judge(
-        self, env: Envelope, evaluation: Evaluation, reference: str, policy: Policy, catalog: Catalog
-    ) -> list[Publish]:
-        experiment = _experiment(policy, evaluation.experiment)
+    async def _ask_judge(self, env: Envelope, evaluation: Evaluation, reference: str, unit: Unit) -> list[Publish]:
+        experiment = _experiment(unit[1], evaluation.experiment)
         if experiment is None or experiment.shadow is None or evaluation.judge_model is None:
             return []  # the experiment has left the policy since: no more of its spending
         request = "\n".join(m.content for m in env.job.chat if m.role == "user")[-JUDGE_MAX_CHARS:]
@@ -209,7 +223,7 @@ class Shadowing:
         chat = (ChatMessage(role="user", content=prompt),)
         call = EvalCall(evaluation.judge_model, chat, Usage(input_tokens=count_text(prompt), output_tokens=4), 8)
         judge = evaluation.model_copy(update={"kind": "judge", "reference_answer": reference})
-        job = await self._evaluation_job(env, judge, experiment, catalog, call)
+        job = await self._evaluation_job(env, judge, experiment, unit, call)
         return [job] if job is not None else []
 
     def _feedback(self, env: Envelope, evaluation: Evaluation, score: float) -> Publish:
@@ -221,6 +235,24 @@ class Shadowing:
             reference=evaluation.reference,
         )
         return Publish(self.settings.topology.feedback, feedback.model_dump_json(exclude_none=True).encode())
+
+
+def evaluation_job_id(kind: str, of_job_id: str) -> str:
+    """A bounded id (job ids may be 200 characters) that names the graded job's hash, not the job."""
+    return f"{kind}:{hashlib.sha256(of_job_id.encode()).hexdigest()[:40]}"
+
+
+def refusal(job: Job, unit: Unit) -> str | None:
+    """Why the policy would refuse ``job`` (pinned to the evaluation target) for its tenant, user tier and
+    data, as it refuses a pinned job of a producer; None when it may go."""
+    catalog, policy, router = unit
+    try:
+        choose_route(
+            job, catalog, policy, input_tokens=count_messages((m.role, m.content) for m in job.chat), router=router
+        )
+    except FareboxError as err:
+        return str(err)
+    return None
 
 
 def _experiment(policy: Policy, name: str) -> Experiment | None:

@@ -21,7 +21,7 @@ from farebox.routing.estimate import Bucket, EstimateReport, estimate_lines
 from farebox.routing.learned import LearnedRouter
 from farebox.routing.litellm_prices import import_litellm, normalize_providers
 from farebox.routing.policy import Policy, checked_policy, load_policy, tier_of
-from farebox.routing.store import load_pair
+from farebox.routing.store import load_routing
 from farebox.routing.tier_rules import UNTIERED, apply_tier_rules, load_tier_rules
 from farebox.settings import CATALOG_DIR, Settings
 
@@ -35,8 +35,10 @@ def _err(message: str) -> int:
 
 def _load(catalog_path: Path, policy_path: Path) -> tuple[Catalog, Policy, LearnedRouter | None, list[str]]:
     """The catalog, the policy as the pipeline routes with it (fallbacks applied), the learned router it
-    names (None: rules) and the check's warnings: what the pipeline's workers load (farebox/routing/store.py)."""
-    return load_pair(catalog_path, policy_path)
+    names (None: rules) and the check's warnings: what the pipeline's workers load (farebox/routing/store.py),
+    the experiments' arm router files included."""
+    routing, warnings = load_routing(catalog_path, policy_path)
+    return routing.catalog, routing.policy, routing.router, warnings
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:

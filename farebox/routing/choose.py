@@ -138,13 +138,14 @@ def route_context(
     input_tokens: int,
     unhealthy: frozenset[str] = frozenset(),
     router: LearnedRouter | None = None,
+    task: str | None = None,
 ) -> RouteContext:
     """Measure the job once: task, token estimate, rules, the PII scan (which may block it) and tier bounds,
     with the learned router's score when the policy has one (``router``, loaded with the policy; never for
     a pinned job)."""
     if router is None and policy.router.kind == "learned":
         raise ValueError("the policy routes with a learned router: pass the one loaded with it (router=...)")
-    task = infer_task(job)
+    task = task or infer_task(job)
     usage = Usage(input_tokens=input_tokens, output_tokens=estimate_output_tokens(job, task))
     rules = _rules(job, policy)
     action = _pii_action(policy, rules)
@@ -216,10 +217,11 @@ def choose_route(
     unhealthy: frozenset[str] = frozenset(),
     downgrade: bool = False,
     router: LearnedRouter | None = None,
+    task: str | None = None,
 ) -> Routed:
     """Route ``job``. ``router``: the learned router loaded with ``policy`` (required when the policy names
-    one; see farebox/routing/store.py)."""
-    ctx = route_context(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router)
+    one; see farebox/routing/store.py). ``task``: ``infer_task(job)`` when the caller has it already."""
+    ctx = route_context(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router, task=task)
     if job.model is not None:
         return _pinned(ctx, downgrade=downgrade)
     return _automatic(ctx, _screen(ctx), downgrade=downgrade)
