@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -100,6 +101,9 @@ class FareboxClient:
         on_no_pipeline: Callable[[str], None] | None = None,
     ) -> None:
         self.amqp_url = amqp_url
+        # Sent as each message's user_id: RabbitMQ checks it is the connection's user, and a policy in auth mode
+        # user_id maps it to the tenants it may act for (farebox/routing/auth.py). None without a user in the URL.
+        self.user_id = unquote(urlsplit(amqp_url).username or "") or None
         self.topology = Topology(namespace)
         self.wait_for_pipeline_s = wait_for_pipeline_s
         self.coalesce_writes = coalesce_writes
@@ -245,6 +249,7 @@ class FareboxClient:
                     reply_to=self._reply_queue.name,
                     correlation_id=correlation_id or parsed.job_id,
                     message_id=parsed.job_id,
+                    user_id=self.user_id,
                 ),
                 backoff=PUBLISH_BACKOFF,
                 on_broker_down=_publish_interrupted,
@@ -286,6 +291,7 @@ class FareboxClient:
                     content_type=CONTENT_TYPE,
                     reply_to=self._reply_queue.name if wait else None,
                     correlation_id=correlation_id,
+                    user_id=self.user_id,
                 ),
                 backoff=PUBLISH_BACKOFF,
                 on_broker_down=_publish_interrupted,

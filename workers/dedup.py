@@ -18,10 +18,12 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.constants import as_text
-from farebox.errors import REDIS_DOWN, DeadlineExceeded
-from farebox.schemas import Envelope, Outcome
+from farebox.errors import REDIS_DOWN, DeadlineExceeded, FareboxError, Forbidden
+from farebox.routing.auth import AuthPolicy, acting_tenant
+from farebox.schemas import Envelope, ErrorInfo, JobResult, Outcome
 from farebox.settings import Settings
-from farebox.stages.cache_keys import CacheRules
+from farebox.stages.account import result_publish
+from farebox.stages.cache_keys import CacheRules, cache_key, is_cacheable
 from farebox.stages.decode import envelope_from_intake, envelope_from_internal
 from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.redis_health import RedisHealth
@@ -60,9 +62,15 @@ class DedupStage(EnvelopeStage):
     name = "dedup"
 
     def __init__(
-        self, settings: Settings, redis: Redis, rules: Callable[[], CacheRules], clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        redis: Redis,
+        rules: Callable[[], CacheRules],
+        clock: Callable[[], float] = time.time,
+        auth: Callable[[], AuthPolicy] = AuthPolicy,
     ) -> None:
         self.settings = settings
+        self.auth = auth  # the policy's auth in force
         self.redis = redis
         self.rules = rules
         self.clock = clock
@@ -81,6 +89,8 @@ class DedupStage(EnvelopeStage):
         return envelope_from_intake(delivery, self.settings, self.rules(), self.clock())
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
+        if delivery.queue == self.topo.intake:
+            env = self._authorized(env, delivery)
         if env.deadline_at is not None and self.clock() > env.deadline_at:
             raise DeadlineExceeded("the job passed its deadline_s before a provider was called")
         try:
@@ -91,6 +101,34 @@ class DedupStage(EnvelopeStage):
             return Handled([envelope_publish(env, self.topo.route)])
         self.health.ok()
         return handled
+
+    def _authorized(self, env: Envelope, delivery: Delivery) -> Envelope:
+        """``env`` as its sender may send it (the tenant its only one when it named none), or Forbidden before
+        anything is looked up: a refused job reaches no cache entry, result, provider or budget."""
+        job = env.job
+        tenant = acting_tenant(self.auth(), delivery.user_id, job.tenant, "tenant" in job.model_fields_set)
+        if tenant == job.tenant:
+            return env
+        job = job.model_copy(update={"tenant": tenant})
+        rules = self.rules()
+        key = cache_key(job, rules) if is_cacheable(job, rules) else None
+        coalesce = key if key is not None and job.cache.mode == "use" else f"job:{env.job_id}"
+        return env.model_copy(update={"job": job, "cache_key": key, "coalesce_key": coalesce})
+
+    def fail(self, item: object, err: FareboxError) -> Handled:
+        if not isinstance(err, Forbidden):
+            return super().fail(item, err)
+        # Answered here, with no ledger entry: the job_id of a message that may not act for its tenant cannot
+        # key a record (it may be another tenant's job's id, whose stored result must not be replayed to it).
+        assert isinstance(item, Envelope)
+        result = JobResult(
+            job_id=item.job_id,
+            tenant=item.job.tenant,
+            status="error",
+            error=ErrorInfo(code=err.code, message=str(err)),
+        )
+        reply = result_publish(result.model_dump_json().encode(), item.reply_to, item.correlation_id, item.job_id)
+        return Handled(reply)
 
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
         use_cache = env.cache_key is not None and env.job.cache.mode == "use"

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from farebox import metrics
 from farebox.constants import as_text
 from farebox.errors import REDIS_DOWN, FareboxError, Forbidden, InvalidRequest, describe_validation_error
+from farebox.routing.auth import acting_tenant
 from farebox.routing.store import CatalogStore
 from farebox.schemas import Feedback, FeedbackReceipt
 from farebox.settings import Settings
@@ -118,6 +119,10 @@ class FeedbackStage:
 
     async def handle(self, item: FeedbackItem, delivery: Delivery) -> Handled:
         fb = item.feedback
+        auth = self.store.current()[1].auth
+        tenant = acting_tenant(auth, delivery.user_id, fb.tenant, "tenant" in fb.model_fields_set)
+        if tenant != fb.tenant:
+            fb = fb.model_copy(update={"tenant": tenant})
         now = self.clock()
         record = {"score": fb.value, "label": fb.label, "reference": fb.reference, "ts": round(now, 3)}
         args: dict[str, Scalar] = {

@@ -76,7 +76,7 @@ async def run_stage(
     calls: ProviderCalls | None = None
     cores: list[StageCore]
     if stage == "dedup":
-        cores = [DedupStage(settings, redis, current_cache_rules(store))]
+        cores = [DedupStage(settings, redis, current_cache_rules(store), auth=lambda: store.current()[1].auth)]
     elif stage == "route":
         cores = [RouteStage(settings, store, redis)]
     elif stage == "execute":

@@ -29,6 +29,7 @@ def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
         correlation_id=message.correlation_id,
         message_id=message.message_id,
         timestamp=ts.timestamp() if ts is not None else None,
+        user_id=message.user_id,
     )
 
 

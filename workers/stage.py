@@ -52,6 +52,7 @@ class Delivery:
     correlation_id: str | None
     message_id: str | None
     timestamp: float | None
+    user_id: str | None = None  # the sender's RabbitMQ user, which the broker checked
 
 
 class StageCore(Protocol):

@@ -121,6 +121,7 @@ def persistent_properties(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     message_id: str | None = None,
+    user_id: str | None = None,
 ) -> aiormq.spec.Basic.Properties:
     """What aio-pika's ``Message(..., delivery_mode=PERSISTENT, timestamp=now).properties`` gives,
     without building the Message (it checks a lock on every attribute it sets)."""
@@ -132,6 +133,7 @@ def persistent_properties(
         correlation_id=correlation_id,
         reply_to=reply_to,
         message_id=message_id,
+        user_id=user_id,
         timestamp=datetime.now(tz=UTC),
     )
 

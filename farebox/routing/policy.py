@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from farebox.routing.auth import AuthPolicy
 from farebox.routing.catalog import (
     TIER_RANK,
     TIERS,
@@ -99,6 +100,7 @@ class Policy(Strict):
     cache_sharing: tuple[tuple[str, ...], ...] = ()  # groups of tenants that may read each other's cache
     budgets: tuple[Budget, ...] = ()
     router: RouterRule = RouterRule()
+    auth: AuthPolicy = AuthPolicy()  # who may act for which tenant (farebox/routing/auth.py)
     experiments: tuple[Experiment, ...] = ()  # A/B tests of routing strategies (farebox/routing/experiments.py)
     # Feedback sources that get a Prometheus label of their own; any other source is counted as "other".
     feedback_sources: tuple[str, ...] = ("user", "user-thumbs", "grader", "shadow")

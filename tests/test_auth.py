@@ -1,0 +1,145 @@
+"""Tenants are who they authenticate as (policy auth mode user_id), with real RabbitMQ users: a job or a
+feedback message may act only for the tenants its sender's user may; refused ones reach no cache entry, no
+result record, no provider and no budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+from redis.asyncio import Redis
+
+from farebox.errors import Forbidden
+from farebox.routing.auth import AuthPolicy, acting_tenant
+from farebox.routing.catalog import CatalogError
+from farebox.routing.policy import parse_policy
+from farebox.settings import CATALOG_DIR, Settings
+from tests.support.pipeline import InProcessPipeline, get_message, ledger_entries
+
+USERS = {"svc-billing": ("acme",), "svc-batch": ("acme", "initech")}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("user", "tenant", "given", "expected"),
+    [
+        ("svc-billing", "acme", True, "acme"),
+        ("svc-billing", "default", False, "acme"),  # no tenant named: the user's only one
+        ("svc-batch", "initech", True, "initech"),
+        ("svc-batch", "default", False, "several tenants"),
+        ("svc-billing", "initech", True, "may not act for tenant 'initech'"),
+        ("mallory", "acme", True, "may not act for any tenant"),
+        (None, "acme", True, "no AMQP user_id"),
+        ("", "acme", True, "no AMQP user_id"),
+    ],
+)
+def test_acting_tenant(user: str | None, tenant: str, given: bool, expected: str) -> None:
+    auth = AuthPolicy(mode="user_id", users=USERS)
+    if expected in ("acme", "initech"):
+        assert acting_tenant(auth, user, tenant, given) == expected
+    else:
+        with pytest.raises(Forbidden, match=expected):
+            acting_tenant(auth, user, tenant, given)
+
+
+@pytest.mark.unit
+def test_open_mode_trusts_the_body_and_user_id_mode_needs_users() -> None:
+    assert acting_tenant(AuthPolicy(), None, "anyone", True) == "anyone"
+    data = json.loads((CATALOG_DIR / "policy.json").read_text())
+    data["auth"] = {"mode": "user_id"}
+    with pytest.raises(CatalogError, match="needs 'users'"):
+        parse_policy(data, "policy.json")
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def amqp_users() -> Iterator[dict[str, str]]:
+    """Two real RabbitMQ users of this run, victim and mallory, removed afterwards."""
+    assert shutil.which("rabbitmqctl"), "rabbitmqctl is needed to create test users"
+    run = uuid.uuid4().hex[:8]
+    users = {"victim": f"fbtest-{run}-victim", "mallory": f"fbtest-{run}-mallory"}
+    for name in users.values():
+        rabbitmqctl("add_user", name, "pw")
+        rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+    try:
+        yield users
+    finally:
+        for name in users.values():
+            subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
+
+
+def as_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{user}:pw@{parts.hostname}:{parts.port or 5672}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@pytest.fixture
+async def auth_pipeline(settings: Settings, emulator: str, tmp_path: Path, amqp_users: dict[str, str]) -> Any:
+    data = json.loads((CATALOG_DIR / "policy.json").read_text())
+    data["auth"] = {"mode": "user_id", "users": {amqp_users["victim"]: ["victim"], amqp_users["mallory"]: ["mallory"]}}
+    data["budgets"] = [{"tenant": "victim", "period": "day", "limit_usd": 100, "action": "reject"}]
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(data))
+    s = settings.model_copy(update={"emulator_url": emulator, "policy": path})
+    p = InProcessPipeline(s)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def test_mallory_cannot_act_for_the_victim(
+    auth_pipeline: InProcessPipeline, amqp_users: dict[str, str], redis: Redis, emulator_stats: Any
+) -> None:
+    s = auth_pipeline.settings
+    victim_url, mallory_url = (as_user(s.amqp_url, amqp_users[k]) for k in ("victim", "mallory"))
+    victim = s.model_copy(update={"amqp_url": victim_url})
+    mallory = s.model_copy(update={"amqp_url": mallory_url})
+    prompt = {"prompt": "The victim's private question"}
+    async with InProcessPipeline(victim).client() as client:
+        mine = await client.complete({**prompt, "job_id": "v-1"}, timeout=30)  # no tenant: the user's only one
+    assert mine.status == "ok" and mine.tenant == "victim"
+    calls = await emulator_stats.total()
+    async with InProcessPipeline(mallory).client() as client:
+        stolen = await client.complete({**prompt, "tenant": "victim", "job_id": "m-1"}, timeout=30)
+        replayed = await client.complete({**prompt, "tenant": "victim", "job_id": "v-1"}, timeout=30)
+        rated = await client.feedback("v-1", "bad", tenant="victim")
+    for r in (stolen, replayed):
+        assert r.status == "error" and r.error is not None and r.error.code == "forbidden"
+        assert r.content is None and "private" not in r.error.message
+    assert rated is not None and rated.status == "error" and rated.error and rated.error.code == "forbidden"
+    assert await emulator_stats.total() == calls  # no provider call for a refused job
+    assert sorted(await ledger_entries(redis, s)) == ["v-1"]  # no record under a job id it may not use
+    assert await redis.exists(s.keys.feedback("v-1")) == 0
+    spent = [k async for k in redis.scan_iter(match=s.keys.budget("victim", "*"))]
+    assert len(spent) == 1  # the victim's own job; mallory's refused ones reserved nothing
+    assert await redis.exists(s.keys.reservation("m-1")) == 0
+
+
+async def test_a_job_without_user_id_is_forbidden(auth_pipeline: InProcessPipeline, redis: Redis) -> None:
+    s = auth_pipeline.settings
+    connection = await aio_pika.connect(s.amqp_url)  # guest, publishing with no user_id property
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        body = json.dumps({"prompt": "hi", "tenant": "victim", "job_id": "anon-1"}).encode()
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=replies.name, correlation_id="c"), routing_key=s.topology.intake
+        )
+        reply = json.loads((await get_message(replies)).body)
+    assert reply["status"] == "error" and reply["error"]["code"] == "forbidden"
+    assert "no AMQP user_id" in reply["error"]["message"]
+    assert await ledger_entries(redis, s) == []
