@@ -263,7 +263,7 @@ class FareboxClient:
         job_id: str,
         score: float | str,
         *,
-        tenant: str = "default",
+        tenant: str | None = None,
         source: str = "user",
         label: str | None = None,
         wait: bool = True,
@@ -274,7 +274,8 @@ class FareboxClient:
         ``error`` when it was refused (malformed, unknown job, another tenant's job)."""
         assert self._channel is not None and self._reply_queue is not None, "call connect() first"
         try:
-            fb = Feedback(job_id=job_id, tenant=tenant, score=score, source=source, label=label)
+            named = {"tenant": tenant} if tenant is not None else {}  # none: the sender's only tenant, or "default"
+            fb = Feedback.model_validate({"job_id": job_id, "score": score, "source": source, "label": label, **named})
         except ValidationError as err:
             raise InvalidRequest("invalid feedback: " + describe_validation_error(err)) from None
         correlation_id = str(uuid.uuid4())
@@ -284,7 +285,7 @@ class FareboxClient:
         try:
             await publish_confirmed(
                 self._channel,
-                fb.model_dump_json(exclude_none=True).encode(),
+                fb.model_dump_json(exclude_none=True, exclude_unset=True).encode(),
                 routing_key=self.topology.feedback,
                 properties=functools.partial(
                     aiormq_writes.persistent_properties,

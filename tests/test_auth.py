@@ -4,6 +4,7 @@ result record, no provider and no budget."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 import pytest
 from redis.asyncio import Redis
 
@@ -143,3 +145,53 @@ async def test_a_job_without_user_id_is_forbidden(auth_pipeline: InProcessPipeli
     assert reply["status"] == "error" and reply["error"]["code"] == "forbidden"
     assert "no AMQP user_id" in reply["error"]["message"]
     assert await ledger_entries(redis, s) == []
+
+
+async def test_tenants_add_gives_a_user_narrow_rights(
+    settings: Settings, emulator: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from farebox.cli import main
+
+    user = f"fbtest-{uuid.uuid4().hex[:8]}-svc"
+    monkeypatch.setenv("FAREBOX_NAMESPACE", settings.namespace)
+    try:
+        assert await asyncio.to_thread(main, ["tenants", "add", "victim", "--user", user, "--password", "pw"]) == 0
+        data = json.loads((CATALOG_DIR / "policy.json").read_text())
+        data["auth"] = {"mode": "user_id", "users": {user: ["victim"]}}
+        path = tmp_path / "policy.json"
+        path.write_text(json.dumps(data))
+        s = settings.model_copy(update={"emulator_url": emulator, "policy": path})
+        p = InProcessPipeline(s)
+        await p.start()
+        narrow = s.model_copy(update={"amqp_url": as_user(s.amqp_url, user)})
+        try:
+            async with InProcessPipeline(narrow).client() as client:  # jobs and feedback work with these rights
+                result = await client.complete({"prompt": "hello"}, timeout=30)
+                assert result.status == "ok" and result.tenant == "victim"
+                receipt = await client.feedback(result.job_id, "good")
+                assert receipt is not None and receipt.status == "ok"
+            await assert_refused(narrow, lambda ch: ch.get_queue(s.topology.intake, ensure=False))  # read the intake
+            await assert_refused(narrow, lambda ch: bind_alerts(ch, s, "budget.mallory"))  # another's alerts
+            connection = await aio_pika.connect(narrow.amqp_url)
+            async with connection:
+                await bind_alerts(await connection.channel(), s, "budget.victim")  # its own alerts: allowed
+        finally:
+            await p.close()
+    finally:
+        await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
+
+
+async def bind_alerts(channel: Any, settings: Settings, key: str) -> None:
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(settings.topology.alerts_exchange, routing_key=key)
+
+
+async def assert_refused(settings: Settings, act: Any) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            result = act(channel)
+            queue = await result
+            if hasattr(queue, "get"):
+                await queue.get(fail=False)

@@ -99,7 +99,7 @@ def add_commands(sub: Any) -> None:
     p = fsub.add_parser("send", help="publish feedback on a finished job to the feedback queue")
     p.add_argument("job_id")
     p.add_argument("score", type=score_arg, help="a score in [0, 1], or good / bad")
-    p.add_argument("--tenant", default="default", help="the job's tenant")
+    p.add_argument("--tenant", help="the job's tenant (default: your user's only tenant, or 'default')")
     p.add_argument("--source", default="user", help="who rates: user, user-thumbs, grader... (default user)")
     p.add_argument("--label", help="e.g. the correct answer")
     p.add_argument("--no-wait", action="store_true", help="do not wait for the receipt")
