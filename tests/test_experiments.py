@@ -182,3 +182,30 @@ def test_an_arm_router_file_that_is_missing_names_the_arm(tmp_path: Path) -> Non
     path.write_text(json.dumps(policy_with([body])))
     with pytest.raises(CatalogError, match=r"experiments\.e\.b\.path"):
         load_routing(CATALOG_DIR / "model_costs.json", path)
+
+
+@pytest.mark.parametrize(
+    ("grader", "task", "chosen"),
+    [
+        ("exact", "chat", "exact"),
+        ("judge", "classify", "judge"),
+        ("auto", "classify", "exact"),
+        ("auto", "extract", "exact"),
+        ("auto", "summarize", "judge"),
+        ("auto", "chat", "judge"),
+    ],
+)
+def test_the_grader_for_a_task(grader: str, task: str, chosen: str) -> None:
+    from farebox.routing.experiments import Shadow
+
+    shadow = Shadow(share=0.1, reference="openai/gpt-4o", cap_usd=1, grader=grader, judge_model="openai/gpt-4o-mini")  # type: ignore[arg-type]
+    assert shadow.grader_for(task) == chosen
+
+
+def test_an_auto_grader_needs_a_judge() -> None:
+    from pydantic import ValidationError
+
+    from farebox.routing.experiments import Shadow
+
+    with pytest.raises(ValidationError, match="grader 'auto' needs 'judge_model'"):
+        Shadow(share=0.1, reference="openai/gpt-4o", cap_usd=1, grader="auto")

@@ -31,6 +31,7 @@ from farebox.routing.choose import choose_route
 from farebox.routing.experiments import Experiment, unit_draw
 from farebox.routing.policy import Policy
 from farebox.routing.store import Unit
+from farebox.routing.tasks import infer_task
 from farebox.schemas import ChatMessage, Envelope, Evaluation, Feedback, Job, JobResult, RouteDecision, Usage
 from farebox.schemas.job import CacheOptions
 from farebox.settings import Settings
@@ -119,7 +120,7 @@ class Shadowing:
             answer=result.content,
             answered_by=answered,
             reference=shadow.reference,
-            grader=shadow.grader,
+            grader=shadow.grader_for(infer_task(env.job)),
             judge_model=shadow.judge_model,
         )
         # Reserved for the most the reference may answer (max_tokens), settled down to the actual cost.

@@ -25,6 +25,7 @@ from farebox.schemas.job import Task
 NAME = r"^[A-Za-z0-9_.-]+$"
 TARGET = r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.:@/-]+$"
 DAY_S = 86_400
+LABEL_TASKS = frozenset({"classify", "extract"})  # answers a label: exact comparison is a fair grade
 
 
 class Arm(Strict):
@@ -36,21 +37,27 @@ class Arm(Strict):
 class Shadow(Strict):
     """Judging without a human: a sampled ``share`` of the jobs a non-reference arm answered is also sent to
     ``reference``, and a grader scores how well the two answers agree (``exact``: the same text once case,
-    spaces and punctuation are set aside; ``judge``: ``judge_model`` is asked). The score arrives as feedback
-    with source "shadow". Shadow calls are evaluation spend, capped at ``cap_usd`` per ``period``."""
+    spaces and punctuation are set aside; ``judge``: ``judge_model`` is asked; ``auto``: exact for label-like
+    tasks (classify, extract), the judge for open ones). The score arrives as feedback with source "shadow".
+    Shadow calls are evaluation spend, capped at ``cap_usd`` per ``period``."""
 
     share: float = Field(gt=0, le=1)
     reference: str = Field(pattern=TARGET, max_length=200)
-    grader: Literal["exact", "judge"] = "exact"
+    grader: Literal["exact", "judge", "auto"] = "exact"
     judge_model: str | None = Field(None, pattern=TARGET, max_length=200)
     cap_usd: float = Field(gt=0)
     period: Literal["day", "month"] = "day"
 
     @model_validator(mode="after")
     def _judge(self) -> Shadow:
-        if self.grader == "judge" and self.judge_model is None:
-            raise ValueError("grader 'judge' needs 'judge_model', the provider/model that judges agreement")
+        if self.grader != "exact" and self.judge_model is None:
+            raise ValueError(f"grader {self.grader!r} needs 'judge_model', the provider/model that judges agreement")
         return self
+
+    def grader_for(self, task: str) -> Literal["exact", "judge"]:
+        if self.grader == "auto":
+            return "exact" if task in LABEL_TASKS else "judge"
+        return self.grader
 
 
 class Experiment(Strict):
