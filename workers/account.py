@@ -155,7 +155,7 @@ def kept_prompt(env: Envelope, policy: Policy) -> KeptPrompt | None:
     strategy = env.route.strategy if env.route else None
     if strategy is None:
         return None
-    experiment = next((e for e in policy.experiments if e.name == strategy.experiment), None)
+    experiment = policy.experiment(strategy.experiment)
     ttl = experiment.keep_prompts_s if experiment is not None else 7 * 86_400
     if ttl <= 0:
         return None

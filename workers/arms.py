@@ -9,6 +9,7 @@ reload takes the kept arm if the policy still has it. With Redis away the draw i
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from redis.asyncio import Redis
 
@@ -35,11 +36,8 @@ class ArmPins:
             return drawn
         if not isinstance(kept, (bytes, str)) or as_text(kept) == value:
             return drawn  # nothing kept yet (None): the draw is now the job's arm
-        experiment, _, arm = as_text(kept).partition("|")
-        for e in experiments:
-            if e.name == experiment and e.arm(arm) is not None:
-                return Assignment(experiment, arm, drawn.draw, drawn.sticky)
-        return drawn  # the kept arm is gone from the policy: the job takes the arm it draws now
+        # A kept arm gone from the policy: the job takes the arm it draws now.
+        return still_in_policy(kept, experiments, drawn.draw, drawn.sticky) or drawn
 
     async def kept(self, job_id: str, experiments: tuple[Experiment, ...]) -> Assignment | None:
         """The arm a redelivered job was put in before a reload that no longer draws it (a lower share, a
@@ -48,10 +46,15 @@ class ArmPins:
             value = await self.redis.get(self.keys.arm(job_id))
         except REDIS_DOWN:
             return None
-        if not isinstance(value, (bytes, str)):
-            return None
-        experiment, _, arm = as_text(value).partition("|")
-        for e in experiments:
-            if e.name == experiment and e.arm(arm) is not None:
-                return Assignment(experiment, arm, 0.0, "job_id")
-        return None
+        return still_in_policy(value, experiments, 0.0, "job_id") if isinstance(value, (bytes, str)) else None
+
+
+def still_in_policy(
+    kept: bytes | str, experiments: tuple[Experiment, ...], draw: float, sticky: Literal["subject", "job_id"]
+) -> Assignment | None:
+    """The kept "experiment|arm" as an Assignment, when the policy still has that arm."""
+    experiment, _, arm = as_text(kept).partition("|")
+    for e in experiments:
+        if e.name == experiment and e.arm(arm) is not None:
+            return Assignment(experiment, arm, draw, sticky)
+    return None

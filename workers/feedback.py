@@ -119,8 +119,8 @@ class FeedbackStage:
 
     async def handle(self, item: FeedbackItem, delivery: Delivery) -> Handled:
         fb = item.feedback
-        auth = self.store.current()[1].auth
-        tenant = acting_tenant(auth, delivery.user_id, fb.tenant, "tenant" in fb.model_fields_set)
+        policy = self.store.current()[1]
+        tenant = acting_tenant(policy.auth, delivery.user_id, fb.tenant, "tenant" in fb.model_fields_set)
         if tenant != fb.tenant:
             fb = fb.model_copy(update={"tenant": tenant})
         now = self.clock()
@@ -148,7 +148,7 @@ class FeedbackStage:
         if verdict == "forbidden":
             raise Forbidden(f"job {fb.job_id!r} is not one of tenant {fb.tenant!r}'s jobs; its feedback is refused")
         if verdict == "added":  # a replacement or a redelivery is not a second score
-            self._observe(fb, experiment or "-", arm or "-")
+            self._observe(fb, experiment or "-", arm or "-", policy.feedback_sources)
         receipt = FeedbackReceipt(job_id=fb.job_id, status="ok", source=fb.source, replaced=verdict == "replaced")
         return Handled(receipt_publish(receipt, delivery))
 
@@ -166,8 +166,7 @@ class FeedbackStage:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
-    def _observe(self, fb: Feedback, experiment: str, arm: str) -> None:
-        sources = self.store.current()[1].feedback_sources
+    def _observe(self, fb: Feedback, experiment: str, arm: str, sources: tuple[str, ...]) -> None:
         source = fb.source if fb.source in sources else "other"
         metrics.child(metrics.FEEDBACK, experiment, arm, source).inc()
         metrics.child(metrics.FEEDBACK_SCORE, experiment, arm, source).inc(fb.value)

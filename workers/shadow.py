@@ -29,7 +29,6 @@ from farebox.errors import FareboxError
 from farebox.routing.catalog import cost_usd
 from farebox.routing.choose import choose_route
 from farebox.routing.experiments import Experiment, unit_draw
-from farebox.routing.policy import Policy
 from farebox.routing.store import Unit
 from farebox.routing.tasks import infer_task
 from farebox.schemas import ChatMessage, Envelope, Evaluation, Feedback, Job, JobResult, RouteDecision, Usage
@@ -105,7 +104,7 @@ class Shadowing:
         strategy = env.route.strategy if env.route else None
         if strategy is None or result.status != "ok" or result.cache != "miss" or result.content is None:
             return []
-        experiment = _experiment(policy, strategy.experiment)
+        experiment = policy.experiment(strategy.experiment)
         shadow = experiment.shadow if experiment is not None else None
         answered = f"{result.provider}/{result.model}"
         if experiment is None or shadow is None or answered == shadow.reference:
@@ -214,7 +213,7 @@ class Shadowing:
         return await self._ask_judge(env, evaluation, result.content, unit)
 
     async def _ask_judge(self, env: Envelope, evaluation: Evaluation, reference: str, unit: Unit) -> list[Publish]:
-        experiment = _experiment(unit[1], evaluation.experiment)
+        experiment = unit[1].experiment(evaluation.experiment)
         if experiment is None or experiment.shadow is None or evaluation.judge_model is None:
             return []  # the experiment has left the policy since: no more of its spending
         request = "\n".join(m.content for m in env.job.chat if m.role == "user")[-JUDGE_MAX_CHARS:]
@@ -254,7 +253,3 @@ def refusal(job: Job, unit: Unit) -> str | None:
     except FareboxError as err:
         return str(err)
     return None
-
-
-def _experiment(policy: Policy, name: str) -> Experiment | None:
-    return next((e for e in policy.experiments if e.name == name), None)

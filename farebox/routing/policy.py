@@ -131,6 +131,9 @@ class Policy(Strict):
             raise ValueError(f"two budgets for tenant {tenant!r}, user_tier {user_tier!r}, period {period!r}")
         return v
 
+    def experiment(self, name: str) -> Experiment | None:
+        return next((e for e in self.experiments if e.name == name), None)
+
     def is_cacheable(self, job: Job) -> bool:
         return self.cache.enabled and job.temperature <= self.cache.max_temperature
 
