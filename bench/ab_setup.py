@@ -26,6 +26,7 @@ from common import ROOT, emulator_process
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
+from farebox.constants import job_record
 from farebox.routing.choose import choose_route
 from farebox.routing.experiments import assign
 from farebox.routing.outcomes import OutcomeSet, load_outcomes
@@ -349,7 +350,7 @@ async def feedback_cpu_run(stage: FeedbackStage, redis: Redis, n: int, run: int)
     ids = [f"fb-{run}-{i}" for i in range(2 * n)]
     for i, job_id in enumerate(ids):
         entry = {"tenant": "default", "experiment": EXPERIMENT, "arm": ARMS[i % 2], "day": "2000-01-01"}
-        await redis.set(stage.keys.ledger_entry(job_id), json.dumps(entry))
+        await redis.set(stage.keys.ledger_entry(job_record("default", job_id)), json.dumps(entry))
     queue = stage.input_queues()[0]
 
     def call(job_id: str, score: int) -> Awaitable[Any]:

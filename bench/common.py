@@ -62,9 +62,11 @@ def emulator_process(port: int, *, latency_ms: int = 0) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def process_pipeline(emulator_url: str, **overrides: Any) -> AsyncIterator[tuple[Settings, ProcessPipeline]]:
+async def process_pipeline(
+    emulator_url: str, child_env: dict[str, str] | None = None, **overrides: Any
+) -> AsyncIterator[tuple[Settings, ProcessPipeline]]:
     """Every stage as its own OS process, as `farebox up` runs them (settings overrides reach them
-    through the environment)."""
+    through the environment; ``child_env`` adds to it, e.g. PYTHONPATH to run another checkout's stages)."""
     run = uuid.uuid4().hex[:8]
     settings = Settings(
         namespace=f"fbbench-{run}",
@@ -74,6 +76,7 @@ async def process_pipeline(emulator_url: str, **overrides: Any) -> AsyncIterator
         **overrides,
     )
     procs = ProcessPipeline(settings)
+    procs.env.update(child_env or {})
     procs.start(ALL_STAGES)
     try:
         yield settings, procs

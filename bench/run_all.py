@@ -1,5 +1,6 @@
 """The benchmark harness in one command: the tables of issue 8 (pipeline_throughput, ceiling,
-cache_hit, io_concurrency, cost, litellm_peer, and http_client: the provider calls' HTTP client), and
+cache_hit, io_concurrency, cost, litellm_peer, and http_client: the provider calls' HTTP client), fairness
+(single interactive jobs during another tenant's backfill, issue 19), and
 ab_replay (the rules-vs-learned A/B test replayed on held-out RouteLLM outcomes, and the CPU of experiments)
 from at least three runs each (median with min and max), one script after another so they never
 compete for the cores. The long fault runs (provider_faults.py, chaos.py) and route_speed.py stay
@@ -37,6 +38,7 @@ SUITE: dict[str, tuple[list[str], list[str] | None]] = {
     "cost": (["--jobs", "10000", "--runs", "3"], ["--jobs", "200", "--runs", "1"]),
     "litellm_peer": (["--jobs", "3000", "--runs", "3"], None),
     "http_client": (["--calls", "1000", "--runs", "7"], ["--calls", "200", "--runs", "1", "--in-flight", "32"]),
+    "fairness": (["--jobs", "3000", "--runs", "3", "--shared"], ["--smoke"]),
     "ab_replay": (
         ["--jobs", "2000", "--replays", "3", "--runs", "3"],
         [

@@ -45,6 +45,7 @@ from farebox.errors import (
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, PublishWindow, publish_confirmed
 from farebox.schemas import ErrorInfo, Feedback, FeedbackReceipt, Job, JobResult
+from farebox.schemas.job import Priority
 from farebox.settings import Settings
 
 log = logging.getLogger("farebox.client")
@@ -115,6 +116,7 @@ class FareboxClient:
         self._waiters: dict[str, asyncio.Future[JobResult]] = {}
         self._receipts: dict[str, asyncio.Future[FeedbackReceipt]] = {}
         self._stream_inbox: asyncio.Queue[JobResult] | None = None
+        self._lanes = False  # the pipeline has an interactive intake (one from before the lanes has not)
         self.repeats_dropped = 0  # repeated results (same job_id) that stream() did not yield again
 
     @classmethod
@@ -148,6 +150,7 @@ class FareboxClient:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._channel = channel
             await self._wait_for_intake()
+            self._lanes = await self._queue_consumers(self.topology.intake_interactive) is not None
             self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
         except BaseException as err:  # a failed or cancelled connect leaves nothing open behind it
@@ -170,14 +173,14 @@ class FareboxClient:
     async def intake_consumers(self) -> int:
         """How many consumers the intake queue has now. 0 (also when the queue does not exist)
         means no pipeline is taking jobs: what is published meanwhile waits in the queue."""
-        return await self._intake_consumers() or 0
+        return await self._queue_consumers(self.topology.intake) or 0
 
-    async def _intake_consumers(self) -> int | None:
-        """Consumers on the intake, or None when the queue does not exist (yet)."""
+    async def _queue_consumers(self, queue: str) -> int | None:
+        """Consumers on ``queue``, or None when the queue does not exist (yet)."""
         assert self._connection is not None, "call connect() first"
         probe = await self._connection.channel()  # a failed passive declare closes its channel
         try:
-            declared = await probe.declare_queue(self.topology.intake, passive=True)
+            declared = await probe.declare_queue(queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         finally:
@@ -203,7 +206,7 @@ class FareboxClient:
     async def _wait_for_intake(self) -> None:
         """The workers declare the intake; give a pipeline that is starting up time to do so."""
         deadline = time.monotonic() + self.wait_for_pipeline_s
-        while await self._intake_consumers() is None:
+        while await self._queue_consumers(self.topology.intake) is None:
             if time.monotonic() >= deadline:
                 raise DependencyUnavailable(
                     f"queue {self.topology.intake!r} does not exist: is the pipeline running? "
@@ -230,19 +233,25 @@ class FareboxClient:
         elif self._stream_inbox is not None:
             self._stream_inbox.put_nowait(result)
 
-    async def publish(self, job: JobLike, *, correlation_id: str | None = None) -> Job:
-        """Publish one job (confirmed; retried while the intake is full). Returns it with its job_id."""
+    async def publish(
+        self, job: JobLike, *, correlation_id: str | None = None, priority: Priority | None = None
+    ) -> Job:
+        """Publish one job (confirmed; retried while the intake is full). Returns it with its job_id. ``priority``:
+        its lane if it names none (None: the policy's); interactive jobs go through the interactive intake."""
         assert self._channel is not None and self._reply_queue is not None, "call connect() first"
         parsed = as_job(job)
         if parsed.job_id is None:
             parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
+        if parsed.priority is None and priority is not None and self._lanes:
+            parsed = parsed.model_copy(update={"priority": priority})
         assert parsed.job_id is not None
         body = parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+        lane = "interactive" if parsed.priority == "interactive" and self._lanes else "background"
         try:
             await publish_confirmed(
                 self._channel,
                 body,
-                routing_key=self.topology.intake,
+                routing_key=self.topology.lane(self.topology.intake, lane),
                 properties=functools.partial(
                     aiormq_writes.persistent_properties,
                     content_type=CONTENT_TYPE,
@@ -305,13 +314,16 @@ class FareboxClient:
         finally:
             self._receipts.pop(correlation_id, None)
 
-    async def complete(self, job: JobLike, *, timeout: float = 120.0) -> JobResult:
-        """Publish one job and wait for its result (DeadlineExceeded after ``timeout`` seconds)."""
+    async def complete(
+        self, job: JobLike, *, timeout: float = 120.0, priority: Priority | None = "interactive"
+    ) -> JobResult:
+        """Publish one job and wait for its result (DeadlineExceeded after ``timeout`` seconds); interactive
+        unless the job or ``priority`` says otherwise (see ``publish``)."""
         correlation_id = str(uuid.uuid4())
         future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._waiters[correlation_id] = future
         try:
-            await self.publish(job, correlation_id=correlation_id)
+            await self.publish(job, correlation_id=correlation_id, priority=priority)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"no result within {timeout:.0f}s") from None
@@ -324,9 +336,11 @@ class FareboxClient:
         *,
         max_in_flight: int = 256,
         idle_timeout_s: float = 300.0,
+        priority: Priority | None = "background",
     ) -> AsyncIterator[JobResult]:
         """Publish jobs with at most ``max_in_flight`` unanswered, yielding results as they arrive
-        (in completion order). A repeated result for a job already answered is dropped."""
+        (in completion order). A repeated result for a job already answered is dropped. Background work
+        unless a job or ``priority`` says otherwise (see ``publish``)."""
         inbox: asyncio.Queue[JobResult] = asyncio.Queue()
         self._stream_inbox = inbox
         outstanding: set[str] = set()
@@ -344,7 +358,7 @@ class FareboxClient:
                         parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
                     assert parsed.job_id is not None
                     outstanding.add(parsed.job_id)
-                    await window.start(functools.partial(self.publish, parsed))
+                    await window.start(functools.partial(self.publish, parsed, priority=priority))
                 await window.drain()
             finally:
                 window.cancel()

@@ -8,19 +8,23 @@ namespace is exactly ``farebox.jobs`` as CONTRACT.md fixes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NewType
 
 DEFAULT_NAMESPACE = "farebox"
 STAGES = ("dedup", "route", "execute", "account")
 NANO = 1_000_000_000  # money is kept in Redis as integer nano-dollars
+JobRecord = NewType("JobRecord", str)  # "tenant/job_id": see job_record()
 
 # AMQP headers farebox sets on its own messages.
 H_REASON = "x-farebox-reason"  # why a message was dead-lettered (never prompt text)
 H_STAGE = "x-farebox-stage"  # the stage that dead-lettered it
 H_CODE = "x-farebox-code"  # the error code the caller receives
 H_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
+H_USER = "x-farebox-user-id"  # the sender's validated AMQP user_id, kept when a stage dead-letters its message
 H_BATCH = "x-farebox-batch"  # how many envelopes an internal message holds (farebox/stages/batching.py)
 
 CONTENT_TYPE = "application/json"
+INTERACTIVE = ".interactive"  # the suffix of a stage queue's interactive twin (Topology.lane)
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,36 @@ class Topology:
         return f"{self.namespace}.feedback"
 
     def is_batched(self, queue: str) -> bool:
-        """The internal hops whose messages may carry several jobs (farebox/stages/batching.py)."""
-        return queue in (self.route, self.account) or queue.startswith(f"{self.namespace}.execute.")
+        """The internal hops whose messages may carry several jobs (farebox/stages/batching.py), in either lane."""
+        base = self.lane_base(queue)
+        return base in (self.route, self.account) or base.startswith(f"{self.namespace}.execute.")
+
+    # Lanes (farebox/routing/priority.py). Quorum queues have no message priorities, and an existing queue
+    # cannot be redeclared with other arguments, so interactive work has queues of its own: each stage queue
+    # has a twin, ``<queue>.interactive``, which its stage serves first. The queues of before are the
+    # background lane, so producers that only know ``<ns>.jobs`` keep working.
+    def has_lanes(self, queue: str) -> bool:
+        """The queues with an interactive twin: the intake and every hop between stages."""
+        return queue in (self.intake, self.route, self.account) or (
+            queue.startswith(f"{self.namespace}.execute.") and not queue.endswith(INTERACTIVE)
+        )
+
+    def lane(self, queue: str, lane: str) -> str:
+        """``queue`` as ``lane`` has it: its interactive twin, or itself (background, or a queue without lanes)."""
+        return queue + INTERACTIVE if lane == "interactive" and self.has_lanes(queue) else queue
+
+    def lane_base(self, queue: str) -> str:
+        """The background queue of a twin (any other queue as it is)."""
+        base = queue.removesuffix(INTERACTIVE)
+        return base if base != queue and self.has_lanes(base) else queue
+
+    def lane_of(self, queue: str) -> str:
+        return "interactive" if self.lane_base(queue) != queue else "background"
+
+    @property
+    def intake_interactive(self) -> str:
+        """The interactive intake: optional for producers (the client uses it); ``priority`` in the body also works."""
+        return self.lane(self.intake, "interactive")
 
     @property
     def dead_exchange(self) -> str:
@@ -94,15 +126,17 @@ class RedisKeys:
     def inflight(self, key: str) -> str:
         return f"{self.prefix}inflight:{key}"
 
-    def result(self, job_id: str) -> str:
-        return f"{self.prefix}result:{job_id}"
+    # A job's own records are keyed by tenant and job_id (``job_record``): the same job_id from two
+    # tenants is two jobs, and one tenant's id can never reach another's stored result.
+    def result(self, record: JobRecord) -> str:
+        return f"{self.prefix}result:{record}"
 
-    def outcome(self, job_id: str) -> str:
+    def outcome(self, record: JobRecord) -> str:
         """A provider answer kept between the call and the hand-off, so a redelivery never calls twice."""
-        return f"{self.prefix}outcome:{job_id}"
+        return f"{self.prefix}outcome:{record}"
 
-    def ledger_entry(self, job_id: str) -> str:
-        return f"{self.prefix}ledger:job:{job_id}"
+    def ledger_entry(self, record: JobRecord) -> str:
+        return f"{self.prefix}ledger:job:{record}"
 
     @property
     def ledger_stream(self) -> str:
@@ -121,13 +155,13 @@ class RedisKeys:
         baseline_nusd, errors, cache_hits, shadow_nusd: what shadow grading of the arm's jobs spent)."""
         return f"{self.prefix}ledger:arms:{day}"
 
-    def arm(self, job_id: str) -> str:
+    def arm(self, record: JobRecord) -> str:
         """The experiment arm a job was put in, so a policy reload never moves it (farebox/stages/arms.py)."""
-        return f"{self.prefix}arm:{job_id}"
+        return f"{self.prefix}arm:{record}"
 
-    def feedback(self, job_id: str) -> str:
+    def feedback(self, record: JobRecord) -> str:
         """Hash of a job's feedback: source -> JSON {score, label, ts}; one per source, the latest wins."""
-        return f"{self.prefix}feedback:{job_id}"
+        return f"{self.prefix}feedback:{record}"
 
     def feedback_arms(self, day: str) -> str:
         """Hash of the feedback on one UTC day's jobs (the job's day) in experiments; fields
@@ -136,19 +170,19 @@ class RedisKeys:
 
     @property
     def feedback_jobs(self) -> str:
-        """Sorted set of the job ids with feedback, scored by the time of their latest feedback."""
+        """Sorted set of the records (``job_record``) with feedback, scored by the time of their latest feedback."""
         return f"{self.prefix}feedback:jobs"
 
-    def prompt(self, job_id: str) -> str:
+    def prompt(self, record: JobRecord) -> str:
         """An experiment job's messages as sent (redacted), kept for ``farebox feedback export``."""
-        return f"{self.prefix}prompt:{job_id}"
+        return f"{self.prefix}prompt:{record}"
 
     def shadow_spend(self, experiment: str, period: str) -> str:
         """Evaluation spend of an experiment's shadow grading in one period, in nano-dollars."""
         return f"{self.prefix}shadow:{experiment}:{period}"
 
-    def reservation(self, job_id: str) -> str:
-        return f"{self.prefix}reservation:{job_id}"
+    def reservation(self, record: JobRecord) -> str:
+        return f"{self.prefix}reservation:{record}"
 
     def budget(self, tenant: str, period: str) -> str:
         return f"{self.prefix}budget:{tenant}:{period}"
@@ -161,6 +195,17 @@ class RedisKeys:
 
     def provider_health(self, provider: str) -> str:
         return f"{self.prefix}health:{provider}"
+
+
+def job_record(tenant: str, job_id: str) -> JobRecord:
+    """What names one job's records in Redis: its tenant and its job_id. Tenant names cannot hold '/'."""
+    return JobRecord(f"{tenant}/{job_id}")
+
+
+def split_job_record(record: str) -> tuple[str, str]:
+    """The tenant and job_id of a ``job_record``."""
+    tenant, _, job_id = record.partition("/")
+    return tenant, job_id
 
 
 def as_text(value: bytes | str) -> str:

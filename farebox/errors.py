@@ -106,6 +106,13 @@ class DeadlineExceeded(PermanentError):
     code: ClassVar[str] = "timeout"
 
 
+class ForeignMessage(PermanentError):
+    """A message on a queue between stages that the pipeline did not send (auth mode user_id): a producer
+    publishing past the intake (the default exchange reaches every queue) is refused, never handled."""
+
+    code: ClassVar[str] = "forbidden"
+
+
 # --- blocked ---------------------------------------------------------------------------------
 class PolicyBlocked(BlockedError):
     code: ClassVar[str] = "blocked"

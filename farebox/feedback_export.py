@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from farebox.constants import RedisKeys, as_text
+from farebox.constants import JobRecord, RedisKeys, as_text
 from farebox.report import parse_day
 
 SCAN_BATCH = 500
@@ -73,8 +73,9 @@ def _job_score(feedback: dict[str, dict[str, Any]], sources: frozenset[str] | No
     return sum(float(f["score"]) for f in chosen.values()) / len(chosen), refs
 
 
-async def _batches(redis: Redis, keys: RedisKeys) -> Iterator[list[str]]:
-    texts = [as_text(v) for v in await redis.zrange(keys.feedback_jobs, 0, -1) if isinstance(v, (bytes, str))]
+async def _batches(redis: Redis, keys: RedisKeys) -> Iterator[list[JobRecord]]:
+    members = await redis.zrange(keys.feedback_jobs, 0, -1)
+    texts = [JobRecord(as_text(v)) for v in members if isinstance(v, (bytes, str))]
     return (texts[i : i + SCAN_BATCH] for i in range(0, len(texts), SCAN_BATCH))
 
 
@@ -84,10 +85,10 @@ async def collect(redis: Redis, keys: RedisKeys, filt: ExportFilter) -> tuple[li
     prompts: dict[str, PromptOutcomes] = {}
     for batch in await _batches(redis, keys):
         pipe = redis.pipeline(transaction=False)
-        for job_id in batch:
-            pipe.get(keys.ledger_entry(job_id))
-            pipe.hgetall(keys.feedback(job_id))
-            pipe.get(keys.prompt(job_id))
+        for record in batch:
+            pipe.get(keys.ledger_entry(record))
+            pipe.hgetall(keys.feedback(record))
+            pipe.get(keys.prompt(record))
         replies = await pipe.execute()
         for i in range(len(batch)):
             raw_entry, raw_feedback, raw_prompt = replies[3 * i : 3 * i + 3]

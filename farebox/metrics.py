@@ -1,11 +1,14 @@
 """Prometheus metrics, one registry per process, with the seed's names (CONTRACT.md).
 
-Label sets are fixed here so every process exports the same shape; prompts never become labels.
+Label sets are fixed here so every process exports the same shape; prompts never become labels. Every label
+value comes from a bounded set (a policy's names, a catalog's models, fixed words): each value is a series
+Prometheus keeps, so a value taken from a job (a tenant) goes through ``tenant_label`` first.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Container
 from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -13,13 +16,19 @@ from prometheus_client.metrics import MetricWrapperBase
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
+# The tenant label of every tenant the policy does not name: a "*" budget or open intake would otherwise make
+# each new tenant name a series. Per-tenant spend for everyone is in `farebox report` (the ledger).
+OTHER_TENANT = "other"
+
 REQUESTS = Counter(
     "llm_proxy_request_total",
     "Jobs completed, by model and whether the cache served them",
     ["model", "provider", "cache_hit"],
 )
 COST = Counter("llm_proxy_cost_total", "USD charged for provider calls", ["model", "provider"])
-TENANT_COST = Counter("farebox_tenant_cost_usd_total", "USD charged, by tenant", ["tenant"])
+TENANT_COST = Counter(
+    "farebox_tenant_cost_usd_total", "USD charged, by tenant (tenants the policy does not name: other)", ["tenant"]
+)
 TOKENS_IN = Counter("llm_proxy_token_count_input_total", "Input tokens billed", ["model"])
 TOKENS_OUT = Counter("llm_proxy_token_count_output_total", "Output tokens billed", ["model"])
 LATENCY = Histogram(
@@ -31,10 +40,18 @@ LATENCY = Histogram(
 SAVINGS = Counter("llm_proxy_savings_total", "USD saved versus the baseline model (routing + cache)")
 ERRORS = Counter("llm_proxy_errors_total", "Errors by stage and result code", ["stage", "code"])
 RETRIES = Counter("llm_proxy_retries_total", "Provider call retries", ["provider"])
+# Only tenants the policy names get a budget gauge: one gauge shared by every other tenant would show whichever
+# settled last. Their alerts still count, under "other".
 BUDGET_USED = Gauge(
-    "llm_proxy_budget_used_ratio", "Share of the tenant's budget spent this period", ["tenant", "period"]
+    "llm_proxy_budget_used_ratio",
+    "Share of the tenant's budget spent this period (only tenants the policy names)",
+    ["tenant", "period"],
 )
-BUDGET_ALERTS = Counter("farebox_budget_alerts_total", "Budget alert thresholds crossed", ["tenant", "threshold"])
+BUDGET_ALERTS = Counter(
+    "farebox_budget_alerts_total",
+    "Budget alert thresholds crossed (tenants the policy does not name: other)",
+    ["tenant", "threshold"],
+)
 BATCH_SIZE = Histogram(
     "farebox_batch_jobs",
     "Jobs per message sent to the next stage",
@@ -76,9 +93,15 @@ def _child(metric: MetricWrapperBase, labels: tuple[str, ...]) -> MetricWrapperB
     return metric.labels(*labels)
 
 
+def tenant_label(tenant: str | None, named: Container[str]) -> str:
+    """The ``tenant`` label value: the tenant itself when the policy names it (``named``), else "other"."""
+    return tenant if tenant is not None and tenant in named else OTHER_TENANT
+
+
 def child(metric: _M, *labels: str) -> _M:
     """``metric.labels(*labels)``, remembered: prometheus-client checks and converts the values
-    and takes a lock on every ``labels`` call, several times per job on the hot path."""
+    and takes a lock on every ``labels`` call, several times per job on the hot path. The cache is
+    bounded, the registry is not: ``labels`` must come from a bounded set (see ``tenant_label``)."""
     found: _M = _child(metric, labels)  # type: ignore[assignment]
     return found
 

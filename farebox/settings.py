@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,9 @@ class Settings(BaseSettings):
 
     # Delivery knobs.
     prefetch: int = Field(64, ge=1, le=10_000)
+    # Jobs a stage process may handle at once for the interactive lane beyond its prefetch, which background
+    # work may fill: an interactive job never waits for a backfill's job to finish (farebox/stages/slots.py).
+    interactive_reserve: int = Field(16, ge=0, le=10_000)
     # Jobs per message between stages (1: one each) and how long a part-full batch may wait.
     batch_max: int = Field(32, ge=1, le=1000)
     batch_linger_ms: float = Field(10.0, ge=0, le=1000)
@@ -50,6 +54,17 @@ class Settings(BaseSettings):
     stage_max_length: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     result_ttl_s: int = Field(86_400, ge=60)
+    # Retention: a job's ledger entry (and its feedback) expires after ledger_entry_ttl_s, a day's aggregates
+    # (what `farebox report` reads) ledger_days_kept days after that day. The ledger stream is the export path.
+    ledger_entry_ttl_s: int = Field(30 * 86_400, ge=86_400)
+    ledger_days_kept: int = Field(400, ge=1)
+    # What <ns>.dead keeps: a record per refused message (never its body unless asked), the newest so many,
+    # so a flood of bad messages cannot fill the broker's disk (farebox/stages/topology.py, deadletter.py).
+    dead_max_length: int = Field(10_000, ge=1)
+    dead_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    dead_ttl_s: float = Field(7 * 86_400, ge=0.001)
+    # Keep each refused message's raw body in its record too: it may hold prompts and secrets (debugging only).
+    dead_keep_bodies: bool = False
     # Coalesced waiters re-check this often; the leader's lease bounds how long they trust it.
     coalesce_poll_ms: int = Field(100, ge=10)
     leader_lease_s: int = Field(300, ge=1)
@@ -73,6 +88,23 @@ class Settings(BaseSettings):
     @property
     def topology(self) -> Topology:
         return Topology(self.namespace)
+
+    @property
+    def ledger_entry_keep_s(self) -> int:
+        """How long a job's ledger entry lives: never less than its stored result, which a replay reads."""
+        return max(self.ledger_entry_ttl_s, self.result_ttl_s)
+
+    @property
+    def amqp_user(self) -> str:
+        """The pipeline's own RabbitMQ user: what RabbitMQ vouches for on messages the pipeline sends itself."""
+        return unquote(urlsplit(self.amqp_url).username or "guest")
+
+    @property
+    def amqp_user_id(self) -> str | None:
+        """The user_id the pipeline stamps on what it sends: only a user named in FAREBOX_AMQP_URL, which PLAIN
+        logs in as (with EXTERNAL or token auth RabbitMQ's user may differ, and a wrong user_id is refused)."""
+        username = urlsplit(self.amqp_url).username
+        return unquote(username) if username else None
 
     @property
     def keys(self) -> RedisKeys:

@@ -38,6 +38,7 @@ from rich.table import Table
 from farebox.client import FareboxClient, as_job
 from farebox.errors import InvalidRequest
 from farebox.schemas import ErrorInfo, Job, JobResult
+from farebox.schemas.job import Priority
 from farebox.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -279,10 +280,12 @@ async def submit(
     max_in_flight: int = 256,
     quiet: bool = False,
     console: Console | None = None,
+    priority: Priority | None = "background",
 ) -> Summary:
     """Send the jobs of ``path`` not yet answered in ``out`` and append their results to it
     (stdout without ``out``). ``summary`` is filled as the run goes, so a caller holding it has
-    the numbers so far when the run is interrupted."""
+    the numbers so far when the run is interrupted. A backfill: background work unless a line (or
+    ``priority``) says otherwise."""
     console = console or Console(stderr=True)
     summary = summary if summary is not None else Summary()
     check_paths(path, out)
@@ -319,7 +322,7 @@ async def submit(
 
             client = FareboxClient.from_settings(settings, coalesce_writes=True, on_no_pipeline=warn)
             async with client:
-                async for result in client.stream(jobs(), max_in_flight=max_in_flight):
+                async for result in client.stream(jobs(), max_in_flight=max_in_flight, priority=priority):
                     write(result)
                     summary.add(result)
                     shown()

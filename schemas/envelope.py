@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farebox.schemas.job import Job
+from farebox.constants import JobRecord, job_record
+from farebox.schemas.job import Job, Priority
 from farebox.schemas.result import CacheStatus, ErrorInfo, StrategyRef, Usage
 
 
@@ -89,6 +90,9 @@ class Envelope(BaseModel):
     cache_key: str | None = None  # set when the job may be served from / stored in the cache
     coalesce_key: str | None = None  # identical in-flight jobs share it; the leader holds its lease
     waits: int = Field(0, ge=0)  # times this job has waited for a coalesced leader
+    # The lane the dedup stage resolved (farebox/routing/priority.py): every hop after it publishes to that lane's
+    # queue. Background when absent: shadow grading, and envelopes from before the lanes.
+    lane: Priority = "background"
     route: RouteDecision | None = None
     # Tokens of job.chat as it now stands, counted by the route stage so that the execute stage's
     # tokens-per-minute limit need not count again; None (older messages, or after a redaction) counts there.
@@ -100,3 +104,8 @@ class Envelope(BaseModel):
     cache_status: CacheStatus = "miss"
     error: ErrorInfo | None = None
     evaluation: Evaluation | None = None  # set on shadow-grading jobs only
+
+    @property
+    def record(self) -> JobRecord:
+        """What names this job's records in Redis (its tenant and job_id)."""
+        return job_record(self.job.tenant, self.job_id)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError, PydanticSerializationError, to_json
 
 Role = Literal["system", "user", "assistant"]
 Task = Literal["summarize", "classify", "extract", "reason", "code", "generate", "explain", "chat"]
 Quality = Literal["low", "medium", "high"]
 CacheMode = Literal["use", "bypass", "refresh"]
+Priority = Literal["interactive", "background"]  # the lane a job runs in (farebox/routing/priority.py)
 
 MAX_MESSAGES = 1000
 MAX_CACHE_TTL_S = 30 * 86_400
+# metadata rides along in every message and the result of its job, so it is capped: as compact JSON (what the
+# messages carry), in bytes.
+MAX_METADATA_BYTES = 4096
 
 
 class ChatMessage(BaseModel):
@@ -45,11 +50,31 @@ class Job(BaseModel):
     user_tier: str | None = Field(None, max_length=64)
     # Who the job is for (a user id, a session): experiments keep one subject in one arm. Never logged.
     subject: str | None = Field(None, min_length=1, max_length=200)
+    # interactive: someone waits, served ahead of background work; unset: the policy's priority decides.
+    priority: Priority | None = None
     max_tokens: int = Field(256, ge=1, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     cache: CacheOptions = CacheOptions()
     deadline_s: float | None = Field(None, gt=0, le=7 * 86_400)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Sizes and the limit only: metadata may hold anything, and these messages reach dead-letter reasons.
+        try:
+            size = len(to_json(v))
+        except PydanticSerializationError:
+            raise PydanticCustomError(
+                "metadata_not_json", "metadata must serialize as JSON (too deeply nested, or a non-JSON value)"
+            ) from None
+        if size > MAX_METADATA_BYTES:
+            raise PydanticCustomError(
+                "metadata_too_large",
+                "metadata is {size} bytes as compact JSON; the limit is {limit} bytes",
+                {"size": size, "limit": MAX_METADATA_BYTES},
+            )
+        return v
 
     @model_validator(mode="after")
     def _one_of_prompt_or_messages(self) -> Job:

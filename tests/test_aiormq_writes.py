@@ -15,6 +15,7 @@ import pytest
 from aiormq.abc import ChannelFrame
 from redis.asyncio import Redis
 
+from farebox.constants import job_record
 from farebox.patches import aiormq_writes
 from farebox.patches.aiormq_writes import CoalescedFrame, CoalescingFrameGenerator, coalesce
 from tests.conftest import Services
@@ -203,7 +204,11 @@ async def test_a_graceful_stop_leaves_no_handled_message_unacked(
     # handled (its result recorded) must not come back.
     redis = Redis.from_url(pipeline.settings.redis_url)
     async with redis:
-        handled = [job for job in returned["redelivered"] if await redis.exists(pipeline.settings.keys.result(job))]
+        handled = [
+            job
+            for job in returned["redelivered"]
+            if await redis.exists(pipeline.settings.keys.result(job_record("default", job)))
+        ]
     assert handled == [], f"{len(handled)} job(s) the account stage had handled came back"
 
 

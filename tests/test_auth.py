@@ -19,6 +19,7 @@ import aiormq
 import pytest
 from redis.asyncio import Redis
 
+from farebox.constants import JobRecord, job_record
 from farebox.errors import Forbidden
 from farebox.routing.auth import AuthPolicy, acting_tenant
 from farebox.routing.catalog import CatalogError
@@ -125,10 +126,11 @@ async def test_mallory_cannot_act_for_the_victim(
     assert rated is not None and rated.status == "error" and rated.error and rated.error.code == "forbidden"
     assert await emulator_stats.total() == calls  # no provider call for a refused job
     assert sorted(await ledger_entries(redis, s)) == ["v-1"]  # no record under a job id it may not use
-    assert await redis.exists(s.keys.feedback("v-1")) == 0
+    assert await redis.exists(s.keys.feedback(job_record("victim", "v-1"))) == 0
     spent = [k async for k in redis.scan_iter(match=s.keys.budget("victim", "*"))]
     assert len(spent) == 1  # the victim's own job; mallory's refused ones reserved nothing
-    assert await redis.exists(s.keys.reservation("m-1")) == 0
+    assert await redis.exists(s.keys.reservation(job_record("victim", "m-1"))) == 0
+    assert len([k async for k in redis.scan_iter(match=s.keys.cache("*"))]) == 1  # the victim's own answer only
 
 
 async def test_a_job_without_user_id_is_forbidden(auth_pipeline: InProcessPipeline, redis: Redis) -> None:
@@ -195,3 +197,48 @@ async def assert_refused(settings: Settings, act: Any) -> None:
             queue = await result
             if hasattr(queue, "get"):
                 await queue.get(fail=False)
+
+
+async def test_a_producer_cannot_publish_past_the_intake(
+    auth_pipeline: InProcessPipeline, amqp_users: dict[str, str], redis: Redis
+) -> None:
+    # The default exchange reaches every queue, so mallory can put a forged envelope (the victim's tenant, an
+    # answer of its own making) straight into the account stage's queue, or a forged dead letter into the
+    # notify queue. In auth mode user_id stages take messages between them only from the pipeline's own user.
+    from farebox.constants import H_CODE, H_STAGE
+    from farebox.schemas import Envelope, Job, Outcome, Usage
+
+    s = auth_pipeline.settings
+    forged = Envelope(
+        job_id="forged-1",
+        job=Job(tenant="victim", prompt="anything"),
+        received_at=0.0,
+        outcome=Outcome(content="forged", provider="openai", model="gpt-4o-mini", usage=Usage(input_tokens=1)),
+        budgets=(),
+    ).model_dump_json()
+    mallory = s.model_copy(update={"amqp_url": as_user(s.amqp_url, amqp_users["mallory"])})
+    connection = await aio_pika.connect(mallory.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        for queue, headers in (
+            (s.topology.account, {}),
+            (s.topology.dead_notify, {H_STAGE: "account", H_CODE: "internal"}),
+        ):
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    forged.encode(), reply_to=replies.name, user_id=amqp_users["mallory"], headers=headers
+                ),
+                routing_key=queue,
+            )
+            reply = json.loads((await get_message(replies)).body)
+            assert reply["status"] == "error" and reply.get("content") is None, queue
+            # Refused at the account stage: forbidden. In the notify queue it reads as mallory's own producer
+            # body dead-lettered by the broker: an error of mallory's own tenant, never the victim's.
+            if queue == s.topology.account:
+                assert reply["error"]["code"] == "forbidden"
+            else:
+                assert reply["tenant"] == "mallory"
+    entries = [json.loads(await redis.get(k)) async for k in redis.scan_iter(match=s.keys.ledger_entry(JobRecord("*")))]
+    assert [(e["tenant"], e["status"]) for e in entries] == [("mallory", "error")]  # nothing for the victim
+    assert [k async for k in redis.scan_iter(match=s.keys.budget("victim", "*"))] == []

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLES = {name: "| measure |" for name in ("pipeline_throughput", "ceiling", "cache_hit", "io_concurrency", "cost")}
 TABLES["http_client"] = "| httpx-aiohttp (now) |"
 TABLES["ab_replay"] = "| rules (control) |"
+TABLES["fairness"] = "| measure |"
 
 
 def run_smoke(services: Services, tmp_path: Path, only: list[str], timeout_s: float) -> None:
@@ -52,6 +53,11 @@ def run_smoke(services: Services, tmp_path: Path, only: list[str], timeout_s: fl
 @pytest.mark.timeout(200)
 def test_the_ceiling_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
     run_smoke(services, tmp_path, ["ceiling"], 180)
+
+
+@pytest.mark.timeout(120)
+def test_the_fairness_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
+    run_smoke(services, tmp_path, ["fairness"], 100)
 
 
 @pytest.mark.timeout(120)

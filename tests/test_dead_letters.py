@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 
@@ -56,7 +57,11 @@ async def test_bad_message_gets_typed_error_and_lands_in_dead_queue(
     assert result["status"] == "error" and result["error"]["code"] == "invalid_request"
     assert fragment in result["error"]["message"]
     assert reply.correlation_id == "c1"
-    assert dead.body == body
+    record = json.loads(dead.body)  # a record of the message, not the message (tests/test_dead_retention.py)
+    assert record["body_bytes"] == len(body) and record["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert record["queue"] == settings.topology.intake and record["stage"] == "dedup"
+    assert record["job_id"] == result["job_id"] and "body" not in record
+    assert fragment in record["reason"] and record["code"] == "invalid_request"
     assert fragment in dead.headers[H_REASON] and dead.headers[H_CODE] == "invalid_request"
     assert len(await ledger_entries(redis, settings)) == 1
 
@@ -95,7 +100,11 @@ async def test_poison_message_hits_delivery_limit_and_caller_gets_internal_error
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         dead = await get_message(await (await connection.channel()).get_queue(settings.topology.dead))
-    assert json.loads(dead.body)["job_id"] == "p-1"
+    record = json.loads(dead.body)
+    # A job of a batch: the route stage retried it itself and dead-lettered it at the limit.
+    assert record["job_id"] == "p-1" and record["stage"] == "route"
+    assert record["queue"].startswith(settings.topology.route)
+    assert "delivery limit" in record["reason"] and record["dead_lettered_at"] is not None
 
 
 async def test_full_intake_pushes_back_and_loses_nothing(settings: Settings, redis: Redis, emulator: str) -> None:
@@ -172,21 +181,22 @@ async def test_stream_raises_when_the_intake_goes_away_instead_of_hanging(
     ],
 )
 def test_a_dead_letter_without_properties_answers_the_envelope_caller_only(body: bytes, reply_to: str | None) -> None:
-    from farebox.stages.deadletter import read_dead_letter
+    from farebox.stages.deadletter import read_dead_letter, read_origin
     from farebox.stages.stage import Delivery
 
-    dead = read_dead_letter(
-        Delivery(
-            queue="q",
-            body=body,
-            redelivered=False,
-            delivery_count=0,
-            headers={},
-            reply_to=None,
-            correlation_id=None,
-            message_id=None,
-            timestamp=None,
-        )
+    # The broker dead-lettered it, from the account queue when it is an envelope, else from the intake.
+    queue = "fb.account" if reply_to else "fb.jobs"
+    delivery = Delivery(
+        queue="fb.dead.notify",
+        body=body,
+        redelivered=False,
+        delivery_count=0,
+        headers={"x-death": [{"queue": queue, "reason": "delivery_limit"}]},
+        reply_to=None,
+        correlation_id=None,
+        message_id=None,
+        timestamp=None,
     )
+    dead = read_dead_letter(delivery, read_origin(delivery, "guest"), intake="fb.jobs", max_body_bytes=10_000)
     assert dead.reply_to == reply_to
     assert dead.tenant == ("acme" if reply_to else "default")

@@ -3,6 +3,7 @@ feedback attached once per source, refusals dead-lettered with a typed receipt, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ import aio_pika
 import pytest
 from redis.asyncio import Redis
 
-from farebox.constants import H_CODE, H_REASON, as_text
+from farebox.constants import H_CODE, H_REASON, as_text, job_record
 from farebox.routing.experiments import Assignment, Experiment
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.stages.arms import ArmPins
@@ -79,10 +80,10 @@ async def test_jobs_carry_their_arm_and_the_ledger_counts_each_arm(
         assert int(agg[f"ab|{arm}|jobs"]) == n
     cost = sum(r.cost_usd for r in results if r.route.strategy.arm == "mini")  # type: ignore[union-attr]
     assert abs(int(agg["ab|mini|cost_nusd"]) / 1e9 - cost) < 1e-6
-    kept = await redis.get(settings.keys.prompt(results[0].job_id))
+    kept = await redis.get(settings.keys.prompt(job_record("acme", results[0].job_id)))
     assert kept is not None and json.loads(kept) == [{"role": "user", "content": "Tell me about topic 0"}]
-    assert 0 < await redis.ttl(settings.keys.prompt(results[0].job_id)) <= 7 * 86_400
-    assert await redis.get(settings.keys.prompt(outside.job_id)) is None  # only experiment jobs
+    assert 0 < await redis.ttl(settings.keys.prompt(job_record("acme", results[0].job_id))) <= 7 * 86_400
+    assert await redis.get(settings.keys.prompt(job_record("other", outside.job_id))) is None  # only experiment jobs
 
 
 async def test_feedback_is_counted_once_per_source_and_replaced(ab_pipeline: InProcessPipeline, redis: Redis) -> None:
@@ -101,10 +102,10 @@ async def test_feedback_is_counted_once_per_source_and_replaced(ab_pipeline: InP
     assert float(agg[f"fb:ab|{arm}|user-thumbs|sum"]) == pytest.approx(0.25)
     assert float(agg[f"fb:ab|{arm}|user-thumbs|sumsq"]) == pytest.approx(0.0625)
     assert int(agg[f"fb:ab|{arm}|grader|n"]) == 1
-    stored = await redis.hgetall(settings.keys.feedback(r.job_id))
+    stored = await redis.hgetall(settings.keys.feedback(job_record("acme", r.job_id)))
     thumbs = json.loads(stored[b"user-thumbs"])
     assert thumbs["score"] == 0.25 and thumbs["label"] == "blue"
-    assert await redis.zscore(settings.keys.feedback_jobs, r.job_id) is not None
+    assert await redis.zscore(settings.keys.feedback_jobs, job_record("acme", r.job_id)) is not None
     assert len(await ledger_entries(redis, settings)) == 1  # feedback adds no ledger entry
 
 
@@ -141,21 +142,29 @@ async def test_bad_feedback_is_dead_lettered_with_a_typed_receipt(
     receipt, dead = await raw_feedback(settings, body)
     assert receipt["kind"] == "feedback" and receipt["status"] == "error"
     assert receipt["error"]["code"] == code and fragment in receipt["error"]["message"]
-    assert dead.body == body and dead.headers[H_CODE] == code and fragment in dead.headers[H_REASON]
+    record = json.loads(dead.body)  # a record of the refused message, never its body
+    assert record["body_sha256"] == hashlib.sha256(body).hexdigest() and record["stage"] == "feedback"
+    assert "body" not in record and dead.headers[H_CODE] == code and fragment in dead.headers[H_REASON]
     assert await ledger_entries(redis, settings) == []  # a refused feedback is not a job
 
 
-async def test_feedback_for_another_tenants_job_is_forbidden(ab_pipeline: InProcessPipeline, redis: Redis) -> None:
+async def test_feedback_from_another_tenant_names_no_job_of_this_one(
+    ab_pipeline: InProcessPipeline, redis: Redis
+) -> None:
+    # Records are keyed by tenant and job_id: mallory naming acme's job_id names a job of mallory's own,
+    # which does not exist, so nothing reaches acme's job (with auth mode user_id mallory could not even
+    # claim to be acme: tests/test_auth.py).
     settings = ab_pipeline.settings
     async with ab_pipeline.client() as client:
         r = await client.complete({"prompt": "A secret of acme", "tenant": "acme"}, timeout=30)
         refused = await client.feedback(r.job_id, "bad", tenant="mallory")
     assert refused is not None and refused.status == "error"
-    assert refused.error is not None and refused.error.code == "forbidden"
-    assert await redis.exists(settings.keys.feedback(r.job_id)) == 0
+    assert refused.error is not None and refused.error.code == "invalid_request"
+    assert await redis.exists(settings.keys.feedback(job_record("acme", r.job_id))) == 0
+    assert await redis.exists(settings.keys.feedback(job_record("mallory", r.job_id))) == 0
     body = json.dumps({"job_id": r.job_id, "tenant": "mallory", "score": 0}).encode()
     receipt, dead = await raw_feedback(settings, body)
-    assert receipt["error"]["code"] == "forbidden" and dead.headers[H_CODE] == "forbidden"
+    assert receipt["error"]["code"] == "invalid_request" and dead.headers[H_CODE] == "invalid_request"
     assert "PROMPT" not in receipt["error"]["message"] and "secret" not in receipt["error"]["message"]
 
 
@@ -163,16 +172,18 @@ async def test_a_kept_arm_survives_a_reload_that_changes_the_weights(settings: S
     pins = ArmPins(redis, settings.keys, ttl_s=60)
     even = Experiment.model_validate({"name": "ab", "arms": ARMS})
     job_id = f"job-{uuid.uuid4()}"
-    first = await pins.pin(job_id, Assignment("ab", "rules", 0.3, "job_id"), (even,))
+    first = await pins.pin(job_record("default", job_id), Assignment("ab", "rules", 0.3, "job_id"), (even,))
     assert first.arm == "rules"
     # After a reload that gives "rules" no weight, the same job draws "mini": it keeps "rules".
     moved = Experiment.model_validate({"name": "ab", "arms": [{**ARMS[0], "weight": 0}, ARMS[1]]})
-    again = await pins.pin(job_id, Assignment("ab", "mini", 0.3, "job_id"), (moved,))
+    again = await pins.pin(job_record("default", job_id), Assignment("ab", "mini", 0.3, "job_id"), (moved,))
     assert again.arm == "rules"
     # An arm that has left the policy is not kept: the job takes the arm it draws now.
     renamed = Experiment.model_validate({"name": "ab", "arms": [{**ARMS[0], "name": "rules2"}, ARMS[1]]})
-    assert (await pins.pin(job_id, Assignment("ab", "mini", 0.3, "job_id"), (renamed,))).arm == "mini"
-    assert 0 < await redis.ttl(settings.keys.arm(job_id)) <= 60
+    assert (
+        await pins.pin(job_record("default", job_id), Assignment("ab", "mini", 0.3, "job_id"), (renamed,))
+    ).arm == "mini"
+    assert 0 < await redis.ttl(settings.keys.arm(job_record("default", job_id))) <= 60
 
 
 async def test_experiment_answers_do_not_fill_the_shared_cache(ab_pipeline: InProcessPipeline) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,15 +67,26 @@ def tenant_cost(tenant: str) -> float:
     return float(value or 0.0)
 
 
-async def test_spend_is_counted_by_tenant(pipeline: InProcessPipeline, settings: Settings) -> None:
+async def test_spend_is_counted_by_tenant_for_the_tenants_the_policy_names(
+    settings: Settings, emulator: str, tmp_path: Path
+) -> None:
+    data = json.loads((CATALOG_DIR / "policy.json").read_text())
+    data.setdefault("tenants", {})["tenant-a"] = {}  # named; tenant-b is not, so it counts under "other"
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(data))
+    pipeline = InProcessPipeline(settings.model_copy(update={"emulator_url": emulator, "policy": policy}))
     await pipeline.start()
-    before = {t: tenant_cost(t) for t in ("tenant-a", "tenant-b")}
-    async with pipeline.client() as client:
-        a = await client.complete({"tenant": "tenant-a", "prompt": "Summarize: the tenant metric"}, timeout=30)
-        b = await client.complete({"tenant": "tenant-b", "prompt": "Classify: the tenant metric"}, timeout=30)
+    before = {t: tenant_cost(t) for t in ("tenant-a", "tenant-b", metrics.OTHER_TENANT)}
+    try:
+        async with pipeline.client() as client:
+            a = await client.complete({"tenant": "tenant-a", "prompt": "Summarize: the tenant metric"}, timeout=30)
+            b = await client.complete({"tenant": "tenant-b", "prompt": "Classify: the tenant metric"}, timeout=30)
+    finally:
+        await pipeline.close()
     assert a.status == b.status == "ok" and a.cost_usd > 0 and b.cost_usd > 0
     assert tenant_cost("tenant-a") - before["tenant-a"] == pytest.approx(a.cost_usd)
-    assert tenant_cost("tenant-b") - before["tenant-b"] == pytest.approx(b.cost_usd)
+    assert tenant_cost(metrics.OTHER_TENANT) - before[metrics.OTHER_TENANT] == pytest.approx(b.cost_usd)
+    assert tenant_cost("tenant-b") == before["tenant-b"] == 0.0
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from farebox.cli import main as cli_main
-from farebox.constants import NANO, as_text
+from farebox.constants import NANO, as_text, job_record
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.outcomes import wrong_answer
 from farebox.emulator.server import running
@@ -118,7 +118,7 @@ async def shadow_scores(
     scores: dict[str, float] = {}
     for _ in range(int(wait_s * 10)):
         for job_id in job_ids:
-            raw = await redis.hget(settings.keys.feedback(job_id), "shadow")
+            raw = await redis.hget(settings.keys.feedback(job_record("acme", job_id)), "shadow")
             if raw is not None:
                 scores[job_id] = json.loads(raw)["score"]
         if len(scores) >= want:
@@ -168,9 +168,13 @@ async def test_the_cheap_arm_is_graded_against_the_reference(
     assert scores == {job_id: (1.0 if CHEAP_RIGHT[i] else 0.0) for job_id, i in cheap.items()}
     premium = [r.job_id for r in results if r.job_id not in cheap]
     assert await shadow_scores(redis, s, premium, 1, wait_s=0.5) == {}  # the reference arm is not graded against itself
-    entry = json.loads(await redis.get(s.keys.ledger_entry(evaluation_job_id("shadow", next(iter(cheap))))))
+    entry = json.loads(
+        await redis.get(s.keys.ledger_entry(job_record("acme", evaluation_job_id("shadow", next(iter(cheap))))))
+    )
     assert entry["evaluation"] == "shadow" and entry["model"] == "gpt-4-turbo" and entry["cost_usd"] > 0
-    reference = json.loads(await redis.hget(s.keys.feedback(next(iter(cheap))), "shadow"))["reference"]
+    reference = json.loads(await redis.hget(s.keys.feedback(job_record("acme", next(iter(cheap)))), "shadow"))[
+        "reference"
+    ]
     assert reference == REFERENCE
     day = entry["day"]
     spent = int(await redis.hget(s.keys.ledger_arms(day), "cheap-vs-premium|cheap|shadow_nusd"))
@@ -195,7 +199,7 @@ async def test_the_shadow_cap_stops_spending_at_its_limit(
     assert len(keys) == 1
     assert int(await redis.get(keys[0])) <= 0.008 * NANO
     # What was spent, as the ledger has it (reservations are for max_tokens, so the actual is below them).
-    day = json.loads(await redis.get(s.keys.ledger_entry(results[0].job_id)))["day"]
+    day = json.loads(await redis.get(s.keys.ledger_entry(job_record("acme", results[0].job_id))))["day"]
     spent = int(await redis.hget(s.keys.ledger_agg(day), "acme|openai|gpt-4-turbo|evaluation_nusd"))
     assert 0 < spent <= 0.008 * NANO
 
@@ -210,7 +214,9 @@ async def test_a_judge_model_grades_open_answers(
     cheap = cheap_jobs(results)
     scores = await shadow_scores(redis, s, list(cheap), len(cheap))
     assert scores == {job_id: (1.0 if CHEAP_RIGHT[i] else 0.0) for job_id, i in cheap.items()}
-    judged = json.loads(await redis.get(s.keys.ledger_entry(evaluation_job_id("judge", next(iter(cheap))))))
+    judged = json.loads(
+        await redis.get(s.keys.ledger_entry(job_record("acme", evaluation_job_id("judge", next(iter(cheap))))))
+    )
     assert judged["evaluation"] == "judge" and judged["model"] == "claude-3-haiku"
 
 
@@ -256,7 +262,7 @@ async def test_no_shadow_call_to_a_model_the_tenant_may_not_use(
     results = await run_jobs(s)
     assert all(r.status == "ok" and r.model == "gpt-4o-mini" for r in results)
     assert await shadow_scores(redis, s, [r.job_id for r in results], 1, wait_s=1) == {}
-    shadow_entry = s.keys.ledger_entry(evaluation_job_id("shadow", results[0].job_id))
+    shadow_entry = s.keys.ledger_entry(job_record("acme", evaluation_job_id("shadow", results[0].job_id)))
     assert await redis.exists(shadow_entry) == 0
 
 

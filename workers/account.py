@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.errors import REDIS_DOWN, FareboxError
+from farebox.routing.auth import internal_sender
 from farebox.routing.policy import Policy
 from farebox.routing.store import CatalogStore
 from farebox.schemas import BudgetHold, Envelope, JobResult
@@ -49,13 +50,14 @@ def result_publish(result_json: bytes, reply_to: str | None, correlation_id: str
     ]
 
 
-def observe(result: JobResult) -> None:
-    """Per-job metrics, counted once per recorded job (not on replays)."""
+def observe(result: JobResult, named: frozenset[str] = frozenset()) -> None:
+    """Per-job metrics, counted once per recorded job (not on replays). ``named``: the tenants the policy
+    names, the only ones with a tenant label of their own."""
     model, provider = result.model or "-", result.provider or "-"
     if result.status == "ok":
         metrics.child(metrics.REQUESTS, model, provider, "false" if result.cache == "miss" else "true").inc()
         metrics.child(metrics.COST, model, provider).inc(result.cost_usd)
-        metrics.child(metrics.TENANT_COST, result.tenant or "-").inc(result.cost_usd)
+        metrics.child(metrics.TENANT_COST, metrics.tenant_label(result.tenant, named)).inc(result.cost_usd)
         if result.cache == "miss":
             metrics.child(metrics.TOKENS_IN, model).inc(result.usage.input_tokens)
             metrics.child(metrics.TOKENS_OUT, model).inc(result.usage.output_tokens)
@@ -78,14 +80,15 @@ class AccountStage:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.recorder = Recorder(settings, redis, self.name, clock)
+        self.recorder = Recorder(settings, redis, self.name, clock, policy=lambda: store.current_unit()[1])
         self.shadow = Shadowing(settings, redis, clock)
 
     def input_queues(self) -> Sequence[str]:
-        return (self.settings.topology.account,)
+        topo = self.settings.topology
+        return (topo.lane(topo.account, "interactive"), topo.account)
 
     def decode(self, delivery: Delivery) -> Envelope:
-        return envelope_from_internal(delivery)
+        return envelope_from_internal(delivery, internal_sender(self.store.current()[1].auth, self.settings.amqp_user))
 
     def fail(self, item: object, err: FareboxError) -> Handled:
         # Nothing after this stage can carry an error; log it and drop the message.
@@ -181,9 +184,23 @@ class Recording:
 class Recorder:
     """Ledger write (once), result publish, budget alerts: shared by the account and dead-letter stages."""
 
-    def __init__(self, settings: Settings, redis: Redis, stage: str, clock: Callable[[], float]) -> None:
-        self.ledger = Ledger(redis, settings.keys, result_ttl_s=settings.result_ttl_s)
-        self.alerts = BudgetAlerts(redis, settings)
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        stage: str,
+        clock: Callable[[], float],
+        policy: Callable[[], Policy] | None = None,  # for metric labels; without it no tenant is named
+    ) -> None:
+        self.ledger = Ledger(
+            redis,
+            settings.keys,
+            result_ttl_s=settings.result_ttl_s,
+            entry_ttl_s=settings.ledger_entry_keep_s,
+            days_kept=settings.ledger_days_kept,
+        )
+        self.alerts = BudgetAlerts(redis, settings, policy)
+        self.policy = policy
         self.health = RedisHealth(stage)
         self.clock = clock
 
@@ -206,7 +223,7 @@ class Recorder:
                     await asyncio.sleep(delay)
                     try:
                         if (await self._record(rec, result_json)).existing is None:
-                            observe(result)
+                            observe(result, self._named())
                         self.health.ok()
                         return
                     except REDIS_DOWN:
@@ -217,10 +234,13 @@ class Recorder:
         if recorded.existing is not None:
             metrics.MESSAGES.labels("account", "replayed").inc()
             return Handled(result_publish(recorded.existing, rec.reply_to, rec.correlation_id, result.job_id))
-        observe(result)
+        observe(result, self._named())
         alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []
         more = await self._then(then, result.job_id)
         return Handled([*reply, *alerts, *more])
+
+    def _named(self) -> frozenset[str]:
+        return self.policy().named_tenants if self.policy is not None else frozenset()
 
     async def _then(self, then: Callable[[], Awaitable[list[Publish]]] | None, job_id: str) -> list[Publish]:
         # What follows a recording (shadow grading) is best effort: the job is recorded and answered either way.

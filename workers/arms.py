@@ -13,7 +13,7 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from farebox.constants import RedisKeys, as_text
+from farebox.constants import JobRecord, RedisKeys, as_text
 from farebox.errors import REDIS_DOWN
 from farebox.routing.experiments import Assignment, Experiment
 
@@ -26,24 +26,24 @@ class ArmPins:
         self.keys = keys
         self.ttl_s = ttl_s
 
-    async def pin(self, job_id: str, drawn: Assignment, experiments: tuple[Experiment, ...]) -> Assignment:
+    async def pin(self, record: JobRecord, drawn: Assignment, experiments: tuple[Experiment, ...]) -> Assignment:
         """The arm the job was first put in (when the policy still has it), else ``drawn``, now kept."""
         value = f"{drawn.experiment}|{drawn.arm}"
         try:
-            kept = await self.redis.set(self.keys.arm(job_id), value, nx=True, get=True, ex=self.ttl_s)
+            kept = await self.redis.set(self.keys.arm(record), value, nx=True, get=True, ex=self.ttl_s)
         except REDIS_DOWN as err:
-            log.warning("route: arm of job %s not pinned, Redis away (%s)", job_id, type(err).__name__)
+            log.warning("route: arm of job %s not pinned, Redis away (%s)", record, type(err).__name__)
             return drawn
         if not isinstance(kept, (bytes, str)) or as_text(kept) == value:
             return drawn  # nothing kept yet (None): the draw is now the job's arm
         # A kept arm gone from the policy: the job takes the arm it draws now.
         return still_in_policy(kept, experiments, drawn.draw, drawn.sticky) or drawn
 
-    async def kept(self, job_id: str, experiments: tuple[Experiment, ...]) -> Assignment | None:
+    async def kept(self, record: JobRecord, experiments: tuple[Experiment, ...]) -> Assignment | None:
         """The arm a redelivered job was put in before a reload that no longer draws it (a lower share, a
         narrower experiment), when the policy still has that arm."""
         try:
-            value = await self.redis.get(self.keys.arm(job_id))
+            value = await self.redis.get(self.keys.arm(record))
         except REDIS_DOWN:
             return None
         return still_in_policy(value, experiments, 0.0, "job_id") if isinstance(value, (bytes, str)) else None

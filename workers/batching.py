@@ -82,11 +82,11 @@ class Batcher:
             self._timers[key] = loop.call_later(self._linger_s, self._flush, key)
         return done
 
-    def flush_idle(self) -> None:
-        """Nothing else can join now: send what waits, except behind a batch still awaiting its
-        confirm (that batch's confirm sends it, with whatever joined meanwhile)."""
+    def flush_idle(self, idle: Callable[[str], bool] = lambda queue: True) -> None:
+        """Nothing else can join now (for the queues ``idle`` names): send what waits, except behind a batch
+        still awaiting its confirm (that batch's confirm sends it, with whatever joined meanwhile)."""
         for key in list(self._pending):
-            if not self._unconfirmed.get(key):
+            if not self._unconfirmed.get(key) and idle(key):
                 self._flush(key)
 
     def _flush(self, key: str) -> None:

@@ -13,13 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import httpx
 from redis.asyncio import Redis
 
 from farebox import metrics
-from farebox.constants import NANO, RedisKeys
+from farebox.constants import NANO, JobRecord, RedisKeys
 from farebox.routing.policy import Budget, Policy
 from farebox.schemas import BudgetHold
 from farebox.settings import Settings
@@ -95,13 +95,15 @@ class BudgetBook:
         self.keys = keys
         self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE)
 
-    async def reserve(self, job_id: str, holds: list[BudgetHold], estimate_usd: float, *, force: bool = False) -> int:
+    async def reserve(
+        self, record: JobRecord, holds: list[BudgetHold], estimate_usd: float, *, force: bool = False
+    ) -> int:
         """0 if reserved in every budget (or already, for this job), else the 1-based index of the
         first one without room."""
         if not holds:
             return 0
         reply = await self._reserve(
-            keys={"reservation_key": self.keys.reservation(job_id)},
+            keys={"reservation_key": self.keys.reservation(record)},
             key_tail=[h.key for h in holds],
             args={"mode": "force" if force else "check", "estimate_nusd": nano(estimate_usd), "ttl_s": PERIOD_TTL_S},
             arg_tail=[nano(h.limit_usd) for h in holds],
@@ -116,10 +118,14 @@ class BudgetBook:
 class BudgetAlerts:
     """Each alert threshold fires once per budget period, across all replicas (SADD decides):
     a log line, a metric, a message on the alerts exchange and, when configured, a webhook POST.
-    At most once: a crash between the SADD and the publish loses that one alert."""
+    At most once: a crash between the SADD and the publish loses that one alert.
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    ``policy`` gives the policy in force, for the metric labels: a tenant it does not name (one a "*" budget
+    covers) gets no budget gauge and counts its alerts under "other". Without it no tenant is named."""
+
+    def __init__(self, redis: Redis, settings: Settings, policy: Callable[[], Policy] | None = None) -> None:
         self.redis = redis
+        self.policy = policy
         self.exchange = settings.topology.alerts_exchange
         self.webhook_url = settings.alert_webhook_url
         self._posts: set[asyncio.Task[None]] = set()
@@ -130,9 +136,12 @@ class BudgetAlerts:
         """Alerts for thresholds the spend has reached; ``exhausted`` (a job was just refused or
         downgraded for this budget) counts as having reached all of them."""
         out = []
+        named = self.policy().named_tenants if self.policy is not None else frozenset[str]()
         for hold, spent in zip(holds, spent_usd, strict=False):
             ratio = max(spent / hold.limit_usd, 1.0 if exhausted else 0.0)
-            metrics.child(metrics.BUDGET_USED, hold.tenant, hold.period.split(":")[0]).set(ratio)
+            label = metrics.tenant_label(hold.tenant, named)
+            if hold.tenant in named:  # a gauge shared by all the "other" tenants would mean nothing
+                metrics.child(metrics.BUDGET_USED, label, hold.period.split(":")[0]).set(ratio)
             fired = f"{hold.key}:alerts"
             for threshold in hold.alerts:
                 if ratio < threshold or not await self.redis.sadd(fired, f"{threshold:g}"):
@@ -156,7 +165,7 @@ class BudgetAlerts:
                     hold.limit_usd,
                     extra={"tenant": hold.tenant, "threshold": threshold},
                 )
-                metrics.BUDGET_ALERTS.labels(hold.tenant, f"{threshold:g}").inc()
+                metrics.child(metrics.BUDGET_ALERTS, label, f"{threshold:g}").inc()
                 body = json.dumps(alert).encode()
                 out.append(
                     Publish(exchange=self.exchange, routing_key=f"budget.{hold.tenant}", body=body, mandatory=False)

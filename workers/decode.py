@@ -11,7 +11,8 @@ import uuid
 
 from pydantic import ValidationError
 
-from farebox.errors import InvalidRequest, describe_validation_error
+from farebox.constants import job_record
+from farebox.errors import ForeignMessage, InvalidRequest, describe_validation_error
 from farebox.schemas import Envelope, Job
 from farebox.settings import Settings
 from farebox.stages.cache_keys import CacheRules, cache_key, is_cacheable
@@ -47,7 +48,7 @@ def envelope_from_intake(delivery: Delivery, settings: Settings, rules: CacheRul
     # deadline_s counts from publish: the AMQP timestamp when the producer set one.
     published = delivery.timestamp if delivery.timestamp and delivery.timestamp <= now + 5 else now
     key = cache_key(job, rules) if is_cacheable(job, rules) else None
-    coalesce = key if key is not None and job.cache.mode == "use" else f"job:{job_id}"
+    coalesce = key if key is not None and job.cache.mode == "use" else f"job:{job_record(job.tenant, job_id)}"
     return Envelope(
         job_id=job_id,
         job=job,
@@ -60,7 +61,14 @@ def envelope_from_intake(delivery: Delivery, settings: Settings, rules: CacheRul
     )
 
 
-def envelope_from_internal(delivery: Delivery) -> Envelope:
+def envelope_from_internal(delivery: Delivery, sender: str | None = None) -> Envelope:
+    """The envelope a stage sent; with ``sender`` (auth mode user_id: the pipeline's own RabbitMQ user, which
+    RabbitMQ vouches for) a message from anyone else is refused before it is read."""
+    if sender is not None and delivery.user_id != sender:
+        raise ForeignMessage(
+            f"{delivery.queue} takes messages from the pipeline's own RabbitMQ user only (auth mode user_id); "
+            "publish jobs to the intake"
+        )
     try:
         return Envelope.model_validate_json(delivery.body)
     except ValidationError as err:

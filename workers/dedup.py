@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 
 from farebox import metrics
-from farebox.constants import as_text
+from farebox.constants import as_text, job_record
 from farebox.errors import REDIS_DOWN, DeadlineExceeded, FareboxError, Forbidden
-from farebox.routing.auth import AuthPolicy, acting_tenant
+from farebox.routing.auth import AuthPolicy, acting_tenant, internal_sender
+from farebox.routing.priority import PriorityPolicy
 from farebox.schemas import Envelope, ErrorInfo, JobResult, Outcome
 from farebox.settings import Settings
 from farebox.stages.account import result_publish
@@ -68,9 +69,11 @@ class DedupStage(EnvelopeStage):
         rules: Callable[[], CacheRules],
         clock: Callable[[], float] = time.time,
         auth: Callable[[], AuthPolicy] = AuthPolicy,
+        lanes: Callable[[], PriorityPolicy] = PriorityPolicy,
     ) -> None:
         self.settings = settings
         self.auth = auth  # the policy's auth in force
+        self.lanes = lanes  # the policy's priority in force
         self.redis = redis
         self.rules = rules
         self.clock = clock
@@ -81,15 +84,25 @@ class DedupStage(EnvelopeStage):
         self._decide_script = NamedScript(redis, _DECIDE_LAYOUT, _DECIDE)
 
     def input_queues(self) -> Sequence[str]:
-        return (self.topo.intake, self.topo.recheck)
+        return (self.topo.intake_interactive, self.topo.intake, self.topo.recheck)
 
     def decode(self, delivery: Delivery) -> Envelope:
         if delivery.queue == self.topo.recheck:
-            return envelope_from_internal(delivery)
-        return envelope_from_intake(delivery, self.settings, self.rules(), self.clock())
+            return envelope_from_internal(delivery, internal_sender(self.auth(), self.settings.amqp_user))
+        return self._in_lane(envelope_from_intake(delivery, self.settings, self.rules(), self.clock()), delivery)
+
+    def _in_lane(self, env: Envelope, delivery: Delivery) -> Envelope:
+        """``env`` with the lane it runs in. An interactive job does not coalesce with background ones: it
+        would wait for a leader that may sit behind a whole backfill (it may cost one call more instead)."""
+        interactive_intake = delivery.queue == self.topo.intake_interactive
+        lane = self.lanes().lane(env.job, user_id=delivery.user_id, interactive_intake=interactive_intake)
+        update: dict[str, object] = {"lane": lane}
+        if lane == "interactive" and env.cache_key is not None and env.coalesce_key == env.cache_key:
+            update["coalesce_key"] = f"{env.cache_key}|interactive"
+        return env.model_copy(update=update)
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
-        if delivery.queue == self.topo.intake:
+        if delivery.queue != self.topo.recheck:  # from the intake, of either lane
             env = self._authorized(env, delivery)
         if env.deadline_at is not None and self.clock() > env.deadline_at:
             raise DeadlineExceeded("the job passed its deadline_s before a provider was called")
@@ -112,8 +125,8 @@ class DedupStage(EnvelopeStage):
         job = job.model_copy(update={"tenant": tenant})
         rules = self.rules()
         key = cache_key(job, rules) if is_cacheable(job, rules) else None
-        coalesce = key if key is not None and job.cache.mode == "use" else f"job:{env.job_id}"
-        return env.model_copy(update={"job": job, "cache_key": key, "coalesce_key": coalesce})
+        coalesce = key if key is not None and job.cache.mode == "use" else f"job:{job_record(tenant, env.job_id)}"
+        return self._in_lane(env.model_copy(update={"job": job, "cache_key": key, "coalesce_key": coalesce}), delivery)
 
     def fail(self, item: object, err: FareboxError) -> Handled:
         if not isinstance(err, Forbidden):
@@ -133,12 +146,12 @@ class DedupStage(EnvelopeStage):
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
         use_cache = env.cache_key is not None and env.job.cache.mode == "use"
         keys = {
-            "result_key": self.keys.result(env.job_id),
+            "result_key": self.keys.result(env.record),
             "cache_key": self.keys.cache(env.cache_key or "-"),
             "lease_key": self.keys.inflight(env.coalesce_key or "-"),
         }
         args: dict[str, Scalar] = {
-            "job_id": env.job_id,
+            "job_id": env.record,  # the lease owner
             "lease_ttl_s": self.settings.leader_lease_s,
             "use_cache": int(use_cache),
             "coalesce": int(env.coalesce_key is not None),

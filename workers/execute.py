@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 
 from farebox import metrics
+from farebox.constants import JobRecord
 from farebox.errors import REDIS_DOWN, DeadlineExceeded, InvalidRequest, ProviderExhausted, RetryableError
 from farebox.providers.base import ProviderRequest
 from farebox.providers.calls import ProviderCalls
 from farebox.providers.retry import call_with_retries
+from farebox.routing.auth import AuthPolicy, internal_sender
 from farebox.schemas import Envelope, Outcome
 from farebox.settings import ProviderLimits, Settings
 from farebox.stages.circuits import Circuits
@@ -58,8 +60,10 @@ class ExecuteStage(EnvelopeStage):
         adapters: ProviderCalls,
         redis: Redis,
         clock: Callable[[], float] = time.time,
+        auth: Callable[[], AuthPolicy] = AuthPolicy,
     ) -> None:
         self.settings = settings
+        self.auth = auth  # the policy's auth in force: who may send to this stage
         self.provider = provider
         self.adapters = adapters
         self.limiter = SharedLimiter(
@@ -67,6 +71,9 @@ class ExecuteStage(EnvelopeStage):
         )
         # Enough unacked messages to keep every call slot busy (I/O-bound, not CPU-bound).
         self.prefetch = max(settings.prefetch, settings.provider_concurrency)
+        # Every job held is handled at once, and waits for its provider call slot, where interactive jobs go
+        # first and tenants take turns by weight (farebox/stages/slots.py): the order held jobs are served in.
+        self.slots = self.prefetch * settings.batch_max
         self.redis = redis
         self.clock = clock
         self.topo = settings.topology
@@ -75,10 +82,11 @@ class ExecuteStage(EnvelopeStage):
         self._failures: dict[str, int] = {}  # consecutive exhausted jobs by target, and by provider
 
     def input_queues(self) -> Sequence[str]:
-        return (self.topo.execute(self.provider),)
+        queue = self.topo.execute(self.provider)
+        return (self.topo.lane(queue, "interactive"), queue)
 
     def decode(self, delivery: Delivery) -> Envelope:
-        return envelope_from_internal(delivery)
+        return envelope_from_internal(delivery, internal_sender(self.auth(), self.settings.amqp_user))
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
         if env.route is None:
@@ -86,7 +94,7 @@ class ExecuteStage(EnvelopeStage):
         if env.deadline_at is not None and self.clock() >= env.deadline_at:
             raise DeadlineExceeded("the job passed its deadline_s before the provider call")
         if delivery.redelivered:
-            kept = await self._kept_outcome(env.job_id)
+            kept = await self._kept_outcome(env.record)
             if kept is not None:
                 return Handled([envelope_publish(env.model_copy(update={"outcome": kept}), self.account_queue)])
         request = ProviderRequest(
@@ -107,7 +115,7 @@ class ExecuteStage(EnvelopeStage):
             metrics.RETRIES.labels(self.provider).inc()
 
         try:
-            async with self.adapters.adapter() as adapter:
+            async with self.adapters.adapter(env.lane, env.job.tenant) as adapter:
                 limited = (
                     LimitedAdapter(adapter, self.limiter, env.deadline_at, env.prompt_tokens)
                     if self.limiter.active
@@ -134,7 +142,7 @@ class ExecuteStage(EnvelopeStage):
             latency_s=round(latency, 4),
             retries=retries,
         )
-        await self._keep_outcome(env.job_id, outcome)
+        await self._keep_outcome(env.record, outcome)
         return Handled([envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)])
 
     async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
@@ -168,15 +176,15 @@ class ExecuteStage(EnvelopeStage):
         moved = env.model_copy(update={"route": route, "fallbacks": (*env.fallbacks, failed)})
         return Handled([envelope_publish(moved, self.topo.execute(provider))])
 
-    async def _kept_outcome(self, job_id: str) -> Outcome | None:
+    async def _kept_outcome(self, record: JobRecord) -> Outcome | None:
         try:
-            raw = await self.redis.get(self.settings.keys.outcome(job_id))
+            raw = await self.redis.get(self.settings.keys.outcome(record))
         except REDIS_DOWN:
             return None
         return Outcome.model_validate_json(raw) if raw else None
 
-    async def _keep_outcome(self, job_id: str, outcome: Outcome) -> None:
+    async def _keep_outcome(self, record: JobRecord, outcome: Outcome) -> None:
         try:
-            await self.redis.set(self.settings.keys.outcome(job_id), outcome.model_dump_json(), ex=OUTCOME_TTL_S)
+            await self.redis.set(self.settings.keys.outcome(record), outcome.model_dump_json(), ex=OUTCOME_TTL_S)
         except REDIS_DOWN:
             pass  # only costs a repeat call if this exact message is redelivered

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from farebox import metrics
-from farebox.constants import as_text
+from farebox.constants import as_text, job_record
 from farebox.errors import REDIS_DOWN, FareboxError, Forbidden, InvalidRequest, describe_validation_error
 from farebox.routing.auth import acting_tenant
 from farebox.routing.store import CatalogStore
@@ -36,16 +36,18 @@ REDIS_RETRY_MAX_S = 5.0
 
 _LAYOUT = Layout(
     keys=("entry_key", "feedback_key", "jobs_key"),
-    args=("job_id", "tenant", "source", "record_json", "score", "ts", "arms_prefix"),
+    args=("record", "tenant", "source", "record_json", "score", "ts", "arms_prefix", "keep_s", "days_kept"),
 )
 _ATTACH = """
 local entry = redis.call('GET', entry_key)
 if not entry then return {'unknown'} end
 local e = cjson.decode(entry)
-if e['tenant'] ~= tenant then return {'forbidden'} end
+if e['tenant'] ~= tenant then return {'forbidden'} end  -- the keys are the tenant's: a safety net
 local old = redis.call('HGET', feedback_key, source)
 redis.call('HSET', feedback_key, source, record_json)
-redis.call('ZADD', jobs_key, ts, job_id)
+redis.call('EXPIRE', feedback_key, keep_s)
+redis.call('ZADD', jobs_key, ts, record)
+redis.call('ZREMRANGEBYSCORE', jobs_key, '-inf', tonumber(ts) - tonumber(keep_s))
 local experiment, arm = e['experiment'], e['arm']
 if type(experiment) == 'string' and type(arm) == 'string' then
   local arms_key = arms_prefix .. e['day']
@@ -59,6 +61,8 @@ if type(experiment) == 'string' and type(arm) == 'string' then
   end
   redis.call('HINCRBYFLOAT', arms_key, f .. 'sum', s - o)
   redis.call('HINCRBYFLOAT', arms_key, f .. 'sumsq', s * s - o * o)
+  -- Kept days_kept days after today's end: at least as long as the job's day (feedback comes after the job).
+  redis.call('EXPIREAT', arms_key, (math.floor(tonumber(ts) / 86400) + 1 + tonumber(days_kept)) * 86400)
 else
   experiment, arm = '', ''
 end
@@ -120,30 +124,37 @@ class FeedbackStage:
     async def handle(self, item: FeedbackItem, delivery: Delivery) -> Handled:
         fb = item.feedback
         policy = self.store.current()[1]
-        tenant = acting_tenant(policy.auth, delivery.user_id, fb.tenant, "tenant" in fb.model_fields_set)
+        tenant = fb.tenant
+        if delivery.user_id != self.settings.amqp_user:  # the pipeline's own grades carry their job's tenant
+            tenant = acting_tenant(policy.auth, delivery.user_id, fb.tenant, "tenant" in fb.model_fields_set)
         if tenant != fb.tenant:
             fb = fb.model_copy(update={"tenant": tenant})
         now = self.clock()
         record = {"score": fb.value, "label": fb.label, "reference": fb.reference, "ts": round(now, 3)}
+        job = job_record(fb.tenant, fb.job_id)
         args: dict[str, Scalar] = {
-            "job_id": fb.job_id,
+            "record": job,
             "tenant": fb.tenant,
             "source": fb.source,
             "record_json": json.dumps(record, ensure_ascii=False, separators=(",", ":")),
             "score": repr(fb.value),
             "ts": now,
             "arms_prefix": self.keys.feedback_arms(""),
+            # Feedback lives as long as its job's ledger entry; the day's arm aggregates as the ledger's.
+            "keep_s": self.settings.ledger_entry_keep_s,
+            "days_kept": self.settings.ledger_days_kept,
         }
         keys = {
-            "entry_key": self.keys.ledger_entry(fb.job_id),
-            "feedback_key": self.keys.feedback(fb.job_id),
+            "entry_key": self.keys.ledger_entry(job),
+            "feedback_key": self.keys.feedback(job),
             "jobs_key": self.keys.feedback_jobs,
         }
         reply = [as_text(v) for v in await self._attach(keys, args)]
         verdict, experiment, arm = [*reply, "", ""][:3]
         if verdict == "unknown":
             raise InvalidRequest(
-                f"no finished job {fb.job_id!r} in the ledger: feedback is for jobs that have their result"
+                f"no finished job {fb.job_id!r} of tenant {fb.tenant!r} in the ledger: feedback is for jobs that "
+                "have their result"
             )
         if verdict == "forbidden":
             raise Forbidden(f"job {fb.job_id!r} is not one of tenant {fb.tenant!r}'s jobs; its feedback is refused")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from farebox.constants import NANO, RedisKeys
+from farebox.constants import NANO, RedisKeys, job_record
 from farebox.schemas import BudgetHold, JobResult
 from farebox.stages.lua import Layout, NamedScript, Scalar
 
@@ -48,20 +48,22 @@ _RECORD_LAYOUT = Layout(
         "day",
         "cache_value",  # '' when the answer is not cached
         "cache_ttl_s",
-        "lease_owner",  # the job id when the job holds its coalescing lease, else ''
+        "lease_owner",  # the job record (tenant/job_id) when the job holds its coalescing lease, else ''
         "stream_maxlen",
         "reserved_nusd",
         "arm_prefix",  # "experiment|arm|" when an experiment arm routed the job, else ''
         "prompt_json",  # the messages as sent, kept for `farebox feedback export`; '' when not kept
         "prompt_ttl_s",
         "evaluation_nusd",  # the cost again when it is evaluation spend (shadow grading), else 0
+        "entry_ttl_s",
+        "day_expires_at",  # unix time when this day's aggregates expire
     ),
 )
 _RECORD = """
 local existing = redis.call('GET', result_key)
 local spent = {}
 if not existing then
-  if redis.call('SET', entry_key, entry_json, 'NX') then
+  if redis.call('SET', entry_key, entry_json, 'NX', 'EX', entry_ttl_s) then
     -- Budgets this job reserved against: release the reservation, add the actual cost.
     for _, budget_key in ipairs(budget_keys) do
       redis.call('HINCRBY', budget_key, 'reserved_nusd', -tonumber(reserved_nusd))
@@ -75,6 +77,7 @@ if not existing then
     redis.call('HINCRBY', day_key, p .. 'output_tokens', output_tokens)
     redis.call('HINCRBY', day_key, p .. 'cache_hits', cache_hit)
     redis.call('HINCRBY', day_key, p .. 'errors', is_error)
+    redis.call('EXPIREAT', day_key, day_expires_at)
     redis.call('SADD', days_key, day)
     redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*', 'entry', entry_json)
     if arm_prefix ~= '' then
@@ -84,6 +87,7 @@ if not existing then
       redis.call('HINCRBY', arms_key, a .. 'baseline_nusd', baseline_nusd)
       redis.call('HINCRBY', arms_key, a .. 'cache_hits', cache_hit)
       redis.call('HINCRBY', arms_key, a .. 'errors', is_error)
+      redis.call('EXPIREAT', arms_key, day_expires_at)
     end
     if evaluation_nusd ~= '0' then
       redis.call('HINCRBY', day_key, p .. 'evaluation_nusd', evaluation_nusd)
@@ -129,6 +133,11 @@ def utc_day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
+def day_expiry(ts: float, days_kept: int) -> int:
+    """When the aggregates of the UTC day holding ``ts`` expire: ``days_kept`` days after that day ends."""
+    return (int(ts) // 86_400 + 1 + days_kept) * 86_400
+
+
 def nano(usd: float) -> int:
     return round(usd * NANO)
 
@@ -160,10 +169,12 @@ def entry_json(result: JobResult, *, ts: float, evaluation: str | None = None) -
 
 
 class Ledger:
-    def __init__(self, redis: Redis, keys: RedisKeys, *, result_ttl_s: int) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, *, result_ttl_s: int, entry_ttl_s: int, days_kept: int) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl_s = result_ttl_s
+        self.entry_ttl_s = entry_ttl_s
+        self.days_kept = days_kept
         self._script = NamedScript(redis, _RECORD_LAYOUT, _RECORD)
 
     async def record(
@@ -185,16 +196,17 @@ class Ledger:
         serialised by the caller (the reply body), so it is not serialised twice."""
         day = utc_day(ts)
         field_prefix = f"{result.tenant or 'default'}|{result.provider or '-'}|{result.model or '-'}|"
+        record = job_record(result.tenant or "default", result.job_id)
         keys = {
-            "result_key": self.keys.result(result.job_id),
-            "entry_key": self.keys.ledger_entry(result.job_id),
+            "result_key": self.keys.result(record),
+            "entry_key": self.keys.ledger_entry(record),
             "day_key": self.keys.ledger_agg(day),
             "days_key": self.keys.ledger_days,
             "stream_key": self.keys.ledger_stream,
             "cache_key": self.keys.cache(cache.key) if cache else self.keys.cache("-"),
             "lease_key": self.keys.inflight(lease_key) if lease_key else self.keys.inflight("-"),
             "arms_key": self.keys.ledger_arms(day),
-            "prompt_key": self.keys.prompt(result.job_id),
+            "prompt_key": self.keys.prompt(record),
         }
         strategy = result.route.strategy if result.route else None
         args: dict[str, Scalar] = {
@@ -211,13 +223,15 @@ class Ledger:
             "day": day,
             "cache_value": cache.value if cache else "",
             "cache_ttl_s": cache.ttl_s if cache else 0,
-            "lease_owner": result.job_id if lease_key else "",
+            "lease_owner": record if lease_key else "",
             "stream_maxlen": STREAM_MAXLEN,
             "reserved_nusd": nano(reserved_usd),
             "arm_prefix": f"{strategy.experiment}|{strategy.arm}|" if strategy else "",
             "prompt_json": prompt.messages_json if prompt else "",
             "prompt_ttl_s": prompt.ttl_s if prompt else 0,
             "evaluation_nusd": nano(result.cost_usd) if evaluation else 0,
+            "entry_ttl_s": self.entry_ttl_s,
+            "day_expires_at": day_expiry(ts, self.days_kept),
         }
         reply = await self._script(keys=keys, args=args, key_tail=[hold.key for hold in budgets])
         existing = reply[0] if reply else None

@@ -20,6 +20,7 @@ from farebox import metrics
 from farebox.patches.redis_pipelining import PipeliningRedis
 from farebox.providers.calls import ProviderCalls
 from farebox.providers.registry import build_adapter, emulator_url, provider_configs
+from farebox.routing.priority import LANES
 from farebox.routing.store import CatalogStore
 from farebox.settings import Settings
 from farebox.stages.account import AccountStage
@@ -30,6 +31,7 @@ from farebox.stages.execute import ExecuteStage
 from farebox.stages.feedback import FeedbackStage
 from farebox.stages.route import RouteStage
 from farebox.stages.runtime import Worker
+from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import StageCore
 
 log = logging.getLogger("farebox.worker")
@@ -59,6 +61,62 @@ def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:
     return current
 
 
+def stages_of(stage: str, provider: str | None, settings: Settings) -> list[tuple[str, str | None]]:
+    """The (stage, provider) pairs one process runs: ``all`` is every stage, execute for each provider."""
+    if stage != "all":
+        return [(stage, provider)]
+    configured = sorted(provider_configs(os.environ, emulator_url=emulator_url(settings)))
+    return [("dedup", None), ("route", None), *(("execute", p) for p in configured), ("account", None)]
+
+
+def stage_cores(
+    settings: Settings, stage: str, provider: str | None, store: CatalogStore, redis: Redis, calls: list[ProviderCalls]
+) -> list[StageCore]:
+    """The cores of one stage (``account`` also answers dead letters and records feedback); an execute stage's
+    provider calls are added to ``calls``, for the caller to close."""
+
+    def weight(tenant: str) -> float:  # a tenant's share of its lane, as the policy in force says
+        return store.current()[1].priority.weight(tenant)
+
+    if stage == "dedup":
+        return [
+            DedupStage(
+                settings,
+                redis,
+                current_cache_rules(store),
+                auth=lambda: store.current()[1].auth,
+                lanes=lambda: store.current()[1].priority,
+            )
+        ]
+    if stage == "route":
+        return [RouteStage(settings, store, redis)]
+    if stage == "execute":
+        if not provider:
+            raise SystemExit("farebox worker execute needs --provider NAME")
+        configs = provider_configs(os.environ, emulator_url=emulator_url(settings))
+        if provider not in configs:
+            raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
+        config = configs[provider]
+        slots = LaneSlots(settings.provider_concurrency, settings.interactive_reserve, weight)
+        calls.append(
+            ProviderCalls(
+                lambda client: build_adapter(config, client),
+                max_in_flight=settings.provider_concurrency,
+                timeout_s=settings.provider_timeout_s,
+                slot=slots.slot,
+                max_connections=settings.provider_concurrency + settings.interactive_reserve,
+            )
+        )
+        return [ExecuteStage(settings, provider, calls[-1], redis, auth=lambda: store.current()[1].auth)]
+    if stage == "account":
+        return [
+            AccountStage(settings, store, redis),
+            DeadLetterStage(settings, redis, auth=lambda: store.current()[1].auth),
+            FeedbackStage(settings, store, redis),
+        ]
+    raise SystemExit(f"unknown stage {stage!r}; one of dedup, route, execute, account, all")
+
+
 async def run_stage(
     settings: Settings,
     stage: str,
@@ -66,41 +124,20 @@ async def run_stage(
     provider: str | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
+    lanes: tuple[str, ...] = LANES,
 ) -> None:
-    """Run one stage (``account`` also answers dead letters and records feedback) until ``stop`` is set."""
+    """Run one stage (or ``all``) until ``stop`` is set, serving the queues of ``lanes``."""
     stop = stop or asyncio.Event()
     store = CatalogStore(settings.catalog, settings.policy)
     catalog, _ = store.current()
     providers = catalog.providers()
     redis = make_redis(settings)
-    calls: ProviderCalls | None = None
-    cores: list[StageCore]
-    if stage == "dedup":
-        cores = [DedupStage(settings, redis, current_cache_rules(store), auth=lambda: store.current()[1].auth)]
-    elif stage == "route":
-        cores = [RouteStage(settings, store, redis)]
-    elif stage == "execute":
-        if not provider:
-            raise SystemExit("farebox worker execute needs --provider NAME")
-        configs = provider_configs(os.environ, emulator_url=emulator_url(settings))
-        if provider not in configs:
-            raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
-        config = configs[provider]
-        calls = ProviderCalls(
-            lambda client: build_adapter(config, client),
-            max_in_flight=settings.provider_concurrency,
-            timeout_s=settings.provider_timeout_s,
-        )
-        cores = [ExecuteStage(settings, provider, calls, redis)]
-    elif stage == "account":
-        cores = [
-            AccountStage(settings, store, redis),
-            DeadLetterStage(settings, redis),
-            FeedbackStage(settings, store, redis),
-        ]
-    else:
-        raise SystemExit(f"unknown stage {stage!r}; one of dedup, route, execute, account")
-    workers = [Worker(settings, core, providers) for core in cores]
+    calls: list[ProviderCalls] = []
+    cores: list[StageCore] = []
+    for one, one_provider in stages_of(stage, provider, settings):
+        cores += stage_cores(settings, one, one_provider, store, redis, calls)
+    # A worker of one lane serves only its queues; cores with none there (feedback, dead letters) stay out.
+    workers = [w for w in (Worker(settings, core, providers, lanes=lanes) for core in cores) if w.queues]
     try:
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         if on_ready is not None:
@@ -114,12 +151,12 @@ async def run_stage(
         await asyncio.gather(*tasks)
     finally:
         stop.set()
-        if calls is not None:
-            await calls.aclose()
+        for c in calls:
+            await c.aclose()
         await redis.aclose()
 
 
-def worker_main(settings: Settings, stage: str, provider: str | None) -> int:
+def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tuple[str, ...] = LANES) -> int:
     if settings.metrics_port:
         with contextlib.suppress(OSError):
             metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
@@ -130,7 +167,7 @@ def worker_main(settings: Settings, stage: str, provider: str | None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_stage(settings, stage, provider=provider, stop=stop)
+        await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes)
 
     # uvloop's event loop and transports cost less CPU per message than asyncio's own.
     uvloop.run(main())

@@ -6,13 +6,18 @@ import logging
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE
+from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE, H_USER
 from farebox.errors import FareboxError
 from farebox.patches import aiormq_writes
 from farebox.settings import Settings
 from farebox.stages.stage import Delivery, Publish
 
 log = logging.getLogger("farebox.runtime")
+
+# Also set on the dead letters farebox publishes itself: a republish loses the queue the message was
+# refused from (its routing key) and its sender's timestamp, which the record in <ns>.dead gives.
+H_SOURCE_QUEUE = "x-farebox-queue"
+H_SENT_AT = "x-farebox-sent-at"  # the original message's AMQP timestamp, seconds since the epoch
 
 
 def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
@@ -35,14 +40,28 @@ def to_delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
 
 def dead_letter_publish(settings: Settings, delivery: Delivery, stage: str, err: FareboxError) -> Publish:
     # The reason is our own error text, which never quotes the body (see farebox.errors).
+    headers: dict[str, object] = {
+        H_REASON: str(err)[:500],
+        H_STAGE: stage,
+        H_CODE: err.code,
+        H_SOURCE_QUEUE: delivery.queue,
+    }
+    if delivery.user_id:
+        # This publish is the pipeline's, so its user_id property cannot be the sender's: the dead-letter
+        # stage reads who sent a producer's body from here (RabbitMQ checked it on the original publish).
+        headers[H_USER] = delivery.user_id
+    if delivery.timestamp is not None:
+        headers[H_SENT_AT] = delivery.timestamp
     return Publish(
         exchange=settings.topology.dead_exchange,
         routing_key=delivery.queue,
         body=delivery.body,
-        headers={H_REASON: str(err)[:500], H_STAGE: stage, H_CODE: err.code},
+        headers=headers,
         reply_to=delivery.reply_to,
         correlation_id=delivery.correlation_id,
         message_id=delivery.message_id,
+        # RabbitMQ checks it: the dead-letter stage trusts H_USER only on a message the pipeline's user sent.
+        user_id=settings.amqp_user_id,
     )
 
 

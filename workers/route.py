@@ -11,6 +11,7 @@ from dataclasses import replace
 from redis.asyncio import Redis
 
 from farebox.errors import REDIS_DOWN, BudgetExceeded, FareboxError
+from farebox.routing.auth import internal_sender
 from farebox.routing.choose import Routed, choose_route, downgrade_route
 from farebox.routing.experiments import Assignment, assign
 from farebox.routing.learned import LearnedRouter
@@ -40,14 +41,14 @@ class RouteStage(EnvelopeStage):
         self.account_queue = self.topo.account
         self.health = Circuits(redis, settings.keys, clock=clock)
         self.book = BudgetBook(redis, settings.keys)
-        self.alerts = BudgetAlerts(redis, settings)
+        self.alerts = BudgetAlerts(redis, settings, lambda: store.current_unit()[1])
         self.pins = ArmPins(redis, settings.keys, ttl_s=settings.result_ttl_s)
 
     def input_queues(self) -> Sequence[str]:
-        return (self.topo.route,)
+        return (self.topo.lane(self.topo.route, "interactive"), self.topo.route)
 
     def decode(self, delivery: Delivery) -> Envelope:
-        return envelope_from_internal(delivery)
+        return envelope_from_internal(delivery, internal_sender(self.store.current()[1].auth, self.settings.amqp_user))
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
         routing = self.store.current_routing()
@@ -88,9 +89,9 @@ class RouteStage(EnvelopeStage):
             return job, policy, routing.router, None
         drawn = assign(policy.experiments, env.job_id, job, task)
         if drawn is not None:
-            arm: Assignment | None = await self.pins.pin(env.job_id, drawn, policy.experiments)
+            arm: Assignment | None = await self.pins.pin(env.record, drawn, policy.experiments)
         else:  # a redelivery after a reload that no longer draws the job keeps the arm it had
-            arm = await self.pins.kept(env.job_id, policy.experiments) if redelivered else None
+            arm = await self.pins.kept(env.record, policy.experiments) if redelivered else None
         if arm is None:
             return job, policy, routing.router, None
         plan = routing.arms[arm.experiment, arm.arm]
@@ -107,7 +108,7 @@ class RouteStage(EnvelopeStage):
         held = tuple(h for _, h in holds)
         alerts: list[Publish] = []
         try:
-            full = await self.book.reserve(env.job_id, list(held), routed.decision.estimated_cost_usd)
+            full = await self.book.reserve(env.record, list(held), routed.decision.estimated_cost_usd)
         except REDIS_DOWN:
             return routed, (), []  # fail open: nothing reserved, nothing to settle
         if full:
@@ -120,7 +121,7 @@ class RouteStage(EnvelopeStage):
                     f"${budget.limit_usd:g} ({hold.period}); the job was not run",
                 )
             routed = downgrade_route(routed)
-            await self.book.reserve(env.job_id, list(held), routed.decision.estimated_cost_usd, force=True)
+            await self.book.reserve(env.record, list(held), routed.decision.estimated_cost_usd, force=True)
         decision = routed.decision.model_copy(update={"reserved_usd": routed.decision.estimated_cost_usd})
         return replace(routed, decision=decision), held, alerts
 

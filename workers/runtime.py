@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import aio_pika
@@ -41,31 +42,42 @@ from farebox.errors import (
 )
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, publish_confirmed
+from farebox.routing.priority import LANES
 from farebox.settings import Settings
 from farebox.stages.batching import Batcher, batch_count, split_batch
 from farebox.stages.messages import dead_letter_publish, settle, to_delivery
+from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import Delivery, Handled, Publish, StageCore
 from farebox.stages.topology import declare_topology, queue_plan
 
 log = logging.getLogger("farebox.runtime")
 
 PUBLISH_BACKOFF = Backoff(first_s=0.02, max_s=1.0)
+PREFERRED = 10  # consumer priority (x-priority) of a worker that serves the interactive lane alone
 DRAIN_TIMEOUT_S = 30.0
 
 
 class Worker:
     """Runs one stage core against the broker until ``stop`` is set, then drains."""
 
-    def __init__(self, settings: Settings, core: StageCore, providers: Sequence[str]) -> None:
+    def __init__(
+        self, settings: Settings, core: StageCore, providers: Sequence[str], *, lanes: tuple[str, ...] = LANES
+    ) -> None:
         self.settings = settings
         self._topology = settings.topology  # built once: _batches asks it for every publish
         self.core = core
         self.providers = list(providers)
+        self.queues = [q for q in core.input_queues() if self._topology.lane_of(q) in lanes]
+        # A worker of the interactive lane alone (`farebox worker all --lane interactive`) is the broker's first
+        # choice for those queues: its event loop is not busy with a backfill, as the stage workers' may be.
+        self._consumer_args: dict[str, Any] | None = {"x-priority": PREFERRED} if lanes == ("interactive",) else None
         self._inflight = 0  # messages (a batch is one)
-        self._busy = 0  # jobs received and not yet handled; at 0 a part-full batch goes out
+        # Jobs received and not yet handled, by lane; at 0 a part-full batch of that lane goes out.
+        self._busy: dict[str, int] = dict.fromkeys(LANES, 0)
         self._prefetch: int = getattr(core, "prefetch", settings.prefetch)  # a core may need more (execute)
-        # Jobs handled at once: what the prefetch allows for messages of one job each.
-        self._slots = asyncio.Semaphore(self._prefetch)
+        # Jobs handled at once: what the prefetch allows for messages of one job each (a core may want more:
+        # execute's jobs wait for a provider call), interactive ones first and with a reserve of their own.
+        self._slots = LaneSlots(getattr(core, "slots", self._prefetch), settings.interactive_reserve)
         self._batcher = (
             Batcher(self._publish, core.name, max_items=settings.batch_max, linger_s=settings.batch_linger_ms / 1000)
             if settings.batch_max > 1
@@ -85,7 +97,7 @@ class Worker:
         )
         try:
             consumers = await self._start(connection)
-            log.info("stage %s consuming %s", self.core.name, ", ".join(self.core.input_queues()))
+            log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
             self.ready.set()
             await stop.wait()
             log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
@@ -123,10 +135,10 @@ class Worker:
                 await declare_topology(channel, self.settings, self.providers)
                 consumers = []
                 plan = queue_plan(self.settings, self.providers)
-                for name in self.core.input_queues():
+                for name in self.queues:
                     # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
                     queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
-                    consumers.append((queue, await queue.consume(self._callback(name))))
+                    consumers.append((queue, await queue.consume(self._callback(name), arguments=self._consumer_args)))
                 return consumers
             except Exception as err:
                 if not broker_away(err, connection):
@@ -148,7 +160,7 @@ class Worker:
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inflight += 1
             self._idle.clear()
-            owed = _Unhandled(self)
+            owed = _Unhandled(self, self._topology.lane_of(queue))
             try:
                 await self._process(message, queue, owed)
             except Exception:  # the shell must never die on one message
@@ -223,7 +235,9 @@ class Worker:
         publishes are queued, so an idle flush of the batcher takes them."""
         sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
         try:
-            async with self._slots:
+            # A job waits for its slot undecoded: a batch's jobs decoded at once would hold up the event loop,
+            # and the interactive job behind them.
+            async with self._slots.slot(self._topology.lane_of(delivery.queue)):
                 verdict = await self._decide(delivery)
             if isinstance(verdict, Handled):
                 sending = self._enqueue(verdict)
@@ -273,16 +287,22 @@ class Worker:
             )
             return 0.5
 
-    def _done_handling(self) -> None:
-        self._busy -= 1
-        if self._busy == 0 and self._batcher is not None:
-            self._batcher.flush_idle()  # nothing else can join: do not make these wait
+    def _done_handling(self, lane: str) -> None:
+        self._busy[lane] -= 1
+        if self._busy[lane] == 0 and self._batcher is not None:
+            # Nothing else of this lane can join: do not make these wait (an interactive job does not wait for
+            # a backfill to pause). A job of the plain intake may go on in either lane: only the whole worker
+            # idle sends what such jobs left in the other lane's batches, as before the lanes.
+            idle = not any(self._busy.values())
+            self._batcher.flush_idle(lambda queue: idle or self._topology.lane_of(queue) == lane)
 
     def _enqueue(self, handled: Handled) -> tuple[list[Publish], list[asyncio.Future[None]]]:
         """Hand the batchable publishes to the batcher now; the rest are published one by one."""
         batcher, direct = self._batcher, []
         batched: list[asyncio.Future[None]] = []
         for p in handled.publishes:
+            if p.lane != "background":  # each hop publishes a job to its lane's queue
+                p = replace(p, routing_key=self._topology.lane(p.routing_key, p.lane))
             if batcher is not None and self._batches(p):
                 batched.append(batcher.add(p))
             else:
@@ -322,6 +342,9 @@ class Worker:
                     correlation_id=p.correlation_id,
                     reply_to=p.reply_to,
                     message_id=p.message_id,
+                    # Every message the pipeline sends says it is the pipeline's (RabbitMQ checks it), so stages
+                    # in auth mode user_id can refuse what a producer publishes past the intake.
+                    user_id=p.user_id or self.settings.amqp_user_id,
                 ),
                 mandatory=p.mandatory,
                 backoff=PUBLISH_BACKOFF,
@@ -346,19 +369,20 @@ class _Unhandled:
     once, whichever way the message goes (a job cancelled before it ran included), so the count
     cannot stick above zero and stop idle flushes."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, lane: str) -> None:
         self._worker = worker
+        self._lane = lane  # the lane of the queue it came from
         self.jobs = 0
         self.add(1)
 
     def add(self, n: int) -> None:
         self.jobs += n
-        self._worker._busy += n
+        self._worker._busy[self._lane] += n
 
     def release(self) -> None:
         if self.jobs > 0:
             self.jobs -= 1
-            self._worker._done_handling()
+            self._worker._done_handling(self._lane)
 
     def release_all(self) -> None:
         while self.jobs > 0:

@@ -34,6 +34,7 @@ from farebox.routing.tasks import infer_task
 from farebox.schemas import ChatMessage, Envelope, Evaluation, Feedback, Job, JobResult, RouteDecision, Usage
 from farebox.schemas.job import CacheOptions
 from farebox.settings import Settings
+from farebox.stages.ledger import day_expiry
 from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.stage import Publish, envelope_publish
 from farebox.tokens import count_messages, count_text
@@ -198,6 +199,7 @@ class Shadowing:
         if evaluation.cap_key:
             pipe.incrby(evaluation.cap_key, actual - evaluation.estimated_nusd)
         pipe.hincrby(self.keys.ledger_arms(day), f"{evaluation.experiment}|{evaluation.arm}|shadow_nusd", actual)
+        pipe.expireat(self.keys.ledger_arms(day), day_expiry(env.received_at, self.settings.ledger_days_kept))
         await pipe.execute()
         if result.status != "ok" or result.content is None:
             log.info("shadow: %s job for %s failed; no grade", evaluation.kind, evaluation.of_job_id)
@@ -234,7 +236,9 @@ class Shadowing:
             source="shadow",
             reference=evaluation.reference,
         )
-        return Publish(self.settings.topology.feedback, feedback.model_dump_json(exclude_none=True).encode())
+        body = feedback.model_dump_json(exclude_none=True).encode()
+        # Sent as the pipeline's own user, so the feedback stage trusts its tenant in auth mode user_id.
+        return Publish(self.settings.topology.feedback, body, user_id=self.settings.amqp_user_id)
 
 
 def evaluation_job_id(kind: str, of_job_id: str) -> str:

@@ -29,6 +29,9 @@ class Publish:
     caller_reply: bool = False
     content_type: str = CONTENT_TYPE
     mandatory: bool = True  # False: no queue bound is fine (alerts nobody listens to yet)
+    user_id: str | None = None  # the pipeline's own AMQP user, on messages the pipeline sends itself (shadow grades)
+    # The job's lane: the runtime sends it to ``routing_key``'s twin for that lane, if it has one (Topology.lane).
+    lane: str = "background"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ def envelope_publish(env: Envelope, queue: str) -> Publish:
         reply_to=env.reply_to,
         correlation_id=env.correlation_id,
         message_id=env.job_id,
+        lane=env.lane,
     )
 
 

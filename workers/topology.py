@@ -5,8 +5,10 @@ Stage queues are durable quorum queues with:
   looping forever (RabbitMQ 3.10 sets none by default);
 * ``reject-publish`` overflow with a max length, so a full stage pushes back on whoever publishes
   into it (publisher confirms turn into nacks) instead of buffering without bound;
-* at-least-once dead-lettering into the fanout DLX, which feeds ``<ns>.dead`` (kept for people)
-  and ``<ns>.dead.notify`` (consumed so the caller still gets a typed error result).
+* at-least-once dead-lettering into the fanout DLX, which feeds ``<ns>.dead.notify``: the dead-letter
+  stage answers the caller with a typed error result and writes a record of the message (never its
+  body unless asked: it may hold prompts and secrets) to ``<ns>.dead``, which keeps the newest records
+  within a count, a size and an age (``dead_queue_arguments``).
 
 Coalesced waiters park in ``<ns>.wait``, a classic queue whose message TTL dead-letters them back
 into ``<ns>.recheck``; a broker-side timer, so a waiting job survives any worker dying.
@@ -14,14 +16,24 @@ into ``<ns>.recheck``; a broker-side timer, so a waiting job survives any worker
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shlex
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel
 
 from farebox.constants import Topology
 from farebox.settings import Settings
+
+log = logging.getLogger("farebox.topology")
+
+_warned: set[str] = set()  # the policy commands already logged by this process: once each, not per worker
 
 
 def stage_queue_arguments(settings: Settings, *, max_length: int | None) -> dict[str, Any]:
@@ -47,7 +59,7 @@ def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[s
         topo.feedback: stage_queue_arguments(settings, max_length=settings.stage_max_length),
         # Dead-letter targets must never refuse a message, so they have no max length.
         topo.recheck: stage_queue_arguments(settings, max_length=None),
-        topo.dead: {"x-queue-type": "quorum"},
+        topo.dead: dead_queue_arguments(settings),
         topo.dead_notify: {"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit},
         topo.wait: {
             "x-queue-type": "classic",
@@ -58,7 +70,38 @@ def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[s
     }
     for provider in sorted(set(providers)):
         plan[topo.execute(provider)] = stage_queue_arguments(settings, max_length=settings.stage_max_length)
+    # Each stage queue's interactive twin (Topology.lane), new queues with the same arguments: the queues of
+    # before keep theirs (a redeclare with others would fail) and carry the background lane.
+    for name in [n for n in plan if topo.has_lanes(n)]:
+        plan[topo.lane(name, "interactive")] = dict(plan[name])
     return plan
+
+
+def dead_retention(settings: Settings) -> dict[str, Any]:
+    """The bounds of ``<ns>.dead`` as a RabbitMQ policy definition (the same as its queue arguments)."""
+    return {
+        "max-length": settings.dead_max_length,
+        "max-length-bytes": settings.dead_max_bytes,
+        "message-ttl": max(1, round(settings.dead_ttl_s * 1000)),
+        # When full, the oldest record goes: the newest say what is failing now, and the dead-letter stage
+        # must never be refused (reject-publish would hold every caller's answer behind a full queue).
+        "overflow": "drop-head",
+    }
+
+
+def dead_queue_arguments(settings: Settings) -> dict[str, Any]:
+    return {"x-queue-type": "quorum", **{f"x-{k}": v for k, v in dead_retention(settings).items()}}
+
+
+def dead_policy_command(settings: Settings) -> str:
+    """The rabbitmqctl command giving an existing ``<ns>.dead`` its bounds: a queue's arguments cannot be
+    changed once declared, a policy's can, and applies to the queue as it is."""
+    path = urlsplit(settings.amqp_url).path
+    vhost = unquote(path[1:]) if len(path) > 1 else "/"
+    pattern = "^" + re.escape(settings.topology.dead) + "$"
+    definition = json.dumps(dead_retention(settings), separators=(",", ":"))
+    name = f"{settings.namespace}-dead-retention"
+    return shlex.join(["rabbitmqctl", "set_policy", "-p", vhost, "--apply-to", "queues", name, pattern, definition])
 
 
 async def declare_topology(channel: AbstractChannel, settings: Settings, providers: Iterable[str]) -> None:
@@ -66,9 +109,47 @@ async def declare_topology(channel: AbstractChannel, settings: Settings, provide
     dlx = await channel.declare_exchange(topo.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
     await channel.declare_exchange(topo.alerts_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     for name, arguments in queue_plan(settings, providers).items():
+        if name == topo.dead:
+            continue
         queue = await channel.declare_queue(name, durable=True, arguments=arguments)
-        if name in (topo.dead, topo.dead_notify):
+        if name == topo.dead_notify:
             await queue.bind(dlx, routing_key="#")
+    await declare_dead_queue(channel, settings)
+
+
+async def declare_dead_queue(channel: AbstractChannel, settings: Settings) -> None:
+    """Declare ``<ns>.dead`` with its bounds, on channels of its own: an install whose queue was declared
+    without them refuses the declare (PRECONDITION_FAILED), which closes the channel it came on, and a worker
+    must still start there. It then gets one warning with the policy that bounds the queue as it is.
+    Either way the queue is unbound from the DLX (a no-op when it is not bound): before, it took a raw copy
+    of every dead letter, body included; now the dead-letter stage writes it a record instead."""
+    topo = settings.topology
+    connection = (await channel.get_underlay_channel()).connection
+    probe = await connection.channel(publisher_confirms=False)
+    try:
+        await probe.queue_declare(topo.dead, durable=True, arguments=dead_queue_arguments(settings))
+    except aiormq.exceptions.ChannelPreconditionFailed as err:
+        _warn_unbounded(settings, err)
+        probe = await connection.channel(publisher_confirms=False)
+    try:
+        await probe.queue_unbind(topo.dead, topo.dead_exchange, routing_key="#")
+    finally:
+        await probe.close()
+
+
+def _warn_unbounded(settings: Settings, err: Exception) -> None:
+    command = dead_policy_command(settings)
+    if command in _warned:
+        return
+    _warned.add(command)
+    log.warning(
+        "queue %s exists with other arguments (%s), so it is used without the bounds FAREBOX_DEAD_MAX_LENGTH, "
+        "FAREBOX_DEAD_MAX_BYTES and FAREBOX_DEAD_TTL_S give it; a policy bounds it as it is, its messages kept "
+        "(those from before it, raw bodies of earlier versions included, stay until purged): %s",
+        settings.topology.dead,
+        err,
+        command,
+    )
 
 
 async def delete_topology(channel: AbstractChannel, settings: Settings, providers: Iterable[str]) -> None:

@@ -24,6 +24,15 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--faulty", "faulty", str, "comma list of providers the fault rates apply to (default all)"),
     ("--seed", "seed", int, "seed for fault and latency draws (reproducible runs)"),
     (
+        "--batch-delay-s",
+        "batch_delay_s",
+        float,
+        "seconds until a batch ends (FAREBOX_EMULATOR_BATCH_DELAY_S, default 3)",
+    ),
+    ("--batch-fail-rate", "batch_fail_rate", float, "share of batches that fail as a whole"),
+    ("--batch-expire-rate", "batch_expire_rate", float, "share of batches that expire with half their requests run"),
+    ("--batch-error-line-rate", "batch_error_line_rate", float, "share of batch requests answered with a 500"),
+    (
         "--outcomes",
         "outcomes",
         str,

@@ -40,6 +40,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
                 max_in_flight=args.max_in_flight,
                 quiet=args.quiet,
                 console=console,
+                priority=args.priority,
             )
         )
     except KeyboardInterrupt:
@@ -72,7 +73,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
             settings, coalesce_writes=True, on_no_pipeline=warn, wait_for_pipeline_s=args.timeout
         )
         async with client:
-            result = await client.complete(job, timeout=max(deadline - time.monotonic(), 0.1))
+            result = await client.complete(job, timeout=max(deadline - time.monotonic(), 0.1), priority=args.priority)
         if args.json:
             print(result.model_dump_json(indent=2))
         elif result.status == "ok":
@@ -110,6 +111,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--max-in-flight", type=positive_int, default=256)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--summary-json", help="also write the closing summary here as JSON")
+    p.add_argument(
+        "--priority",
+        choices=["background", "interactive"],
+        default="background",
+        help="the lane of jobs whose line names none (default: background, behind interactive work)",
+    )
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("ask", help="one request/response over the queue")
@@ -120,4 +127,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--task")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--priority",
+        choices=["interactive", "background"],
+        default="interactive",
+        help="its lane (default: interactive, served ahead of background work)",
+    )
     p.set_defaults(func=cmd_ask)

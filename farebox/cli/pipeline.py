@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from farebox.constants import STAGES
+from farebox.routing.priority import LANES
 from farebox.settings import Settings
 
 
@@ -29,7 +30,7 @@ def scale_arg(text: str) -> tuple[str, int]:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from farebox.stages.main import worker_main
 
-    return worker_main(settings, args.stage, args.provider)
+    return worker_main(settings, args.stage, args.provider, (args.lane,) if args.lane else LANES)
 
 
 def add_commands(sub: Any) -> None:
@@ -44,6 +45,12 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("worker", help="run one stage (any number of replicas, any host)")
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=[*STAGES, "all"], help="all: every stage in this one process")
     p.add_argument("--provider", help="with execute: the provider whose queue to serve")
+    p.add_argument(
+        "--lane",
+        choices=["interactive", "background"],
+        help="serve only this lane's queues (default both, interactive first); a worker of the interactive lane "
+        "alone is the broker's first choice for its queues",
+    )
     p.set_defaults(func=cmd_worker)

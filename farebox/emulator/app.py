@@ -18,10 +18,15 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
+from farebox.emulator import batch_anthropic, batch_gemini, batch_openai
+from farebox.emulator.batches import BatchCall, BatchStore
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.outcomes import Outcome, OutcomeBook, load_outcomes
+from farebox.emulator.replies import NOT_FOUND, Reply, json_reply, not_allowed
 from farebox.emulator.text import Answer, fake_answer
 from farebox.emulator.wire import (
     STATUS,
@@ -58,6 +63,7 @@ class EmulatorState:
     fault_rng: random.Random = field(init=False)
     latency_rng: random.Random = field(init=False)
     outcomes: OutcomeBook | None = field(init=False)
+    batches: BatchStore = field(init=False)
 
     def __post_init__(self) -> None:
         # Two streams, so turning latency on does not change which requests fail.
@@ -65,6 +71,7 @@ class EmulatorState:
         self.latency_rng = random.Random(None if self.knobs.seed is None else self.knobs.seed + 1)
         # Read at startup, so a bad file stops the emulator before it listens (InvalidRequest).
         self.outcomes = load_outcomes(self.knobs.outcomes) if self.knobs.outcomes else None
+        self.batches = BatchStore(self.knobs, partial(_batch_answer, self))
 
     def draw_fault(self, provider: str) -> Fault | None:
         knobs = self.knobs
@@ -83,20 +90,6 @@ class EmulatorState:
         mean = self.knobs.latency_ms / 1000.0
         # Uniform +-50% around the mean: some spread, but never a pathological tail.
         return mean * self.latency_rng.uniform(0.5, 1.5) if mean > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: bytes
-    content_type: bytes = b"application/json"
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-def json_reply(payload: Any, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
-    # Compact UTF-8, as the real APIs send (and byte for byte what Starlette's JSONResponse wrote).
-    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-    return Reply(status, body, headers=headers)
 
 
 def _error(
@@ -166,6 +159,14 @@ def _choose_answer(state: EmulatorState, provider: str, prompt: Prompt) -> tuple
     return Answer(text=text, tokens=count_text(text), hit_limit=False), outcome
 
 
+def _batch_answer(state: EmulatorState, provider: str, prompt: Prompt) -> Answer:
+    """A batch request's answer: the sync endpoint's, counted the same way under the outcomes knob."""
+    answer, outcome = _choose_answer(state, provider, prompt)
+    if outcome is not None:
+        state.outcome_counts[outcome] += 1
+    return answer
+
+
 async def _provider_call(
     state: EmulatorState, raw: bytes, wire: Wire, provider: str, path_model: str | None = None
 ) -> Reply:
@@ -177,9 +178,13 @@ async def _provider_call(
         state.in_flight -= 1
 
 
-async def _gemini(state: EmulatorState, raw: bytes, provider: str, target: str) -> Reply:
+async def _gemini(
+    state: EmulatorState, raw: bytes, provider: str, target: str, batch_call: Callable[[], BatchCall]
+) -> Reply:
     # "{model}:generateContent" is one path segment; the action follows the last colon.
     model, _, action = target.rpartition(":")
+    if action == "batchGenerateContent" and model:
+        return batch_gemini.create(state.batches, batch_call(), model)
     if action != "generateContent" or not model:
         kind: ErrorKind = "invalid" if action == "streamGenerateContent" else "not_found"
         message = f"the emulator only implements models/{{model}}:generateContent, not {action!r}"
@@ -196,6 +201,9 @@ def _stats(state: EmulatorState) -> Reply:
     }
     if state.outcomes is not None:
         payload["outcomes"] = {kind: state.outcome_counts[kind] for kind in ("right", "wrong", "unmatched")}
+    batches = state.batches.stats()
+    if batches is not None:  # only once a batch API was used, so chat-only runs see the same stats
+        payload["batches"] = batches
     return json_reply(payload)
 
 
@@ -203,18 +211,12 @@ def _reset(state: EmulatorState) -> Reply:
     state.requests.clear()
     state.faults.clear()
     state.outcome_counts.clear()
+    state.batches.reset()
     state.peak_in_flight = state.in_flight
     return json_reply({"requests": {}, "faults": {}})
 
 
 # --- routing ---------------------------------------------------------------------------------
-NOT_FOUND = Reply(404, b"Not Found", b"text/plain; charset=utf-8")
-
-
-def _not_allowed(allow: str) -> Reply:
-    return Reply(405, b"Method Not Allowed", b"text/plain; charset=utf-8", ((b"allow", allow.encode()),))
-
-
 GEMINI_PREFIX = "/v1beta/models/"
 
 
@@ -249,21 +251,60 @@ SERVICE_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[EmulatorState], Reply
 }
 
 
-async def route(state: EmulatorState, method: str, path: str, raw: bytes) -> Reply:
-    """The reply to one request."""
+async def route(state: EmulatorState, method: str, path: str, raw: bytes, scope: Scope | None = None) -> Reply:
+    """The reply to one request; the batch APIs also read the query string and headers from ``scope``."""
     service = SERVICE_ROUTES.get(path)
     if service is not None:
         methods, handler = service
-        return handler(state) if method in methods else _not_allowed(", ".join(methods))
+        return handler(state) if method in methods else not_allowed(", ".join(methods))
     found = match_provider(path)
     if found is None:
-        return NOT_FOUND
+        reply = _batch_route(state, method, path, raw, scope)
+        return NOT_FOUND if reply is None else reply
     if method != "POST":
-        return _not_allowed("POST")
+        return not_allowed("POST")
     wire, provider, target = found
     if target is not None:
-        return await _gemini(state, raw, provider, target)
+        prefix = "" if path.startswith(GEMINI_PREFIX) else "/" + provider
+        return await _gemini(
+            state, raw, provider, target, lambda: _batch_call(method, path, prefix, provider, raw, scope)
+        )
     return await _provider_call(state, raw, wire, provider)
+
+
+# (default provider, the path roots it owns, its handler), tried only once no chat route matched,
+# so the chat hot path pays nothing for them.
+BatchHandler = Callable[[BatchStore, BatchCall], Reply | None]
+BATCH_APIS: tuple[tuple[str, tuple[str, ...], BatchHandler], ...] = (
+    ("openai", ("/v1/files", "/v1/batches"), batch_openai.handle),
+    ("anthropic", (batch_anthropic.BASE,), batch_anthropic.handle),
+    ("google", (batch_gemini.BASE,), batch_gemini.handle),
+)
+
+
+def _batch_route(state: EmulatorState, method: str, path: str, raw: bytes, scope: Scope | None) -> Reply | None:
+    """The reply for a batch API route, or None; provider prefixes as in match_provider."""
+    first, _, rest = path[1:].partition("/")
+    for prefix, tail in (("", path), ("/" + first, "/" + rest)):
+        if prefix == "/":
+            break
+        for default, roots, handler in BATCH_APIS:
+            if any(tail == root or tail.startswith(root + "/") for root in roots):
+                call = _batch_call(method, tail, prefix, first if prefix else default, raw, scope)
+                return handler(state.batches, call)
+    return None
+
+
+def _batch_call(method: str, tail: str, prefix: str, provider: str, raw: bytes, scope: Scope | None) -> BatchCall:
+    scope = scope or {}
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+    host = headers.get("host")
+    if not host:
+        server = scope.get("server") or ("127.0.0.1", 8099)
+        host = f"{server[0]}:{server[1]}"
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    origin = f"{scope.get('scheme', 'http')}://{host}"
+    return BatchCall(method, tail, prefix, provider, raw, query, headers.get("content-type", ""), origin)
 
 
 class EmulatorApp:
@@ -283,7 +324,7 @@ class EmulatorApp:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        reply = await route(self.state, scope["method"], scope["path"], b"".join(chunks))
+        reply = await route(self.state, scope["method"], scope["path"], b"".join(chunks), scope)
         headers = [
             (b"content-type", reply.content_type),
             (b"content-length", str(len(reply.body)).encode()),

@@ -24,12 +24,20 @@ class EmulatorKnobs(BaseSettings):
     # How long a "timeout" request hangs: far beyond any sane client timeout, yet finite so a
     # forgotten emulator cannot pin memory forever.
     hang_s: float = Field(3600.0, gt=0.0)
+    # Batch APIs (emulator/batches.py): a batch ends this long after it is created, by the clock,
+    # however often it is polled; the real providers' 24 hours compressed to a test's patience.
+    batch_delay_s: float = Field(3.0, ge=0.0)
+    batch_fail_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of batches that fail as a whole
+    batch_expire_rate: float = Field(0.0, ge=0.0, le=1.0)  # share that expire with half their requests done
+    batch_error_line_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of batch requests answered with a 500
 
     @model_validator(mode="after")
     def _rates_fit(self) -> EmulatorKnobs:
         # One draw picks at most one fault, so the shares must fit in a single unit interval.
         if self.fault_total > 1.0 + 1e-9:
             raise ValueError("the fault rates add up to more than 1")
+        if self.batch_fail_rate + self.batch_expire_rate > 1.0 + 1e-9:  # one draw per batch, likewise
+            raise ValueError("batch_fail_rate and batch_expire_rate add up to more than 1")
         return self
 
     @property

@@ -107,8 +107,12 @@ async def serve_until_signalled(knobs: EmulatorKnobs) -> None:
             faults = f", faults {knobs.fault_total:.0%} on {knobs.faulty or 'all providers'}"
         if knobs.outcomes:
             faults += f", outcomes from {knobs.outcomes}"
+        batch_faults = (knobs.batch_fail_rate, knobs.batch_expire_rate, knobs.batch_error_line_rate)
+        if any(batch_faults):
+            faults += ", batch faults fail {:.0%} / expire {:.0%} / line errors {:.0%}".format(*batch_faults)
         print(
-            f"farebox emulator listening on {url} (latency {knobs.latency_ms:g} ms{faults})",
+            f"farebox emulator listening on {url} (latency {knobs.latency_ms:g} ms, "
+            f"batches end after {knobs.batch_delay_s:g} s{faults})",
             file=sys.stderr,
             flush=True,
         )

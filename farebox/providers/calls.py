@@ -93,21 +93,35 @@ def provider_client(*, max_connections: int, timeout_s: float, keepalive_s: floa
     return drop_cookies(httpx.AsyncClient(transport=transport(None), mounts=mounts, timeout=timeout_s))
 
 
+# A slot for one call of a job in a lane, for a tenant (the execute stage's LaneSlots.slot: interactive jobs
+# first, tenants by weight; farebox/stages/slots.py).
+Slot = Callable[[str, str], contextlib.AbstractAsyncContextManager[None]]
+
+
 class ProviderCalls:
-    """One provider adapter over one client, and at most ``max_in_flight`` calls through it at once."""
+    """One provider adapter over one client, and at most ``max_in_flight`` calls through it at once (``slot``,
+    when given, decides which call goes next and may allow more: the execute stage's gives interactive jobs a
+    reserve of their own; ``max_connections``, the connection pool's size, then covers it)."""
 
     def __init__(
-        self, make_adapter: Callable[[httpx.AsyncClient], ProviderAdapter], *, max_in_flight: int, timeout_s: float
+        self,
+        make_adapter: Callable[[httpx.AsyncClient], ProviderAdapter],
+        *,
+        max_in_flight: int,
+        timeout_s: float,
+        slot: Slot | None = None,
+        max_connections: int | None = None,
     ) -> None:
-        self.client = provider_client(max_connections=max_in_flight, timeout_s=timeout_s)
+        self.client = provider_client(max_connections=max_connections or max_in_flight, timeout_s=timeout_s)
         self._adapter = make_adapter(self.client)
-        self._slots = asyncio.Semaphore(max_in_flight)
+        semaphore = asyncio.Semaphore(max_in_flight)
+        self._slot: Slot = slot or (lambda lane, tenant: semaphore)
 
     @contextlib.asynccontextmanager
-    async def adapter(self) -> AsyncIterator[ProviderAdapter]:
+    async def adapter(self, lane: str = "background", tenant: str = "-") -> AsyncIterator[ProviderAdapter]:
         # A call cancelled mid-request closes its connection (aiohttp does not return a
         # half-read connection to its pool), so nothing here needs replacing afterwards.
-        async with self._slots:
+        async with self._slot(lane, tenant):
             yield self._adapter
 
     async def aclose(self) -> None:

@@ -32,6 +32,13 @@ class AuthPolicy(Strict):
         return self
 
 
+def internal_sender(auth: AuthPolicy, pipeline_user: str) -> str | None:
+    """Who messages between stages must come from: in mode ``user_id``, the pipeline's own RabbitMQ user (a
+    producer may publish to any queue through the default exchange, so a stage must not take its word);
+    in mode ``open``, anyone (as for jobs)."""
+    return pipeline_user if auth.mode == "user_id" else None
+
+
 def acting_tenant(auth: AuthPolicy, user_id: str | None, tenant: str, tenant_given: bool) -> str:
     """The tenant a message may act for: its own ``tenant`` when its sender may act for it, the sender's only
     tenant when it names none; Forbidden otherwise. Messages never quote tenants the sender may not see."""

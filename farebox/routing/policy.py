@@ -8,8 +8,10 @@ and the budgets (only parsed and validated here; the account stage enforces them
 from __future__ import annotations
 
 import fnmatch
+import functools
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +28,7 @@ from farebox.routing.catalog import (
 )
 from farebox.routing.experiments import Experiment, check_experiments
 from farebox.routing.learned import BUILTIN, LearnedRouter, load_router
+from farebox.routing.priority import PriorityPolicy
 from farebox.routing.strategies import RouterRule, Strict
 from farebox.schemas import Job
 
@@ -102,6 +105,7 @@ class Policy(Strict):
     router: RouterRule = RouterRule()
     auth: AuthPolicy = AuthPolicy()  # who may act for which tenant (farebox/routing/auth.py)
     experiments: tuple[Experiment, ...] = ()  # A/B tests of routing strategies (farebox/routing/experiments.py)
+    priority: PriorityPolicy = PriorityPolicy()  # lanes and fair shares (farebox/routing/priority.py)
     # Feedback sources that get a Prometheus label of their own; any other source is counted as "other".
     feedback_sources: tuple[str, ...] = ("user", "user-thumbs", "grader", "shadow")
     # Models with the "reasoning" capability spend hidden tokens out of max_tokens; below this they may
@@ -130,6 +134,25 @@ class Policy(Strict):
             tenant, user_tier, period = sorted(dup, key=str)[0]
             raise ValueError(f"two budgets for tenant {tenant!r}, user_tier {user_tier!r}, period {period!r}")
         return v
+
+    @functools.cached_property
+    def named_tenants(self) -> frozenset[str]:
+        """Every tenant the policy names: tenant rules, cache sharing groups, budgets (not "*"), auth users'
+        tenants, experiments' tenants, priority lanes and weights (not "*"). Only these get a metric label of
+        their own (``metrics.tenant_label``). Computed once per policy object: it is frozen, and asked every job."""
+        names = set(self.tenants)
+        names.update(t for group in self.cache_sharing for t in group)
+        names.update(b.tenant for b in self.budgets if b.tenant != "*")
+        names.update(t for tenants in self.auth.users.values() for t in tenants)
+        names.update(t for e in self.experiments for t in e.tenants or ())
+        names.update(self.priority.tenants)
+        names.update(t for t in self.priority.weights if t != "*")
+        return frozenset(names)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("named_tenants", None)  # pydantic copies cached properties; an update may rename
+        return copied
 
     def experiment(self, name: str) -> Experiment | None:
         return next((e for e in self.experiments if e.name == name), None)

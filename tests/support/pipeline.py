@@ -16,6 +16,7 @@ import aio_pika
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
+from farebox.constants import JobRecord, split_job_record
 from farebox.routing.catalog import CatalogError, load_catalog
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.stages.main import run_stage
@@ -95,8 +96,10 @@ async def drop_redis_prefix(settings: Settings) -> None:
 
 
 async def ledger_entries(redis: Redis, settings: Settings) -> list[str]:
-    prefix = settings.keys.ledger_entry("")
-    return [k.decode()[len(prefix) :] async for k in redis.scan_iter(match=prefix + "*", count=1000)]
+    """The job_id of every ledger entry (entries are keyed by tenant and job_id)."""
+    prefix = settings.keys.ledger_entry(JobRecord(""))
+    records = [k.decode()[len(prefix) :] async for k in redis.scan_iter(match=prefix + "*", count=1000)]
+    return [split_job_record(r)[1] for r in records]
 
 
 class ProcessPipeline:
