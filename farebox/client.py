@@ -35,13 +35,13 @@ from pydantic import ValidationError
 
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
 from farebox.errors import (
-    BROKER_DOWN_OR_TIMEOUT,
     DeadlineExceeded,
     DependencyUnavailable,
     InvalidRequest,
     broker_away,
     describe_validation_error,
 )
+from farebox.intake import PROBE_FAILED, IntakeLanes, queue_consumers, wait_for_intake
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, PublishWindow, publish_confirmed
 from farebox.schemas import ErrorInfo, Feedback, FeedbackReceipt, Job, JobResult
@@ -53,8 +53,6 @@ log = logging.getLogger("farebox.client")
 PUBLISH_BACKOFF = Backoff(first_s=0.05, max_s=2.0)
 # How long after connecting the intake may still have no consumer before on_no_pipeline is told.
 NO_PIPELINE_GRACE_S = 1.0
-# A consumer count that could not be had: the broker away, or the probe channel refused.
-PROBE_FAILED: tuple[type[Exception], ...] = (*BROKER_DOWN_OR_TIMEOUT, aiormq.exceptions.AMQPError)
 
 
 JobLike = Job | Mapping[str, Any] | str
@@ -116,7 +114,7 @@ class FareboxClient:
         self._waiters: dict[str, asyncio.Future[JobResult]] = {}
         self._receipts: dict[str, asyncio.Future[FeedbackReceipt]] = {}
         self._stream_inbox: asyncio.Queue[JobResult] | None = None
-        self._lanes = False  # the pipeline has an interactive intake (one from before the lanes has not)
+        self._intake = IntakeLanes(self.topology)  # which intake a job goes to (farebox/intake.py)
         self.repeats_dropped = 0  # repeated results (same job_id) that stream() did not yield again
 
     @classmethod
@@ -149,8 +147,8 @@ class FareboxClient:
                 self._watcher = asyncio.create_task(self._warn_if_no_pipeline(self.on_no_pipeline))
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._channel = channel
-            await self._wait_for_intake()
-            self._lanes = await self._queue_consumers(self.topology.intake_interactive) is not None
+            await wait_for_intake(self._connection, self.topology, self.wait_for_pipeline_s)
+            await self._intake.check(self._connection)  # looked at again while publishing (IntakeLanes)
             self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
         except BaseException as err:  # a failed or cancelled connect leaves nothing open behind it
@@ -173,20 +171,8 @@ class FareboxClient:
     async def intake_consumers(self) -> int:
         """How many consumers the intake queue has now. 0 (also when the queue does not exist)
         means no pipeline is taking jobs: what is published meanwhile waits in the queue."""
-        return await self._queue_consumers(self.topology.intake) or 0
-
-    async def _queue_consumers(self, queue: str) -> int | None:
-        """Consumers on ``queue``, or None when the queue does not exist (yet)."""
         assert self._connection is not None, "call connect() first"
-        probe = await self._connection.channel()  # a failed passive declare closes its channel
-        try:
-            declared = await probe.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        finally:
-            with contextlib.suppress(Exception):
-                await probe.close()
-        return declared.declaration_result.consumer_count or 0
+        return await queue_consumers(self._connection, self.topology.intake) or 0
 
     async def _warn_if_no_pipeline(self, warn: Callable[[str], None]) -> None:
         # A pipeline starting beside the client gets a moment to attach before anyone is told.
@@ -202,17 +188,6 @@ class FareboxClient:
                 f"for namespace {self.topology.namespace!r}. Start one with `farebox up`; "
                 "waiting for it meanwhile"
             )
-
-    async def _wait_for_intake(self) -> None:
-        """The workers declare the intake; give a pipeline that is starting up time to do so."""
-        deadline = time.monotonic() + self.wait_for_pipeline_s
-        while await self._queue_consumers(self.topology.intake) is None:
-            if time.monotonic() >= deadline:
-                raise DependencyUnavailable(
-                    f"queue {self.topology.intake!r} does not exist: is the pipeline running? "
-                    "(start it with `farebox up`)"
-                )
-            await asyncio.sleep(0.5)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         receipt_waiter = self._receipts.pop(message.correlation_id or "", None)
@@ -237,21 +212,20 @@ class FareboxClient:
         self, job: JobLike, *, correlation_id: str | None = None, priority: Priority | None = None
     ) -> Job:
         """Publish one job (confirmed; retried while the intake is full). Returns it with its job_id. ``priority``:
-        its lane if it names none (None: the policy's); interactive jobs go through the interactive intake."""
-        assert self._channel is not None and self._reply_queue is not None, "call connect() first"
+        its lane if it names none (None: the policy's); interactive jobs go through the interactive intake
+        while something consumes it (see farebox/intake.py), else all go to the plain intake as before the lanes."""
+        assert self._connection and self._channel and self._reply_queue is not None, "call connect() first"
         parsed = as_job(job)
         if parsed.job_id is None:
             parsed = parsed.model_copy(update={"job_id": str(uuid.uuid4())})
-        if parsed.priority is None and priority is not None and self._lanes:
-            parsed = parsed.model_copy(update={"priority": priority})
+        parsed, routing_key = await self._intake.address(self._connection, parsed, priority)
         assert parsed.job_id is not None
         body = parsed.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
-        lane = "interactive" if parsed.priority == "interactive" and self._lanes else "background"
         try:
             await publish_confirmed(
                 self._channel,
                 body,
-                routing_key=self.topology.lane(self.topology.intake, lane),
+                routing_key=routing_key,
                 properties=functools.partial(
                     aiormq_writes.persistent_properties,
                     content_type=CONTENT_TYPE,

@@ -21,6 +21,7 @@ H_STAGE = "x-farebox-stage"  # the stage that dead-lettered it
 H_CODE = "x-farebox-code"  # the error code the caller receives
 H_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
 H_USER = "x-farebox-user-id"  # the sender's validated AMQP user_id, kept when a stage dead-letters its message
+H_LANE = "x-farebox-lane"  # an interactive job's lane, on a queue that has no twin (wait, then recheck)
 H_BATCH = "x-farebox-batch"  # how many envelopes an internal message holds (farebox/stages/batching.py)
 
 CONTENT_TYPE = "application/json"

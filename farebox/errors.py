@@ -40,8 +40,24 @@ def broker_away(err: BaseException, connection: object) -> bool:
     if isinstance(err, BROKER_DOWN):
         return True
     if type(err) is RuntimeError:
-        return bool(getattr(connection, "is_closed", False) or getattr(connection, "reconnecting", False))
+        return bool(
+            getattr(connection, "is_closed", False)
+            or getattr(connection, "reconnecting", False)
+            or _transport_closed(connection)
+        )
     return False
+
+
+def _transport_closed(connection: object) -> bool:
+    """Whether the AMQP connection under a robust one is closed or gone. When the broker closes it
+    (INTERNAL_ERROR, a restart), the robust connection is for a moment neither closed nor reconnecting, and
+    ``channel()`` raises aiormq's RuntimeError ("... closed"): seen to kill a starting stage on CI. While it
+    reconnects it has no transport (aio-pika 10's ``reconnecting`` stays False), and ``channel()`` raises
+    "Connection was not opened"."""
+    if not hasattr(connection, "transport"):
+        return False
+    transport = connection.transport
+    return transport is None or bool(getattr(getattr(transport, "connection", None), "is_closed", False))
 
 
 # What a Redis outage looks like from redis-py.

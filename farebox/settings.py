@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Jobs a stage process may handle at once for the interactive lane beyond its prefetch, which background
     # work may fill: an interactive job never waits for a backfill's job to finish (farebox/stages/slots.py).
     interactive_reserve: int = Field(16, ge=0, le=10_000)
+    # When both lanes wait, after this many interactive grants the next slot goes to background work, so that
+    # work marked interactive, however much of it, slows a backfill down and never stops it (0: strict priority).
+    background_every: int = Field(10, ge=0, le=10_000)
     # Jobs per message between stages (1: one each) and how long a part-full batch may wait.
     batch_max: int = Field(32, ge=1, le=1000)
     batch_linger_ms: float = Field(10.0, ge=0, le=1000)

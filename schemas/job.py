@@ -34,6 +34,10 @@ class CacheOptions(BaseModel):
     ttl_s: int | None = Field(None, ge=0, le=MAX_CACHE_TTL_S)
 
 
+# No "/": a job's records are "<tenant>/<job_id>" (constants.job_record), and a job_id may hold one.
+TENANT_PATTERN = r"^[A-Za-z0-9_.@-]+$"
+
+
 class Job(BaseModel):
     """A prompt job. Unknown fields are refused, so a typo (``qualty``) is an error, not a default."""
 
@@ -41,7 +45,7 @@ class Job(BaseModel):
 
     schema_version: Literal[1] = 1
     job_id: str | None = Field(None, min_length=1, max_length=200)
-    tenant: str = Field("default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    tenant: str = Field("default", min_length=1, max_length=64, pattern=TENANT_PATTERN)
     messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     prompt: str | None = Field(None, min_length=1)
     task: Task | None = None

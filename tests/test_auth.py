@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -26,6 +22,7 @@ from farebox.routing.catalog import CatalogError
 from farebox.routing.policy import parse_policy
 from farebox.settings import CATALOG_DIR, Settings
 from tests.support.pipeline import InProcessPipeline, get_message, ledger_entries
+from tests.support.rabbit_users import PASSWORD, as_user, delete_user, fresh_name, rabbit_users
 
 USERS = {"svc-billing": ("acme",), "svc-batch": ("acme", "initech")}
 
@@ -62,30 +59,11 @@ def test_open_mode_trusts_the_body_and_user_id_mode_needs_users() -> None:
         parse_policy(data, "policy.json")
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def amqp_users() -> Iterator[dict[str, str]]:
     """Two real RabbitMQ users of this run, victim and mallory, removed afterwards."""
-    assert shutil.which("rabbitmqctl"), "rabbitmqctl is needed to create test users"
-    run = uuid.uuid4().hex[:8]
-    users = {"victim": f"fbtest-{run}-victim", "mallory": f"fbtest-{run}-mallory"}
-    for name in users.values():
-        rabbitmqctl("add_user", name, "pw")
-        rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
-    try:
+    with rabbit_users("victim", "mallory") as users:
         yield users
-    finally:
-        for name in users.values():
-            subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
-
-
-def as_user(url: str, user: str) -> str:
-    parts = urlsplit(url)
-    netloc = f"{user}:pw@{parts.hostname}:{parts.port or 5672}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @pytest.fixture
@@ -154,10 +132,10 @@ async def test_tenants_add_gives_a_user_narrow_rights(
 ) -> None:
     from farebox.cli import main
 
-    user = f"fbtest-{uuid.uuid4().hex[:8]}-svc"
+    user = fresh_name("svc")
     monkeypatch.setenv("FAREBOX_NAMESPACE", settings.namespace)
     try:
-        assert await asyncio.to_thread(main, ["tenants", "add", "victim", "--user", user, "--password", "pw"]) == 0
+        assert await asyncio.to_thread(main, ["tenants", "add", "victim", "--user", user, "--password", PASSWORD]) == 0
         data = json.loads((CATALOG_DIR / "policy.json").read_text())
         data["auth"] = {"mode": "user_id", "users": {user: ["victim"]}}
         path = tmp_path / "policy.json"
@@ -180,7 +158,7 @@ async def test_tenants_add_gives_a_user_narrow_rights(
         finally:
             await p.close()
     finally:
-        await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
+        await asyncio.to_thread(delete_user, user)
 
 
 async def bind_alerts(channel: Any, settings: Settings, key: str) -> None:

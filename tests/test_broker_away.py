@@ -4,15 +4,20 @@ while the connection really is closed or reconnecting (a bug must fail, not be r
 from __future__ import annotations
 
 import asyncio
+import gc
 from types import SimpleNamespace
 from typing import Any
 
+import aio_pika
 import aiormq
 import pytest
+from yarl import URL
 
 from farebox.errors import broker_away
 from farebox.settings import Settings
-from farebox.stages import runtime
+from farebox.stages import main, runtime
+from farebox.stages.main import run_stage
+from tests.support.pipeline import drop_namespace
 
 
 @pytest.mark.parametrize(
@@ -32,6 +37,18 @@ def test_broker_away(err: BaseException, closed: bool, reconnecting: bool, away:
     assert broker_away(err, SimpleNamespace(is_closed=closed, reconnecting=reconnecting)) is away
 
 
+@pytest.mark.parametrize(("underneath_closed", "away"), [(True, True), (False, False)])
+def test_a_runtime_error_counts_while_the_amqp_connection_under_a_robust_one_is_closed(
+    underneath_closed: bool, away: bool
+) -> None:
+    robust = SimpleNamespace(
+        is_closed=False,
+        reconnecting=False,
+        transport=SimpleNamespace(connection=SimpleNamespace(is_closed=underneath_closed)),
+    )
+    assert broker_away(RuntimeError("<Connection> closed"), robust) is away
+
+
 class FlakyConnection:
     """``channel()`` fails with the given errors in turn, then with a sentinel that ends the test."""
 
@@ -49,8 +66,11 @@ class FlakyConnection:
 class Core:
     name = "dedup"
 
+    def __init__(self, queues: list[str] | None = None) -> None:
+        self.queues = queues or []
+
     def input_queues(self) -> list[str]:
-        return []
+        return self.queues
 
 
 async def test_a_stage_start_retries_a_closed_connections_runtime_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,3 +89,60 @@ async def test_a_stage_start_retries_a_closed_connections_runtime_error(monkeypa
     with pytest.raises(RuntimeError, match="a bug"):
         await worker._start(open_one)  # type: ignore[arg-type]
     assert open_one.calls == 1
+
+
+async def test_a_robust_connection_that_is_reconnecting_counts_as_the_broker_away() -> None:
+    """While a robust connection reconnects it has no transport, and aio-pika 10's ``reconnecting`` stays
+    False: ``channel()`` raises "Connection was not opened"."""
+    connection = aio_pika.RobustConnection(URL("amqp://guest:guest@127.0.0.1:1/"))  # never opened: no transport
+    with pytest.raises(RuntimeError) as raised:
+        await connection.channel().__aenter__()
+    assert not connection.is_closed and not connection.reconnecting
+    assert broker_away(raised.value, connection)
+
+
+async def test_a_stage_starts_when_the_broker_closed_its_connection_a_moment_before(settings: Settings) -> None:
+    """Between the broker closing the AMQP connection and the robust connection noticing, ``channel()`` raises
+    a bare RuntimeError while the robust one is neither closed nor reconnecting: a stage that took it for a bug
+    died on CI. It waits for the reconnect and consumes."""
+    worker = runtime.Worker(settings, Core([settings.topology.intake]), [])  # type: ignore[arg-type]
+    connection = await aio_pika.connect_robust(settings.amqp_url, reconnect_interval=0.2)
+    try:
+        await connection.transport.connection.close()  # type: ignore[union-attr]  # as the broker would
+        assert not connection.is_closed and not connection.reconnecting
+        consumers = await asyncio.wait_for(worker._start(connection), 30)
+        assert [queue.name for queue, _ in consumers] == [settings.topology.intake]
+    finally:
+        await connection.close()
+        await drop_namespace(settings)
+
+
+async def test_one_worker_failing_stops_the_others_and_leaves_nothing_unretrieved(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stopped: list[str] = []
+
+    async def run(self: runtime.Worker, stop: asyncio.Event) -> None:
+        if self.core.name == "route":
+            raise RuntimeError("a bug")
+        await stop.wait()
+        stopped.append(self.core.name)
+
+    monkeypatch.setattr(runtime.Worker, "run", run)
+
+    async def on_ready() -> None:
+        raise AssertionError("not every worker was ready")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        await run_stage(settings, "all", on_ready=on_ready)
+    gc.collect()  # an unretrieved gather would log now
+    assert "route" not in stopped and len(stopped) >= 4 and "dedup" in stopped  # the others saw stop and ended
+    assert "never retrieved" not in caplog.text
+
+
+async def test_winding_down_cancels_a_worker_that_does_not_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(main, "DRAIN_TIMEOUT_S", -9.9)
+    done = asyncio.create_task(asyncio.sleep(0))
+    stuck = asyncio.create_task(asyncio.sleep(3600))
+    await main.wind_down([done, stuck])
+    assert done.done() and not done.cancelled() and stuck.cancelled()

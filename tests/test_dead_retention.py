@@ -11,13 +11,9 @@ import hashlib
 import json
 import logging
 import shlex
-import shutil
-import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -31,14 +27,10 @@ from farebox.stages.messages import H_SOURCE_QUEUE
 from farebox.stages.stage import Delivery
 from farebox.stages.topology import dead_policy_command, declare_topology, delete_topology
 from tests.support.pipeline import InProcessPipeline, get_message, ledger_entries
+from tests.support.rabbit_users import as_user, rabbit_users, rabbitmqctl
 
 SECRET = "sk-live-PLANTEDSECRET-9f8e7d6c5b4a"
 PROVIDERS = ("openai",)
-
-
-def rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60)
-    return done.stdout
 
 
 async def queue_info(name: str, *fields: str) -> dict[str, Any]:
@@ -253,22 +245,8 @@ def test_the_sender_in_a_header_is_trusted_only_from_the_pipeline_user() -> None
 
 @pytest.fixture(scope="module")
 def amqp_users() -> Iterator[dict[str, str]]:
-    assert shutil.which("rabbitmqctl"), "rabbitmqctl is needed to create test users"
-    run = uuid.uuid4().hex[:8]
-    users = {"victim": f"fbtest-{run}-victim", "mallory": f"fbtest-{run}-mallory"}
-    for name in users.values():
-        rabbitmqctl("add_user", name, "pw")
-        rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
-    try:
+    with rabbit_users("victim", "mallory") as users:
         yield users
-    finally:
-        for name in users.values():
-            subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
-
-
-def as_user(url: str, user: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, f"{user}:pw@{parts.hostname}:{parts.port or 5672}", parts.path, "", ""))
 
 
 async def test_a_dead_letter_that_may_not_act_for_its_tenant_is_forbidden_with_no_ledger_entry(

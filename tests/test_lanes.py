@@ -16,17 +16,21 @@ import pytest
 
 from farebox.cli import build_parser
 from farebox.client import FareboxClient
-from farebox.constants import Topology
+from farebox.constants import H_LANE, Topology
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.routing.catalog import CatalogError
 from farebox.routing.policy import parse_policy
+from farebox.routing.priority import PriorityPolicy
 from farebox.schemas import Envelope, Job
 from farebox.settings import CATALOG_DIR, Settings
+from farebox.stages import slots as slots_module
 from farebox.stages.main import run_stage
+from farebox.stages.messages import in_lane, slot_lane
 from farebox.stages.slots import LaneSlots
-from farebox.stages.topology import declare_topology, queue_plan, stage_queue_arguments
-from tests.support.pipeline import InProcessPipeline, drop_namespace, get_message
+from farebox.stages.stage import Delivery, Publish
+from farebox.stages.topology import queue_plan, stage_queue_arguments
+from tests.support.pipeline import InProcessPipeline, declared, drop_namespace, get_message
 from tests.support.workload import ticket_jobs
 
 BUNDLED_POLICY = json.loads((CATALOG_DIR / "policy.json").read_text())
@@ -97,6 +101,26 @@ def test_the_policy_sets_each_jobs_lane_in_order() -> None:
     assert bare.weight("acme") == 1.0
 
 
+def test_only_the_tenants_the_policy_allows_may_ask_for_the_interactive_lane() -> None:
+    def policy(**priority: Any) -> PriorityPolicy:
+        return parse_policy(dict(BUNDLED_POLICY, priority=priority), "policy.json").priority
+
+    def lane(p: PriorityPolicy, tenant: str, user: str | None = None, intake: bool = False, **job: Any) -> str:
+        return p.lane(Job(prompt="hi", tenant=tenant, **job), user_id=user, interactive_intake=intake)
+
+    few = policy(allow_interactive=["helpdesk"], users={"chat": "interactive"}, tenants={"vip": "interactive"})
+    assert lane(few, "helpdesk", priority="interactive") == "interactive"
+    assert lane(few, "helpdesk", intake=True) == "interactive"
+    assert lane(few, "bulk", priority="interactive") == "background"  # asked, not allowed: what the policy gives
+    assert lane(few, "bulk", intake=True) == "background"
+    assert lane(few, "bulk", user="chat", priority="interactive") == "interactive"  # the operator's entry for its user
+    assert lane(few, "vip", priority="interactive") == "interactive"  # and for its tenant
+    assert lane(few, "helpdesk", priority="background") == "background"  # anyone may ask for less
+    anyone = policy(allow_interactive=["*"])
+    assert lane(anyone, "bulk", priority="interactive") == lane(policy(), "bulk", priority="interactive")
+    assert lane(policy(allow_interactive=[]), "bulk", intake=True) == "background"
+
+
 @pytest.mark.parametrize(
     "priority, fragment",
     [
@@ -104,6 +128,7 @@ def test_the_policy_sets_each_jobs_lane_in_order() -> None:
         ({"tenants": {"acme": "now"}}, "priority.tenants.acme"),
         ({"weights": {"acme": 0}}, "weight"),
         ({"lanes": 2}, "priority.lanes"),
+        ({"allow_interactive": "helpdesk"}, "priority.allow_interactive"),
     ],
 )
 def test_a_bad_priority_policy_is_refused(priority: dict[str, Any], fragment: str) -> None:
@@ -173,6 +198,106 @@ async def test_interactive_jobs_have_a_reserve_background_work_cannot_take() -> 
     assert slots.in_use == 0 and slots.waiting("interactive") == slots.waiting("background") == 0
 
 
+@pytest.mark.parametrize(
+    ("queue", "lane", "sent_to", "header"),
+    [
+        ("lanes.route", "interactive", "lanes.route.interactive", None),  # a twin: the queue says the lane
+        ("lanes.wait", "interactive", "lanes.wait", "interactive"),  # no twin: a header does
+        ("lanes.account", "background", "lanes.account", None),
+    ],
+)
+def test_a_job_keeps_its_lane_on_queues_without_a_twin(queue: str, lane: str, sent_to: str, header: str | None) -> None:
+    topo = Topology("lanes")
+    p = Publish(routing_key=queue, body=b"{}", lane=lane)
+    sent = in_lane(topo, p) if lane != "background" else p
+    assert (sent.routing_key, sent.headers.get(H_LANE)) == (sent_to, header)
+    # The waiter dead-letters from wait to recheck with its headers; there it waits for its lane's slots.
+    arrived = sent_to.replace(".wait", ".recheck")
+    delivery = Delivery(arrived, b"{}", False, 0, dict(sent.headers), None, None, None, None)
+    assert slot_lane(topo, delivery) == lane
+    forged = Delivery("lanes.route", b"{}", False, 0, {H_LANE: "interactive"}, None, None, None, None)
+    assert slot_lane(topo, forged) == "background"  # a queue with a twin: the header counts for nothing
+
+
+async def served_in_order(slots: LaneSlots, jobs: list[tuple[str, str]]) -> list[str]:
+    """The order ``jobs`` (lane, name) get a slot of ``slots``, all queued while the first holds its slot."""
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def job(lane: str, name: str, hold: bool) -> None:
+        async with slots.slot(lane):
+            order.append(name)
+            if hold:
+                await gate.wait()
+
+    head = asyncio.create_task(job(*jobs[0], True))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(job(lane, name, False)) for lane, name in jobs[1:]]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(head, *rest)
+    assert slots.in_use == 0
+    return order
+
+
+async def test_work_marked_interactive_slows_a_backfill_down_and_never_stops_it() -> None:
+    jobs = [("interactive", "i0"), ("background", "b0"), ("background", "b1")]
+    jobs += [("interactive", f"i{i}") for i in range(1, 9)]
+    # While both lanes wait, after 4 interactive grants the next goes to the backfill.
+    order = await served_in_order(LaneSlots(1, 0, background_every=4), jobs)
+    assert order == ["i0", "i1", "i2", "i3", "i4", "b0", "i5", "i6", "i7", "i8", "b1"]
+    alternate = await served_in_order(LaneSlots(1, 0, background_every=1), jobs)
+    assert alternate == ["i0", "i1", "b0", "i2", "b1", *(f"i{i}" for i in range(3, 9))]
+    strict = await served_in_order(LaneSlots(1, 0, background_every=0), jobs)
+    assert strict == ["i0", *(f"i{i}" for i in range(1, 9)), "b0", "b1"]  # strict priority, when asked for
+
+
+async def test_background_turns_never_take_the_reserve_from_an_interactive_job_nobody_queued_ahead_of() -> None:
+    slots = LaneSlots(2, 1, background_every=1)
+    hold = asyncio.Event()
+    started: list[str] = []
+
+    async def job(lane: str, name: str, gate: asyncio.Event) -> None:
+        async with slots.slot(lane):
+            started.append(name)
+            await gate.wait()
+
+    backfill = [asyncio.create_task(job("background", f"b{i}", hold)) for i in range(3)]
+    await asyncio.sleep(0)
+    for i in range(3):  # one interactive job after another, each into the reserve while b2 waits
+        done = asyncio.Event()
+        one = asyncio.create_task(job("interactive", f"i{i}", done))
+        await asyncio.sleep(0)
+        assert started[-1] == f"i{i}" and slots.in_use == 3, started  # at once, not behind b2
+        done.set()
+        await one
+    assert "b2" not in started  # the backfill has its capacity; the reserve stayed interactive
+    hold.set()
+    await asyncio.gather(*backfill)
+    assert slots.in_use == 0
+
+
+async def test_a_stream_of_one_job_tenants_leaves_a_bounded_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slots_module, "REMEMBERED", 50)
+    slots = LaneSlots(1, 0)
+    gate = asyncio.Event()
+
+    async def job(tenant: str, hold: asyncio.Event | None = None) -> None:
+        async with slots.slot("background", tenant):
+            if hold is not None:
+                await hold.wait()
+
+    head = asyncio.create_task(job("first", gate))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(job(f"t{i}")) for i in range(2000)]  # each tenant once: the clock never moves
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(head, *tasks)
+    lane = slots._lanes["background"]
+    assert len(lane.vtime) <= 51 and len(lane.idle) <= 4 * 50 + 1 and not lane.waiting and not lane.count
+    assert slots.in_use == 0
+
+
 # --- against the broker and Redis ------------------------------------------------------------------------------
 async def test_a_priority_is_a_job_field_and_a_bad_one_is_an_invalid_request(pipeline: InProcessPipeline) -> None:
     await pipeline.start()
@@ -200,7 +325,12 @@ async def test_dedup_sends_each_job_on_in_its_lane(settings: Settings, tmp_path:
         update={
             "batch_max": 1,  # one envelope per message, to read them one by one
             "policy": policy_file(
-                tmp_path, {"tenants": {"helpdesk": "interactive"}, "users": {"guest": "interactive"}}
+                tmp_path,
+                {
+                    "tenants": {"helpdesk": "interactive"},
+                    "users": {"guest": "interactive"},
+                    "allow_interactive": ["helpdesk", "acme"],
+                },
             ),
         }
     )
@@ -217,6 +347,8 @@ async def test_dedup_sends_each_job_on_in_its_lane(settings: Settings, tmp_path:
                 "acme-guest": ({"tenant": "acme"}, topo.intake, "guest"),
                 "acme-interactive-intake": ({"tenant": "acme"}, topo.intake_interactive, None),
                 "helpdesk-says-background": ({"tenant": "helpdesk", "priority": "background"}, topo.intake, "guest"),
+                "bulk-says-interactive": ({"tenant": "bulk", "priority": "interactive"}, topo.intake, None),
+                "bulk-interactive-intake": ({"tenant": "bulk"}, topo.intake_interactive, None),
             }
             for job_id, (fields, queue, user) in sent.items():
                 body = json.dumps({"prompt": f"Classify {job_id}", "job_id": job_id, **fields}).encode()
@@ -245,33 +377,30 @@ async def test_dedup_sends_each_job_on_in_its_lane(settings: Settings, tmp_path:
         "acme-guest": "interactive",  # its sender's (the RabbitMQ user)
         "acme-interactive-intake": "interactive",
         "helpdesk-says-background": "background",  # its own
+        "bulk-says-interactive": "background",  # not a tenant allowed to ask for interactive
+        "bulk-interactive-intake": "background",
     }
-
-
-@contextlib.asynccontextmanager
-async def declared(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
-    """The namespace's queues with nobody consuming them."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    try:
-        channel = await connection.channel()
-        await declare_topology(channel, settings, ["openai", "anthropic", "google"])
-        yield channel
-    finally:
-        await connection.close()
-        await drop_namespace(settings)
 
 
 async def test_the_client_sends_interactive_jobs_through_the_interactive_intake(settings: Settings) -> None:
     topo = settings.topology
-    async with declared(settings) as channel, FareboxClient.from_settings(settings) as client:
-        await client.publish({"prompt": "one", "job_id": "i"}, priority="interactive")
-        await client.publish({"prompt": "two", "job_id": "b"}, priority="background")
-        await client.publish({"prompt": "three", "job_id": "p"})  # no lane: the pipeline's policy decides
-        await client.publish({"prompt": "four", "job_id": "own", "priority": "interactive"}, priority="background")
-        interactive = await channel.declare_queue(topo.intake_interactive, passive=True)
-        plain = await channel.declare_queue(topo.intake, passive=True)
-        got_interactive = [json.loads((await get_message(interactive)).body) for _ in range(2)]
-        got_plain = [json.loads((await get_message(plain)).body) for _ in range(2)]
+    got_interactive: list[dict[str, Any]] = []
+
+    async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:  # standing in for the interactive worker
+        got_interactive.append(json.loads(message.body))
+        await message.ack()
+
+    async with declared(settings) as channel:
+        # The client uses the twin only while something consumes it (a rollback leaves it behind, unconsumed).
+        await (await channel.declare_queue(topo.intake_interactive, passive=True)).consume(take)
+        async with FareboxClient.from_settings(settings) as client:
+            await client.publish({"prompt": "one", "job_id": "i"}, priority="interactive")
+            await client.publish({"prompt": "two", "job_id": "b"}, priority="background")
+            await client.publish({"prompt": "three", "job_id": "p"})  # no lane: the pipeline's policy decides
+            await client.publish({"prompt": "four", "job_id": "own", "priority": "interactive"}, priority="background")
+            plain = await channel.declare_queue(topo.intake, passive=True)
+            got_plain = [json.loads((await get_message(plain)).body) for _ in range(2)]
+            await wait_until(lambda: len(got_interactive) == 2, timeout=10)
     assert [(j["job_id"], j["priority"]) for j in got_interactive] == [("i", "interactive"), ("own", "interactive")]
     assert [(j["job_id"], j.get("priority")) for j in got_plain] == [("b", "background"), ("p", None)]
 

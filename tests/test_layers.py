@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "providers": 2,
     "stages": 3,
     "client": 4,
+    "intake": 4,  # the client's probing of the intake and its lanes
     "submit": 4,
     "report": 4,
     "feedback_export": 4,

@@ -7,16 +7,30 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 import aio_pika
 from redis.asyncio import Redis
 
 from farebox.constants import JobRecord, job_record
+from farebox.settings import Settings
 from farebox.stages.ledger import day_expiry, utc_day
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import InProcessPipeline, get_message, ledger_entries
 
 ANY = JobRecord("*")
+
+
+async def reply_to_raw(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
+    """The answer to ``body`` published as it is to the intake, past the client's validation."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        message = aio_pika.Message(json.dumps(body).encode(), reply_to=replies.name, correlation_id="c-1")
+        await channel.default_exchange.publish(message, routing_key=settings.topology.intake)
+        reply: dict[str, Any] = json.loads((await get_message(replies)).body)
+    return reply
 
 
 async def test_the_same_job_id_from_two_tenants_is_two_jobs(
@@ -51,15 +65,7 @@ async def test_an_invalid_body_naming_another_tenants_job_id_replays_nothing(
     async with pipeline.client() as client:
         victim = await client.complete({"job_id": "v-9", "tenant": "victim", "prompt": "Victim secret"}, timeout=30)
     assert victim.status == "ok" and victim.content
-    connection = await aio_pika.connect(s.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        replies = await channel.declare_queue(exclusive=True)
-        body = json.dumps({"job_id": "v-9", "tenant": "mallory", "prompt": 42}).encode()  # prompt must be text
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, reply_to=replies.name, correlation_id="c-1"), routing_key=s.topology.intake
-        )
-        reply = json.loads((await get_message(replies)).body)
+    reply = await reply_to_raw(s, {"job_id": "v-9", "tenant": "mallory", "prompt": 42})  # prompt must be text
     assert reply["status"] == "error" and reply["error"]["code"] == "invalid_request"
     assert reply["job_id"] == "v-9" and reply.get("content") is None
     stored = json.loads(await redis.get(s.keys.result(job_record("victim", "v-9"))))
@@ -103,3 +109,20 @@ async def test_feedback_expires_with_its_job_and_old_records_leave_the_export_in
     assert s.ledger_entry_keep_s - 60 < await redis.ttl(s.keys.feedback(record)) <= s.ledger_entry_keep_s
     assert await redis.zscore(s.keys.feedback_jobs, record) is not None
     assert await redis.zscore(s.keys.feedback_jobs, stale) is None
+
+
+async def test_an_invalid_body_cannot_name_a_tenant_that_spells_another_tenants_record(
+    pipeline: InProcessPipeline, redis: Redis
+) -> None:
+    """Records are "<tenant>/<job_id>" and a job_id may hold "/": tenant "victim/v" with job_id "9" would spell
+    the victim's job "v/9". A valid job cannot name such a tenant; an invalid body's claim must not either."""
+    await pipeline.start()
+    s = pipeline.settings
+    async with pipeline.client() as client:
+        victim = await client.complete({"job_id": "v/9", "tenant": "victim", "prompt": "Victim secret"}, timeout=30)
+    assert victim.status == "ok" and victim.content
+    reply = await reply_to_raw(s, {"job_id": "9", "tenant": "victim/v", "prompt": 42})
+    assert reply["status"] == "error" and reply["error"]["code"] == "invalid_request"
+    assert reply.get("content") is None and reply["tenant"] == "default"  # the claim is not a tenant's name
+    stored = json.loads(await redis.get(s.keys.result(job_record("victim", "v/9"))))
+    assert stored["content"] == victim.content and stored["status"] == "ok"  # untouched

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from farebox.constants import H_CODE, H_REASON, H_STAGE, H_USER, INTERACTIVE, as
 from farebox.errors import ERROR_CODES, FareboxError, Forbidden
 from farebox.routing.auth import AuthPolicy, acting_tenant, internal_sender
 from farebox.schemas import BudgetHold, Envelope, ErrorInfo, FeedbackReceipt, JobResult, RouteInfo
+from farebox.schemas.job import TENANT_PATTERN
 from farebox.settings import Settings
 from farebox.stages.account import Recorder, Recording, result_publish
 from farebox.stages.feedback import receipt_publish
@@ -239,12 +241,20 @@ def _claims(delivery: Delivery, producer: bool) -> _Claims:
         return _Claims()
     job_id, job = _text(data.get("job_id")), data.get("job")
     if producer:  # where to answer is its message property, never its body
-        return _Claims(job_id, _text(data.get("tenant")), "tenant" in data)
-    tenant = _text(data.get("tenant")) or (_text(job.get("tenant")) if isinstance(job, dict) else None)
+        claimed = _tenant_name(data.get("tenant"))
+        return _Claims(job_id, claimed, claimed is not None)
+    tenant = _tenant_name(data.get("tenant")) or (_tenant_name(job.get("tenant")) if isinstance(job, dict) else None)
     if isinstance(job, dict) and "received_at" in data:
         # An envelope that no longer validates (a job of a batch has no properties of its own).
         return _Claims(job_id, tenant, False, _text(data.get("reply_to")), _text(data.get("correlation_id")))
     return _Claims(job_id, tenant)
+
+
+def _tenant_name(value: object) -> str | None:
+    """A claimed tenant that could be a tenant's name, else None (the body names none): a claim such as
+    "victim/v" would spell another tenant's record (see schemas.job.TENANT_PATTERN)."""
+    text = _text(value)
+    return text if text is not None and len(text) <= 64 and re.fullmatch(TENANT_PATTERN, text) else None
 
 
 def record_publish(

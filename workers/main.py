@@ -30,7 +30,7 @@ from farebox.stages.dedup import DedupStage
 from farebox.stages.execute import ExecuteStage
 from farebox.stages.feedback import FeedbackStage
 from farebox.stages.route import RouteStage
-from farebox.stages.runtime import Worker
+from farebox.stages.runtime import DRAIN_TIMEOUT_S, Worker
 from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import StageCore
 
@@ -97,7 +97,12 @@ def stage_cores(
         if provider not in configs:
             raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
         config = configs[provider]
-        slots = LaneSlots(settings.provider_concurrency, settings.interactive_reserve, weight)
+        slots = LaneSlots(
+            settings.provider_concurrency,
+            settings.interactive_reserve,
+            weight,
+            background_every=settings.background_every,
+        )
         calls.append(
             ProviderCalls(
                 lambda client: build_adapter(config, client),
@@ -138,8 +143,8 @@ async def run_stage(
         cores += stage_cores(settings, one, one_provider, store, redis, calls)
     # A worker of one lane serves only its queues; cores with none there (feedback, dead letters) stay out.
     workers = [w for w in (Worker(settings, core, providers, lanes=lanes) for core in cores) if w.queues]
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
     try:
-        tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         if on_ready is not None:
             all_ready = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in workers)))
             pending: list[asyncio.Future[Any]] = [all_ready, *tasks]
@@ -148,12 +153,25 @@ async def run_stage(
                 await on_ready()
             else:
                 all_ready.cancel()
+                await asyncio.gather(all_ready, return_exceptions=True)  # retrieved: no "never retrieved" log
         await asyncio.gather(*tasks)
     finally:
         stop.set()
+        await wind_down(tasks)
         for c in calls:
             await c.aclose()
         await redis.aclose()
+
+
+async def wind_down(tasks: list[asyncio.Task[None]]) -> None:
+    """Let the workers drain once ``stop`` is set (one failing stops the others), then cancel any still
+    starting against an absent broker, so that the provider clients and Redis close after every worker."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S + 10)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tuple[str, ...] = LANES) -> int:

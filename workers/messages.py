@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_REASON, H_STAGE, H_USER
+from farebox.constants import H_CODE, H_DELIVERY_COUNT, H_LANE, H_REASON, H_STAGE, H_USER, Topology
 from farebox.errors import FareboxError
 from farebox.patches import aiormq_writes
 from farebox.settings import Settings
@@ -75,3 +76,19 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool = False, requeue
             await message.nack(requeue=requeue)
     except Exception as err:
         log.info("could not settle a message (%s); the broker redelivers it", type(err).__name__)
+
+
+def in_lane(topology: Topology, p: Publish) -> Publish:
+    """``p`` sent to its lane's twin of its queue; to a queue without a twin (a coalesced waiter's ``wait``)
+    with the lane in a header instead, so that it comes back through ``recheck`` to its lane's slots."""
+    twin = topology.lane(p.routing_key, p.lane)
+    if twin == p.routing_key:
+        return replace(p, headers={**p.headers, H_LANE: p.lane})
+    return replace(p, routing_key=twin)
+
+
+def slot_lane(topology: Topology, delivery: Delivery) -> str:
+    """The lane whose slots a message waits for: its queue's, or on a queue without a twin the header's."""
+    if topology.has_lanes(delivery.queue) or topology.lane_of(delivery.queue) == "interactive":
+        return topology.lane_of(delivery.queue)
+    return "interactive" if delivery.headers.get(H_LANE) == "interactive" else "background"

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 import aio_pika
@@ -45,7 +44,7 @@ from farebox.publishing import Backoff, publish_confirmed
 from farebox.routing.priority import LANES
 from farebox.settings import Settings
 from farebox.stages.batching import Batcher, batch_count, split_batch
-from farebox.stages.messages import dead_letter_publish, settle, to_delivery
+from farebox.stages.messages import dead_letter_publish, in_lane, settle, slot_lane, to_delivery
 from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import Delivery, Handled, Publish, StageCore
 from farebox.stages.topology import declare_topology, queue_plan
@@ -77,7 +76,11 @@ class Worker:
         self._prefetch: int = getattr(core, "prefetch", settings.prefetch)  # a core may need more (execute)
         # Jobs handled at once: what the prefetch allows for messages of one job each (a core may want more:
         # execute's jobs wait for a provider call), interactive ones first and with a reserve of their own.
-        self._slots = LaneSlots(getattr(core, "slots", self._prefetch), settings.interactive_reserve)
+        self._slots = LaneSlots(
+            getattr(core, "slots", self._prefetch),
+            settings.interactive_reserve,
+            background_every=settings.background_every,
+        )
         self._batcher = (
             Batcher(self._publish, core.name, max_items=settings.batch_max, linger_s=settings.batch_linger_ms / 1000)
             if settings.batch_max > 1
@@ -237,7 +240,7 @@ class Worker:
         try:
             # A job waits for its slot undecoded: a batch's jobs decoded at once would hold up the event loop,
             # and the interactive job behind them.
-            async with self._slots.slot(self._topology.lane_of(delivery.queue)):
+            async with self._slots.slot(slot_lane(self._topology, delivery)):
                 verdict = await self._decide(delivery)
             if isinstance(verdict, Handled):
                 sending = self._enqueue(verdict)
@@ -302,7 +305,7 @@ class Worker:
         batched: list[asyncio.Future[None]] = []
         for p in handled.publishes:
             if p.lane != "background":  # each hop publishes a job to its lane's queue
-                p = replace(p, routing_key=self._topology.lane(p.routing_key, p.lane))
+                p = in_lane(self._topology, p)
             if batcher is not None and self._batches(p):
                 batched.append(batcher.add(p))
             else:

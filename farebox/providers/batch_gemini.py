@@ -15,34 +15,21 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
-from farebox.errors import ProviderUnavailable
 from farebox.providers.batch_base import (
-    TIMEOUT_S,
-    BatchCounts,
+    PAGE_SIZE,
     BatchError,
     BatchHandle,
     BatchLine,
     BatchRequest,
     BatchState,
     BatchStatus,
-    answered,
-    call_json,
-    check_submit,
-    complete,
-    count,
+    HttpBatchAdapter,
     failed_line,
-    http_error,
-    not_ended,
-    not_run,
-    short,
+    tally,
     text_of,
 )
 from farebox.providers.gemini import GeminiAdapter
 
-FIND_PAGES = 5  # as batch_openai.py: the batch to resume is among the newest
-PAGE_SIZE = 100
 STATES: dict[str, BatchState] = {
     "PENDING": "in_progress",
     "RUNNING": "in_progress",
@@ -57,73 +44,11 @@ HTTP_OF_RPC |= {12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
 RPC_CANCELLED = 1
 
 
-class GeminiBatchAdapter:
-    def __init__(
-        self,
-        client: httpx.AsyncClient,
-        base_url: str,
-        api_key: str | None,
-        *,
-        name: str = "google",
-        timeout_s: float = TIMEOUT_S,
-    ) -> None:
-        self.name = name
-        self._client = client
-        self._base = base_url.rstrip("/")
-        self._api_key = api_key
-        self._timeout_s = timeout_s
-        self._sync = GeminiAdapter(client, base_url, api_key, name=name)
-
-    def __repr__(self) -> str:
-        return f"GeminiBatchAdapter(name={self.name!r}, url={self._base!r})"
-
-    async def submit(self, model: str, requests: Sequence[BatchRequest], idempotency_key: str) -> BatchHandle:
-        check_submit(self.name, requests, idempotency_key)
-        url = f"{self._base}/models/{quote(model.removeprefix('models/'), safe='')}:batchGenerateContent"
-        operation = await self._json("POST", url, body=self.body(model, requests, idempotency_key))
-        name = text_of(operation.get("name"))
-        if name is None:
-            raise ProviderUnavailable(f"{self.name}: malformed response (missing name)")
-        custom_ids = tuple(r.custom_id for r in requests)
-        return BatchHandle(
-            provider=self.name,
-            batch_id=name.removeprefix("batches/"),
-            model=model,
-            idempotency_key=idempotency_key,
-            custom_ids=custom_ids,
-        )
-
-    async def find(self, idempotency_key: str) -> BatchHandle | None:
-        token: str | None = None
-        for _ in range(FIND_PAGES):
-            params = {"pageSize": str(PAGE_SIZE), **({"pageToken": token} if token else {})}
-            page = await self._json("GET", f"{self._base}/batches", params=params)
-            operations = page.get("operations", [])
-            if not isinstance(operations, list):
-                raise ProviderUnavailable(f"{self.name}: malformed response (operations is not a list)")
-            for operation in operations:
-                metadata = operation.get("metadata") if isinstance(operation, dict) else None
-                if isinstance(metadata, dict) and metadata.get("displayName") == idempotency_key:
-                    return self._found(operation, metadata, idempotency_key)
-            token = text_of(page.get("nextPageToken"))
-            if token is None:
-                return None
-        return None
-
-    async def poll(self, handle: BatchHandle) -> BatchStatus:
-        return self._status(await self._operation(handle))
-
-    async def results(self, handle: BatchHandle) -> list[BatchLine]:
-        operation = await self._operation(handle)
-        status = self._status(operation)
-        if not status.ended:
-            raise not_ended(self.name, status)
-        responses = self._responses(operation)
-        lines = [self._line(handle, i, item) for i, item in enumerate(responses)]
-        return complete(self.name, handle, lines, status.state)
-
-    async def cancel(self, handle: BatchHandle) -> None:
-        await self._json("POST", f"{self._base}/batches/{quote(handle.batch_id, safe='')}:cancel")
+class GeminiBatchAdapter(HttpBatchAdapter):
+    DEFAULT_NAME = "google"
+    SYNC = GeminiAdapter
+    CANCEL = ":cancel"  # a custom method of the operation, not a sub-resource
+    REPLY = "the reply"  # an operation or a page of them
 
     # --- wire ------------------------------------------------------------------------------
     def body(self, model: str, requests: Sequence[BatchRequest], idempotency_key: str) -> dict[str, Any]:
@@ -136,39 +61,38 @@ class GeminiBatchAdapter:
         ]
         return {"batch": {"displayName": idempotency_key, "inputConfig": {"requests": {"requests": inlined}}}}
 
-    def _status(self, operation: dict[str, Any]) -> BatchStatus:
-        metadata = operation.get("metadata")
+    async def _create(self, model: str, requests: Sequence[BatchRequest], idempotency_key: str) -> str:
+        path = f"/models/{quote(model.removeprefix('models/'), safe='')}:batchGenerateContent"
+        operation = await self._object("POST", path, body=self.body(model, requests, idempotency_key))
+        return self._required(operation, "name").removeprefix("batches/")
+
+    def _status(self, batch: dict[str, Any]) -> BatchStatus:
+        metadata = batch.get("metadata")
         word = metadata.get("state") if isinstance(metadata, dict) else None
         # BATCH_STATE_* in the REST reference; the SDKs' JOB_STATE_* names the same states.
         bare = word.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_") if isinstance(word, str) else ""
         state = STATES.get(bare)
         if state is None or not isinstance(metadata, dict):
-            raise ProviderUnavailable(f"{self.name}: malformed response (unknown batch state)")
-        stats = metadata.get("batchStats")
-        stats = stats if isinstance(stats, dict) else {}
-        tally = BatchCounts(
-            total=count(stats.get("requestCount")),
-            succeeded=count(stats.get("successfulRequestCount")),
-            failed=count(stats.get("failedRequestCount")),
-        )
-        error = self._rpc_error(operation.get("error"), "batch failed") if state == "failed" else None
-        return BatchStatus(state=state, counts=tally, provider_status=str(word), error=error)
+            raise self._malformed("unknown batch state")
+        counts = tally(metadata.get("batchStats"), "requestCount", "successfulRequestCount", "failedRequestCount")
+        error = self._rpc_error(batch.get("error"), "batch failed") if state == "failed" else None
+        return BatchStatus(state=state, counts=counts, provider_status=str(word), error=error)
 
     def _rpc_error(self, error: Any, what: str) -> BatchError:
         """A google.rpc.Status as the error its HTTP status would be."""
         code = error.get("code") if isinstance(error, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         status = HTTP_OF_RPC.get(code, 500) if isinstance(code, int) else 500
-        detail = short(f"{what}: {message}" if message else what, self._api_key)
-        return http_error(self.name, status, {"error": {"message": detail}}, self._api_key)
+        detail = self._short(f"{what}: {message}" if message else what)
+        return self._http_error(status, {"error": {"message": detail}})
 
-    def _responses(self, operation: dict[str, Any]) -> list[Any]:
+    async def _lines(self, handle: BatchHandle, batch: dict[str, Any]) -> list[BatchLine]:
         # response.inlinedResponses.inlinedResponses; metadata.output carries the same.
-        for holder in (operation.get("response"), (operation.get("metadata") or {}).get("output")):
+        for holder in (batch.get("response"), (batch.get("metadata") or {}).get("output")):
             outer = holder.get("inlinedResponses") if isinstance(holder, dict) else None
             inner = outer.get("inlinedResponses") if isinstance(outer, dict) else None
             if isinstance(inner, list):
-                return inner
+                return [self._line(handle, i, item) for i, item in enumerate(inner)]
         return []
 
     def _line(self, handle: BatchHandle, i: int, item: Any) -> BatchLine:
@@ -177,43 +101,36 @@ class GeminiBatchAdapter:
         if custom_id is None and i < len(handle.custom_ids):
             custom_id = handle.custom_ids[i]  # responses come in request order
         if custom_id is None or not isinstance(item, dict):
-            raise ProviderUnavailable(f"{self.name}: malformed response (inlined response {i} names no request)")
+            raise self._malformed(f"inlined response {i} names no request")
         if "response" in item:
-            return answered(self.name, self._sync.parse, custom_id, handle.model, item["response"])
+            return self._answered(handle, custom_id, item["response"])
         error = item.get("error")
         if isinstance(error, dict) and error.get("code") == RPC_CANCELLED:
-            return not_run(self.name, custom_id, "cancelled")
+            return self._not_run(custom_id, "cancelled")
         return failed_line(custom_id, self._rpc_error(error, "batch request failed"))
 
-    def _found(self, operation: dict[str, Any], metadata: dict[str, Any], idempotency_key: str) -> BatchHandle:
-        name, model = text_of(operation.get("name")), text_of(metadata.get("model"))
+    # --- find ------------------------------------------------------------------------------
+    async def _page(self, cursor: str | None) -> tuple[list[Any], str | None]:
+        params = {"pageSize": str(PAGE_SIZE), **({"pageToken": cursor} if cursor else {})}
+        page = await self._object("GET", self.BATCHES, params=params)
+        operations = page.get("operations", [])
+        if not isinstance(operations, list):
+            raise self._malformed("operations is not a list")
+        return operations, text_of(page.get("nextPageToken"))
+
+    def _key_of(self, batch: dict[str, Any]) -> Any:
+        metadata = batch.get("metadata")
+        return metadata.get("displayName") if isinstance(metadata, dict) else None
+
+    async def _found(self, batch: dict[str, Any], idempotency_key: str) -> BatchHandle:
+        metadata = batch.get("metadata")
+        name = text_of(batch.get("name"))
+        model = text_of(metadata.get("model")) if isinstance(metadata, dict) else None
         if name is None:
-            raise ProviderUnavailable(f"{self.name}: malformed response (a batch without name)")
+            raise self._malformed("a batch without name")
         return BatchHandle(
             provider=self.name,
             batch_id=name.removeprefix("batches/"),
             model=(model or "").removeprefix("models/"),
             idempotency_key=idempotency_key,
         )
-
-    # --- HTTP ------------------------------------------------------------------------------
-    async def _operation(self, handle: BatchHandle) -> dict[str, Any]:
-        return await self._json("GET", f"{self._base}/batches/{quote(handle.batch_id, safe='')}")
-
-    async def _json(
-        self, method: str, url: str, *, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        data = await call_json(
-            self._client,
-            self.name,
-            method,
-            url,
-            headers=self._sync.headers(),
-            timeout_s=self._timeout_s,
-            secret=self._api_key,
-            body=body,
-            params=params,
-        )
-        if not isinstance(data, dict):
-            raise ProviderUnavailable(f"{self.name}: malformed response (the reply is not an object)")
-        return data

@@ -7,7 +7,12 @@ process's provider calls (farebox/stages/slots.py). The lane a job runs in is, f
 ``users`` entry for the RabbitMQ user that sent it, its ``tenants`` entry, and ``default``::
 
     "priority": {"default": "background", "tenants": {"helpdesk": "interactive"},
-                 "users": {"chat-frontend": "interactive"}, "weights": {"acme": 2}}
+                 "users": {"chat-frontend": "interactive"}, "weights": {"acme": 2},
+                 "allow_interactive": ["helpdesk", "support"]}
+
+The first two are the producer's to choose. ``allow_interactive``, when present, names the tenants whose
+producers may (``"*"``: every tenant, as when it is absent); another tenant's job that asks for the interactive
+lane gets the lane the operator's entries give it, so a backfill marked interactive runs as one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class PriorityPolicy(Strict):
     users: dict[str, Priority] = {}  # AMQP user (as RabbitMQ checked it) -> lane
     # A tenant's share of a lane's slots against the others busy in it (default 1); "*" sets the default.
     weights: dict[str, float] = Field(default_factory=dict)
+    allow_interactive: frozenset[str] | None = None  # tenants whose jobs may ask for interactive; None: all
 
     @field_validator("weights")
     @classmethod
@@ -40,13 +46,16 @@ class PriorityPolicy(Strict):
 
     def lane(self, job: Job, *, user_id: str | None, interactive_intake: bool) -> Priority:
         """The lane ``job`` runs in (see the module docstring for the order)."""
-        if job.priority is not None:
-            return job.priority
-        if interactive_intake:
-            return "interactive"
+        asked = job.priority or ("interactive" if interactive_intake else None)
+        if asked == "background" or (asked == "interactive" and self.may_ask_interactive(job.tenant)):
+            return asked
         if user_id is not None and user_id in self.users:
             return self.users[user_id]
         return self.tenants.get(job.tenant, self.default)
+
+    def may_ask_interactive(self, tenant: str) -> bool:
+        allowed = self.allow_interactive
+        return allowed is None or tenant in allowed or "*" in allowed
 
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, self.weights.get("*", 1.0))

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TypeVar
 
 import aio_pika
@@ -20,7 +20,7 @@ from farebox.constants import JobRecord, split_job_record
 from farebox.routing.catalog import CatalogError, load_catalog
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.stages.main import run_stage
-from farebox.stages.topology import delete_topology
+from farebox.stages.topology import declare_topology, delete_topology
 
 T = TypeVar("T")
 
@@ -83,6 +83,19 @@ async def drop_namespace(settings: Settings) -> None:
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
             await delete_topology(await connection.channel(), settings, providers)
+
+
+@contextlib.asynccontextmanager
+async def declared(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """The namespace's queues, the interactive twins among them, with nobody consuming them; dropped after."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await declare_topology(channel, settings, ["openai", "anthropic", "google"])
+        yield channel
+    finally:
+        await connection.close()
+        await drop_namespace(settings)
 
 
 async def drop_redis_prefix(settings: Settings) -> None:
