@@ -267,7 +267,7 @@ def power_jobs(arms: Sequence[str], scores: np.ndarray) -> float | None:
 
 
 def delivery(queue: str, body: bytes) -> Delivery:
-    return Delivery(queue, body, False, 1, {}, None, None, None, None)
+    return Delivery(queue, body, delivery_count=1)
 
 
 def bench_settings() -> Settings:

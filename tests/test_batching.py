@@ -28,17 +28,7 @@ from tests.support.pipeline import InProcessPipeline, collect, get_message, ledg
 
 
 def _delivery(body: bytes, headers: dict[str, object]) -> Delivery:
-    return Delivery(
-        queue="q",
-        body=body,
-        redelivered=True,
-        delivery_count=2,
-        headers=headers,
-        reply_to=None,
-        correlation_id=None,
-        message_id=None,
-        timestamp=None,
-    )
+    return Delivery("q", body, redelivered=True, delivery_count=2, headers=headers)
 
 
 @pytest.mark.parametrize(

@@ -186,17 +186,7 @@ def test_a_dead_letter_without_properties_answers_the_envelope_caller_only(body:
 
     # The broker dead-lettered it, from the account queue when it is an envelope, else from the intake.
     queue = "fb.account" if reply_to else "fb.jobs"
-    delivery = Delivery(
-        queue="fb.dead.notify",
-        body=body,
-        redelivered=False,
-        delivery_count=0,
-        headers={"x-death": [{"queue": queue, "reason": "delivery_limit"}]},
-        reply_to=None,
-        correlation_id=None,
-        message_id=None,
-        timestamp=None,
-    )
+    delivery = Delivery("fb.dead.notify", body, headers={"x-death": [{"queue": queue, "reason": "delivery_limit"}]})
     dead = read_dead_letter(delivery, read_origin(delivery, "guest"), intake="fb.jobs", max_body_bytes=10_000)
     assert dead.reply_to == reply_to
     assert dead.tenant == ("acme" if reply_to else "default")

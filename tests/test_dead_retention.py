@@ -217,18 +217,7 @@ def test_the_policy_command_names_the_vhost_of_the_url(vhost_path: str, vhost: s
 
 
 def _delivery(headers: dict[str, Any], user_id: str | None) -> Delivery:
-    return Delivery(
-        queue="fb.dead.notify",
-        body=b"{}",
-        redelivered=False,
-        delivery_count=0,
-        headers=headers,
-        reply_to=None,
-        correlation_id=None,
-        message_id=None,
-        timestamp=None,
-        user_id=user_id,
-    )
+    return Delivery("fb.dead.notify", b"{}", headers=headers, user_id=user_id)
 
 
 def test_the_sender_in_a_header_is_trusted_only_from_the_pipeline_user() -> None:

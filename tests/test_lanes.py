@@ -213,9 +213,9 @@ def test_a_job_keeps_its_lane_on_queues_without_a_twin(queue: str, lane: str, se
     assert (sent.routing_key, sent.headers.get(H_LANE)) == (sent_to, header)
     # The waiter dead-letters from wait to recheck with its headers; there it waits for its lane's slots.
     arrived = sent_to.replace(".wait", ".recheck")
-    delivery = Delivery(arrived, b"{}", False, 0, dict(sent.headers), None, None, None, None)
+    delivery = Delivery(arrived, b"{}", headers=sent.headers)
     assert slot_lane(topo, delivery) == lane
-    forged = Delivery("lanes.route", b"{}", False, 0, {H_LANE: "interactive"}, None, None, None, None)
+    forged = Delivery("lanes.route", b"{}", headers={H_LANE: "interactive"})
     assert slot_lane(topo, forged) == "background"  # a queue with a twin: the header counts for nothing
 
 

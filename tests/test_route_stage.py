@@ -50,17 +50,7 @@ def envelope(**job: Any) -> Envelope:
 
 
 def delivery(env: Envelope) -> Delivery:
-    return Delivery(
-        queue="route",
-        body=env.model_dump_json().encode(),
-        redelivered=False,
-        delivery_count=0,
-        headers={},
-        reply_to=None,
-        correlation_id=None,
-        message_id=env.job_id,
-        timestamp=None,
-    )
+    return Delivery("route", env.model_dump_json().encode(), message_id=env.job_id)
 
 
 def counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:

@@ -178,10 +178,12 @@ class LaneSlots:
             queue = state.waiting[tenant]
             future = queue.popleft()
             state.count -= 1
-            if not queue:
-                state.stop_waiting(tenant)
             if future.done():  # cancelled while it waited
+                if not queue:
+                    state.stop_waiting(tenant)
                 continue
+            if not queue:
+                del state.waiting[tenant]  # charge() remembers its debt, once, at the new virtual time
             self._grant(lane, state, tenant, queued=True)
             future.set_result(None)
 

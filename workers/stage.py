@@ -48,13 +48,13 @@ class Delivery:
 
     queue: str
     body: bytes
-    redelivered: bool
-    delivery_count: int
-    headers: Mapping[str, Any]
-    reply_to: str | None
-    correlation_id: str | None
-    message_id: str | None
-    timestamp: float | None
+    redelivered: bool = False
+    delivery_count: int = 0
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    message_id: str | None = None
+    timestamp: float | None = None
     user_id: str | None = None  # the sender's RabbitMQ user, which the broker checked
 
 
