@@ -40,13 +40,14 @@ def port_is_free(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def emulator_process(port: int, *, latency_ms: int = 0) -> Iterator[str]:
+def emulator_process(port: int, *, latency_ms: int = 0, batch_delay_s: float | None = None) -> Iterator[str]:
     # A port already taken (a `farebox up` or demo emulator on it) would let the bench measure a
     # foreign emulator without noticing, and count its CPU: refuse instead.
     if not port_is_free(port):
         raise SystemExit(f"port {port} is taken; stop whatever listens there before benchmarking")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "farebox", "emulator", "--port", str(port), "--latency-ms", str(latency_ms)],
+        [sys.executable, "-m", "farebox", "emulator", "--port", str(port), "--latency-ms", str(latency_ms)]
+        + ([] if batch_delay_s is None else ["--batch-delay-s", str(batch_delay_s)]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 DEFAULT_NAMESPACE = "farebox"
-STAGES = ("dedup", "route", "execute", "account")
+STAGES = ("dedup", "route", "execute", "account", "batch")
 NANO = 1_000_000_000  # money is kept in Redis as integer nano-dollars
 JobRecord = NewType("JobRecord", str)  # "tenant/job_id": see job_record()
 
@@ -49,11 +49,20 @@ class Topology:
         return f"{self.namespace}.wait"
 
     @property
+    def wait_batch(self) -> str:
+        """As ``wait``, with a longer TTL, for waiters of batch-lane jobs: their leader takes minutes to hours."""
+        return f"{self.namespace}.wait.batch"
+
+    @property
     def route(self) -> str:
         return f"{self.namespace}.route"
 
     def execute(self, provider: str) -> str:
         return f"{self.namespace}.execute.{provider}"
+
+    def batch(self, provider: str) -> str:
+        """Jobs of the batch lane for ``provider``'s Batch API (farebox/stages/batch_lane.py)."""
+        return f"{self.namespace}.batch.{provider}"
 
     @property
     def account(self) -> str:
@@ -173,6 +182,24 @@ class RedisKeys:
     def feedback_jobs(self) -> str:
         """Sorted set of the records (``job_record``) with feedback, scored by the time of their latest feedback."""
         return f"{self.prefix}feedback:jobs"
+
+    # The batch lane (farebox/stages/batch_store.py). A provider's batch records share one hash tag, so each
+    # script's keys sit in one Redis Cluster slot.
+    def batch_job(self, provider: str, custom_id: str) -> str:
+        """Which batch took a job: a redelivered intake message must not enter a second batch."""
+        return f"{self.prefix}{{batch:{provider}}}:job:{custom_id}"
+
+    def batch_jobs(self, provider: str, batch: str) -> str:
+        """Hash custom_id -> envelope JSON of one batch's jobs not handed on yet."""
+        return f"{self.prefix}{{batch:{provider}}}:jobs:{batch}"
+
+    def batch_meta(self, provider: str, batch: str) -> str:
+        """Hash of one batch: state, model, counts, the provider's handle, its claim and poll times."""
+        return f"{self.prefix}{{batch:{provider}}}:meta:{batch}"
+
+    def batch_live(self, provider: str) -> str:
+        """Set of a provider's batches not finished yet: what a restarted worker resumes."""
+        return f"{self.prefix}{{batch:{provider}}}:live"
 
     def prompt(self, record: JobRecord) -> str:
         """An experiment job's messages as sent (redacted), kept for ``farebox feedback export``."""

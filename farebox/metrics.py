@@ -58,6 +58,12 @@ BATCH_SIZE = Histogram(
     ["stage"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+# The batch lane (farebox/stages/batch_lane.py): provider batches by what became of them (submitted, ended,
+# expired, failed, cancelled, refused), and their jobs by where they went (answered, sync, error).
+PROVIDER_BATCHES = Counter("farebox_provider_batches_total", "Provider batches by event", ["provider", "event"])
+BATCH_LANE_JOBS = Counter(
+    "farebox_batch_lane_jobs_total", "Batch-lane jobs handed on, by outcome", ["provider", "outcome"]
+)
 REDIS_PIPELINE = Histogram(
     "farebox_redis_pipeline_commands",
     "Redis commands sent together in one pipeline",

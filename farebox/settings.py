@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     coalesce_poll_ms: int = Field(100, ge=10)
     leader_lease_s: int = Field(300, ge=1)
 
+    # The batch lane (farebox/stages/batch_lane.py): a batch whose worker has not renewed its claim this long is
+    # taken over by another (a worker killed with its batches); provider batches are polled from
+    # batch_poll_first_s after the submit, the wait growing 1.5x a poll up to batch_poll_max_s.
+    batch_claim_s: float = Field(30.0, ge=0.5, le=3600)
+    batch_poll_first_s: float = Field(1.0, ge=0.05, le=3600)
+    batch_poll_max_s: float = Field(60.0, ge=0.05, le=86_400)
+    # Coalesced waiters of a batch-lane job re-check this often (their leader waits for a provider batch).
+    batch_wait_poll_ms: int = Field(5000, ge=10)
+
     # Provider calls.
     provider_timeout_s: float = Field(60.0, gt=0)
     provider_max_attempts: int = Field(4, ge=1, le=20)  # per candidate

@@ -21,30 +21,36 @@ Exit codes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shlex
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from farebox.client import FareboxClient, as_job
 from farebox.errors import InvalidRequest
+from farebox.routing.catalog import load_catalog
 from farebox.schemas import ErrorInfo, Job, JobResult
-from farebox.schemas.job import Priority
+from farebox.schemas.job import PriceLane, Priority
 from farebox.settings import Settings
+from farebox.stages.batch_store import lane_progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Lines read between two yields to the event loop while none of them is sent (a resume skipping
 # a long answered stretch must not hold up the results arriving meanwhile).
 LINES_PER_TURN = 1024
+BATCH_WATCH_S = 2.0  # how often `submit --lane batch` reads what the batch lane holds
 
 
 @dataclass
@@ -190,14 +196,22 @@ def answered_in(out: Path) -> Answered:
     return answered
 
 
-def parse_line(line_no: int, text: str) -> Job:
-    """The job on one line (InvalidRequest or ValueError when there is none)."""
+def with_lane(job: Job, lane: PriceLane | None) -> Job:
+    """``job`` on the price lane ``lane`` (``--lane``) unless it names its own (or ``lane`` is None)."""
+    if lane is None or job.lane is not None:
+        return job
+    return job.model_copy(update={"lane": lane})
+
+
+def parse_line(line_no: int, text: str, lane: PriceLane | None = None) -> Job:
+    """The job on one line (InvalidRequest or ValueError when there is none), on ``lane`` when it names none.
+    The job_id of a line without one hashes the line as written, so ``--lane`` does not change it."""
     data = json.loads(text)
     if not isinstance(data, dict):
         raise InvalidRequest("a line must be a JSON object")
     if data.get("job_id") is None:  # hashing every line only for the ones without an id
         data["job_id"] = stable_job_id(line_no, text)
-    return as_job(data)
+    return with_lane(as_job(data), lane)
 
 
 def invalid_line(job_id: str, line_no: int, err: Exception) -> JobResult:
@@ -205,7 +219,9 @@ def invalid_line(job_id: str, line_no: int, err: Exception) -> JobResult:
     return JobResult(job_id=job_id, status="error", error=ErrorInfo(code="invalid_request", message=msg))
 
 
-def read_lines(path: Path, answered: Answered, summary: Summary) -> Iterator[Job | JobResult | None]:
+def read_lines(
+    path: Path, answered: Answered, summary: Summary, lane: PriceLane | None = None
+) -> Iterator[Job | JobResult | None]:
     """For every non-empty line, counted in ``summary``: its Job to send; the error result of a
     line that fails here (once: not again when the output has it); None when it is skipped."""
     with path.open(encoding="utf-8", errors="replace") as f:
@@ -215,7 +231,7 @@ def read_lines(path: Path, answered: Answered, summary: Summary) -> Iterator[Job
                 continue
             summary.lines += 1
             try:
-                job = parse_line(line_no, text)
+                job = parse_line(line_no, text, lane)
             except (ValueError, InvalidRequest) as err:
                 summary.invalid += 1
                 job_id = stable_job_id(line_no, text)
@@ -258,6 +274,21 @@ def open_output(out: Path | None) -> IO[str]:
         raise InvalidRequest(f"cannot write {out}: {err.strerror or err}") from None
 
 
+async def watch_batches(settings: Settings, state: list[str], shown: Callable[[], None]) -> None:
+    """Keep ``state[0]`` saying what the batch lane holds (queued for a batch, submitted as batch X); the jobs'
+    results say when they are done. Best effort: Redis away leaves the line as it was."""
+    providers = load_catalog(settings.catalog).providers()
+    redis = Redis.from_url(settings.redis_url, socket_timeout=2.0)
+    try:
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                state[0] = (await lane_progress(redis, settings.keys, providers)).describe()
+                shown()
+            await asyncio.sleep(BATCH_WATCH_S)
+    finally:
+        await redis.aclose()
+
+
 def progress_bar(console: Console, quiet: bool) -> Progress:
     return Progress(
         TextColumn("[bold]submit"),
@@ -281,11 +312,12 @@ async def submit(
     quiet: bool = False,
     console: Console | None = None,
     priority: Priority | None = "background",
+    lane: PriceLane | None = None,
 ) -> Summary:
     """Send the jobs of ``path`` not yet answered in ``out`` and append their results to it
     (stdout without ``out``). ``summary`` is filled as the run goes, so a caller holding it has
     the numbers so far when the run is interrupted. A backfill: background work unless a line (or
-    ``priority``) says otherwise."""
+    ``priority``) says otherwise; ``lane`` the price lane of the jobs whose line names none."""
     console = console or Console(stderr=True)
     summary = summary if summary is not None else Summary()
     check_paths(path, out)
@@ -302,15 +334,17 @@ async def submit(
         with progress:
             bar = progress.add_task("jobs", total=total, status="")
 
+            batch_state = [""]  # what the batch lane holds, refreshed by watch_batches()
+
             def shown() -> None:
-                status = f"${summary.cost_usd:.4f} {summary.cache_hits} hits"
+                status = " · ".join(filter(None, [f"${summary.cost_usd:.4f} {summary.cache_hits} hits", *batch_state]))
                 progress.update(bar, completed=summary.settled, status=status)
 
             def write(result: JobResult) -> None:
                 sink.write(result.model_dump_json(exclude_none=True) + "\n")
 
             async def jobs() -> AsyncIterator[Job]:
-                for n, item in enumerate(read_lines(path, answered, summary), 1):
+                for n, item in enumerate(read_lines(path, answered, summary, lane), 1):
                     if isinstance(item, Job):
                         yield item
                     elif item is not None:
@@ -321,11 +355,17 @@ async def submit(
                 shown()
 
             client = FareboxClient.from_settings(settings, coalesce_writes=True, on_no_pipeline=warn)
-            async with client:
-                async for result in client.stream(jobs(), max_in_flight=max_in_flight, priority=priority):
-                    write(result)
-                    summary.add(result)
-                    shown()
+            watcher = asyncio.create_task(watch_batches(settings, batch_state, shown)) if lane == "batch" else None
+            try:
+                async with client:
+                    async for result in client.stream(jobs(), max_in_flight=max_in_flight, priority=priority):
+                        write(result)
+                        summary.add(result)
+                        shown()
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
     finally:
         if out:
             sink.close()

@@ -51,6 +51,7 @@ def plan_children(settings: Settings, env: dict[str, str], *, scale: dict[str, i
     stages: list[tuple[str, list[str]]] = [("dedup", ["dedup"]), ("route", ["route"])]
     stages += [(f"execute-{p}", ["execute", "--provider", p]) for p in providers]
     stages.append(("account", ["account"]))
+    stages.append(("batch", ["batch"]))  # every provider's batch lane, one process: it mostly waits
     # Every stage's interactive lane in one more process, the broker's first choice for those queues: its event
     # loop is never busy with a backfill, as the stage processes' may be (bench/fairness.py).
     stages.append(("interactive", ["all", "--lane", "interactive"]))

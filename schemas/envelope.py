@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from farebox.constants import JobRecord, job_record
-from farebox.schemas.job import Job, Priority
+from farebox.schemas.job import Job, PriceLane, Priority
 from farebox.schemas.result import CacheStatus, ErrorInfo, StrategyRef, Usage
 
 
@@ -26,6 +26,7 @@ class RouteDecision(BaseModel):
     reserved_usd: float = 0.0  # budget reservation the account stage settles
     redacted: bool = False
     strategy: StrategyRef | None = None  # the experiment arm that routed the job, if any
+    price_lane: PriceLane = "sync"  # batch: through the provider's Batch API, priced at its batch rate
 
     @property
     def target(self) -> str:
@@ -55,6 +56,7 @@ class Outcome(BaseModel):
     usage: Usage
     latency_s: float = 0.0
     retries: int = 0
+    batch_id: str | None = None  # the provider batch that answered (the batch lane)
 
 
 class Evaluation(BaseModel):

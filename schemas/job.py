@@ -12,6 +12,8 @@ Task = Literal["summarize", "classify", "extract", "reason", "code", "generate",
 Quality = Literal["low", "medium", "high"]
 CacheMode = Literal["use", "bypass", "refresh"]
 Priority = Literal["interactive", "background"]  # the lane a job runs in (farebox/routing/priority.py)
+# sync: the providers' synchronous APIs; batch: their Batch APIs, about half price, answers within hours.
+PriceLane = Literal["sync", "batch"]
 
 MAX_MESSAGES = 1000
 MAX_CACHE_TTL_S = 30 * 86_400
@@ -56,6 +58,9 @@ class Job(BaseModel):
     subject: str | None = Field(None, min_length=1, max_length=200)
     # interactive: someone waits, served ahead of background work; unset: the policy's priority decides.
     priority: Priority | None = None
+    # batch: the job may wait hours for the Batch APIs' discount; sync forces the synchronous lane; unset: the
+    # policy's batch defaults decide (farebox/routing/batch_lane.py).
+    lane: PriceLane | None = None
     max_tokens: int = Field(256, ge=1, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     cache: CacheOptions = CacheOptions()

@@ -36,6 +36,7 @@ class RouteInfo(BaseModel):
     candidates: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()  # provider/model tried first and given up on, in order
     strategy: StrategyRef | None = None  # set when an experiment of the policy covered the job
+    lane: Literal["sync", "batch"] = "sync"  # batch: answered through the provider's Batch API, at its batch rate
 
 
 class ErrorInfo(BaseModel):

@@ -121,3 +121,35 @@ def test_an_envelope_without_a_token_count_still_decodes() -> None:
     with_count = Envelope.model_validate_json(json.dumps({**old, "prompt_tokens": 12}))
     assert with_count.prompt_tokens == 12
     assert json.loads(with_count.model_dump_json(exclude_defaults=True))["prompt_tokens"] == 12
+
+
+@pytest.mark.parametrize(
+    ("lane", "providers", "price_lane"),
+    [
+        ("batch", frozenset({"openai", "anthropic", "google"}), "batch"),
+        ("sync", frozenset({"openai", "anthropic", "google"}), "sync"),
+        ("batch", frozenset(), "sync"),  # no provider with a Batch API: the sync lane
+    ],
+)
+async def test_a_batch_lane_job_goes_to_its_providers_batch_queue(
+    settings: Settings, redis: Redis, tmp_path: Path, lane: str, providers: frozenset[str], price_lane: str
+) -> None:
+    s = settings.model_copy(update={"policy": policy_file(tmp_path, [])})
+    stage = RouteStage(s, CatalogStore(s.catalog, s.policy), redis, batch_providers=providers)
+    env = envelope(prompt="Classify the sentiment of: great service.", task="classify", lane=lane)
+    handled = await stage.handle(env, delivery(env))
+    out = Envelope.model_validate_json(handled.publishes[0].body)
+    assert out.route is not None and out.route.price_lane == price_lane
+    topo = s.topology
+    queue = topo.batch(out.route.provider) if price_lane == "batch" else topo.execute(out.route.provider)
+    assert handled.publishes[0].routing_key == queue
+    if price_lane == "batch":
+        assert out.route.reason.startswith("batch lane (job asked for the batch lane; batch prices)")
+
+
+def test_the_batch_providers_are_the_configured_ones_with_a_batch_api(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAREBOX_PROVIDERS_EXTRA", "lm-studio=http://127.0.0.1:1234/v1")
+    stage = RouteStage(settings, CatalogStore(settings.catalog, settings.policy), Redis())
+    assert stage.batch_providers == frozenset({"openai", "anthropic", "google"})

@@ -358,7 +358,10 @@ def test_cli_table_and_csv(
         (["--by", "tenant,strategy"], "--by: strategy is a report of its own and cannot be combined"),
         (["--by", "tenant", "--source", "human"], "--source: only with --by strategy"),
         (["--by", "strategy", "--tenant", "acme"], "--tenant: experiment arms are not kept per tenant"),
-        (["--by", "strategies"], "--by: unknown dimension(s) strategies; use tenant, provider, model, day or strategy"),
+        (
+            ["--by", "strategies"],
+            "--by: unknown dimension(s) strategies; use tenant, provider, model, day, lane or strategy",
+        ),
     ],
 )
 def test_cli_refuses_bad_combinations(argv: list[str], message: str) -> None:

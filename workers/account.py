@@ -31,7 +31,7 @@ from farebox.stages.cache_keys import prompt_hash
 from farebox.stages.decode import envelope_from_internal
 from farebox.stages.ledger import CacheFill, KeptPrompt, Ledger, Recorded
 from farebox.stages.redis_health import RedisHealth
-from farebox.stages.results import build_result
+from farebox.stages.results import build_result, sync_cost_usd
 from farebox.stages.shadow import Shadowing
 from farebox.stages.stage import Delivery, Handled, Publish
 
@@ -135,6 +135,7 @@ class AccountStage:
                 reserved_usd=env.route.reserved_usd if env.route else 0.0,
                 prompt=kept_prompt(env, policy),
                 evaluation=env.evaluation.kind if env.evaluation else None,
+                sync_cost_usd=sync_cost_usd(env, catalog),
             ),
             then=then,
         )
@@ -179,6 +180,7 @@ class Recording:
     reserved_usd: float = 0.0
     prompt: KeptPrompt | None = None
     evaluation: str | None = None  # an evaluation job's kind (shadow grading): its cost is evaluation spend
+    sync_cost_usd: float | None = None  # a batch job's cost at its model's sync price (the ledger's batch_sync_nusd)
 
 
 class Recorder:
@@ -263,4 +265,5 @@ class Recorder:
             result_json=result_json,
             prompt=rec.prompt,
             evaluation=rec.evaluation,
+            sync_cost_usd=rec.sync_cost_usd,
         )

@@ -20,6 +20,7 @@ from farebox import metrics
 from farebox.constants import as_text, job_record
 from farebox.errors import REDIS_DOWN, DeadlineExceeded, FareboxError, Forbidden
 from farebox.routing.auth import AuthPolicy, acting_tenant, internal_sender
+from farebox.routing.batch_lane import BatchPolicy, price_lane
 from farebox.routing.priority import PriorityPolicy
 from farebox.schemas import Envelope, ErrorInfo, JobResult, Outcome
 from farebox.settings import Settings
@@ -70,10 +71,12 @@ class DedupStage(EnvelopeStage):
         clock: Callable[[], float] = time.time,
         auth: Callable[[], AuthPolicy] = AuthPolicy,
         lanes: Callable[[], PriorityPolicy] = PriorityPolicy,
+        batch: Callable[[], BatchPolicy] = BatchPolicy,
     ) -> None:
         self.settings = settings
         self.auth = auth  # the policy's auth in force
         self.lanes = lanes  # the policy's priority in force
+        self.batch = batch  # the policy's batch lane in force: how often a coalesced waiter re-checks
         self.redis = redis
         self.rules = rules
         self.clock = clock
@@ -168,7 +171,9 @@ class DedupStage(EnvelopeStage):
         if state in ("route", "lead") or (state == "own" and delivery.redelivered):
             return Handled([envelope_publish(env, self.topo.route)])
         waiting = env.model_copy(update={"waits": env.waits + 1})
-        return Handled([envelope_publish(waiting, self.topo.wait)])
+        # A waiter of a batch-lane job re-checks every few seconds, not ten times a second for hours.
+        batched = price_lane(self.batch(), env.job, env.lane)[0] == "batch"
+        return Handled([envelope_publish(waiting, self.topo.wait_batch if batched else self.topo.wait)])
 
     def _serve(self, env: Envelope, cached: bytes) -> Handled:
         status = "coalesced" if env.waits else "hit"

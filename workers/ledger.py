@@ -4,6 +4,11 @@ cache fill and the release of the job's coalescing lease (one Lua script, one ro
 ``SET NX`` on the entry key makes a redelivered account message unable to charge twice; the
 stored result (with a TTL) lets the dedup stage replay a job_id that is already done.
 Money is aggregated in integer nano-dollars so totals add up exactly.
+
+A job answered through a provider batch (``result.route.lane == "batch"``) also adds to the ``batch_*`` fields
+of its aggregate, among them ``batch_sync_nusd``: what the same usage would have cost on the same model
+synchronously, so ``farebox report`` can show the batch lane's own saving. The sync lane is the totals minus
+these, so the aggregates of before the batch lane read as all sync.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ _RECORD_LAYOUT = Layout(
         "evaluation_nusd",  # the cost again when it is evaluation spend (shadow grading), else 0
         "entry_ttl_s",
         "day_expires_at",  # unix time when this day's aggregates expire
+        # New arguments go last: the positions above stay where the script of before had them.
+        "is_batch",  # 1 when the job was answered through a provider batch, else 0
+        "sync_nusd",  # a batch job's cost at the same model's sync price
     ),
 )
 _RECORD = """
@@ -88,6 +96,14 @@ if not existing then
       redis.call('HINCRBY', arms_key, a .. 'cache_hits', cache_hit)
       redis.call('HINCRBY', arms_key, a .. 'errors', is_error)
       redis.call('EXPIREAT', arms_key, day_expires_at)
+    end
+    if is_batch == '1' then
+      redis.call('HINCRBY', day_key, p .. 'batch_jobs', 1)
+      redis.call('HINCRBY', day_key, p .. 'batch_cost_nusd', cost_nusd)
+      redis.call('HINCRBY', day_key, p .. 'batch_baseline_nusd', baseline_nusd)
+      redis.call('HINCRBY', day_key, p .. 'batch_sync_nusd', sync_nusd)
+      redis.call('HINCRBY', day_key, p .. 'batch_input_tokens', input_tokens)
+      redis.call('HINCRBY', day_key, p .. 'batch_output_tokens', output_tokens)
     end
     if evaluation_nusd ~= '0' then
       redis.call('HINCRBY', day_key, p .. 'evaluation_nusd', evaluation_nusd)
@@ -142,6 +158,10 @@ def nano(usd: float) -> int:
     return round(usd * NANO)
 
 
+def is_batch(result: JobResult) -> bool:
+    return result.route is not None and result.route.lane == "batch"
+
+
 def entry_json(result: JobResult, *, ts: float, evaluation: str | None = None) -> str:
     strategy = result.route.strategy if result.route else None
     arm: dict[str, str] = {"experiment": strategy.experiment, "arm": strategy.arm} if strategy else {}
@@ -161,6 +181,7 @@ def entry_json(result: JobResult, *, ts: float, evaluation: str | None = None) -
             "baseline_cost_usd": result.baseline_cost_usd,
             "input_tokens": result.usage.input_tokens,
             "output_tokens": result.usage.output_tokens,
+            "lane": "batch" if is_batch(result) else "sync",
             "ts": round(ts, 3),
             "day": utc_day(ts),
         },
@@ -189,11 +210,13 @@ class Ledger:
         result_json: str | None = None,
         prompt: KeptPrompt | None = None,
         evaluation: str | None = None,
+        sync_cost_usd: float | None = None,
     ) -> Recorded:
         """Record the job once. ``existing`` is the previously stored result when the job was
         already recorded (the caller then replays that one); ``spent_usd`` is each budget's spend
         after settling this job (empty on a replay). ``result_json`` is the result already
-        serialised by the caller (the reply body), so it is not serialised twice."""
+        serialised by the caller (the reply body), so it is not serialised twice. ``sync_cost_usd``:
+        a batch job's cost at its model's sync price (its own cost when not given)."""
         day = utc_day(ts)
         field_prefix = f"{result.tenant or 'default'}|{result.provider or '-'}|{result.model or '-'}|"
         record = job_record(result.tenant or "default", result.job_id)
@@ -232,6 +255,8 @@ class Ledger:
             "evaluation_nusd": nano(result.cost_usd) if evaluation else 0,
             "entry_ttl_s": self.entry_ttl_s,
             "day_expires_at": day_expiry(ts, self.days_kept),
+            "is_batch": 1 if is_batch(result) else 0,
+            "sync_nusd": nano(result.cost_usd if sync_cost_usd is None else sync_cost_usd),
         }
         reply = await self._script(keys=keys, args=args, key_tail=[hold.key for hold in budgets])
         existing = reply[0] if reply else None

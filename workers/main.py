@@ -11,19 +11,23 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 import uvloop
 from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.patches.redis_pipelining import PipeliningRedis
+from farebox.providers.batch_base import TIMEOUT_S as BATCH_TIMEOUT_S
+from farebox.providers.batch_registry import build_batch_adapter
 from farebox.providers.calls import ProviderCalls
 from farebox.providers.registry import build_adapter, emulator_url, provider_configs
 from farebox.routing.priority import LANES
 from farebox.routing.store import CatalogStore
 from farebox.settings import Settings
 from farebox.stages.account import AccountStage
+from farebox.stages.batch_lane import BatchIntake, BatchLane
 from farebox.stages.cache_keys import CacheRules, rules_from_policy
 from farebox.stages.deadletter import DeadLetterStage
 from farebox.stages.dedup import DedupStage
@@ -35,6 +39,10 @@ from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import StageCore
 
 log = logging.getLogger("farebox.worker")
+
+
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
 
 
 def make_redis(settings: Settings) -> Redis:
@@ -66,14 +74,14 @@ def stages_of(stage: str, provider: str | None, settings: Settings) -> list[tupl
     if stage != "all":
         return [(stage, provider)]
     configured = sorted(provider_configs(os.environ, emulator_url=emulator_url(settings)))
-    return [("dedup", None), ("route", None), *(("execute", p) for p in configured), ("account", None)]
+    return [("dedup", None), ("route", None), *(("execute", p) for p in configured), ("account", None), ("batch", None)]
 
 
 def stage_cores(
-    settings: Settings, stage: str, provider: str | None, store: CatalogStore, redis: Redis, calls: list[ProviderCalls]
+    settings: Settings, stage: str, provider: str | None, store: CatalogStore, redis: Redis, calls: list[Closable]
 ) -> list[StageCore]:
-    """The cores of one stage (``account`` also answers dead letters and records feedback); an execute stage's
-    provider calls are added to ``calls``, for the caller to close."""
+    """The cores of one stage (``account`` also answers dead letters and records feedback); an execute or batch
+    stage's provider clients are added to ``calls``, for the caller to close."""
 
     def weight(tenant: str) -> float:  # a tenant's share of its lane, as the policy in force says
         return store.current()[1].priority.weight(tenant)
@@ -86,6 +94,7 @@ def stage_cores(
                 current_cache_rules(store),
                 auth=lambda: store.current()[1].auth,
                 lanes=lambda: store.current()[1].priority,
+                batch=lambda: store.current()[1].batch,
             )
         ]
     if stage == "route":
@@ -112,14 +121,39 @@ def stage_cores(
                 max_connections=settings.provider_concurrency + settings.interactive_reserve,
             )
         )
-        return [ExecuteStage(settings, provider, calls[-1], redis, auth=lambda: store.current()[1].auth)]
+        execute_calls = calls[-1]
+        assert isinstance(execute_calls, ProviderCalls)
+        return [ExecuteStage(settings, provider, execute_calls, redis, auth=lambda: store.current()[1].auth)]
+    if stage == "batch":
+        return batch_cores(settings, provider, store, redis, calls)
     if stage == "account":
         return [
             AccountStage(settings, store, redis),
             DeadLetterStage(settings, redis, auth=lambda: store.current()[1].auth),
             FeedbackStage(settings, store, redis),
         ]
-    raise SystemExit(f"unknown stage {stage!r}; one of dedup, route, execute, account, all")
+    raise SystemExit(f"unknown stage {stage!r}; one of dedup, route, execute, account, batch, all")
+
+
+def batch_cores(
+    settings: Settings, provider: str | None, store: CatalogStore, redis: Redis, calls: list[Closable]
+) -> list[StageCore]:
+    """The batch lane of ``provider``, or of every configured provider with a Batch API."""
+    configs = provider_configs(os.environ, emulator_url=emulator_url(settings))
+    if provider is not None and provider not in configs:
+        raise SystemExit(f"unknown provider {provider!r}; configured: {', '.join(sorted(configs))}")
+    cores: list[StageCore] = []
+    for name in [provider] if provider is not None else sorted(configs):
+        client = httpx.AsyncClient(timeout=BATCH_TIMEOUT_S)
+        calls.append(client)
+        adapter = build_batch_adapter(configs[name], client)
+        if adapter is None:
+            if provider is not None:
+                raise SystemExit(f"provider {provider!r} has no Batch API; its jobs stay on the synchronous lane")
+            continue
+        lane = BatchLane(settings, name, adapter, redis, policy=lambda: store.current()[1].batch)
+        cores.append(BatchIntake(lane, auth=lambda: store.current()[1].auth))
+    return cores
 
 
 async def run_stage(
@@ -137,7 +171,7 @@ async def run_stage(
     catalog, _ = store.current()
     providers = catalog.providers()
     redis = make_redis(settings)
-    calls: list[ProviderCalls] = []
+    calls: list[Closable] = []
     cores: list[StageCore] = []
     for one, one_provider in stages_of(stage, provider, settings):
         cores += stage_cores(settings, one, one_provider, store, redis, calls)

@@ -1,9 +1,11 @@
 """Route stage: pick the cheapest model able to do the job (farebox.routing.choose) and hand the job to
 that provider's execute queue. The decision and its reason travel on the envelope. When the policy names a
-learned router, ``choose_route`` scores the prompt once (a budget downgrade reuses that pass)."""
+learned router, ``choose_route`` scores the prompt once (a budget downgrade reuses that pass). A job the
+route puts on the batch price lane goes to the provider's batch queue instead (farebox/stages/batch_lane.py)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -11,7 +13,9 @@ from dataclasses import replace
 from redis.asyncio import Redis
 
 from farebox.errors import REDIS_DOWN, BudgetExceeded, FareboxError
+from farebox.providers.registry import emulator_url, provider_configs
 from farebox.routing.auth import internal_sender
+from farebox.routing.batch_lane import price_lane
 from farebox.routing.choose import Routed, choose_route, downgrade_route
 from farebox.routing.experiments import Assignment, assign
 from farebox.routing.learned import LearnedRouter
@@ -27,12 +31,20 @@ from farebox.stages.decode import envelope_from_internal
 from farebox.stages.stage import Delivery, EnvelopeStage, Handled, Publish, envelope_publish
 from farebox.tokens import count_messages
 
+# Provider kinds whose API has a Batch endpoint the batch stage can drive; an OpenAI-compatible extra has none.
+BATCH_KINDS = frozenset({"openai", "anthropic", "gemini"})
+
 
 class RouteStage(EnvelopeStage):
     name = "route"
 
     def __init__(
-        self, settings: Settings, store: CatalogStore, redis: Redis, clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        store: CatalogStore,
+        redis: Redis,
+        clock: Callable[[], float] = time.time,
+        batch_providers: frozenset[str] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -43,6 +55,11 @@ class RouteStage(EnvelopeStage):
         self.book = BudgetBook(redis, settings.keys)
         self.alerts = BudgetAlerts(redis, settings, lambda: store.current_unit()[1])
         self.pins = ArmPins(redis, settings.keys, ttl_s=settings.result_ttl_s)
+        # Once: which providers exist is fixed at start (as for the execute stages); None reads the environment.
+        if batch_providers is None:
+            configs = provider_configs(os.environ, emulator_url=emulator_url(settings))
+            batch_providers = frozenset(name for name, c in configs.items() if c.kind in BATCH_KINDS)
+        self.batch_providers = batch_providers
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.lane(self.topo.route, "interactive"), self.topo.route)
@@ -60,7 +77,15 @@ class RouteStage(EnvelopeStage):
         task = infer_task(job)
         arm_job, arm_policy, router, arm = await self._arm(env, routing, task, delivery.redelivered)
         routed = choose_route(
-            arm_job, catalog, arm_policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router, task=task
+            arm_job,
+            catalog,
+            arm_policy,
+            input_tokens=input_tokens,
+            unhealthy=unhealthy,
+            router=router,
+            task=task,
+            batch=price_lane(policy.batch, job, env.lane),
+            batch_providers=self.batch_providers,
         )
         holds = holds_for(policy, self.settings.keys, job.tenant, job.user_tier, self.clock())
         update: dict[str, object] = {}
@@ -78,7 +103,9 @@ class RouteStage(EnvelopeStage):
         else:
             update["prompt_tokens"] = input_tokens
         decided = env.model_copy(update=update)
-        return Handled([envelope_publish(decided, self.topo.execute(routed.decision.provider)), *alerts])
+        provider = routed.decision.provider
+        queue = self.topo.batch(provider) if routed.decision.price_lane == "batch" else self.topo.execute(provider)
+        return Handled([envelope_publish(decided, queue), *alerts])
 
     async def _arm(
         self, env: Envelope, routing: Routing, task: str, redelivered: bool

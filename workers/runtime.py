@@ -98,10 +98,14 @@ class Worker:
             reconnect_interval=1.0,
             client_properties={"connection_name": f"farebox-{self.settings.namespace}-{self.core.name}"},
         )
+        beside: asyncio.Task[None] | None = None
         try:
             consumers = await self._start(connection)
             log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
             self.ready.set()
+            run_beside = getattr(self.core, "beside", None)  # a core's own loop (the batch lane's)
+            if run_beside is not None:
+                beside = asyncio.create_task(run_beside(stop, self.publish))
             await stop.wait()
             log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
             for queue, tag in consumers:
@@ -110,7 +114,13 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
             await self._acks_reached_the_broker()
+            if beside is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(beside), DRAIN_TIMEOUT_S)
         finally:
+            if beside is not None:
+                beside.cancel()
+                await asyncio.gather(beside, return_exceptions=True)
             await connection.close()
 
     async def _acks_reached_the_broker(self) -> None:
@@ -327,6 +337,10 @@ class Worker:
         metrics.MESSAGES.labels(stage, "dead_lettered").inc()
         log.warning("stage %s: dead-lettering a job: %s", stage, err)
         await self._publish(dead_letter_publish(self.settings, delivery, stage, err))
+
+    async def publish(self, p: Publish) -> None:
+        """Publish one message with confirms, to its lane's queue: for a core's own loop (``beside``)."""
+        await self._publish(in_lane(self._topology, p) if p.lane != "background" else p)
 
     async def _publish(self, p: Publish) -> None:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish

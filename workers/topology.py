@@ -67,9 +67,16 @@ def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[s
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": topo.recheck,
         },
+        topo.wait_batch: {
+            "x-queue-type": "classic",
+            "x-message-ttl": settings.batch_wait_poll_ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topo.recheck,
+        },
     }
     for provider in sorted(set(providers)):
         plan[topo.execute(provider)] = stage_queue_arguments(settings, max_length=settings.stage_max_length)
+        plan[topo.batch(provider)] = stage_queue_arguments(settings, max_length=settings.stage_max_length)
     # Each stage queue's interactive twin (Topology.lane), new queues with the same arguments: the queues of
     # before keep theirs (a redeclare with others would fail) and carry the background lane.
     for name in [n for n in plan if topo.has_lanes(n)]:

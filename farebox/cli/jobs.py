@@ -41,6 +41,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
                 quiet=args.quiet,
                 console=console,
                 priority=args.priority,
+                lane=args.lane,
             )
         )
     except KeyboardInterrupt:
@@ -116,6 +117,13 @@ def add_commands(sub: Any) -> None:
         choices=["background", "interactive"],
         default="background",
         help="the lane of jobs whose line names none (default: background, behind interactive work)",
+    )
+    p.add_argument(
+        "--lane",
+        choices=["sync", "batch"],
+        default=None,
+        help="the price lane of jobs whose line names none: batch waits hours for the providers' Batch APIs "
+        "at about half price (default: the policy's batch section decides)",
     )
     p.set_defaults(func=cmd_submit)
 

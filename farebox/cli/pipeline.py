@@ -46,7 +46,9 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("worker", help="run one stage (any number of replicas, any host)")
     p.add_argument("stage", choices=[*STAGES, "all"], help="all: every stage in this one process")
-    p.add_argument("--provider", help="with execute: the provider whose queue to serve")
+    p.add_argument(
+        "--provider", help="with execute: the provider whose queue to serve; with batch: one provider (default all)"
+    )
     p.add_argument(
         "--lane",
         choices=["interactive", "background"],

@@ -84,7 +84,7 @@ def _strategy_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from farebox.report import load_rows, render
+    from farebox.report import Report, load_report, render
     from farebox.stages.main import make_redis
 
     by = tuple(d.strip() for d in args.by.split(",") if d.strip())
@@ -92,22 +92,24 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if by == (STRATEGY,):
         return _strategy_report(args, settings)
 
-    async def run() -> list[dict[str, object]]:
+    async def run() -> Report:
         redis = make_redis(settings)
         try:
-            return await load_rows(redis, settings.keys, by=by, since=args.since, tenant=args.tenant)
+            return await load_report(redis, settings.keys, by=by, since=args.since, tenant=args.tenant)
         finally:
             await redis.aclose()
 
-    rows = asyncio.run(run())
-    render(rows, by, _format(args), _console())
+    report = asyncio.run(run())
+    render(report.rows, by, _format(args), _console(), report.by_lane)
     return 0
 
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("report", help="spend from the ledger, or the arms of the routing experiments")
     p.add_argument(
-        "--by", default="tenant,model", help="comma list of tenant,model,provider,day; or strategy (on its own)"
+        "--by",
+        default="tenant,model",
+        help="comma list of tenant,model,provider,day,lane (lane: sync or batch); or strategy (on its own)",
     )
     p.add_argument("--since", type=_day, metavar="YYYY-MM-DD", help="first UTC day, YYYY-MM-DD")
     p.add_argument("--tenant")

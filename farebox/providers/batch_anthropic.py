@@ -1,23 +1,24 @@
 """Anthropic's Message Batches API: ``{custom_id, params}`` requests with the sync adapter's bodies as
 params, and the results JSON lines (``succeeded`` / ``errored`` / ``canceled`` / ``expired``).
 
-``find`` always answers None. A message batch has no metadata, and nothing the list endpoint shows
-(id, counts, times) can carry the idempotency key. Putting the key in the custom_ids would not help:
-they are only readable from the results, which exist once the batch has ended, so a batch still
-running (the one a crashed submitter needs to find) cannot be matched. A caller that must not submit
-twice records the key before ``submit`` and the handle as soon as it returns. A crash between the
-two can leave one duplicate batch, and the caller's own per-job dedup takes the first answer of each
-job.
+``find`` cannot match the idempotency key. A message batch has no metadata, and nothing the list endpoint
+shows (id, counts, times) can carry the key; the custom_ids are only readable from the results, which exist
+once the batch has ended. Given a ``FindHint`` (when the create call went out, how many requests), it takes
+the one batch made since with that many requests; with none or several it answers None and the caller
+submits again (one duplicate batch at worst, whose answers the caller's per-job dedup drops).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from farebox.errors import InvalidRequest
 from farebox.providers.anthropic import AnthropicAdapter
 from farebox.providers.batch_base import (
+    FIND_PAGES,
+    PAGE_SIZE,
     BatchCounts,
     BatchError,
     BatchHandle,
@@ -25,6 +26,7 @@ from farebox.providers.batch_base import (
     BatchRequest,
     BatchState,
     BatchStatus,
+    FindHint,
     HttpBatchAdapter,
     NotRun,
     count,
@@ -47,16 +49,62 @@ STATUS_OF_TYPE = {
     "overloaded_error": 529,
 }
 NOT_RUN_TYPES: dict[str, NotRun] = {"canceled": "cancelled", "expired": "expired"}
+CLOCK_SKEW_S = 60.0  # between this host's clock and Anthropic's, when matching a batch's created_at
+
+
+def _unix_time(value: Any) -> float | None:
+    """An RFC 3339 time ("2026-12-02T18:00:00.123Z") as unix time; None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class AnthropicBatchAdapter(HttpBatchAdapter):
+    max_requests = 100_000  # Message Batches' limits: 100,000 requests or 256 MB
+    max_bytes = 256 * 1024 * 1024
     DEFAULT_NAME = "anthropic"
     SYNC = AnthropicAdapter
     PATH = "/messages/batches"
     BATCHES = ""  # PATH is the batches' own
 
-    async def find(self, idempotency_key: str) -> BatchHandle | None:
-        return None  # see the module docstring: nothing Anthropic shows of a running batch can carry the key
+    async def find(self, idempotency_key: str, hint: FindHint | None = None) -> BatchHandle | None:
+        """Nothing Anthropic shows of a running batch can carry the key (module docstring), so with a ``hint``
+        the one batch made since the create call went out with that many requests is taken for it; none, or
+        more than one, is None. A wrong match is safe: none of its lines is one of ours, so each of our jobs
+        comes back as an error line worth retrying, which the caller sends to the synchronous lane."""
+        if hint is None:
+            return None
+        matches: list[str] = []
+        cursor: str | None = None
+        for _ in range(FIND_PAGES):
+            batches, cursor = await self._page(cursor)
+            for batch in batches:
+                if isinstance(batch, dict) and self._made_as(batch, hint):
+                    matches.append(self._required(batch, "id"))
+            if cursor is None:
+                break
+        if len(matches) != 1:
+            return None
+        return BatchHandle(provider=self.name, batch_id=matches[0], model="", idempotency_key=idempotency_key)
+
+    def _made_as(self, batch: dict[str, Any], hint: FindHint) -> bool:
+        created = _unix_time(batch.get("created_at"))
+        return (
+            created is not None
+            and created >= hint.created_after - CLOCK_SKEW_S
+            and (self._status(batch).counts.total == hint.requests)
+        )
+
+    async def _page(self, cursor: str | None) -> tuple[list[Any], str | None]:
+        params = {"limit": str(PAGE_SIZE), **({"after_id": cursor} if cursor else {})}
+        page = await self._json("GET", "", params=params)
+        batches = page.get("data") if isinstance(page, dict) else None
+        if not isinstance(batches, list):
+            raise self._malformed("missing data")
+        return batches, text_of(page.get("last_id")) if page.get("has_more") else None
 
     # --- wire ------------------------------------------------------------------------------
     def requests(self, model: str, requests: Sequence[BatchRequest]) -> list[dict[str, Any]]:

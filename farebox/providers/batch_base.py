@@ -124,12 +124,22 @@ class BatchLine(_Frozen):
         return self.state in ("succeeded", "errored")
 
 
+class FindHint(_Frozen):
+    """What the caller knows of a batch whose create call it may have sent: for a provider whose batches
+    cannot carry the idempotency key (Anthropic), ``find`` matches on these instead."""
+
+    created_after: float  # unix time just before the create call was sent
+    requests: int = Field(ge=1)
+
+
 class BatchAdapter(Protocol):
     name: str
+    max_requests: int  # the provider's limits on one batch
+    max_bytes: int
 
     async def submit(self, model: str, requests: Sequence[BatchRequest], idempotency_key: str) -> BatchHandle: ...
 
-    async def find(self, idempotency_key: str) -> BatchHandle | None: ...
+    async def find(self, idempotency_key: str, hint: FindHint | None = None) -> BatchHandle | None: ...
 
     async def poll(self, handle: BatchHandle) -> BatchStatus: ...
 
@@ -163,6 +173,8 @@ class HttpBatchAdapter:
     BATCHES: ClassVar[str] = "/batches"  # under PATH: one batch is BATCHES/{id}
     CANCEL: ClassVar[str] = "/cancel"  # after a batch's path
     REPLY: ClassVar[str] = "the batch"  # names a reply that is not a JSON object, in the error
+    max_requests: int = 50_000  # OpenAI's limits on one batch (its input file: 200 MB)
+    max_bytes: int = 200 * 1024 * 1024
 
     def __init__(
         self,
@@ -192,7 +204,7 @@ class HttpBatchAdapter:
             provider=self.name, batch_id=batch_id, model=model, idempotency_key=idempotency_key, custom_ids=custom_ids
         )
 
-    async def find(self, idempotency_key: str) -> BatchHandle | None:
+    async def find(self, idempotency_key: str, hint: FindHint | None = None) -> BatchHandle | None:
         cursor: str | None = None
         for _ in range(FIND_PAGES):
             batches, cursor = await self._page(cursor)

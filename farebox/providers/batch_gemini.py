@@ -45,6 +45,7 @@ RPC_CANCELLED = 1
 
 
 class GeminiBatchAdapter(HttpBatchAdapter):
+    max_bytes = 20 * 1000 * 1000  # an inline batch request is limited to 20 MB
     DEFAULT_NAME = "google"
     SYNC = GeminiAdapter
     CANCEL = ":cancel"  # a custom method of the operation, not a sub-resource

@@ -38,6 +38,7 @@ _PRICE_FIELDS = {
     "cached_input_cost_per_1k_tokens": "cached_input_cost_per_1k",
     "batch_input_cost_per_1k_tokens": "batch_input_cost_per_1k",
     "batch_output_cost_per_1k_tokens": "batch_output_cost_per_1k",
+    "batch_cached_input_cost_per_1k_tokens": "batch_cached_input_cost_per_1k",
 }
 _REQUIRED = ("input_cost_per_1k_tokens", "output_cost_per_1k_tokens")
 _INT_FIELDS = ("context_window", "max_output_tokens")
@@ -59,6 +60,7 @@ class ModelInfo(BaseModel):
     cached_input_cost_per_1k: float | None = None
     batch_input_cost_per_1k: float | None = None
     batch_output_cost_per_1k: float | None = None
+    batch_cached_input_cost_per_1k: float | None = None  # prompt-cache hits inside a provider batch
     context_window: int | None = None
     max_output_tokens: int | None = None
     tier: Tier | None = None  # None: the policy's ``tiers`` decides
@@ -206,18 +208,37 @@ def load_catalog(path: str | Path) -> Catalog:
     return parse_catalog(read_json_file(path, "catalog"), str(path))
 
 
-def cost_usd(model: ModelInfo, usage: Usage) -> float:
+def has_batch_price(model: ModelInfo) -> bool:
+    """Whether the catalog prices ``model`` on its provider's Batch API (both input and output rates)."""
+    return model.batch_input_cost_per_1k is not None and model.batch_output_cost_per_1k is not None
+
+
+def _rates(model: ModelInfo, batch: bool) -> tuple[float, float, float]:
+    """(input, cached input, output) per 1k tokens on the sync lane, or on the batch lane when asked and known."""
+    cached = model.cached_input_cost_per_1k
+    if cached is None:
+        cached = model.input_cost_per_1k
+    if not batch or model.batch_input_cost_per_1k is None or model.batch_output_cost_per_1k is None:
+        return model.input_cost_per_1k, cached, model.output_cost_per_1k
+    batch_in = model.batch_input_cost_per_1k
+    batch_cached = model.batch_cached_input_cost_per_1k
+    if batch_cached is None:
+        # The discounts stack (Anthropic and OpenAI price a cache hit in a batch at both): scale the cached
+        # rate by the batch discount on input, never bill the hit at the full batch input rate.
+        share = batch_in / model.input_cost_per_1k if model.input_cost_per_1k else 1.0
+        batch_cached = cached * share
+    return batch_in, batch_cached, model.batch_output_cost_per_1k
+
+
+def cost_usd(model: ModelInfo, usage: Usage, *, batch: bool = False) -> float:
     """What ``usage`` costs on ``model``, at full float precision (sums are rounded only for display).
 
     ``cached_input_tokens`` is taken as the part of ``input_tokens`` served from the provider's prompt cache
     (OpenAI's convention), priced at the cached rate when the catalog knows it, else at the normal rate.
+    ``batch``: at the model's Batch API rates (see ``_rates``); a model without them is priced as sync.
     """
     cached = min(usage.cached_input_tokens, usage.input_tokens)
-    cached_price = model.cached_input_cost_per_1k
-    if cached_price is None:
-        cached_price = model.input_cost_per_1k
+    input_price, cached_price, output_price = _rates(model, batch)
     return (
-        (usage.input_tokens - cached) * model.input_cost_per_1k
-        + cached * cached_price
-        + usage.output_tokens * model.output_cost_per_1k
+        (usage.input_tokens - cached) * input_price + cached * cached_price + usage.output_tokens * output_price
     ) / 1000.0

@@ -6,6 +6,10 @@ unhealthy. What routing measures once per job (task, token estimate, access rule
 with the router's score: farebox/routing/tiering.py) is a ``RouteContext``; the models the job may use, of
 any tier, are screened once from it. A budget downgrade (``downgrade_route``) picks again from those, without a
 second scan or score. Error messages never quote the prompt.
+
+A job on the batch price lane (farebox/routing/batch_lane.py) has the candidates whose provider has a Batch API
+and whose model a batch price priced at that price, so the cheapest pick accounts for the discount; the decision
+goes to the batch lane only when the chosen model can, else it runs (and is priced) sync.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from farebox.errors import FareboxError, InvalidRequest, PolicyBlocked
-from farebox.routing.catalog import TIER_RANK, TIERS, Catalog, ModelInfo, cost_usd
+from farebox.routing.catalog import TIER_RANK, TIERS, Catalog, ModelInfo, cost_usd, has_batch_price
 from farebox.routing.learned import LearnedRouter
 from farebox.routing.pii import scan_chat
 from farebox.routing.policy import PiiAction, Policy, tier_of
 from farebox.routing.tasks import estimate_output_tokens, infer_task
 from farebox.routing.tiering import Rules, Tiering, needed_tier
 from farebox.schemas import ChatMessage, Job, RouteDecision, Usage
+from farebox.schemas.job import PriceLane
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class RouteContext:
     redacted: bool
     pii_only: bool  # personal data found and the action is "route": pii-approved models only
     unhealthy: frozenset[str]
+    # The price lane the job asks for and why (batch_lane.price_lane), and the providers with a Batch API:
+    # kept here so a budget downgrade picks on the same lane.
+    lane: tuple[PriceLane, str] = ("sync", "")
+    batch_providers: frozenset[str] = frozenset()
 
     @property
     def need(self) -> int:
@@ -66,6 +75,24 @@ class RouteContext:
         if self.pii_only:
             notes.append(f"personal data found ({self.kinds_txt}): pii-approved models only")
         return notes
+
+    def on_batch(self, model: ModelInfo) -> bool:
+        """Whether ``model`` would run on the batch lane for this job."""
+        return self.lane[0] == "batch" and model.provider in self.batch_providers and has_batch_price(model)
+
+    def price(self, model: ModelInfo) -> float:
+        """The estimated cost on ``model`` at the price of the lane it would run on."""
+        return cost_usd(model, self.usage, batch=self.on_batch(model))
+
+    def lane_notes(self, model: ModelInfo) -> list[str]:
+        """The reason's head for the price lane: nothing on the sync lane the job did not ask to leave."""
+        if self.lane[0] != "batch":
+            return []
+        if self.on_batch(model):
+            return [f"batch lane ({self.lane[1]}; batch prices)"]
+        if model.provider not in self.batch_providers:
+            return [f"sync lane (asked for batch, but provider {model.provider} has no Batch API configured)"]
+        return [f"sync lane (asked for batch, but {model.target} has no batch price)"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,8 @@ def route_context(
     unhealthy: frozenset[str] = frozenset(),
     router: LearnedRouter | None = None,
     task: str | None = None,
+    lane: tuple[PriceLane, str] = ("sync", ""),
+    batch_providers: frozenset[str] = frozenset(),
 ) -> RouteContext:
     """Measure the job once: task, token estimate, rules, the PII scan (which may block it) and tier bounds,
     with the learned router's score when the policy has one (``router``, loaded with the policy; never for
@@ -172,6 +201,8 @@ def route_context(
         redacted=bool(pii_kinds) and action == "redact",
         pii_only=bool(pii_kinds) and action == "route",
         unhealthy=unhealthy,
+        lane=lane,
+        batch_providers=batch_providers,
     )
 
 
@@ -197,14 +228,15 @@ def _screen(ctx: RouteContext) -> Screen:
     return Screen(tuple(eligible), tuple(too_small), tuple(wrong_pii))
 
 
-def _decision(chosen: ModelInfo, candidates: list[str], reason: str, cost: float, redacted: bool) -> RouteDecision:
+def _decision(ctx: RouteContext, chosen: ModelInfo, candidates: list[str], reason: str) -> RouteDecision:
     return RouteDecision(
         provider=chosen.provider,
         model=chosen.model,
-        reason=reason,
+        reason="; ".join([*ctx.lane_notes(chosen), reason]),
         candidates=tuple(candidates),
-        estimated_cost_usd=cost,
-        redacted=redacted,
+        estimated_cost_usd=ctx.price(chosen),
+        redacted=ctx.redacted,
+        price_lane="batch" if ctx.on_batch(chosen) else "sync",
     )
 
 
@@ -218,10 +250,24 @@ def choose_route(
     downgrade: bool = False,
     router: LearnedRouter | None = None,
     task: str | None = None,
+    batch: tuple[PriceLane, str] = ("sync", ""),
+    batch_providers: frozenset[str] = frozenset(),
 ) -> Routed:
     """Route ``job``. ``router``: the learned router loaded with ``policy`` (required when the policy names
-    one; see farebox/routing/store.py). ``task``: ``infer_task(job)`` when the caller has it already."""
-    ctx = route_context(job, catalog, policy, input_tokens=input_tokens, unhealthy=unhealthy, router=router, task=task)
+    one; see farebox/routing/store.py). ``task``: ``infer_task(job)`` when the caller has it already.
+    ``batch``: the price lane the job asks for and why (``batch_lane.price_lane``); ``batch_providers``: the
+    providers with a Batch API, the only ones a batch-lane job may go to at the batch price."""
+    ctx = route_context(
+        job,
+        catalog,
+        policy,
+        input_tokens=input_tokens,
+        unhealthy=unhealthy,
+        router=router,
+        task=task,
+        lane=batch,
+        batch_providers=batch_providers,
+    )
     if job.model is not None:
         return _pinned(ctx, downgrade=downgrade)
     return _automatic(ctx, _screen(ctx), downgrade=downgrade)
@@ -252,18 +298,17 @@ def _healthy_first(eligible: list[Candidate], unhealthy: frozenset[str], notes: 
 def _automatic(ctx: RouteContext, screen: Screen, *, downgrade: bool) -> Routed:
     floor = 0 if downgrade else ctx.need  # a downgrade takes any tier the rules allow
     notes = ctx.pii_notes()
-    usage = ctx.usage
-    priced = [(cost_usd(m, usage), m.target, m) for rank, m in screen.eligible if rank >= floor]
+    priced = [(ctx.price(m), m.target, m) for rank, m in screen.eligible if rank >= floor]
     healthy = _healthy_first(priced, ctx.unhealthy, notes)
     if healthy:
         healthy.sort(key=lambda c: (c[0], c[1]))  # cost, then target: same input, same route
-        (cost, _, chosen), n = healthy[0], len(healthy)
+        (_, _, chosen), n = healthy[0], len(healthy)
         if downgrade:
             head = f"budget downgrade: cheapest eligible model regardless of tier (task={ctx.task}; {ctx.why})"
         else:
             head = ctx.tiering.head(ctx.task)
         reason = "; ".join([head, f"{n} candidate{'s' if n != 1 else ''}", *notes])
-        decision = _decision(chosen, [target for _, target, _ in healthy], reason, cost, ctx.redacted)
+        decision = _decision(ctx, chosen, [target for _, target, _ in healthy], reason)
         return Routed(decision, ctx, screen)
     # Nothing qualifies: the policy's default model, when it is at least possible for this job.
     default = ctx.catalog.get(ctx.policy.default_model) if ctx.policy.default_model else None
@@ -278,7 +323,7 @@ def _automatic(ctx: RouteContext, screen: Screen, *, downgrade: bool) -> Routed:
             "using the policy's default model"
         )
         reason = "; ".join([head, *notes])
-        decision = _decision(default, [default.target], reason, cost_usd(default, ctx.usage), ctx.redacted)
+        decision = _decision(ctx, default, [default.target], reason)
         return Routed(decision, ctx, screen)
     raise _no_route(ctx, screen, floor)
 
@@ -332,4 +377,4 @@ def _pinned(ctx: RouteContext, *, downgrade: bool) -> Routed:
     if downgrade:
         extra.append("budget downgrade not applied to a pinned model")
     reason = "; ".join([f"pinned by the job ({model.target})", *extra, *ctx.pii_notes()])
-    return Routed(_decision(model, [model.target], reason, cost_usd(model, ctx.usage), ctx.redacted), ctx, None)
+    return Routed(_decision(ctx, model, [model.target], reason), ctx, None)

@@ -71,6 +71,7 @@ def import_litellm(
             ("cached_input_cost_per_1k_tokens", "cache_read_input_token_cost"),
             ("batch_input_cost_per_1k_tokens", "input_cost_per_token_batches"),
             ("batch_output_cost_per_1k_tokens", "output_cost_per_token_batches"),
+            ("batch_cached_input_cost_per_1k_tokens", "cache_read_input_token_cost_batches"),
         ):
             value = _per_1k(entry.get(theirs_f))
             if value is not None:

@@ -16,6 +16,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from farebox.routing.auth import AuthPolicy
+from farebox.routing.batch_lane import BatchPolicy
 from farebox.routing.catalog import (
     TIER_RANK,
     TIERS,
@@ -106,6 +107,7 @@ class Policy(Strict):
     auth: AuthPolicy = AuthPolicy()  # who may act for which tenant (farebox/routing/auth.py)
     experiments: tuple[Experiment, ...] = ()  # A/B tests of routing strategies (farebox/routing/experiments.py)
     priority: PriorityPolicy = PriorityPolicy()  # lanes and fair shares (farebox/routing/priority.py)
+    batch: BatchPolicy = BatchPolicy()  # the sync or batch price lane (farebox/routing/batch_lane.py)
     # Feedback sources that get a Prometheus label of their own; any other source is counted as "other".
     feedback_sources: tuple[str, ...] = ("user", "user-thumbs", "grader", "shadow")
     # Models with the "reasoning" capability spend hidden tokens out of max_tokens; below this they may
@@ -138,8 +140,9 @@ class Policy(Strict):
     @functools.cached_property
     def named_tenants(self) -> frozenset[str]:
         """Every tenant the policy names: tenant rules, cache sharing groups, budgets (not "*"), auth users'
-        tenants, experiments' tenants, priority lanes and weights (not "*"). Only these get a metric label of
-        their own (``metrics.tenant_label``). Computed once per policy object: it is frozen, and asked every job."""
+        tenants, experiments' tenants, priority lanes and weights (not "*"), batch lanes. Only these get a metric
+        label of their own (``metrics.tenant_label``). Computed once per policy object: it is frozen, and asked
+        every job."""
         names = set(self.tenants)
         names.update(t for group in self.cache_sharing for t in group)
         names.update(b.tenant for b in self.budgets if b.tenant != "*")
@@ -147,6 +150,7 @@ class Policy(Strict):
         names.update(t for e in self.experiments for t in e.tenants or ())
         names.update(self.priority.tenants)
         names.update(t for t in self.priority.weights if t != "*")
+        names.update(self.batch.tenants)
         return frozenset(names)
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
