@@ -25,7 +25,9 @@ from farebox.providers.registry import provider_configs
 from farebox.routing.batch_lane import BatchPolicy
 from farebox.schemas import Envelope, Job, RouteDecision
 from farebox.settings import Settings
-from farebox.stages.batch_lane import BatchIntake, BatchLane, BatchLoop, _request, submit_order
+from farebox.stages.batch_lane import BatchIntake, BatchLane, BatchLoop
+from farebox.stages.batch_onward import batch_request as _request
+from farebox.stages.batch_onward import submit_order
 from farebox.stages.batch_store import custom_id_of
 from farebox.stages.stage import Delivery, Publish
 
@@ -59,7 +61,11 @@ class Collected:
         self.sent.append(p)
 
     def envelopes(self, queue: str | None = None) -> list[Envelope]:
-        return [Envelope.model_validate_json(p.body) for p in self.sent if queue is None or p.routing_key == queue]
+        return [
+            Envelope.model_validate_json(p.body)
+            for p in self.sent
+            if (queue is None or p.routing_key == queue) and p.body.startswith(b'{"')  # not a raw corrupt record
+        ]
 
 
 @contextlib.asynccontextmanager
@@ -473,3 +479,57 @@ async def test_anthropic_finds_the_one_batch_made_since_with_that_many_requests(
     assert ambiguous is None  # two candidates: none is taken
     assert by_count is not None and by_count.batch_id == third.batch_id
     assert too_late is None
+
+
+async def test_a_batch_with_an_unreadable_job_is_given_up_without_stopping_the_others(
+    settings: Settings, redis: Redis
+) -> None:
+    clock = Clock()
+    async with emulated() as (make, _):
+        lane = lane_of(settings, redis, make(), clock, max_requests=2)
+        await take(lane, [envelope(i) for i in range(4)])  # batches A (jobs 0, 1) and B (jobs 2, 3)
+        cid = custom_id_of(envelope(0).record)
+        (broken,) = [b for b in await lane.store.live() if cid in await lane.store.jobs(b)]
+        await redis.hset(settings.keys.batch_jobs("openai", broken), cid, "{not json")
+        out = Collected()
+        loop = BatchLoop(lane, out)
+        deadline = time.monotonic() + 20
+        while len(out.sent) < 4:
+            assert time.monotonic() < deadline, out.sent
+            await loop.tick()
+            clock.now += 70
+            await asyncio.sleep(0.05)
+    topo = settings.topology
+    answered = sorted(e.job_id for e in out.envelopes(topo.account) if e.outcome)
+    raw = [p for p in out.sent if p.body == b"{not json"]
+    assert answered == ["job-2", "job-3"]  # the healthy batch went on
+    assert [e.job_id for e in out.envelopes(topo.execute("openai"))] == ["job-1"]  # the rest of A: sync lane
+    assert len(raw) == 1 and raw[0].routing_key == topo.account  # dead-lettered there, with its reason
+    assert await lane.store.live() == []
+
+
+async def test_an_abandoned_batch_takes_no_more_jobs(settings: Settings, redis: Redis) -> None:
+    async with emulated() as (make, _):
+        lane = lane_of(settings, redis, make(), linger_s=3600)
+        await take(lane, [envelope(1)])
+        (batch,) = await lane.store.live()
+        assert await lane.store.move(batch, lane.owner, "open", "abandoned")
+        await take(lane, [envelope(2)])
+        others = [b for b in await lane.store.live() if b != batch]
+    assert len(others) == 1 and list(await lane.store.jobs(others[0])) == [custom_id_of(envelope(2).record)]
+
+
+@pytest.mark.parametrize(("lane", "suffix"), [("batch", "|batch"), ("sync", "")])
+async def test_batch_and_sync_jobs_never_coalesce_with_each_other(
+    settings: Settings, redis: Redis, lane: str, suffix: str
+) -> None:
+    import json
+
+    from farebox.routing.policy import Policy
+    from farebox.stages.cache_keys import rules_from_policy
+    from farebox.stages.dedup import DedupStage
+
+    dedup = DedupStage(settings, redis, lambda: rules_from_policy(Policy()))
+    body = json.dumps({"job_id": "j1", "tenant": "acme", "prompt": "same words", "lane": lane}).encode()
+    env = dedup.decode(Delivery(queue=settings.topology.intake, body=body))
+    assert env.cache_key is not None and env.coalesce_key == env.cache_key + suffix

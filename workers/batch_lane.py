@@ -23,16 +23,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from redis.asyncio import Redis
 
 from farebox import metrics
-from farebox.errors import REDIS_DOWN, DeadlineExceeded, PermanentError, RetryableError
-from farebox.providers.batch_base import BatchAdapter, BatchHandle, BatchLine, BatchRequest, FindHint
+from farebox.errors import REDIS_DOWN, PermanentError, RetryableError
+from farebox.providers.batch_base import BatchAdapter, BatchHandle, BatchLine, FindHint
 from farebox.routing.auth import AuthPolicy, internal_sender
 from farebox.routing.batch_lane import BatchPolicy
-from farebox.schemas import Envelope, ErrorInfo, Outcome
+from farebox.schemas import Envelope
 from farebox.settings import Settings
+from farebox.stages.batch_onward import Ending, Went, batch_request, onward, submit_order, undecodable
 from farebox.stages.batch_store import BatchStore, custom_id_of
 from farebox.stages.decode import envelope_from_internal
-from farebox.stages.stage import Delivery, EnvelopeStage, Handled, Publish, envelope_publish
-from farebox.tokens import count_messages
+from farebox.stages.stage import Delivery, EnvelopeStage, Handled, Publish
 
 log = logging.getLogger("farebox.batch")
 
@@ -180,18 +180,25 @@ class BatchLoop:
                 continue
             meta = await self.store.meta(batch)
             try:
-                async with self._holding(batch):
-                    await self._advance(batch, meta, now)
+                async with self._holding(batch) as held:
+                    try:
+                        await self._advance(batch, meta, now, held)
+                    except LostClaim:
+                        raise
+                    except REDIS_DOWN:
+                        raise
+                    except Exception as err:  # one batch's trouble must not stop the provider's other batches
+                        await self._failed_once(batch, meta, now, err, held)
             except LostClaim:
                 log.warning("batch %s %s: another worker took it over; leaving it", self.lane.provider, batch)
             except REDIS_DOWN:
                 raise
-            except Exception as err:  # one batch's trouble must not stop the provider's other batches
-                await self._failed_once(batch, meta, now, err)
+            except Exception:  # even giving up failed: logged, tried again next tick, the other batches go on
+                log.exception("batch %s %s: could not give the batch up; trying again", self.lane.provider, batch)
 
-    async def _failed_once(self, batch: str, meta: dict[str, str], now: float, err: Exception) -> None:
-        """Try again later, with backoff; after MAX_FAILURES in a row, give up on the provider batch (cancelled,
-        if it was submitted) and run its jobs on the sync lane."""
+    async def _failed_once(self, batch: str, meta: dict[str, str], now: float, err: Exception, held: Held) -> None:
+        """Try again later, with backoff; after MAX_FAILURES in a row, abandon the batch: no more jobs join it,
+        its provider batch (if any) is cancelled, and its jobs go to the sync lane."""
         failures = int(meta.get("failures", "0")) + 1
         log.warning("batch %s %s: %s: %s (failure %d)", self.lane.provider, batch, type(err).__name__, err, failures)
         if failures < MAX_FAILURES:
@@ -199,34 +206,54 @@ class BatchLoop:
             wait = hint or min(self.lane.settings.batch_poll_max_s, self.lane.settings.batch_poll_first_s * 2**failures)
             await self.store.update(batch, self.lane.owner, {"failures": str(failures), "retry_at": repr(now + wait)})
             return
+        state = meta.get("state", "open")
+        if state != "abandoned" and not await self.store.move(batch, self.lane.owner, state, "abandoned"):  # type: ignore[arg-type]
+            raise LostClaim(batch)
+        metrics.PROVIDER_BATCHES.labels(self.lane.provider, "abandoned").inc()
+        await self._abandon(batch, meta, held, why=f"the batch kept failing ({type(err).__name__})")
+
+    async def _abandon(self, batch: str, meta: dict[str, str], held: Held, *, why: str) -> None:
+        jobs = await self.store.jobs(batch)
         handle = BatchHandle.model_validate_json(meta["handle"]) if "handle" in meta else None
+        if handle is None and meta.get("state") == "submitting":  # the create call may have gone out
+            with contextlib.suppress(Exception):
+                handle = await self.lane.adapter.find(batch, self._hint(meta, jobs, await self._taken()))
         if handle is not None:
+            held.check()
             with contextlib.suppress(Exception):
                 await self.lane.adapter.cancel(handle)
-        metrics.PROVIDER_BATCHES.labels(self.lane.provider, "abandoned").inc()
-        jobs = await self.store.jobs(batch)
-        await self._hand_on(batch, jobs, {}, None, why=f"the batch kept failing ({type(err).__name__})")
+        await self._hand_on(batch, jobs, {}, self._ending(why=why), held)
 
     @contextlib.asynccontextmanager
-    async def _holding(self, batch: str) -> AsyncIterator[None]:
+    async def _holding(self, batch: str) -> AsyncIterator[Held]:
         """Renew the claim on ``batch`` while this worker works on it (an upload or a hand-on of thousands of
-        jobs may take longer than the claim), so no other worker takes over a batch whose worker is alive."""
+        jobs may take longer than the claim), so no other worker takes over a batch whose worker is alive; a
+        claim lost all the same (another worker took it) is seen before each step with an effect (``check``)."""
         claim_s = self.lane.settings.batch_claim_s
+        held = Held(batch)
 
         async def renew() -> None:
-            while True:
+            while not held.lost:
                 await asyncio.sleep(claim_s / 3)
-                await self.store.claim(batch, self.lane.owner, now=self.lane.clock(), claim_s=claim_s)
+                try:
+                    held.lost = not await self.store.claim(
+                        batch, self.lane.owner, now=self.lane.clock(), claim_s=claim_s
+                    )
+                except Exception as err:  # Redis away for a moment: try again; the claim lasts claim_s
+                    log.warning("batch %s %s: claim not renewed (%s)", self.lane.provider, batch, type(err).__name__)
 
         task = asyncio.create_task(renew())
         try:
-            yield
+            yield held
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _advance(self, batch: str, meta: dict[str, str], now: float) -> None:
+    async def _advance(self, batch: str, meta: dict[str, str], now: float, held: Held) -> None:
         state, owner = meta.get("state"), self.lane.owner
+        if state == "abandoned":  # a worker gave it up and died while handing its jobs on
+            await self._abandon(batch, meta, held, why="the batch was abandoned")
+            return
         if float(meta.get("retry_at", "0")) > now:
             return
         if state == "open" and self._ready_to_seal(meta, now):
@@ -236,11 +263,11 @@ class BatchLoop:
         if state == "sealed" and await self.store.move(
             batch, owner, "sealed", "submitting", submitting_at=repr(self.lane.clock())
         ):
-            await self._submit(batch, meta, resumed=False)
+            await self._submit(batch, {**meta, "submitting_at": repr(self.lane.clock())}, held, resumed=False)
         elif state == "submitting":  # this worker or a dead one sent the create call: did it arrive?
-            await self._submit(batch, meta, resumed=True)
+            await self._submit(batch, meta, held, resumed=True)
         elif state == "submitted" and float(meta.get("next_poll_at", "0")) <= now:
-            await self._poll(batch, meta, now)
+            await self._poll(batch, meta, now, held)
 
     def _ready_to_seal(self, meta: dict[str, str], now: float) -> bool:
         most_requests, most_bytes = self.lane.limits()
@@ -248,7 +275,24 @@ class BatchLoop:
         full = meta.get("full") == "1" or int(meta.get("count", "0")) >= most_requests
         return lingered or full or int(meta.get("bytes", "0")) >= most_bytes
 
-    async def _submit(self, batch: str, meta: dict[str, str], *, resumed: bool) -> None:
+    def _ending(self, handle: BatchHandle | None = None, why: str | None = None, since: float = 0.0) -> Ending:
+        policy = self.lane.policy()
+        return Ending(self.lane.provider, self.lane.topo, self.lane.clock(), policy.on_line_error, handle, why, since)
+
+    async def _taken(self) -> frozenset[str]:
+        """The provider batch ids the provider's live batches already hold (no other batch may be found as one)."""
+        taken = set()
+        for other in await self.store.live():
+            raw = (await self.store.meta(other)).get("handle")
+            if raw:
+                taken.add(BatchHandle.model_validate_json(raw).batch_id)
+        return frozenset(taken)
+
+    @staticmethod
+    def _hint(meta: dict[str, str], jobs: dict[str, str], taken: frozenset[str]) -> FindHint:
+        return FindHint(created_after=float(meta.get("submitting_at", "0")), requests=len(jobs), taken=taken)
+
+    async def _submit(self, batch: str, meta: dict[str, str], held: Held, *, resumed: bool) -> None:
         jobs = await self.store.jobs(batch)
         model = meta.get("model", "")
         if not jobs:
@@ -256,16 +300,17 @@ class BatchLoop:
                 raise LostClaim(batch)
             return
         order = submit_order(jobs)
-        hint = FindHint(created_after=float(meta.get("submitting_at", "0")), requests=len(jobs))
-        handle = await self.lane.adapter.find(batch, hint) if resumed else None
+        handle = await self.lane.adapter.find(batch, self._hint(meta, jobs, await self._taken())) if resumed else None
         if handle is None:
-            requests = [_request(cid, env) for cid, env in order]
+            held.check()
             try:
-                handle = await self.lane.adapter.submit(model, requests, batch)
+                handle = await self.lane.adapter.submit(model, [batch_request(c, e) for c, e in order], batch)
             except PermanentError as err:  # refused: the jobs can still be answered synchronously
                 log.warning("batch %s %s: the provider refused the batch (%s)", self.lane.provider, batch, err)
                 metrics.PROVIDER_BATCHES.labels(self.lane.provider, "refused").inc()
-                await self._hand_on(batch, jobs, {}, None, why=f"the provider refused the batch ({err.code})")
+                await self._hand_on(
+                    batch, jobs, {}, self._ending(why=f"the provider refused the batch ({err.code})"), held
+                )
                 return
         else:  # found: our model name (the provider may say a dated snapshot) and, for Gemini, our line order
             ids = handle.custom_ids or tuple(cid for cid, _ in order)
@@ -277,14 +322,21 @@ class BatchLoop:
             "next_poll_at": repr(now + self.lane.settings.batch_poll_first_s),
         }
         if not await self.store.move(batch, self.lane.owner, "submitting", "submitted", polls="0", **fields):
-            # Another worker took the batch over meanwhile and submits it itself: ours would be a second copy.
-            with contextlib.suppress(Exception):
-                await self.lane.adapter.cancel(handle)
+            await self._cancel_unless_adopted(batch, handle)
             raise LostClaim(batch)
         metrics.PROVIDER_BATCHES.labels(self.lane.provider, "submitted").inc()
         log.info("batch %s %s: submitted %d job(s) as %s", self.lane.provider, batch, len(jobs), handle.batch_id)
 
-    async def _poll(self, batch: str, meta: dict[str, str], now: float) -> None:
+    async def _cancel_unless_adopted(self, batch: str, handle: BatchHandle) -> None:
+        """Another worker took the batch over meanwhile: cancel our provider batch, a second copy, unless that
+        worker found it and took it as its own."""
+        kept = (await self.store.meta(batch)).get("handle")
+        if kept and BatchHandle.model_validate_json(kept).batch_id == handle.batch_id:
+            return
+        with contextlib.suppress(Exception):
+            await self.lane.adapter.cancel(handle)
+
+    async def _poll(self, batch: str, meta: dict[str, str], now: float, held: Held) -> None:
         handle = BatchHandle.model_validate_json(meta["handle"])
         status = await self.lane.adapter.poll(handle)
         if not status.ended:
@@ -298,91 +350,49 @@ class BatchLoop:
         lines = {line.custom_id: line for line in await self.lane.adapter.results(handle)}
         jobs = await self.store.jobs(batch)
         why = None if status.state == "ended" else f"batch {handle.batch_id} {status.state}"
-        await self._hand_on(batch, jobs, lines, handle, why=why, since=float(meta.get("submitted_at", now)))
+        ending = self._ending(handle, why, float(meta.get("submitted_at", now)))
+        await self._hand_on(batch, jobs, lines, ending, held)
         metrics.PROVIDER_BATCHES.labels(self.lane.provider, status.state).inc()
         log.info("batch %s %s: %s, %d job(s) handed on", self.lane.provider, batch, status.state, len(jobs))
 
     async def _hand_on(
-        self,
-        batch: str,
-        jobs: dict[str, str],
-        lines: dict[str, BatchLine],
-        handle: BatchHandle | None,
-        *,
-        why: str | None,
-        since: float = 0.0,
+        self, batch: str, jobs: dict[str, str], lines: dict[str, BatchLine], ending: Ending, held: Held
     ) -> None:
         """Publish every job's next message, a chunk at a time, marking each chunk handed on; then the batch
         is finished. A worker that dies half way hands on only the rest (the account stage drops a repeat)."""
         items = list(jobs.items())
         for start in range(0, len(items), HAND_ON_CHUNK):
             chunk = items[start : start + HAND_ON_CHUNK]
-            onward = [
-                self._onward(Envelope.model_validate_json(raw), lines.get(cid), handle, why, since)
-                for cid, raw in chunk
-            ]
-            await asyncio.gather(*(self.publish(p) for p, _ in onward))
-            for _, went in onward:
+            nexts = [self._next(cid, raw, lines.get(cid), ending) for cid, raw in chunk]
+            held.check()
+            await asyncio.gather(*(self.publish(p) for p, _ in nexts))
+            for _, went in nexts:
                 metrics.child(metrics.BATCH_LANE_JOBS, self.lane.provider, went).inc()
             if not await self.store.handed_on(batch, self.lane.owner, [cid for cid, _ in chunk]):
                 raise LostClaim(batch)
         if not await self.store.finish(batch, self.lane.owner):
             raise LostClaim(batch)
 
-    def _onward(
-        self, env: Envelope, line: BatchLine | None, handle: BatchHandle | None, why: str | None, since: float
-    ) -> tuple[Publish, str]:
-        """The job's next message, and where it goes: answered, sync or error."""
-        now = self.lane.clock()
-        if line is not None and line.state == "succeeded" and line.reply is not None and handle is not None:
-            reply = line.reply
-            usage = reply.usage
-            if not reply.usage_reported:
-                tokens = count_messages((m.role, m.content) for m in env.job.chat)
-                usage = usage.model_copy(update={"input_tokens": tokens})
-            assert env.route is not None
-            outcome = Outcome(
-                content=reply.content,
-                provider=self.lane.provider,
-                model=env.route.model,  # the catalog's name, which prices it (a provider may say a snapshot)
-                usage=usage,
-                latency_s=round(max(0.0, now - since), 4),
-                batch_id=handle.batch_id,
-            )
-            return envelope_publish(env.model_copy(update={"outcome": outcome}), self.lane.topo.account), "answered"
-        if line is not None and line.ran and line.error is not None:  # the request ran and failed
-            if not line.error.retryable or self.lane.policy().on_line_error == "error":
-                return self._failed(env, ErrorInfo(code=line.error.code, message=line.error.message))
-            why = f"its batch line failed ({line.error.code})"
-        never = why or "its batch ended without it"
-        if env.deadline_at is not None and now >= env.deadline_at:
-            err = DeadlineExceeded(f"the job passed its deadline_s in the batch lane ({never})")
-            return self._failed(env, ErrorInfo(code=err.code, message=str(err)))
-        return self._to_sync(env, never)
+    @staticmethod
+    def _next(custom_id: str, raw: str, line: BatchLine | None, ending: Ending) -> tuple[Publish, Went]:
+        try:
+            env = Envelope.model_validate_json(raw)
+        except ValueError:  # pydantic's ValidationError is one
+            return undecodable(custom_id, raw, ending.topo)
+        return onward(env, line, ending)
 
-    def _failed(self, env: Envelope, error: ErrorInfo) -> tuple[Publish, str]:
-        return envelope_publish(env.model_copy(update={"error": error}), self.lane.topo.account), "error"
 
-    def _to_sync(self, env: Envelope, why: str) -> tuple[Publish, str]:
-        assert env.route is not None
-        route = env.route.model_copy(
-            update={"price_lane": "sync", "reason": f"{env.route.reason}; moved to the synchronous lane: {why}"}
-        )
-        return envelope_publish(env.model_copy(update={"route": route}), self.lane.topo.execute(route.provider)), "sync"
+class Held:
+    """A batch this worker works on; ``lost`` once another worker has taken it over."""
+
+    def __init__(self, batch: str) -> None:
+        self.batch = batch
+        self.lost = False
+
+    def check(self) -> None:
+        if self.lost:
+            raise LostClaim(self.batch)
 
 
 class LostClaim(Exception):
     """Another worker holds the batch now (this one's claim lapsed): leave it to that worker."""
-
-
-def submit_order(jobs: dict[str, str]) -> list[tuple[str, Envelope]]:
-    """A batch's jobs in the order they are submitted, oldest first (a batch that expires half done has answered
-    the jobs that waited longest). The same on a resume, so a found Gemini batch's lines map by position."""
-    decoded = [(cid, Envelope.model_validate_json(raw)) for cid, raw in jobs.items()]
-    decoded.sort(key=lambda pair: (pair[1].received_at, pair[0]))
-    return decoded
-
-
-def _request(custom_id: str, env: Envelope) -> BatchRequest:
-    job = env.job
-    return BatchRequest(custom_id=custom_id, messages=job.chat, max_tokens=job.max_tokens, temperature=job.temperature)

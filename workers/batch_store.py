@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 from farebox.constants import JobRecord, RedisKeys
 from farebox.stages.lua import Layout, NamedScript
 
-BatchState = Literal["open", "sealed", "submitting", "submitted"]
+# abandoned: given up after failing too often; its remaining jobs go to the sync lane (whoever holds it).
+BatchState = Literal["open", "sealed", "submitting", "submitted", "abandoned"]
 MARKER_TTL_S = 3 * 86_400  # longer than a batch's 24 h window plus its resubmissions
 
 _ADD_LAYOUT = Layout(

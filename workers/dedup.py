@@ -102,6 +102,11 @@ class DedupStage(EnvelopeStage):
         update: dict[str, object] = {"lane": lane}
         if lane == "interactive" and env.cache_key is not None and env.coalesce_key == env.cache_key:
             update["coalesce_key"] = f"{env.cache_key}|interactive"
+        elif env.cache_key is not None and env.coalesce_key == env.cache_key:
+            # Nor a batch-lane job with a sync one: either would wait for the other's lane (hours, or behind
+            # a leader on a lane it did not ask for).
+            if price_lane(self.batch(), env.job, lane)[0] == "batch":
+                update["coalesce_key"] = f"{env.cache_key}|batch"
         return env.model_copy(update=update)
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:

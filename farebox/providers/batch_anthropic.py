@@ -83,7 +83,8 @@ class AnthropicBatchAdapter(HttpBatchAdapter):
             batches, cursor = await self._page(cursor)
             for batch in batches:
                 if isinstance(batch, dict) and self._made_as(batch, hint):
-                    matches.append(self._required(batch, "id"))
+                    if (batch_id := self._required(batch, "id")) not in hint.taken:
+                        matches.append(batch_id)
             if cursor is None:
                 break
         if len(matches) != 1:

@@ -130,6 +130,7 @@ class FindHint(_Frozen):
 
     created_after: float  # unix time just before the create call was sent
     requests: int = Field(ge=1)
+    taken: frozenset[str] = frozenset()  # provider batch ids that are other batches' already
 
 
 class BatchAdapter(Protocol):
