@@ -17,9 +17,9 @@ from redis.asyncio import Redis
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.errors import ProviderRejected
-from farebox.providers.batch_base import BatchAdapter, BatchHandle, BatchStatus
 from farebox.providers.batch_openai import OpenAIBatchAdapter
 from farebox.providers.batch_registry import build_batch_adapter
+from farebox.providers.batch_types import BatchAdapter, BatchHandle, BatchStatus
 from farebox.providers.calls import provider_client
 from farebox.providers.registry import provider_configs
 from farebox.routing.batch_lane import BatchPolicy
@@ -461,7 +461,7 @@ async def test_only_the_batchs_owner_may_change_it(settings: Settings, redis: Re
 
 
 async def test_anthropic_finds_the_one_batch_made_since_with_that_many_requests() -> None:
-    from farebox.providers.batch_base import FindHint
+    from farebox.providers.batch_types import FindHint
 
     async with emulated("anthropic") as (make, _):
         adapter = make()

@@ -23,10 +23,10 @@ from farebox.errors import InvalidRequest, ProviderRejected, ProviderUnavailable
 from farebox.providers.anthropic import AnthropicAdapter
 from farebox.providers.base import JsonAdapter
 from farebox.providers.batch_anthropic import AnthropicBatchAdapter
-from farebox.providers.batch_base import BatchAdapter, BatchHandle, BatchLine, BatchRequest, BatchStatus
 from farebox.providers.batch_gemini import GeminiBatchAdapter
 from farebox.providers.batch_openai import OpenAIBatchAdapter
 from farebox.providers.batch_registry import build_batch_adapter
+from farebox.providers.batch_types import BatchAdapter, BatchHandle, BatchLine, BatchRequest, BatchStatus
 from farebox.providers.calls import provider_client
 from farebox.providers.gemini import GeminiAdapter
 from farebox.providers.openai import OpenAIAdapter

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.errors import REDIS_DOWN, PermanentError, RetryableError
-from farebox.providers.batch_base import BatchAdapter, BatchHandle, BatchLine, FindHint
+from farebox.providers.batch_types import BatchAdapter, BatchHandle, BatchLine, FindHint
 from farebox.routing.auth import AuthPolicy, internal_sender
 from farebox.routing.batch_lane import BatchPolicy
 from farebox.schemas import Envelope

@@ -8,7 +8,7 @@ from typing import Literal
 
 from farebox.constants import Topology
 from farebox.errors import DeadlineExceeded
-from farebox.providers.batch_base import BatchHandle, BatchLine, BatchRequest
+from farebox.providers.batch_types import BatchHandle, BatchLine, BatchRequest
 from farebox.schemas import Envelope, ErrorInfo, Outcome
 from farebox.stages.stage import Publish, envelope_publish
 from farebox.tokens import count_messages

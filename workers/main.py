@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 
 from farebox import metrics
 from farebox.patches.redis_pipelining import PipeliningRedis
-from farebox.providers.batch_base import TIMEOUT_S as BATCH_TIMEOUT_S
 from farebox.providers.batch_registry import build_batch_adapter
+from farebox.providers.batch_types import TIMEOUT_S as BATCH_TIMEOUT_S
 from farebox.providers.calls import ProviderCalls
 from farebox.providers.registry import build_adapter, emulator_url, provider_configs
 from farebox.routing.priority import LANES

@@ -44,6 +44,7 @@ from farebox.publishing import Backoff, publish_confirmed
 from farebox.routing.priority import LANES
 from farebox.settings import Settings
 from farebox.stages.batching import Batcher, batch_count, split_batch
+from farebox.stages.inflight import Unhandled
 from farebox.stages.messages import dead_letter_publish, in_lane, settle, slot_lane, to_delivery
 from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import Delivery, Handled, Publish, StageCore
@@ -173,7 +174,7 @@ class Worker:
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inflight += 1
             self._idle.clear()
-            owed = _Unhandled(self, self._topology.lane_of(queue))
+            owed = Unhandled(self._busy, self._done_handling, self._topology.lane_of(queue))
             try:
                 await self._process(message, queue, owed)
             except Exception:  # the shell must never die on one message
@@ -187,7 +188,7 @@ class Worker:
 
         return on_message
 
-    async def _process(self, message: AbstractIncomingMessage, queue: str, owed: _Unhandled) -> None:
+    async def _process(self, message: AbstractIncomingMessage, queue: str, owed: Unhandled) -> None:
         delivery = to_delivery(message, queue)
         count = batch_count(delivery)
         if count is None:
@@ -379,31 +380,6 @@ class Worker:
 
     def _publish_interrupted(self, err: Exception) -> None:
         log.warning("stage %s: publish failed (%s); retrying", self.core.name, type(err).__name__)
-
-
-class _Unhandled:
-    """The jobs of one message counted in ``Worker._busy`` and not handled yet. Each is released
-    once, whichever way the message goes (a job cancelled before it ran included), so the count
-    cannot stick above zero and stop idle flushes."""
-
-    def __init__(self, worker: Worker, lane: str) -> None:
-        self._worker = worker
-        self._lane = lane  # the lane of the queue it came from
-        self.jobs = 0
-        self.add(1)
-
-    def add(self, n: int) -> None:
-        self.jobs += n
-        self._worker._busy[self._lane] += n
-
-    def release(self) -> None:
-        if self.jobs > 0:
-            self.jobs -= 1
-            self._worker._done_handling(self._lane)
-
-    def release_all(self) -> None:
-        while self.jobs > 0:
-            self.release()
 
 
 def _nothing() -> None:

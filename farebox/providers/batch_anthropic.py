@@ -16,7 +16,8 @@ from typing import Any
 
 from farebox.errors import InvalidRequest
 from farebox.providers.anthropic import AnthropicAdapter
-from farebox.providers.batch_base import (
+from farebox.providers.batch_base import HttpBatchAdapter
+from farebox.providers.batch_types import (
     FIND_PAGES,
     PAGE_SIZE,
     BatchCounts,
@@ -27,7 +28,6 @@ from farebox.providers.batch_base import (
     BatchState,
     BatchStatus,
     FindHint,
-    HttpBatchAdapter,
     NotRun,
     count,
     failed_line,

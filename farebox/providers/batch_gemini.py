@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-from farebox.providers.batch_base import (
+from farebox.providers.batch_base import HttpBatchAdapter
+from farebox.providers.batch_types import (
     PAGE_SIZE,
     BatchError,
     BatchHandle,
@@ -23,7 +24,6 @@ from farebox.providers.batch_base import (
     BatchRequest,
     BatchState,
     BatchStatus,
-    HttpBatchAdapter,
     failed_line,
     tally,
     text_of,

@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 from farebox.errors import FareboxError, ProviderRejected, ProviderUnavailable
 from farebox.providers.base import check_response
-from farebox.providers.batch_base import (
+from farebox.providers.batch_base import HttpBatchAdapter
+from farebox.providers.batch_types import (
     PAGE_SIZE,
     BatchError,
     BatchHandle,
@@ -25,7 +26,6 @@ from farebox.providers.batch_base import (
     BatchRequest,
     BatchState,
     BatchStatus,
-    HttpBatchAdapter,
     NotRun,
     failed_line,
     tally,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 
 from farebox.providers.batch_anthropic import AnthropicBatchAdapter
-from farebox.providers.batch_base import BatchAdapter
 from farebox.providers.batch_gemini import GeminiBatchAdapter
 from farebox.providers.batch_openai import OpenAIBatchAdapter
+from farebox.providers.batch_types import BatchAdapter
 from farebox.providers.registry import ProviderConfig
 
 
