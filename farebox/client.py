@@ -23,7 +23,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractIncomingMessage,
@@ -33,6 +32,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from farebox.amqp_connect import connect_robust_nodes, node_order, start_index
 from farebox.constants import CONTENT_TYPE, DEFAULT_NAMESPACE, Topology
 from farebox.errors import (
     DeadlineExceeded,
@@ -46,7 +46,7 @@ from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, PublishWindow, publish_confirmed
 from farebox.schemas import ErrorInfo, Feedback, FeedbackReceipt, Job, JobResult
 from farebox.schemas.job import Priority
-from farebox.settings import Settings
+from farebox.settings import Settings, parse_amqp_urls
 
 log = logging.getLogger("farebox.client")
 # While the intake is full or the broker away, publishes are tried again this often.
@@ -88,7 +88,12 @@ class FareboxClient:
     changes every other aio-pika connection of the process too; farebox's CLI and stages turn it on.
 
     ``on_no_pipeline``: called once with a message for people when, a second after connecting,
-    nothing consumes the intake (no pipeline is running); the client keeps waiting either way."""
+    nothing consumes the intake (no pipeline is running); the client keeps waiting either way.
+
+    ``amqp_url``: one node, or a cluster's nodes comma-separated (FAREBOX_AMQP_URL); ``spread``: start at one of
+    them at random (False: the first listed), moving to the next when the one in use goes away. Replies that
+    arrive while the client's connection moves are lost with its reply queue: a stream's idle timeout ends
+    those jobs, and resubmitting them with their job_id gets their results without a second charge."""
 
     def __init__(
         self,
@@ -98,11 +103,15 @@ class FareboxClient:
         wait_for_pipeline_s: float = 30.0,
         coalesce_writes: bool = False,
         on_no_pipeline: Callable[[str], None] | None = None,
+        spread: bool = True,
     ) -> None:
         self.amqp_url = amqp_url
         # Sent as each message's user_id: RabbitMQ checks it is the connection's user, and a policy in auth mode
         # user_id maps it to the tenants it may act for (farebox/routing/auth.py). None without a user in the URL.
-        self.user_id = unquote(urlsplit(amqp_url).username or "") or None
+        # FAREBOX_AMQP_URL may list a cluster's nodes (farebox/amqp_connect.py): they all name the same user.
+        self.nodes = parse_amqp_urls(amqp_url)
+        self.user_id = unquote(urlsplit(self.nodes[0]).username or "") or None
+        self.spread = spread
         self.topology = Topology(namespace)
         self.wait_for_pipeline_s = wait_for_pipeline_s
         self.coalesce_writes = coalesce_writes
@@ -119,6 +128,7 @@ class FareboxClient:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> FareboxClient:
+        kwargs.setdefault("spread", settings.amqp_spread)
         return cls(settings.amqp_url, namespace=settings.namespace, **kwargs)
 
     async def __aenter__(self) -> FareboxClient:
@@ -135,9 +145,8 @@ class FareboxClient:
         if self.coalesce_writes:
             aiormq_writes.install()
         try:
-            self._connection = await aio_pika.connect_robust(
-                self.amqp_url, client_properties={"connection_name": "farebox-client"}
-            )
+            nodes = node_order(self.nodes, start=start_index(len(self.nodes), spread=self.spread))
+            self._connection = await connect_robust_nodes(nodes, name="farebox-client")
         except (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError) as err:
             raise DependencyUnavailable(
                 f"cannot reach RabbitMQ at the configured FAREBOX_AMQP_URL ({type(err).__name__})"

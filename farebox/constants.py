@@ -126,62 +126,104 @@ class Topology:
 
 @dataclass(frozen=True)
 class RedisKeys:
-    """Redis key builders for one prefix (default ``farebox:``)."""
+    """Redis key builders for one prefix (default ``farebox:``).
+
+    Every key a script touches together shares a Redis Cluster hash tag (the ``{...}`` part), chosen by the
+    record that owns it: ``{j:<tenant>/<job_id>}`` a job's own records, ``{c:<cache key>}`` a cache entry and
+    its coalescing leases, ``{b:<tenant>}`` a tenant's budgets and reservations, ``{ledger}`` the aggregates
+    every job folds into (the per-day hashes, the day list, the stream and their fold markers),
+    ``{p:<provider>}`` a provider's rate buckets and ``{batch:<provider>}`` its batch-lane records. Keys that
+    begin alike up to their tag's ``}`` always share a slot, whatever the prefix or a job_id holds, because
+    the slot is taken from the first ``{`` to the first ``}`` after it. The layout is in README.md (Redis
+    keys); ``tests/test_key_slots.py`` checks that every script's keys share one slot.
+    """
 
     prefix: str = "farebox:"
 
-    def cache(self, key: str) -> str:
-        return f"{self.prefix}cache:{key}"
+    def _job(self, record: JobRecord, what: str) -> str:
+        return f"{self.prefix}{{j:{record}}}:{what}"
 
-    def inflight(self, key: str) -> str:
-        return f"{self.prefix}inflight:{key}"
+    def cache(self, key: str) -> str:
+        return f"{self.prefix}{{c:{key}}}:cache"
+
+    def inflight(self, coalesce_key: str) -> str:
+        """A coalescing lease. A cache key's leases (``<key>``, ``<key>|interactive``, ``<key>|batch``) sit with
+        its cache entry, which the decide and fill scripts touch with them; a job's own lease (``job:<record>``,
+        a job that does not share a cache entry) sits with its stored result."""
+        if coalesce_key.startswith("job:"):
+            return self._job(JobRecord(coalesce_key.removeprefix("job:")), "inflight")
+        base, bar, lane = coalesce_key.partition("|")
+        return f"{self.prefix}{{c:{base}}}:inflight{bar}{lane}"
 
     # A job's own records are keyed by tenant and job_id (``job_record``): the same job_id from two
     # tenants is two jobs, and one tenant's id can never reach another's stored result.
     def result(self, record: JobRecord) -> str:
-        return f"{self.prefix}result:{record}"
+        return self._job(record, "result")
 
     def outcome(self, record: JobRecord) -> str:
         """A provider answer kept between the call and the hand-off, so a redelivery never calls twice."""
-        return f"{self.prefix}outcome:{record}"
+        return self._job(record, "outcome")
 
     def ledger_entry(self, record: JobRecord) -> str:
-        return f"{self.prefix}ledger:job:{record}"
+        return self._job(record, "ledger")
 
+    def arm(self, record: JobRecord) -> str:
+        """The experiment arm a job was put in, so a policy reload never moves it (farebox/stages/arms.py)."""
+        return self._job(record, "arm")
+
+    def feedback(self, record: JobRecord) -> str:
+        """Hash of a job's feedback: source -> JSON {score, label, ts}; one per source, the latest wins."""
+        return self._job(record, "feedback")
+
+    def prompt(self, record: JobRecord) -> str:
+        """An experiment job's messages as sent (redacted), kept for ``farebox feedback export``."""
+        return self._job(record, "prompt")
+
+    # The ledger's aggregates: one slot, which every recorded job folds into once (farebox/stages/ledger.py).
+    # A per-day tag would spread nothing: all of a day's jobs fold into that day's hash.
     @property
     def ledger_stream(self) -> str:
-        return f"{self.prefix}ledger:stream"
+        return f"{self.prefix}{{ledger}}:stream"
 
     def ledger_agg(self, day: str) -> str:
         """Hash of aggregates for one UTC day; fields are ``tenant|provider|model|metric``."""
-        return f"{self.prefix}ledger:day:{day}"
+        return f"{self.prefix}{{ledger}}:day:{day}"
 
     @property
     def ledger_days(self) -> str:
-        return f"{self.prefix}ledger:days"
+        return f"{self.prefix}{{ledger}}:days"
+
+    def ledger_folded(self, day: str) -> str:
+        """Hash of the records (``job_record``) of one day's jobs already folded into the aggregates."""
+        return f"{self.prefix}{{ledger}}:folded:{day}"
 
     def ledger_arms(self, day: str) -> str:
         """Hash of one UTC day's jobs in experiments; fields ``experiment|arm|metric`` (metrics: jobs, cost_nusd,
         baseline_nusd, errors, cache_hits, shadow_nusd: what shadow grading of the arm's jobs spent)."""
-        return f"{self.prefix}ledger:arms:{day}"
-
-    def arm(self, record: JobRecord) -> str:
-        """The experiment arm a job was put in, so a policy reload never moves it (farebox/stages/arms.py)."""
-        return f"{self.prefix}arm:{record}"
-
-    def feedback(self, record: JobRecord) -> str:
-        """Hash of a job's feedback: source -> JSON {score, label, ts}; one per source, the latest wins."""
-        return f"{self.prefix}feedback:{record}"
+        return f"{self.prefix}{{ledger}}:arms:{day}"
 
     def feedback_arms(self, day: str) -> str:
         """Hash of the feedback on one UTC day's jobs (the job's day) in experiments; fields
         ``experiment|arm|source|n`` (integer), ``...|sum`` and ``...|sumsq`` of the scores (floats)."""
-        return f"{self.prefix}feedback:arms:{day}"
+        return f"{self.prefix}{{ledger}}:feedback:arms:{day}"
+
+    def feedback_folded(self, day: str) -> str:
+        """Hash ``record|source`` -> the score (and its time) folded into ``feedback_arms(day)``."""
+        return f"{self.prefix}{{ledger}}:feedback:folded:{day}"
 
     @property
     def feedback_jobs(self) -> str:
         """Sorted set of the records (``job_record``) with feedback, scored by the time of their latest feedback."""
-        return f"{self.prefix}feedback:jobs"
+        return f"{self.prefix}{{ledger}}:feedback:jobs"
+
+    # The key names of before the cluster layout, still read by ``farebox report`` so that an upgraded
+    # single server keeps its history (nothing writes them any more; they expire as they always did).
+    @property
+    def legacy_ledger_days(self) -> str:
+        return f"{self.prefix}ledger:days"
+
+    def legacy_ledger_agg(self, day: str) -> str:
+        return f"{self.prefix}ledger:day:{day}"
 
     # The batch lane (farebox/stages/batch_store.py). A provider's batch records share one hash tag, so each
     # script's keys sit in one Redis Cluster slot.
@@ -201,28 +243,44 @@ class RedisKeys:
         """Set of a provider's batches not finished yet: what a restarted worker resumes."""
         return f"{self.prefix}{{batch:{provider}}}:live"
 
-    def prompt(self, record: JobRecord) -> str:
-        """An experiment job's messages as sent (redacted), kept for ``farebox feedback export``."""
-        return f"{self.prefix}prompt:{record}"
-
     def shadow_spend(self, experiment: str, period: str) -> str:
         """Evaluation spend of an experiment's shadow grading in one period, in nano-dollars."""
         return f"{self.prefix}shadow:{experiment}:{period}"
 
+    # A tenant's budgets and the jobs' reservations against them: the reserve and settle scripts touch them
+    # together. The reservation is the job's, but lives with its tenant's budgets for that reason.
     def reservation(self, record: JobRecord) -> str:
-        return f"{self.prefix}reservation:{record}"
+        tenant = split_job_record(record)[0]
+        return f"{self.prefix}{{b:{tenant}}}:reservation:{record}"
 
-    def budget(self, tenant: str, period: str) -> str:
-        return f"{self.prefix}budget:{tenant}:{period}"
+    def budget(self, tenant: str, period: str, user_tier: str | None = None) -> str:
+        tier = "" if user_tier is None else f"{user_tier}:"
+        return f"{self.prefix}{{b:{tenant}}}:budget:{tier}{period}"
 
     def rate_bucket(self, provider: str, dimension: str) -> str:
-        return f"{self.prefix}rate:{provider}:{dimension}"
+        return f"{self.prefix}{{p:{provider}}}:rate:{dimension}"
 
     def concurrency(self, provider: str) -> str:
         return f"{self.prefix}slots:{provider}"
 
     def provider_health(self, provider: str) -> str:
         return f"{self.prefix}health:{provider}"
+
+    def provider_failures(self, name: str) -> str:
+        """Jobs in a row, across every execute replica, whose calls to ``name`` (a provider or provider/model)
+        exhausted their retries: its circuit opens at a threshold (farebox/stages/circuits.py)."""
+        return f"{self.prefix}failures:{name}"
+
+    # The policy published with `farebox policy push` (farebox/stages/config_sync.py): one slot, {config}.
+    @property
+    def config_version(self) -> str:
+        """The number of the newest published version."""
+        return f"{self.prefix}{{config}}:version"
+
+    def config_bundle(self, version: int | str) -> str:
+        """Hash of one version's files (name -> bytes) and its ``_meta``; ``""`` gives the prefix the script
+        appends the number to."""
+        return f"{self.prefix}{{config}}:v:{version}"
 
 
 def job_record(tenant: str, job_id: str) -> JobRecord:

@@ -8,11 +8,17 @@ Prometheus keeps, so a value taken from a job (a tenant) goes through ``tenant_l
 from __future__ import annotations
 
 import functools
+import socket
+import threading
 from collections.abc import Container
-from typing import TypeVar
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics import MetricWrapperBase
+
+from farebox import health
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
@@ -112,8 +118,28 @@ def child(metric: _M, *labels: str) -> _M:
     return found
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a line per scrape and per probe is noise
+        pass
+
+
+def start_http_server(port: int, addr: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
+    """prometheus-client's ``start_http_server``, made of the same parts (its WSGI app and threading server,
+    served from a daemon thread), with the health probes in front: /livez and /readyz (farebox/health.py)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family  # an IPv6 host needs an IPv6 socket (as prometheus-client does)
+
+    app = health.with_probes(make_wsgi_app(REGISTRY))
+    httpd = make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="farebox-metrics", daemon=True)
+    thread.start()
+    return httpd, thread
+
+
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
-    """Expose /metrics on ``host:port`` (port 0 = do not serve). Returns the port."""
+    """Expose /metrics, /livez and /readyz on ``host:port`` (port 0 = do not serve). Returns the port."""
     if port:
         start_http_server(port, addr=host)
     return port

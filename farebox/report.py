@@ -69,13 +69,15 @@ class Report:
 async def _groups(
     redis: Redis, keys: RedisKeys, by: tuple[str, ...], since: str | None, tenant: str | None
 ) -> dict[tuple[str, ...], Agg]:
-    """The raw nano-dollar aggregates of each group of the dimensions ``by`` (lane excepted)."""
-    days = sorted(as_text(d) for d in await redis.smembers(keys.ledger_days))
+    """The raw nano-dollar aggregates of each group of the dimensions ``by`` (lane excepted). Days recorded
+    under the key names of before the cluster layout (``ledger:day:<day>``, an upgraded single server's
+    history) are read too and added: nothing writes them any more, and they expire as they always did."""
+    days = await _days(redis, keys)
     groups: dict[tuple[str, ...], Agg] = defaultdict(lambda: dict.fromkeys(METRICS, 0))
-    for day in days:
+    for day, key in days:
         if since and day < since:
             continue
-        for field, value in (await redis.hgetall(keys.ledger_agg(day))).items():
+        for field, value in (await redis.hgetall(key)).items():
             t, p, m, metric = as_text(field).split("|", 3)
             if tenant and t != tenant:
                 continue
@@ -83,6 +85,14 @@ async def _groups(
             agg = groups[tuple(dims[d] for d in by if d != LANE)]
             agg[metric] = agg.get(metric, 0) + int(value)  # a metric of a newer release is carried, not a crash
     return groups
+
+
+async def _days(redis: Redis, keys: RedisKeys) -> list[tuple[str, str]]:
+    """Each ledger day with the key of its aggregates, of today's layout and of the one before, by day."""
+    current = {as_text(d) for d in await redis.smembers(keys.ledger_days)}
+    legacy = {as_text(d) for d in await redis.smembers(keys.legacy_ledger_days)}
+    pairs = [(d, keys.ledger_agg(d)) for d in current] + [(d, keys.legacy_ledger_agg(d)) for d in legacy]
+    return sorted(pairs)
 
 
 def _split(agg: Agg) -> dict[str, Agg]:

@@ -2,17 +2,65 @@
 
 from __future__ import annotations
 
+import functools
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farebox.constants import DEFAULT_NAMESPACE, RedisKeys, Topology
+from farebox.redis_connect import parse_redis_url
 
 # The bundled price catalog and policy (the repository's catalog/, installed as farebox.catalog).
 CATALOG_DIR = Path(str(files("farebox.catalog")))
+
+AMQP_SCHEMES = ("amqp", "amqps")
+
+
+class InvalidAmqpUrl(ValueError):
+    """FAREBOX_AMQP_URL is not a list of AMQP URLs of one cluster; the message says which item and why (never
+    its password)."""
+
+
+@functools.lru_cache(maxsize=64)  # read per message (amqp_user): parsed once per distinct value
+def parse_amqp_urls(text: str) -> tuple[str, ...]:
+    """The nodes of FAREBOX_AMQP_URL: one or more amqp:// or amqps:// URLs, comma-separated (a comma inside a
+    password is written %2C). They are nodes of one cluster serving one pipeline, so they must name the same
+    user (with the same password, or none) and the same vhost; host, port, scheme and query may differ."""
+    items = [item.strip() for item in text.split(",")]
+    identities: dict[tuple[str | None, str | None, str], int] = {}
+    for position, item in enumerate(items, 1):
+        where = f"FAREBOX_AMQP_URL item {position} of {len(items)}"
+        if not item:
+            raise InvalidAmqpUrl(f"{where} is empty (a stray comma?)")
+        try:
+            parts = urlsplit(item)
+            parts.port  # noqa: B018  # raises on a port that is not a number in range
+        except ValueError:
+            raise InvalidAmqpUrl(f"{where} is not a URL with a readable host and port (0 to 65535)") from None
+        if parts.scheme not in AMQP_SCHEMES:
+            raise InvalidAmqpUrl(
+                f"{where} has scheme {parts.scheme or 'none'!r}; each item must be amqp:// or amqps://"
+            )
+        identity = (parts.username, parts.password, _vhost_of(parts.path))
+        identities.setdefault(identity, position)
+    if len(identities) > 1:
+        seen = "; ".join(
+            f"item {pos}: user {unquote(u) if u else None!r}, vhost {v!r}" for (u, _, v), pos in identities.items()
+        )
+        raise InvalidAmqpUrl(
+            "FAREBOX_AMQP_URL items disagree on the user, its password or the vhost (they must be the same on "
+            f"every node of the cluster): {seen}"
+        )
+    return tuple(items)
+
+
+def _vhost_of(path: str) -> str:
+    """The vhost a URL path names, as aiormq reads it: none or "/" is the default vhost "/"."""
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 class ProviderLimits(BaseModel):
@@ -28,10 +76,23 @@ class ProviderLimits(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FAREBOX_", frozen=True, extra="ignore")
 
+    # One or more nodes of one RabbitMQ cluster, comma-separated (parse_amqp_urls says what they must share). Each
+    # process starts at a node of its own and moves to the next when its node goes away (farebox/amqp_connect.py).
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # False: every process starts at the first node listed; the others are taken only while it is away.
+    amqp_spread: bool = True
+    # x-quorum-initial-group-size of the quorum queues farebox declares: on how many nodes each has a replica
+    # (unset: RabbitMQ's default, every node in the cluster when the queue is declared). Sent only when set:
+    # RabbitMQ refuses to redeclare an existing queue with an argument it was declared without (PRECONDITION_FAILED,
+    # checked on 3.10.8), so set it before a namespace's first start; `rabbitmq-queues grow|shrink` changes the
+    # replicas of queues that exist.
+    quorum_initial_group_size: int | None = Field(None, ge=1, le=255)
     redis_url: str = "redis://localhost:6379/0"
     catalog: Path = CATALOG_DIR / "model_costs.json"
     policy: Path = CATALOG_DIR / "policy.json"
+    # "redis": the stages take the policy and catalog last published with `farebox policy push` (and follow
+    # every new version) instead of the files above (farebox/stages/config_sync.py).
+    config_source: Literal["files", "redis"] = "files"
     cache_ttl_s: int = Field(3600, ge=0)
     metrics_port: int = Field(9464, ge=0, le=65535)
     # Loopback unless asked: the container image sets 0.0.0.0 so Prometheus can scrape it.
@@ -68,6 +129,11 @@ class Settings(BaseSettings):
     dead_ttl_s: float = Field(7 * 86_400, ge=0.001)
     # Keep each refused message's raw body in its record too: it may hold prompts and secrets (debugging only).
     dead_keep_bodies: bool = False
+    # The stages' Redis writes count once this many replicas confirm them (WAIT after each pipeline of
+    # commands, up to redis_wait_timeout_ms; then Redis counts as away and they are written again): with a
+    # Sentinel, writes the old master alone took when it was replaced would otherwise be lost. 0: no WAIT.
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(500, ge=1, le=60_000)
     # Coalesced waiters re-check this often; the leader's lease bounds how long they trust it.
     coalesce_poll_ms: int = Field(100, ge=10)
     leader_lease_s: int = Field(300, ge=1)
@@ -97,6 +163,24 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_nodes_of_one_cluster(cls, url: str) -> str:
+        parse_amqp_urls(url)  # an InvalidAmqpUrl (a ValueError: pydantic reports it as this setting's) or a list
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url_farebox_reads(cls, url: str) -> str:
+        parse_redis_url(url)  # a server, a Sentinel or a Cluster URL (farebox/redis_connect.py), or an error now
+        return url
+
+    @model_validator(mode="after")
+    def _replicas_waited_for_where_they_can_be(self) -> Settings:
+        if self.redis_wait_replicas and parse_redis_url(self.redis_url).kind == "cluster":
+            raise ValueError("redis_wait_replicas: not available on a Redis Cluster yet (only a server or a Sentinel)")
+        return self
+
     @property
     def topology(self) -> Topology:
         return Topology(self.namespace)
@@ -107,15 +191,26 @@ class Settings(BaseSettings):
         return max(self.ledger_entry_ttl_s, self.result_ttl_s)
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The nodes of FAREBOX_AMQP_URL in the order listed (checked when the settings were read)."""
+        return parse_amqp_urls(self.amqp_url)
+
+    @property
+    def amqp_vhost(self) -> str:
+        """The vhost every node of FAREBOX_AMQP_URL names."""
+        return _vhost_of(urlsplit(self.amqp_urls[0]).path)
+
+    @property
     def amqp_user(self) -> str:
         """The pipeline's own RabbitMQ user: what RabbitMQ vouches for on messages the pipeline sends itself."""
-        return unquote(urlsplit(self.amqp_url).username or "guest")
+        return self.amqp_user_id or "guest"
 
     @property
     def amqp_user_id(self) -> str | None:
-        """The user_id the pipeline stamps on what it sends: only a user named in FAREBOX_AMQP_URL, which PLAIN
-        logs in as (with EXTERNAL or token auth RabbitMQ's user may differ, and a wrong user_id is refused)."""
-        username = urlsplit(self.amqp_url).username
+        """The user_id the pipeline stamps on what it sends: only a user named in FAREBOX_AMQP_URL (every node
+        names the same), which PLAIN logs in as (with EXTERNAL or token auth RabbitMQ's user may differ, and a
+        wrong user_id is refused)."""
+        username = urlsplit(self.amqp_urls[0]).username
         return unquote(username) if username else None
 
     @property

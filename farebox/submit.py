@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -40,6 +39,7 @@ from rich.table import Table
 
 from farebox.client import FareboxClient, as_job
 from farebox.errors import InvalidRequest
+from farebox.redis_connect import connect_redis
 from farebox.routing.catalog import load_catalog
 from farebox.schemas import ErrorInfo, Job, JobResult
 from farebox.schemas.job import PriceLane, Priority
@@ -278,7 +278,7 @@ async def watch_batches(settings: Settings, state: list[str], shown: Callable[[]
     """Keep ``state[0]`` saying what the batch lane holds (queued for a batch, submitted as batch X); the jobs'
     results say when they are done. Best effort: Redis away leaves the line as it was."""
     providers = load_catalog(settings.catalog).providers()
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2.0)
+    redis = connect_redis(settings.redis_url, socket_timeout=2.0)
     try:
         while True:
             with contextlib.suppress(RedisError, OSError):

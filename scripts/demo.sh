@@ -52,7 +52,8 @@ trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
 # no pipeline is running while they are still starting.
 .venv/bin/python - <<'PY' || echo "demo: the pipeline did not start consuming within 60 s (see out/demo-up.log)"
 import asyncio, sys, time
-import aio_pika, aiormq
+import aiormq
+from farebox.amqp_connect import connect_any
 from farebox.settings import Settings
 
 async def main() -> int:
@@ -60,7 +61,7 @@ async def main() -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            conn = await aio_pika.connect(s.amqp_url)
+            conn = await connect_any(s.amqp_urls)  # the first node of FAREBOX_AMQP_URL that answers
             async with conn:
                 queue = await (await conn.channel()).declare_queue(s.topology.intake, passive=True)
                 if queue.declaration_result.consumer_count:

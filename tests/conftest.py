@@ -25,6 +25,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from farebox.redis_connect import connect_redis
 from farebox.settings import Settings
 from tests.support.pipeline import InProcessPipeline, drop_redis_prefix
 
@@ -146,7 +147,7 @@ async def settings(services: Services, monkeypatch: pytest.MonkeyPatch) -> Async
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
+    client = connect_redis(settings.redis_url)
     yield client
     await client.aclose()  # the keys go with the settings fixture
 

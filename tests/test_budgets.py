@@ -229,6 +229,6 @@ async def test_four_route_replicas_overshoot_by_at_most_one_job(
     refused = [r for r in results if r.error and r.error.code == "budget_exceeded"]
     assert len(ok) + len(refused) == 60 and ok and refused
     assert sum(r.cost_usd for r in ok) <= limit + max(r.cost_usd for r in ok)
-    budget_hashes = [k async for k in redis.scan_iter(match=f"{s.redis_prefix}budget:*", _type="hash")]
+    budget_hashes = [k async for k in redis.scan_iter(match=s.keys.budget("*", "*"), _type="hash")]
     assert len(budget_hashes) == 1
     assert int(await redis.hget(budget_hashes[0], "reserved_nusd")) == 0  # every reservation settled

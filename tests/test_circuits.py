@@ -47,3 +47,46 @@ async def test_open_circuits_are_shared_and_expire(redis: Redis, settings: Setti
     await asyncio.sleep(0.35)
     fresh = Circuits(redis, settings.keys)
     assert await fresh.unhealthy(names) == frozenset()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_failures_are_counted_across_replicas(redis: Redis, settings: Settings) -> None:
+    """Five failed jobs open a circuit whichever replicas saw them (not five per replica)."""
+    replicas = [Circuits(redis, settings.keys) for _ in range(3)]
+    opened = [await replicas[i % 3].exhausted("google/pro", 5, 30) for i in range(5)]
+    assert opened == [None, None, None, None, 5]
+    assert await Circuits(redis, settings.keys).unhealthy(["google/pro"]) == frozenset({"google/pro"})
+    assert not await redis.exists(settings.keys.provider_failures("google/pro"))  # counting starts again
+
+
+async def test_a_success_on_any_replica_resets_the_count(redis: Redis, settings: Settings) -> None:
+    clock = Clock()
+    failing, working = Circuits(redis, settings.keys, clock=clock), Circuits(redis, settings.keys, clock=clock)
+    await working.succeeded(["openai/mini"])  # reads the count once: none yet
+    for _ in range(4):
+        await failing.exhausted("openai/mini", 5, 30)
+    await working.succeeded(["openai/mini"])  # within the second: trusts what it read, costs nothing
+    assert await redis.get(settings.keys.provider_failures("openai/mini")) == b"4"
+    clock.now += 1.0
+    await working.succeeded(["openai/mini"])  # learns of the count and resets it
+    assert not await redis.exists(settings.keys.provider_failures("openai/mini"))
+    assert await failing.exhausted("openai/mini", 5, 30) is None  # 1 of 5 again, not 5 of 5
+    await failing.succeeded(["openai/mini"])  # its own count: reset at once
+    assert not await redis.exists(settings.keys.provider_failures("openai/mini"))
+
+
+async def test_counting_without_redis_opens_nothing_and_does_not_raise(settings: Settings) -> None:
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    try:
+        circuits = Circuits(dead, settings.keys)
+        assert await circuits.exhausted("google", 1, 30) is None
+        await circuits.succeeded(["google"])
+    finally:
+        await dead.aclose()

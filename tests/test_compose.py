@@ -339,6 +339,14 @@ def test_workers_depend_on_healthy_services(
                 assert services[dep].get("healthcheck"), f"{name} waits for {dep}, which has no healthcheck"
 
 
+def test_worker_healthchecks_ask_the_readiness_probe(workers: dict[str, dict[str, Any]]) -> None:
+    from farebox import health
+
+    for name, s in workers.items():
+        check = " ".join(s["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{METRICS_PORT}{health.READYZ}'" in check, f"{name}: {check}"
+
+
 def test_workers_scale(workers: dict[str, dict[str, Any]]) -> None:
     for name, s in workers.items():
         assert "container_name" not in s, f"{name}: container_name blocks --scale"

@@ -23,6 +23,9 @@ LAYERS: dict[str, int] = {
     "logs": 0,
     "patches": 0,
     "publishing": 0,
+    "amqp_connect": 0,  # connections to the broker's node or nodes, failing over (farebox/patches/aio_pika_failover.py)
+    "health": 0,  # the liveness and readiness the metrics server answers /livez and /readyz from
+    "redis_connect": 0,  # which Redis client a URL names (server, Sentinel, Cluster)
     "catalog": 0,  # data only
     "schemas": 1,
     "routing": 2,
@@ -34,6 +37,7 @@ LAYERS: dict[str, int] = {
     "report": 4,
     "feedback_export": 4,
     "strategy_report": 4,
+    "key_upgrade": 4,  # moves a single server's keys of before the Redis Cluster layout to today's names
     "supervisor": 4,
     "emulator": 4,
     "cli": 5,

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from farebox.settings import Settings
-from farebox.stages.lua import Layout, LayoutError, NamedScript, Scalar
+from farebox.stages.lua import CrossSlot, Layout, LayoutError, NamedScript, Scalar, check_one_slot
 
 LEDGERISH = Layout(keys=("result_key", "lease_key"), key_tail="budget_keys", args=("job_id", "ttl_s", "cost"))
 
@@ -95,15 +95,25 @@ local total = redis.call('INCRBY', counter, step)
 return {total, label, #others, others[1] or false, #extras, extras[2] or false}
 """,
     )
-    counter = f"{settings.redis_prefix}lua:counter"
+    counter = f"{settings.redis_prefix}{{lua}}:counter"
+    other = f"{settings.redis_prefix}{{lua}}:other"
     reply = await script(
-        keys={"counter": counter},
-        key_tail=[f"{settings.redis_prefix}lua:other"],
-        args={"label": "hello", "step": 5},
-        arg_tail=["x", "y"],
+        keys={"counter": counter}, key_tail=[other], args={"label": "hello", "step": 5}, arg_tail=["x", "y"]
     )
-    assert reply == [5, b"hello", 1, f"{settings.redis_prefix}lua:other".encode(), 2, b"y"]
+    assert reply == [5, b"hello", 1, other.encode(), 2, b"y"]
     assert await redis.get(counter) == b"5"
     with pytest.raises(LayoutError):
         await script(keys={"counter": counter}, args={"step": 1})  # refused before anything is sent
+    with pytest.raises(CrossSlot):  # keys a Redis Cluster node could not run together, on one server too
+        await script(keys={"counter": counter}, key_tail=[f"{settings.redis_prefix}lua:other"], args=STEP_AND_LABEL)
     assert await redis.get(counter) == b"5"
+
+
+STEP_AND_LABEL = {"label": "x", "step": 1}
+
+
+def test_keys_in_one_slot_pass_and_keys_of_two_slots_are_named() -> None:
+    check_one_slot(["a{t}:1", "b{t}:2", "{t}"])
+    check_one_slot(["only-one"])
+    with pytest.raises(CrossSlot, match=r"ledger record: keys in more than one .*a:1 \(slot \d+\), b:2"):
+        check_one_slot(["a:1", "b:2"], "ledger record")

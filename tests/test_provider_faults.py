@@ -91,3 +91,29 @@ async def test_every_provider_down_ends_in_provider_error_within_the_deadline(se
     }
     assert all(r.latency_ms is not None and r.latency_ms < deadline_s * 1000 for r in results)
     assert all("HTTP 5" in r.error.message for r in results if r.error)
+
+
+async def test_three_execute_replicas_open_the_circuit_after_the_failures_of_one(settings: Settings) -> None:
+    """Failures are counted in Redis by every replica together: with three execute replicas of the failing
+    provider, its model's circuit opens after CIRCUIT_THRESHOLD failed jobs in all. Counted per process it
+    took three times as many (each replica getting every third job)."""
+    from farebox.stages.execute import CIRCUIT_THRESHOLD
+
+    async with running(EmulatorKnobs(port=0, fail_rate=1.0, faulty=FAULTY)) as url:
+        s = settings.model_copy(update={"emulator_url": url, "provider_max_attempts": 1})
+        p = InProcessPipeline(s)
+        try:
+            stages = ("dedup", "route", "execute:google", "execute:google#2", "execute:google#3")
+            await p.start(*stages, "execute:openai", "execute:anthropic", "account")
+            results = []
+            async with p.client() as client:
+                for job in jobs(3 * CIRCUIT_THRESHOLD):
+                    results.append(await client.complete(job, timeout=30))
+                    await asyncio.sleep(0.3)  # the router looks at the circuits once a second
+        finally:
+            await p.close()
+    assert all(r.status == "ok" and r.provider != FAULTY for r in results)
+    tried_faulty = [r for r in results if r.route and r.route.fallbacks]
+    # The router may send a few more before its once-a-second look at the circuits sees it open; counted per
+    # replica, all 15 jobs went there (the circuit opened at the 13th to 15th).
+    assert CIRCUIT_THRESHOLD <= len(tried_faulty) <= CIRCUIT_THRESHOLD + 4, len(tried_faulty)

@@ -131,11 +131,11 @@ class BatchStore:
         self.redis = redis
         self.keys = keys
         self.provider = provider
-        self._add = NamedScript(redis, _ADD_LAYOUT, _ADD)
-        self._claim = NamedScript(redis, _CLAIM_LAYOUT, _CLAIM)
-        self._move = NamedScript(redis, _MOVE_LAYOUT, _MOVE)
-        self._hold = NamedScript(redis, _HOLD_LAYOUT, _HOLD)
-        self._owned = NamedScript(redis, _OWNED_LAYOUT, _OWNED)
+        self._add = NamedScript(redis, _ADD_LAYOUT, _ADD, "batch add")
+        self._claim = NamedScript(redis, _CLAIM_LAYOUT, _CLAIM, "batch claim")
+        self._move = NamedScript(redis, _MOVE_LAYOUT, _MOVE, "batch move")
+        self._hold = NamedScript(redis, _HOLD_LAYOUT, _HOLD, "lease hold")
+        self._owned = NamedScript(redis, _OWNED_LAYOUT, _OWNED, "batch owned")
 
     def _meta(self, batch: str) -> str:
         return self.keys.batch_meta(self.provider, batch)

@@ -3,8 +3,10 @@ after (account stage, inside the ledger script), and raise each alert threshold 
 
 Reservation checks spent + reserved + this estimate against the limit atomically in Redis, so
 any number of route replicas together overshoot a budget by at most what one job's actual cost
-exceeds its estimate. Keys: ``budget:<tenant>[:<user_tier>]:<period>:<id>``, a hash with
-``spent_nusd`` and ``reserved_nusd`` (integer nano-dollars, like the ledger).
+exceeds its estimate. Keys: ``{b:<tenant>}:budget:[<user_tier>:]<period>:<id>``, a hash with
+``spent_nusd`` and ``reserved_nusd`` (integer nano-dollars, like the ledger). A job's reservation key sits in
+its tenant's slot with them (farebox/constants.py), so reserving is one script in one Redis Cluster slot; the
+ledger settles it (farebox/stages/ledger.py) and marks it ``settled``.
 """
 
 from __future__ import annotations
@@ -72,13 +74,12 @@ def holds_for(
 ) -> list[tuple[Budget, BudgetHold]]:
     out = []
     for budget in policy.budgets_for(tenant, user_tier):
-        who = tenant if budget.user_tier is None else f"{tenant}:{budget.user_tier}"
         period = period_id(budget.period, ts)
         out.append(
             (
                 budget,
                 BudgetHold(
-                    key=keys.budget(who, period),
+                    key=keys.budget(tenant, period, budget.user_tier),
                     tenant=tenant,
                     period=period,
                     limit_usd=budget.limit_usd,
@@ -93,7 +94,7 @@ class BudgetBook:
     def __init__(self, redis: Redis, keys: RedisKeys) -> None:
         self.redis = redis
         self.keys = keys
-        self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE)
+        self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE, "budget reserve")
 
     async def reserve(
         self, record: JobRecord, holds: list[BudgetHold], estimate_usd: float, *, force: bool = False

@@ -11,6 +11,7 @@ timer, so no waiter depends on any worker staying alive.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -31,25 +32,8 @@ from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.stage import Delivery, EnvelopeStage, Handled, envelope_publish
 
-# One round trip, atomic: answered job_id? cached answer? else take (or find) the lease. Being
-# atomic, a leader that fills the cache and releases its lease can never slip in between.
-_DECIDE_LAYOUT = Layout(
-    keys=("result_key", "cache_key", "lease_key"),
-    args=("job_id", "lease_ttl_s", "use_cache", "coalesce"),  # the last two: '1' or '0'
-)
-_DECIDE = """
-if redis.call('EXISTS', result_key) == 1 then
-  return {'answered'}
-end
-if use_cache == '1' then
-  local cached = redis.call('GET', cache_key)
-  if cached then
-    return {'cached', cached}
-  end
-end
-if coalesce ~= '1' then
-  return {'route'}
-end
+# Taking (or finding) a coalescing lease, the end of both decide scripts below.
+_LEASE = """
 if redis.call('SET', lease_key, job_id, 'NX', 'EX', lease_ttl_s) then
   return {'lead'}
 end
@@ -58,6 +42,33 @@ if redis.call('GET', lease_key) == job_id then
 end
 return {'wait'}
 """
+# A job that shares a cache entry: cached answer? else take (or find) the entry's lease. The lease sits with
+# the entry (one slot), and being atomic, a leader that fills the cache and releases its lease can never
+# slip in between. Whether the job_id is answered already is asked beside it (its own slot, same round trip).
+_DECIDE_CACHED_LAYOUT = Layout(keys=("cache_key", "lease_key"), args=("job_id", "lease_ttl_s"))
+_DECIDE_CACHED = (
+    """
+local cached = redis.call('GET', cache_key)
+if cached then
+  return {'cached', cached}
+end
+"""
+    + _LEASE
+)
+# A job that reads no cache: answered job_id? else take (or find) its own lease, which sits with its result
+# (one slot), so a copy can never take the lease between the leader's storing its result and releasing it.
+_DECIDE_OWN_LAYOUT = Layout(keys=("result_key", "lease_key"), args=("job_id", "lease_ttl_s", "coalesce"))
+_DECIDE_OWN = (
+    """
+if redis.call('EXISTS', result_key) == 1 then
+  return {'answered'}
+end
+if coalesce ~= '1' then
+  return {'route'}
+end
+"""
+    + _LEASE
+)
 
 
 class DedupStage(EnvelopeStage):
@@ -84,7 +95,8 @@ class DedupStage(EnvelopeStage):
         self.account_queue = self.topo.account
         self.keys = settings.keys
         self.health = RedisHealth(self.name)
-        self._decide_script = NamedScript(redis, _DECIDE_LAYOUT, _DECIDE)
+        self._decide_cached = NamedScript(redis, _DECIDE_CACHED_LAYOUT, _DECIDE_CACHED, "dedup decide (cached)")
+        self._decide_own = NamedScript(redis, _DECIDE_OWN_LAYOUT, _DECIDE_OWN, "dedup decide (own)")
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.intake_interactive, self.topo.intake, self.topo.recheck)
@@ -151,21 +163,37 @@ class DedupStage(EnvelopeStage):
         reply = result_publish(result.model_dump_json().encode(), item.reply_to, item.correlation_id, item.job_id)
         return Handled(reply)
 
-    async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
-        use_cache = env.cache_key is not None and env.job.cache.mode == "use"
-        keys = {
-            "result_key": self.keys.result(env.record),
-            "cache_key": self.keys.cache(env.cache_key or "-"),
-            "lease_key": self.keys.inflight(env.coalesce_key or "-"),
-        }
+    async def _state(self, env: Envelope) -> tuple[str, list[bytes]]:
+        """What dedup makes of ``env``: answered, cached (with the answer), route, lead, own or wait."""
+        lease_ttl_s = self.settings.leader_lease_s
+        result_key = self.keys.result(env.record)
+        shared = env.coalesce_key is not None and not env.coalesce_key.startswith("job:")
+        if env.cache_key is not None and env.job.cache.mode == "use" and shared:
+            assert env.coalesce_key is not None
+            # Two slots (the job's, the cache entry's), one round trip: both go out together.
+            answered, (state, *value) = await asyncio.gather(
+                self.redis.exists(result_key),
+                self._decide_cached(
+                    keys={
+                        "cache_key": self.keys.cache(env.cache_key),
+                        "lease_key": self.keys.inflight(env.coalesce_key),
+                    },
+                    args={"job_id": env.record, "lease_ttl_s": lease_ttl_s},
+                ),
+            )
+            # A lease taken for a job answered already is released by the account stage's replay.
+            return ("answered", []) if answered else (as_text(state), value)
         args: dict[str, Scalar] = {
             "job_id": env.record,  # the lease owner
-            "lease_ttl_s": self.settings.leader_lease_s,
-            "use_cache": int(use_cache),
+            "lease_ttl_s": lease_ttl_s,
             "coalesce": int(env.coalesce_key is not None),
         }
-        state, *value = await self._decide_script(keys=keys, args=args)
-        state = as_text(state)
+        lease_key = self.keys.inflight(env.coalesce_key or f"job:{env.record}")
+        state, *value = await self._decide_own(keys={"result_key": result_key, "lease_key": lease_key}, args=args)
+        return as_text(state), value
+
+    async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
+        state, value = await self._state(env)
         if state == "answered":
             # A job_id already answered (a producer retry): the account stage replays its result.
             return Handled([envelope_publish(env, self.topo.account)])

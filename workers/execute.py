@@ -79,7 +79,6 @@ class ExecuteStage(EnvelopeStage):
         self.topo = settings.topology
         self.account_queue = self.topo.account
         self.health = Circuits(redis, settings.keys, clock=clock)
-        self._failures: dict[str, int] = {}  # consecutive exhausted jobs by target, and by provider
 
     def input_queues(self) -> Sequence[str]:
         queue = self.topo.execute(self.provider)
@@ -130,8 +129,7 @@ class ExecuteStage(EnvelopeStage):
                 )
         except RetryableError as err:
             return await self._fall_back(env.model_copy(update={"retries": env.retries + retried}), err)
-        self._failures.pop(env.route.target, None)
-        self._failures.pop(self.provider, None)
+        await self.health.succeeded((env.route.target, self.provider))
         latency = self.clock() - started
         metrics.child(metrics.LATENCY, env.route.model, self.provider).observe(latency)
         outcome = Outcome(
@@ -149,16 +147,14 @@ class ExecuteStage(EnvelopeStage):
         assert env.route is not None
         failed = env.route.target
         for name, threshold in ((failed, CIRCUIT_THRESHOLD), (self.provider, PROVIDER_CIRCUIT_THRESHOLD)):
-            self._failures[name] = self._failures.get(name, 0) + 1
-            if self._failures[name] >= threshold:
+            opened_at = await self.health.exhausted(name, threshold, CIRCUIT_COOL_DOWN_S)
+            if opened_at is not None:
                 log.warning(
                     "%s: %d jobs in a row exhausted their retries; circuit open for %.0fs",
                     name,
-                    self._failures[name],
+                    opened_at,
                     CIRCUIT_COOL_DOWN_S,
                 )
-                await self.health.open_circuit(name, CIRCUIT_COOL_DOWN_S)
-                self._failures[name] = 0
         names = {*env.route.candidates, *(c.split("/", 1)[0] for c in env.route.candidates)}
         target = next_target(env, failed, await self.health.unhealthy(names))
         if target is None:

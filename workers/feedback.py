@@ -1,11 +1,14 @@
 """Feedback stage: attach a quality score to a finished job's ledger entry, once per source.
 
-A producer publishes a Feedback (schemas/feedback.py) to ``<ns>.feedback``. One Lua script checks that the job
-is in the ledger and belongs to the feedback's tenant, keeps the score under the job (a later score from the
-same source replaces the earlier one), and folds it into the experiment arm's aggregates for the job's day:
-a replacement adjusts the sums instead of adding a second score, and a redelivery replaces a score with itself,
-so nothing is counted twice. A malformed message, a job the ledger does not have and another tenant's job are
-dead-lettered with their reason (the dead-letter stage sends the typed error receipt to ``reply_to``).
+A producer publishes a Feedback (schemas/feedback.py) to ``<ns>.feedback``. One Lua script, in the job's Redis
+Cluster slot, checks that the job is in the ledger and belongs to the feedback's tenant and keeps the score
+under the job (a later score from the same source replaces the earlier one). A second, in the ledger's slot,
+indexes the job for ``farebox feedback export`` and folds the score into the experiment arm's aggregates for
+the job's day. The fold is kept beside the aggregates (which score of each job and source they hold), so a
+replacement adjusts the sums instead of adding a second score, and a redelivery (after a crash between the two
+scripts too) folds in only what is not there yet: nothing is counted twice or lost. A malformed message, a
+job the ledger does not have and another tenant's job are dead-lettered with their reason (the dead-letter
+stage sends the typed error receipt to ``reply_to``).
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from farebox import metrics
-from farebox.constants import as_text, job_record
+from farebox.constants import JobRecord, as_text, job_record
 from farebox.errors import REDIS_DOWN, FareboxError, Forbidden, InvalidRequest, describe_validation_error
 from farebox.routing.auth import acting_tenant
 from farebox.routing.store import CatalogStore
@@ -34,10 +38,7 @@ from farebox.stages.stage import Delivery, Handled, Publish
 MAX_FEEDBACK_BYTES = 64 * 1024
 REDIS_RETRY_MAX_S = 5.0
 
-_LAYOUT = Layout(
-    keys=("entry_key", "feedback_key", "jobs_key"),
-    args=("record", "tenant", "source", "record_json", "score", "ts", "arms_prefix", "keep_s", "days_kept"),
-)
+_ATTACH_LAYOUT = Layout(keys=("entry_key", "feedback_key"), args=("tenant", "source", "record_json", "keep_s"))
 _ATTACH = """
 local entry = redis.call('GET', entry_key)
 if not entry then return {'unknown'} end
@@ -46,27 +47,39 @@ if e['tenant'] ~= tenant then return {'forbidden'} end  -- the keys are the tena
 local old = redis.call('HGET', feedback_key, source)
 redis.call('HSET', feedback_key, source, record_json)
 redis.call('EXPIRE', feedback_key, keep_s)
-redis.call('ZADD', jobs_key, ts, record)
-redis.call('ZREMRANGEBYSCORE', jobs_key, '-inf', tonumber(ts) - tonumber(keep_s))
 local experiment, arm = e['experiment'], e['arm']
-if type(experiment) == 'string' and type(arm) == 'string' then
-  local arms_key = arms_prefix .. e['day']
-  local f = experiment .. '|' .. arm .. '|' .. source .. '|'
-  local s = tonumber(score)
-  local o = 0
-  if old then
-    o = tonumber(cjson.decode(old)['score'])
-  else
-    redis.call('HINCRBY', arms_key, f .. 'n', 1)
-  end
-  redis.call('HINCRBYFLOAT', arms_key, f .. 'sum', s - o)
-  redis.call('HINCRBYFLOAT', arms_key, f .. 'sumsq', s * s - o * o)
-  -- Kept days_kept days after today's end: at least as long as the job's day (feedback comes after the job).
-  redis.call('EXPIREAT', arms_key, (math.floor(tonumber(ts) / 86400) + 1 + tonumber(days_kept)) * 86400)
-else
+if type(experiment) ~= 'string' or type(arm) ~= 'string' then
   experiment, arm = '', ''
 end
-return {old and 'replaced' or 'added', experiment, arm}
+return {old and 'replaced' or 'added', experiment, arm, e['day']}
+"""
+
+# ``folded_key`` holds, per "record|source", the score the arm's sums hold now and its time ("score ts"): a
+# score older than that one (feedback handled out of order) is not folded over it.
+_INDEX_LAYOUT = Layout(
+    keys=("jobs_key", "arms_key", "folded_key"),
+    args=("record", "ts", "keep_s", "fold", "arm_field", "folded_field", "score", "expires_at"),
+)
+_INDEX = """
+redis.call('ZADD', jobs_key, ts, record)
+redis.call('ZREMRANGEBYSCORE', jobs_key, '-inf', tonumber(ts) - tonumber(keep_s))
+if fold ~= '1' then return 0 end
+local was = redis.call('HGET', folded_key, folded_field)
+local o = 0
+if was then
+  local old_score, old_ts = string.match(was, '^(%S+) (%S+)$')
+  if tonumber(old_ts) > tonumber(ts) then return 0 end
+  o = tonumber(old_score)
+else
+  redis.call('HINCRBY', arms_key, arm_field .. 'n', 1)
+end
+local s = tonumber(score)
+redis.call('HINCRBYFLOAT', arms_key, arm_field .. 'sum', s - o)
+redis.call('HINCRBYFLOAT', arms_key, arm_field .. 'sumsq', s * s - o * o)
+redis.call('HSET', folded_key, folded_field, score .. ' ' .. ts)
+redis.call('EXPIREAT', arms_key, expires_at)
+redis.call('EXPIREAT', folded_key, expires_at)
+return 1
 """
 
 
@@ -108,7 +121,8 @@ class FeedbackStage:
         self.store = store
         self.keys = settings.keys
         self.clock = clock
-        self._script = NamedScript(redis, _LAYOUT, _ATTACH)
+        self._attach_script = NamedScript(redis, _ATTACH_LAYOUT, _ATTACH, "feedback attach")
+        self._index_script = NamedScript(redis, _INDEX_LAYOUT, _INDEX, "feedback index")
         self.health = RedisHealth(self.name)
 
     def input_queues(self) -> Sequence[str]:
@@ -132,25 +146,18 @@ class FeedbackStage:
         now = self.clock()
         record = {"score": fb.value, "label": fb.label, "reference": fb.reference, "ts": round(now, 3)}
         job = job_record(fb.tenant, fb.job_id)
-        args: dict[str, Scalar] = {
-            "record": job,
+        # Feedback lives as long as its job's ledger entry; the day's arm aggregates as the ledger's.
+        attach: dict[str, Scalar] = {
             "tenant": fb.tenant,
             "source": fb.source,
             "record_json": json.dumps(record, ensure_ascii=False, separators=(",", ":")),
-            "score": repr(fb.value),
-            "ts": now,
-            "arms_prefix": self.keys.feedback_arms(""),
-            # Feedback lives as long as its job's ledger entry; the day's arm aggregates as the ledger's.
             "keep_s": self.settings.ledger_entry_keep_s,
-            "days_kept": self.settings.ledger_days_kept,
         }
-        keys = {
-            "entry_key": self.keys.ledger_entry(job),
-            "feedback_key": self.keys.feedback(job),
-            "jobs_key": self.keys.feedback_jobs,
-        }
-        reply = [as_text(v) for v in await self._attach(keys, args)]
-        verdict, experiment, arm = [*reply, "", ""][:3]
+        keys = {"entry_key": self.keys.ledger_entry(job), "feedback_key": self.keys.feedback(job)}
+        reply = [as_text(v) for v in await self._retrying(lambda: self._attach_script(keys=keys, args=attach))]
+        verdict, experiment, arm, day = [*reply, "", "", ""][:4]
+        if verdict in ("added", "replaced"):
+            await self._retrying(lambda: self._index(job, fb, now, experiment, arm, day))
         if verdict == "unknown":
             raise InvalidRequest(
                 f"no finished job {fb.job_id!r} of tenant {fb.tenant!r} in the ledger: feedback is for jobs that "
@@ -163,13 +170,34 @@ class FeedbackStage:
         receipt = FeedbackReceipt(job_id=fb.job_id, status="ok", source=fb.source, replaced=verdict == "replaced")
         return Handled(receipt_publish(receipt, delivery))
 
-    async def _attach(self, keys: dict[str, str], args: dict[str, Scalar]) -> list[bytes | str]:
-        """Run the script, holding the message while Redis is away (as the account stage holds its ledger
-        write): requeueing would spend the delivery limit and dead-letter good feedback in a short outage."""
+    def _index(self, job: JobRecord, fb: Feedback, now: float, experiment: str, arm: str, day: str) -> Any:
+        """Index the job for the export and fold its score into its arm's sums (an experiment job's only)."""
+        # Kept days_kept days after today's end: at least as long as the job's day (feedback comes after the job).
+        expires_at = (int(now) // 86_400 + 1 + self.settings.ledger_days_kept) * 86_400
+        args: dict[str, Scalar] = {
+            "record": job,
+            "ts": now,
+            "keep_s": self.settings.ledger_entry_keep_s,
+            "fold": int(bool(experiment and day)),
+            "arm_field": f"{experiment}|{arm}|{fb.source}|",
+            "folded_field": f"{job}|{fb.source}",
+            "score": repr(fb.value),
+            "expires_at": expires_at,
+        }
+        keys = {
+            "jobs_key": self.keys.feedback_jobs,
+            "arms_key": self.keys.feedback_arms(day or "-"),
+            "folded_key": self.keys.feedback_folded(day or "-"),
+        }
+        return self._index_script(keys=keys, args=args)
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()``, holding the message while Redis is away (as the account stage holds its ledger write):
+        requeueing would spend the delivery limit and dead-letter good feedback in a short outage."""
         delay = 0.2
         while True:
             try:
-                reply: list[bytes | str] = await self._script(keys=keys, args=args)
+                reply = await call()
                 self.health.ok()
                 return reply
             except REDIS_DOWN as err:

@@ -96,8 +96,8 @@ class SharedLimiter:
         self.limits = limits
         self.clock = clock
         self.poll_max_s = poll_max_s
-        self._buckets = NamedScript(redis, _BUCKETS_LAYOUT, _BUCKETS)
-        self._slot = NamedScript(redis, _SLOT_LAYOUT, _SLOT)
+        self._buckets = NamedScript(redis, _BUCKETS_LAYOUT, _BUCKETS, "rate buckets")  # the provider's slot
+        self._slot = NamedScript(redis, _SLOT_LAYOUT, _SLOT, "concurrency slot")
 
     @property
     def active(self) -> bool:

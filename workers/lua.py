@@ -6,6 +6,10 @@ of named values in that order, so the Python side and the Lua side cannot disagr
 position holds what. A name the layout does not list, or one it lists that the caller leaves out,
 is an error before anything is sent.
 
+Every call's keys must hash to one Redis Cluster slot (``CrossSlot`` otherwise, on a single server too): a
+script on a cluster runs on one node, which holds one slot's keys. Checking it on every call makes every
+test of every script a check of its keys' hash tags (farebox/constants.py, RedisKeys).
+
 A script with a variable number of keys or arguments (one per budget, say) declares a *tail*:
 whatever follows the named positions, bound in Lua to a table of that name (``{unpack(KEYS, 8)}``).
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 Scalar = str | int | float
 _T = TypeVar("_T")
@@ -32,6 +37,21 @@ _RESERVED = frozenset(
 
 class LayoutError(ValueError):
     """A script's named keys or arguments do not match its layout."""
+
+
+class CrossSlot(LayoutError):
+    """A script's keys do not all hash to one Redis Cluster slot."""
+
+
+def check_one_slot(keys: Sequence[str], what: str = "script") -> None:
+    """CrossSlot unless every key of ``keys`` hashes to the same Redis Cluster slot."""
+    if len(keys) < 2:
+        return
+    first = key_slot(keys[0].encode())
+    for key in keys[1:]:
+        if key_slot(key.encode()) != first:
+            slots = ", ".join(f"{k} (slot {key_slot(k.encode())})" for k in keys)
+            raise CrossSlot(f"{what}: keys in more than one Redis Cluster slot: {slots}")
 
 
 @dataclass(frozen=True)
@@ -88,8 +108,9 @@ def _ordered(
 class NamedScript:
     """A registered script called with named keys and arguments (plus the tails, if any)."""
 
-    def __init__(self, redis: Redis, layout: Layout, body: str) -> None:
+    def __init__(self, redis: Redis, layout: Layout, body: str, name: str = "script") -> None:
         self.layout = layout
+        self.name = name
         self.source = layout.prologue() + body
         self._script = redis.register_script(self.source)
 
@@ -101,7 +122,6 @@ class NamedScript:
         key_tail: Sequence[str] = (),
         arg_tail: Sequence[Scalar] = (),
     ) -> Any:
-        return await self._script(
-            keys=self.layout.key_list(keys or {}, key_tail),
-            args=self.layout.arg_list(args or {}, arg_tail),
-        )
+        key_list = self.layout.key_list(keys or {}, key_tail)
+        check_one_slot(key_list, self.name)
+        return await self._script(keys=key_list, args=self.layout.arg_list(args or {}, arg_tail))

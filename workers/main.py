@@ -17,18 +17,19 @@ import httpx
 import uvloop
 from redis.asyncio import Redis
 
-from farebox import metrics
-from farebox.patches.redis_pipelining import PipeliningRedis
+from farebox import health, metrics
 from farebox.providers.batch_registry import build_batch_adapter
 from farebox.providers.batch_types import TIMEOUT_S as BATCH_TIMEOUT_S
 from farebox.providers.calls import ProviderCalls
 from farebox.providers.registry import build_adapter, emulator_url, provider_configs
+from farebox.redis_connect import connect_redis, parse_redis_url
 from farebox.routing.priority import LANES
 from farebox.routing.store import CatalogStore
 from farebox.settings import Settings
 from farebox.stages.account import AccountStage
 from farebox.stages.batch_lane import BatchIntake, BatchLane
 from farebox.stages.cache_keys import CacheRules, rules_from_policy
+from farebox.stages.config_sync import ConfigSync
 from farebox.stages.deadletter import DeadLetterStage
 from farebox.stages.dedup import DedupStage
 from farebox.stages.execute import ExecuteStage
@@ -48,8 +49,19 @@ class Closable(Protocol):
 def make_redis(settings: Settings) -> Redis:
     # The commands of concurrently handled jobs go out together (farebox/patches/redis_pipelining.py).
     # Short timeouts: a Redis outage must be noticed in about a second, not stall the pipeline.
-    return PipeliningRedis.from_url(
-        settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10
+    if not settings.redis_wait_replicas and parse_redis_url(settings.redis_url).kind == "sentinel":
+        log.warning(
+            "Redis through Sentinel with FAREBOX_REDIS_WAIT_REPLICAS=0: writes the master takes just before a "
+            "failover can be lost (ledger entries included); set it to 1 or more"
+        )
+    return connect_redis(
+        settings.redis_url,
+        pipelining=True,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        health_check_interval=10,
     )
 
 
@@ -167,17 +179,26 @@ async def run_stage(
 ) -> None:
     """Run one stage (or ``all``) until ``stop`` is set, serving the queues of ``lanes``."""
     stop = stop or asyncio.Event()
-    store = CatalogStore(settings.catalog, settings.policy)
+    redis = make_redis(settings)
+    try:
+        # The policy and catalog as last pushed to Redis, written to files the hot reload follows, or the files.
+        synced = await ConfigSync.start(redis, settings.keys) if settings.config_source == "redis" else None
+        store = CatalogStore(*(synced.paths if synced else (settings.catalog, settings.policy)))
+    except BaseException:
+        await redis.aclose()
+        raise
     catalog, _ = store.current()
     providers = catalog.providers()
-    redis = make_redis(settings)
     calls: list[Closable] = []
     cores: list[StageCore] = []
     for one, one_provider in stages_of(stage, provider, settings):
         cores += stage_cores(settings, one, one_provider, store, redis, calls)
     # A worker of one lane serves only its queues; cores with none there (feedback, dead letters) stay out.
     workers = [w for w in (Worker(settings, core, providers, lanes=lanes) for core in cores) if w.queues]
+    probes = health.watch(redis.ping, [w.readiness for w in workers])  # /livez and /readyz (farebox/health.py)
     tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    if synced is not None:
+        tasks.append(asyncio.create_task(synced.run(stop)))
     try:
         if on_ready is not None:
             all_ready = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in workers)))
@@ -192,9 +213,12 @@ async def run_stage(
     finally:
         stop.set()
         await wind_down(tasks)
+        await probes.aclose()
         for c in calls:
             await c.aclose()
         await redis.aclose()
+        if synced is not None:
+            synced.close()
 
 
 async def wind_down(tasks: list[asyncio.Task[None]]) -> None:
@@ -212,7 +236,7 @@ def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tup
     if settings.metrics_port:
         with contextlib.suppress(OSError):
             metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
-            log.info("stage %s: metrics on %s:%d/metrics", stage, settings.metrics_host, settings.metrics_port)
+            log.info("stage %s: metrics and probes on %s:%d", stage, settings.metrics_host, settings.metrics_port)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -26,11 +26,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
-from farebox import metrics
+from farebox import health, metrics
+from farebox.amqp_connect import connect_robust_nodes, pipeline_nodes
 from farebox.errors import (
     BlockedError,
     DeliveryLimitReached,
@@ -91,23 +91,26 @@ class Worker:
         self._idle.set()
         self._channel: AbstractRobustChannel | None = None
         self.ready = asyncio.Event()
+        self.readiness = health.StageReadiness(core.name)  # what /readyz says of this worker
 
     async def run(self, stop: asyncio.Event) -> None:
         aiormq_writes.install()
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            self.settings.amqp_url,
+        connection: AbstractRobustConnection = await connect_robust_nodes(
+            pipeline_nodes(self.settings),  # a cluster's nodes, from one of its own; failing over (amqp_connect.py)
             reconnect_interval=1.0,
-            client_properties={"connection_name": f"farebox-{self.settings.namespace}-{self.core.name}"},
+            name=f"farebox-{self.settings.namespace}-{self.core.name}",
         )
         beside: asyncio.Task[None] | None = None
         try:
             consumers = await self._start(connection)
             log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
             self.ready.set()
+            self.readiness.consuming(connection)
             run_beside = getattr(self.core, "beside", None)  # a core's own loop (the batch lane's)
             if run_beside is not None:
                 beside = asyncio.create_task(run_beside(stop, self.publish))
             await stop.wait()
+            self.readiness.draining()
             log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
             for queue, tag in consumers:
                 with contextlib.suppress(Exception):

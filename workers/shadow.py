@@ -96,7 +96,7 @@ class Shadowing:
         self.redis = redis
         self.keys = settings.keys
         self.clock = clock
-        self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE)
+        self._reserve = NamedScript(redis, _RESERVE_LAYOUT, _RESERVE, "shadow reserve")
 
     async def launch(self, env: Envelope, result: JobResult, unit: Unit) -> list[Publish]:
         """The shadow job for ``env``'s freshly recorded result, if its experiment samples it, the policy lets

@@ -22,7 +22,6 @@ import re
 import shlex
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -36,9 +35,18 @@ log = logging.getLogger("farebox.topology")
 _warned: set[str] = set()  # the policy commands already logged by this process: once each, not per worker
 
 
+def quorum_arguments(settings: Settings) -> dict[str, Any]:
+    """A quorum queue's type, with the number of nodes it starts on only when asked: RabbitMQ refuses to
+    redeclare a queue that exists without that argument (FAREBOX_QUORUM_INITIAL_GROUP_SIZE in settings.py)."""
+    args: dict[str, Any] = {"x-queue-type": "quorum"}
+    if settings.quorum_initial_group_size is not None:
+        args["x-quorum-initial-group-size"] = settings.quorum_initial_group_size
+    return args
+
+
 def stage_queue_arguments(settings: Settings, *, max_length: int | None) -> dict[str, Any]:
     args: dict[str, Any] = {
-        "x-queue-type": "quorum",
+        **quorum_arguments(settings),
         "x-delivery-limit": settings.delivery_limit,
         "x-dead-letter-exchange": settings.topology.dead_exchange,
         "x-dead-letter-strategy": "at-least-once",
@@ -60,7 +68,7 @@ def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[s
         # Dead-letter targets must never refuse a message, so they have no max length.
         topo.recheck: stage_queue_arguments(settings, max_length=None),
         topo.dead: dead_queue_arguments(settings),
-        topo.dead_notify: {"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit},
+        topo.dead_notify: {**quorum_arguments(settings), "x-delivery-limit": settings.delivery_limit},
         topo.wait: {
             "x-queue-type": "classic",
             "x-message-ttl": settings.coalesce_poll_ms,
@@ -97,14 +105,13 @@ def dead_retention(settings: Settings) -> dict[str, Any]:
 
 
 def dead_queue_arguments(settings: Settings) -> dict[str, Any]:
-    return {"x-queue-type": "quorum", **{f"x-{k}": v for k, v in dead_retention(settings).items()}}
+    return {**quorum_arguments(settings), **{f"x-{k}": v for k, v in dead_retention(settings).items()}}
 
 
 def dead_policy_command(settings: Settings) -> str:
     """The rabbitmqctl command giving an existing ``<ns>.dead`` its bounds: a queue's arguments cannot be
     changed once declared, a policy's can, and applies to the queue as it is."""
-    path = urlsplit(settings.amqp_url).path
-    vhost = unquote(path[1:]) if len(path) > 1 else "/"
+    vhost = settings.amqp_vhost  # the same on every node FAREBOX_AMQP_URL lists
     pattern = "^" + re.escape(settings.topology.dead) + "$"
     definition = json.dumps(dead_retention(settings), separators=(",", ":"))
     name = f"{settings.namespace}-dead-retention"

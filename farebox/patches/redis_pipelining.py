@@ -101,12 +101,26 @@ def pack_with_hiredis(pool: ConnectionPool) -> None:
         pool.connection_class = type(f"Hiredis{cls.__name__}", (HiredisPacking, cls), {})
 
 
+class NotReplicated(RedisConnectionError):
+    """The replicas did not confirm a pipeline's writes in time: its master may have been replaced by one
+    of them (a Sentinel failover), and writes only it holds would be lost. Its callers treat it as Redis
+    being away and write again; farebox's scripts are idempotent, so a write that did arrive counts once."""
+
+
 class PipeliningRedis(Redis):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         pack_with_hiredis(self.connection_pool)
         self._queued: list[_Queued] = []
         self._sending: asyncio.Task[None] | None = None
+        self._wait_replicas = 0
+        self._wait_timeout_ms = 0
+
+    def require_replicas(self, replicas: int, timeout_ms: int) -> None:
+        """Every pipeline ends in ``WAIT replicas timeout_ms`` on its own connection (WAIT counts only the
+        writes made on the connection it is sent on), and fails with ``NotReplicated`` unless that many
+        replicas have its writes. 0: no WAIT (a reply may then rest on writes the master alone holds)."""
+        self._wait_replicas, self._wait_timeout_ms = replicas, timeout_ms
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if str(args[0]).upper() in _ALONE:
@@ -143,10 +157,17 @@ class PipeliningRedis(Redis):
     async def _send(self, queued: list[_Queued]) -> None:
         metrics.REDIS_PIPELINE.observe(len(queued))
         try:
-            replies = [await self._alone(*queued[0][:2])] if len(queued) == 1 else await self._pipelined(queued)
+            if len(queued) == 1 and not self._wait_replicas:
+                replies = [await self._alone(*queued[0][:2])]
+            else:
+                replies = await self._pipelined(queued)
         except REDIS_DOWN as err:
             queued, self._queued = [*queued, *self._queued], []
             _settle(queued, [err] * len(queued))
+            if isinstance(err, NotReplicated):
+                # Connect again: a Sentinel's pool then asks which server is the master now.
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.connection_pool.disconnect()
         except Exception as err:  # not the connection, not one command's own error: it fails them all
             _settle(queued, [err] * len(queued))
         except BaseException:  # cancelled: so are its callers
@@ -169,13 +190,19 @@ class PipeliningRedis(Redis):
         pipe = self.pipeline(transaction=False)
         for args, options, _ in queued:
             pipe.execute_command(*args, **options)
+        if self._wait_replicas:
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
         try:
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-            return replies
         except DataError:
             # An argument redis-py cannot encode fails the whole pipeline before anything is
             # sent: send each command alone, so only its own caller hears of it.
             return [await self._alone(args, options) for args, options, _ in queued]
+        if self._wait_replicas:
+            acked = replies.pop()
+            if isinstance(acked, BaseException) or int(acked) < self._wait_replicas:
+                raise NotReplicated(f"{acked} of {self._wait_replicas} Redis replica(s) confirmed the writes in time")
+        return replies
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         if self._sending is not None:

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
 from farebox.constants import JobRecord, split_job_record
+from farebox.redis_connect import connect_redis
 from farebox.routing.catalog import CatalogError, load_catalog
 from farebox.settings import CATALOG_DIR, Settings
 from farebox.stages.main import run_stage
@@ -99,7 +100,7 @@ async def declared(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractCha
 
 
 async def drop_redis_prefix(settings: Settings) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect_redis(settings.redis_url)
     try:
         keys = [k async for k in redis.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
         for i in range(0, len(keys), 500):
@@ -110,9 +111,9 @@ async def drop_redis_prefix(settings: Settings) -> None:
 
 async def ledger_entries(redis: Redis, settings: Settings) -> list[str]:
     """The job_id of every ledger entry (entries are keyed by tenant and job_id)."""
-    prefix = settings.keys.ledger_entry(JobRecord(""))
-    records = [k.decode()[len(prefix) :] async for k in redis.scan_iter(match=prefix + "*", count=1000)]
-    return [split_job_record(r)[1] for r in records]
+    head, _, tail = settings.keys.ledger_entry(JobRecord("\0")).partition("\0")  # around the record
+    keys = [k.decode() async for k in redis.scan_iter(match=f"{head}*{tail}", count=1000)]
+    return [split_job_record(k.removeprefix(head).removesuffix(tail))[1] for k in keys]
 
 
 class ProcessPipeline:

@@ -1,0 +1,190 @@
+"""One Redis URL, three deployments: a single server, a Sentinel-watched master, or a Redis Cluster.
+
+``FAREBOX_REDIS_URL`` takes (the forms are part of the contract):
+
+- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``unix://...``: one server, as
+  redis-py's ``from_url`` reads it;
+- ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/master_name[/db]`` (``rediss+sentinel://``:
+  TLS to the sentinels and the master): the sentinels (port 26379 unless given) are asked which server is
+  ``master_name``'s master, and asked again when it fails over. The credentials are the master's; the query
+  keys ``sentinel_username`` and ``sentinel_password`` give the sentinels' own, if they need any;
+- ``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/0]`` (``rediss+cluster://``: TLS): any
+  nodes of a Redis Cluster (port 6379 unless given); the client learns the rest from them. A cluster has
+  only database 0.
+
+The stages' auto-pipelining (farebox/patches/redis_pipelining.py) works over one server or a Sentinel's
+master; redis-py's cluster client routes each command to its slot's node itself and pipelining steps aside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+from farebox.patches.redis_pipelining import PipeliningRedis
+
+Kind = Literal["server", "sentinel", "cluster"]
+SINGLE_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_QUERY_KEYS = frozenset({"sentinel_username", "sentinel_password"})
+FORMS = (
+    "redis://HOST:PORT/DB, rediss://..., unix://PATH, "
+    "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] or redis+cluster://HOST:PORT[,HOST:PORT...]"
+)
+
+
+class RedisUrlError(ValueError):
+    """FAREBOX_REDIS_URL is not one of the forms farebox reads (raised by settings, so at start)."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a Redis URL names. ``url`` is the URL as given (what a single server's client reads)."""
+
+    kind: Kind
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The deployment a Redis URL names; ``RedisUrlError`` says what is wrong with one it cannot read."""
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in (*SINGLE_SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
+        raise RedisUrlError(f"Redis URL {_shown(url)!r}: unknown form; expected one of {FORMS}")
+    if scheme in SINGLE_SCHEMES:
+        return RedisTarget("server", url)
+    parts = urlsplit(url)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    hosts = parts.netloc.rpartition("@")[2]
+    query = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
+    tls = scheme.startswith("rediss")
+    path = [p for p in parts.path.split("/") if p]
+    if scheme in SENTINEL_SCHEMES:
+        unknown = sorted(set(query) - SENTINEL_QUERY_KEYS)
+        if unknown:
+            raise RedisUrlError(f"Redis URL {_shown(url)!r}: unknown option(s) {', '.join(unknown)}")
+        if not path or len(path) > 2:
+            raise RedisUrlError(f"Redis URL {_shown(url)!r}: a Sentinel URL ends in /MASTER_NAME or /MASTER_NAME/DB")
+        return RedisTarget(
+            "sentinel",
+            url,
+            nodes=_nodes(url, hosts, 26379),
+            master=unquote(path[0]),
+            db=_db(url, path[1]) if len(path) == 2 else 0,
+            username=username,
+            password=password,
+            tls=tls,
+            sentinel_username=query.get("sentinel_username") or None,
+            sentinel_password=query.get("sentinel_password") or None,
+        )
+    if query:
+        raise RedisUrlError(f"Redis URL {_shown(url)!r}: a cluster URL takes no options ({', '.join(sorted(query))})")
+    if len(path) > 1 or (path and _db(url, path[0]) != 0):
+        raise RedisUrlError(f"Redis URL {_shown(url)!r}: a Redis Cluster has only database 0")
+    return RedisTarget("cluster", url, nodes=_nodes(url, hosts, 6379), username=username, password=password, tls=tls)
+
+
+def connect_redis(
+    url: str, *, pipelining: bool = False, wait_replicas: int = 0, wait_timeout_ms: int = 500, **options: Any
+) -> Redis:
+    """A client for what ``url`` names; ``options`` are redis-py connection options (timeouts, ...).
+    ``pipelining``: commands issued in one turn of the event loop go out as one pipeline (the stages);
+    ``wait_replicas``: and each pipeline returns only once that many replicas have its writes."""
+    target = parse_redis_url(url)
+    if wait_replicas and (not pipelining or target.kind == "cluster"):
+        raise RedisUrlError("waiting for Redis replicas needs the stages' pipelining client, not a cluster's")
+    client = _client(target, pipelining, options)
+    if isinstance(client, PipeliningRedis):
+        client.require_replicas(wait_replicas, wait_timeout_ms)
+    return client
+
+
+def _client(target: RedisTarget, pipelining: bool, options: dict[str, Any]) -> Redis:
+    url = target.url
+    client_class: type[Redis] = PipeliningRedis if pipelining else Redis
+    if target.kind == "server":
+        return client_class.from_url(url, **options)
+    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
+    if target.kind == "sentinel":
+        assert target.master is not None
+        sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes),
+            sentinel_kwargs={
+                **sentinel_options,
+                "username": target.sentinel_username,
+                "password": target.sentinel_password,
+                "ssl": target.tls,
+            },
+            **auth,
+            **options,
+        )
+        sentinel_class = SentinelPipeliningRedis if pipelining else SentinelRedis
+        return cast(Redis, sentinel.master_for(target.master, redis_class=sentinel_class, db=target.db))
+    # The cluster client is not a Redis subclass, but it offers the commands, scripts and pipelines the
+    # stages use, routed to each key's node.
+    cluster = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], **auth, **options)
+    return cast(Redis, cluster)
+
+
+async def _close_sentinels(client: Redis) -> None:
+    # A Sentinel-made client's pool keeps the clients of the sentinels it asks; closing the master's client
+    # alone would leave their connections open.
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
+class SentinelRedis(Redis):
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await _close_sentinels(self)
+
+
+class SentinelPipeliningRedis(PipeliningRedis):
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await _close_sentinels(self)
+
+
+def _nodes(url: str, hosts: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    nodes: list[tuple[str, int]] = []
+    for item in (i.strip() for i in hosts.split(",")):
+        # An IPv6 address is bracketed ("[::1]:26379"): its colons are not the port's.
+        host, _, port = item.partition("]:") if item.startswith("[") else item.partition(":")
+        host = host.strip("[]")
+        if not host:
+            raise RedisUrlError(f"Redis URL {_shown(url)!r}: an empty host in the list {hosts!r}")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise RedisUrlError(f"Redis URL {_shown(url)!r}: {port!r} is not a port")
+        nodes.append((host, int(port) if port else default_port))
+    return tuple(nodes)
+
+
+def _db(url: str, text: str) -> int:
+    if not text.isdigit():
+        raise RedisUrlError(f"Redis URL {_shown(url)!r}: {text!r} is not a database number")
+    return int(text)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parts = urlsplit(url) if "://" in url else None
+    if parts is None or parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
