@@ -15,7 +15,7 @@ unit: setup           ## pure unit tests, no services, under a minute
 	$(PY) -m pytest -q -m unit -p no:cacheprovider
 
 chaos: setup          ## the long fault, outage and load runs (kill -9, cuts, big backfills)
-	bash scripts/test.sh -m "chaos or slow"
+	bash scripts/test.sh -m "chaos or slow or cluster"
 
 lint: setup           ## what .ci/run enforces
 	$(PY) -m ruff check .

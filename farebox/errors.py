@@ -64,6 +64,11 @@ def _transport_closed(connection: object) -> bool:
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
+    # A Redis Cluster with a master away or its slots moving: CLUSTERDOWN (ClusterDownError, MasterDownError),
+    # TRYAGAIN, a slot no node serves, or no node reached after the client's retries (ClusterError).
+    redis_errors.ClusterError,
+    redis_errors.TryAgainError,
+    redis_errors.SlotNotCoveredError,
     ConnectionError,
     TimeoutError,
     OSError,

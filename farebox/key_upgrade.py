@@ -20,9 +20,11 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from farebox.constants import JobRecord, RedisKeys, as_text
+from farebox.errors import describe_validation_error
 from farebox.redis_connect import connect_redis, parse_redis_url
 from farebox.settings import Settings
 
@@ -113,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m farebox.key_upgrade", description=__doc__.split("\n\n")[0])
     parser.add_argument("--apply", action="store_true", help="rename the keys (without it: only count them)")
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        print(f"farebox key_upgrade: invalid FAREBOX_* setting: {describe_validation_error(err)}", file=sys.stderr)
+        return 2
     if parse_redis_url(settings.redis_url).kind == "cluster":
         print("farebox key_upgrade: a Redis Cluster has no keys of before to move", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ master; redis-py's cluster client routes each command to its slot's node itself 
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,7 +28,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
-from farebox.patches.redis_pipelining import PipeliningRedis
+from farebox.errors import REDIS_DOWN
+from farebox.patches.redis_pipelining import ClusterClient, PipeliningRedis
 
 Kind = Literal["server", "sentinel", "cluster"]
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
@@ -138,8 +141,17 @@ def _client(target: RedisTarget, pipelining: bool, options: dict[str, Any]) -> R
         return cast(Redis, sentinel.master_for(target.master, redis_class=sentinel_class, db=target.db))
     # The cluster client is not a Redis subclass, but it offers the commands, scripts and pipelines the
     # stages use, routed to each key's node.
-    cluster = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], **auth, **options)
+    cluster = ClusterClient(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], **auth, **options)
     return cast(Redis, cluster)
+
+
+async def ready_redis(client: Redis) -> None:
+    """Before a client is used by many tasks at once: a cluster client learns the cluster's nodes now. Left to
+    the first commands, redis-py 8.1 replaced the connections some of them were starting on, and those
+    failed with AttributeError (seen here on 30 commands issued together to a fresh client)."""
+    if isinstance(client, RedisCluster):
+        with contextlib.suppress(*REDIS_DOWN):  # a cluster away now is the stages' Redis outage, not a crash
+            await client.initialize()
 
 
 async def _close_sentinels(client: Redis) -> None:
@@ -183,8 +195,9 @@ def _db(url: str, text: str) -> int:
 
 
 def _shown(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
+    """The URL without its passwords (the userinfo's and a Sentinel's ``sentinel_password``), for messages."""
     parts = urlsplit(url) if "://" in url else None
-    if parts is None or parts.password is None:
+    if parts is None:
         return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
+    shown = url.replace(f":{parts.password}@", ":***@", 1) if parts.password else url
+    return re.sub(r"(sentinel_password=)[^&#]*", r"\1***", shown)

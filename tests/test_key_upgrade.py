@@ -3,6 +3,9 @@ what an upgraded pipeline then finds (results, entries, budgets of the period, c
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from redis.asyncio import Redis
 
 from farebox.constants import RedisKeys, job_record
@@ -62,3 +65,46 @@ async def test_the_report_adds_the_aggregates_kept_under_old_names(redis: Redis,
     await redis.hset(keys.ledger_agg("2026-12-01"), mapping={"acme|openai|m|jobs": 5})
     rows = await load_rows(redis, keys, by=("day",))
     assert [(r["day"], r["jobs"]) for r in rows] == [("2026-11-30", 1), ("2026-12-01", 7)]
+
+
+async def test_a_stage_refuses_to_start_on_keys_of_before_until_they_are_moved(
+    settings: Settings, redis: Redis
+) -> None:
+    """Stages of this version on a Redis of an older farebox would not find its results (a job_id answered
+    again, a second charge): they refuse to start, saying what to run; once moved, they start."""
+    from farebox.errors import InvalidRequest
+    from farebox.stages.main import run_stage
+
+    await redis.sadd(settings.keys.legacy_ledger_days, "2026-12-01")
+    with pytest.raises(InvalidRequest, match="farebox keys upgrade --apply"):
+        await asyncio.wait_for(run_stage(settings, "route"), 30)
+    await upgrade(redis, settings.keys, apply=True)
+    stop = asyncio.Event()
+    started = asyncio.Event()
+
+    async def on_ready() -> None:
+        started.set()
+        stop.set()
+
+    await asyncio.wait_for(run_stage(settings, "route", stop=stop, on_ready=on_ready), 60)
+    assert started.is_set()
+
+
+def test_the_cli_counts_then_moves(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import redis as sync_redis
+
+    from farebox.cli import main as cli_main
+
+    for name, value in (("REDIS_URL", settings.redis_url), ("REDIS_PREFIX", settings.redis_prefix)):
+        monkeypatch.setenv(f"FAREBOX_{name}", value)
+    monkeypatch.setattr("farebox.cli.setup_logging", lambda *args, **kwargs: None)
+    with sync_redis.Redis.from_url(settings.redis_url) as r:
+        r.set(f"{settings.redis_prefix}result:acme/j-1", "{}")
+    assert cli_main(["keys", "upgrade"]) == 0
+    assert "1 keys to move" in capsys.readouterr().out
+    assert cli_main(["keys", "upgrade", "--apply"]) == 0
+    assert "1 keys moved" in capsys.readouterr().out
+    with sync_redis.Redis.from_url(settings.redis_url) as r:
+        assert r.exists(settings.keys.result(job_record("acme", "j-1")))

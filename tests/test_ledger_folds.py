@@ -65,9 +65,11 @@ def holds(keys: RedisKeys) -> list[BudgetHold]:
     ]
 
 
-async def reserve(redis: Redis, keys: RedisKeys, nusd: int) -> None:
+async def reserve(redis: Redis, keys: RedisKeys, nusd: int, job_id: str = "j-1") -> None:
+    """What the route stage's reserve leaves: the estimate in every budget and in the job's reservation key."""
     for hold in holds(keys):
         await redis.hincrby(hold.key, "reserved_nusd", nusd)
+    await redis.set(keys.reservation(job_record("acme", job_id)), nusd)
 
 
 async def record(ledger: Ledger, keys: RedisKeys, res: JobResult, ts: float = TS) -> Any:
@@ -198,3 +200,48 @@ async def test_a_job_reserved_under_the_old_budget_key_names_is_recorded_without
     done = await book(redis, settings).record(result(), ts=TS, cache=None, lease_key=None, budgets=[old])
     assert done.existing is None and done.spent_usd == ()
     assert (await aggregates(redis, settings.keys))["jobs"] == 1 and not await redis.exists(old.key)
+
+
+async def test_the_settle_releases_what_was_reserved_not_what_a_copy_says(redis: Redis, settings: Settings) -> None:
+    """A second copy of the job reserved nothing (the reservation existed) and may reach the account stage
+    first, saying it reserved its own estimate: the settle releases the reservation key's amount, once."""
+    keys = settings.keys
+    await reserve(redis, keys, 200_000)
+    ledger = book(redis, settings)
+    await ledger.record(result(), ts=TS, cache=None, lease_key=None, budgets=holds(keys), reserved_usd=0.9)
+    await ledger.record(result(), ts=TS, cache=None, lease_key=None, budgets=holds(keys), reserved_usd=0.0002)
+    await assert_counted_once(redis, keys)
+
+
+async def test_an_entry_moved_from_before_the_split_is_not_folded_again(redis: Redis, settings: Settings) -> None:
+    """`farebox keys upgrade` moves entries whose aggregates the single script of before counted already:
+    a replay or a redelivery of such a job within the window folds nothing (the entry has no "v")."""
+    keys = settings.keys
+    entry = json.loads(ledger_module.entry_json(result(), ts=TS))
+    del entry["v"]
+    record_key = job_record("acme", "j-1")
+    await redis.set(keys.ledger_entry(record_key), json.dumps(entry))
+    await redis.set(keys.result(record_key), result().model_dump_json())
+    again = await record(book(redis, settings), keys, result())
+    assert again.existing is not None
+    assert not await redis.exists(keys.ledger_agg(DAY)) and not await redis.exists(keys.ledger_stream)
+
+
+async def test_a_score_kept_before_the_split_is_replaced_not_added(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feedback attach of before folded the score into the arm's sums itself: replacing such a score after
+    `farebox keys upgrade` adjusts the sums (n stays 1), as it would have before."""
+    keys = settings.keys
+    await record(book(redis, settings), keys, result())
+    job = job_record("acme", "j-1")
+    await redis.hset(keys.feedback(job), "grader", json.dumps({"score": 0.5, "ts": TS - 60}))  # no "v"
+    arms = keys.feedback_arms(DAY)
+    await redis.hset(arms, mapping={"ab|rules|grader|n": 1, "ab|rules|grader|sum": 0.5, "ab|rules|grader|sumsq": 0.25})
+    policy = SimpleNamespace(feedback_sources=(), auth=None)
+    stage = FeedbackStage(settings, cast(Any, SimpleNamespace(current=lambda: (None, policy, None))), redis)
+    delivery = Delivery(queue=settings.topology.feedback, body=b"", user_id=settings.amqp_user)
+    item = FeedbackItem(Feedback(job_id="j-1", tenant="acme", score=0.75, source="grader"), delivery)
+    await stage.handle(item, delivery)
+    got = {as_text(k): float(v) for k, v in (await redis.hgetall(arms)).items()}
+    assert got == {"ab|rules|grader|n": 1, "ab|rules|grader|sum": 0.75, "ab|rules|grader|sumsq": 0.5625}

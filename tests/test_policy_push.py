@@ -191,3 +191,27 @@ def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     monkeypatch.setenv("FAREBOX_NAMESPACE", settings.namespace)
     # The CLI points the root logger at this test's captured stderr, which closes with the test.
     monkeypatch.setattr("farebox.cli.setup_logging", lambda *args, **kwargs: None)
+
+
+async def test_an_unchanged_version_costs_the_poll_one_get_and_a_bad_name_is_refused(
+    settings: Settings, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = CATALOG_DIR / "model_costs.json"
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy_for(["openai/*"])))
+    await push(redis, settings.keys, bundle_of(path, catalog)[0], source="test")
+    sync = await ConfigSync.start(redis, settings.keys)
+    try:
+        fetched: list[str] = []
+        real = redis.hgetall
+        monkeypatch.setattr(redis, "hgetall", lambda key: fetched.append(key) or real(key))
+        for _ in range(3):
+            assert await sync.fetch()
+        assert fetched == []  # the bundle is read only when the number changes
+        evil = Bundle({POLICY_FILE: path.read_bytes(), CATALOG_FILE: catalog.read_bytes(), "../../evil": b"x"})
+        await push(redis, settings.keys, evil, source="test")
+        assert await sync.fetch() and sync.version == 1  # refused: version 1 serves on
+        assert await sync.fetch() and len(fetched) == 1  # and not read again
+        assert not (sync.folder.parent / "evil").exists()
+    finally:
+        sync.close()

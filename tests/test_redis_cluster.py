@@ -18,7 +18,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from farebox.redis_connect import connect_redis
+from farebox.errors import REDIS_DOWN
+from farebox.redis_connect import connect_redis, ready_redis
 from farebox.settings import Settings
 from tests import test_budgets, test_cache_modes, test_coalescing, test_ledger_folds, test_pipeline
 from tests.conftest import EmulatorStats
@@ -148,3 +149,28 @@ async def test_report_totals_equal_the_results(
     assert total["jobs"] == 40
     assert abs(total["cost_usd"] - sum(r.cost_usd for r in results)) < 1e-6
     assert total["cache_hits"] == sum(1 for r in results if r.cache != "miss") == 28
+
+
+async def test_a_master_away_is_redis_away_to_the_stages() -> None:
+    """With one master of three stopped, commands on every node fail (CLUSTERDOWN once the cluster notices,
+    or no connection to the stopped one): each error is one the stages take for Redis being away (REDIS_DOWN:
+    dedup serves without the cache, account holds its ledger writes), never one that crashes a job."""
+    with redis_cluster(3, node_timeout_ms=1000) as nodes:
+        client = connect_redis(nodes.url, socket_timeout=1.0, socket_connect_timeout=0.5)
+        await ready_redis(client)
+        try:
+            keys = [f"fb:away:{i}" for i in range(30)]  # some on every node
+            await asyncio.gather(*(client.set(k, "1") for k in keys))
+            stop = ["redis-cli", "-p", str(nodes.ports[0]), "shutdown", "nosave"]
+            await asyncio.to_thread(subprocess.run, stop, check=False, timeout=10)
+            seen: list[BaseException] = []
+            for _ in range(40):  # until the surviving nodes say CLUSTERDOWN too (cluster-node-timeout)
+                outcomes = await asyncio.gather(*(client.get(k) for k in keys), return_exceptions=True)
+                seen += [o for o in outcomes if isinstance(o, BaseException)]
+                if len([o for o in outcomes if isinstance(o, BaseException)]) == len(keys):
+                    break
+                await asyncio.sleep(0.5)
+            assert seen
+            assert all(isinstance(err, REDIS_DOWN) for err in seen), {type(e).__name__ for e in seen}
+        finally:
+            await client.aclose()

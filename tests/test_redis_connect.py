@@ -4,17 +4,17 @@ Sentinel-watched Redis whose master fails over in the middle of a run."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 import redis
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.errors import REDIS_DOWN
-from farebox.patches.redis_pipelining import NotReplicated, PipeliningRedis
+from farebox.patches.redis_pipelining import ClusterClient, NotReplicated, PipeliningRedis
 from farebox.redis_connect import (
     RedisTarget,
     RedisUrlError,
@@ -26,7 +26,7 @@ from farebox.redis_connect import (
 from farebox.settings import Settings
 from tests.support.chaos import distinct_jobs
 from tests.support.pipeline import InProcessPipeline, collect, ledger_entries
-from tests.support.redis_sentinel import sentinel_set
+from tests.support.redis_sentinel import SentinelSet, sentinel_set
 
 S = "redis+sentinel"
 C = "redis+cluster"
@@ -96,6 +96,13 @@ def test_a_url_farebox_cannot_read_says_what_is_wrong(url: str, says: str) -> No
     assert says in str(err.value)
 
 
+def test_a_sentinels_password_is_hidden_too() -> None:
+    with pytest.raises(RedisUrlError) as err:
+        parse_redis_url(f"{S}://:pw@h1:x/m?sentinel_password=TOPSECRET&sentinel_username=su")
+    assert "TOPSECRET" not in str(err.value) and ":pw@" not in str(err.value)
+    assert "sentinel_password=***" in str(err.value)
+
+
 def test_a_bad_redis_url_is_a_settings_error_that_hides_the_password() -> None:
     with pytest.raises(ValidationError) as err:
         Settings(redis_url=f"{S}://u:hunter2@h1:x/m")
@@ -111,8 +118,8 @@ def test_a_bad_redis_url_is_a_settings_error_that_hides_the_password() -> None:
         ("redis://127.0.0.1:1/0", False, Redis),
         (f"{S}://127.0.0.1:1/m", True, SentinelPipeliningRedis),
         (f"{S}://127.0.0.1:1/m", False, SentinelRedis),
-        (f"{C}://127.0.0.1:1", True, RedisCluster),  # pipelining steps aside: the cluster client routes by slot
-        (f"{C}://127.0.0.1:1", False, RedisCluster),
+        (f"{C}://127.0.0.1:1", True, ClusterClient),  # pipelining steps aside: the cluster client routes by slot
+        (f"{C}://127.0.0.1:1", False, ClusterClient),
     ],
 )
 async def test_each_form_gets_its_client(url: str, pipelining: bool, made: type) -> None:
@@ -123,59 +130,29 @@ async def test_each_form_gets_its_client(url: str, pipelining: bool, made: type)
         await client.aclose()
 
 
-async def test_a_sentinel_client_follows_its_master_through_a_failover() -> None:
-    with sentinel_set() as cluster:
-        client = connect_redis(cluster.url, pipelining=True, socket_timeout=2.0)
-        try:
-            await client.set("fb:before", "1")
-            old = cluster.master_address()[1]
-            new = await asyncio.to_thread(cluster.fail_over)
-            assert new != old and cluster.role(new) == "master"
-            for _ in range(50):  # the first command after the switch may meet the old master and fail
-                try:
-                    await client.set("fb:after", "2")
-                    break
-                except Exception:
-                    await asyncio.sleep(0.1)
-            async with Redis(port=new) as direct:
-                assert await direct.get("fb:before") == b"1"
-                assert await direct.get("fb:after") == b"2"
-            assert sentinel_clients(cluster.sentinel_port) >= 2  # this probe, and the client's own
-        finally:
-            await client.aclose()
-        # Closing the client closed its connections to the sentinels too: only this probe is left.
-        assert sentinel_clients(cluster.sentinel_port) == 1
+@pytest.fixture(scope="module")
+def sentinels() -> Iterator[SentinelSet]:
+    """One master, its replica and a Sentinel for this module's tests (starting them takes seconds)."""
+    with sentinel_set() as started:
+        yield started
 
 
-async def test_the_pipeline_loses_no_job_when_the_sentinels_master_fails_over(settings: Settings) -> None:
-    """Between the replica's promotion and the old master's demotion (about 10 s here) the old master still
-    takes writes, and loses them when it follows the new one: with redis_wait_replicas=1 no write counts
-    until the replica has it, so every ledger entry survives."""
-    async with running(EmulatorKnobs(port=0, latency_ms=300)) as emulator:
-        with sentinel_set() as cluster:
-            s = settings.model_copy(
-                update={"redis_url": cluster.url, "emulator_url": emulator, "redis_wait_replicas": 1}
-            )
-            p = InProcessPipeline(s)
-            jobs = distinct_jobs(500, "sentinel")
-            try:
-                await p.start()
-                async with p.client() as client:
-                    collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=20)))
-                    await asyncio.sleep(1.5)
-                    await asyncio.to_thread(cluster.fail_over)
-                    assert not collecting.done()  # the master switched under a running backfill
-                    results = await asyncio.wait_for(collecting, 180)
-                assert sorted(r.job_id for r in results) == sorted(str(j["job_id"]) for j in jobs)
-                assert all(r.status == "ok" for r in results), [r.error for r in results if r.error][:3]
-                async with Redis(port=cluster.master_address()[1]) as master:
-                    for _ in range(100):  # the account stage writes entries it held while Redis switched
-                        if len(await ledger_entries(master, s)) >= len(jobs):
-                            break
-                        await asyncio.sleep(0.1)
-                    assert sorted(await ledger_entries(master, s)) == sorted(str(j["job_id"]) for j in jobs)
-            finally:
-                await p.close()
+def replica_port(cluster: SentinelSet) -> int:
+    master = cluster.master_address()[1]
+    return cluster.replica_port if master == cluster.master_port else cluster.master_port
+
+
+async def test_a_sentinel_client_writes_to_the_master_and_closes_what_it_opened(sentinels: SentinelSet) -> None:
+    client = connect_redis(sentinels.url, pipelining=True, socket_timeout=2.0)
+    try:
+        await client.set("fb:one", "1")
+        async with Redis(port=sentinels.master_address()[1]) as direct:
+            assert await direct.get("fb:one") == b"1"
+        assert sentinel_clients(sentinels.sentinel_port) >= 2  # this probe, and the client's own
+    finally:
+        await client.aclose()
+    # Closing the client closed its connections to the sentinels too: only this probe is left.
+    assert sentinel_clients(sentinels.sentinel_port) == 1
 
 
 def sentinel_clients(port: int) -> int:
@@ -199,15 +176,14 @@ async def test_writes_no_replica_confirms_fail_as_redis_away(settings: Settings)
         await client.aclose()
 
 
-async def test_writes_a_replica_confirms_count() -> None:
-    with sentinel_set() as cluster:
-        client = connect_redis(cluster.url, pipelining=True, wait_replicas=1, wait_timeout_ms=2000)
-        try:
-            assert await asyncio.gather(client.set("fb:a", "1"), client.incr("fb:n")) == [True, 1]
-            async with Redis(port=cluster.replica_port) as replica:
-                assert await replica.get("fb:a") == b"1"
-        finally:
-            await client.aclose()
+async def test_writes_a_replica_confirms_count(sentinels: SentinelSet) -> None:
+    client = connect_redis(sentinels.url, pipelining=True, wait_replicas=1, wait_timeout_ms=2000)
+    try:
+        assert await asyncio.gather(client.set("fb:a", "1"), client.incr("fb:n")) == [True, 1]
+        async with Redis(port=replica_port(sentinels)) as replica:
+            assert await replica.get("fb:a") == b"1"
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize(
@@ -218,3 +194,34 @@ def test_waiting_for_replicas_needs_the_pipelining_client_off_a_cluster(url: str
         connect_redis(url, pipelining=pipelining, wait_replicas=1)
     with pytest.raises(ValidationError, match="not available on a Redis Cluster"):
         Settings(redis_url="redis+cluster://127.0.0.1:1", redis_wait_replicas=1)
+
+
+async def test_the_pipeline_loses_no_job_when_the_sentinels_master_fails_over(
+    settings: Settings, sentinels: SentinelSet
+) -> None:
+    """Between the replica's promotion and the old master's demotion (about 10 s here) the old master still
+    takes writes, and loses them when it follows the new one: with redis_wait_replicas=1 no write counts
+    until the replica has it, so every ledger entry survives."""
+    async with running(EmulatorKnobs(port=0, latency_ms=300)) as emulator:
+        cluster = sentinels
+        s = settings.model_copy(update={"redis_url": cluster.url, "emulator_url": emulator, "redis_wait_replicas": 1})
+        p = InProcessPipeline(s)
+        jobs = distinct_jobs(500, "sentinel")
+        try:
+            await p.start()
+            async with p.client() as client:
+                collecting = asyncio.create_task(collect(client.stream(jobs, max_in_flight=20)))
+                await asyncio.sleep(1.5)
+                await asyncio.to_thread(cluster.fail_over)
+                assert not collecting.done()  # the master switched under a running backfill
+                results = await asyncio.wait_for(collecting, 180)
+            assert sorted(r.job_id for r in results) == sorted(str(j["job_id"]) for j in jobs)
+            assert all(r.status == "ok" for r in results), [r.error for r in results if r.error][:3]
+            async with Redis(port=cluster.master_address()[1]) as master:
+                for _ in range(100):  # the account stage writes entries it held while Redis switched
+                    if len(await ledger_entries(master, s)) >= len(jobs):
+                        break
+                    await asyncio.sleep(0.1)
+                assert sorted(await ledger_entries(master, s)) == sorted(str(j["job_id"]) for j in jobs)
+        finally:
+            await p.close()

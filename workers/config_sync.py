@@ -121,12 +121,20 @@ async def push(redis: Redis, keys: RedisKeys, bundle: Bundle, *, source: str) ->
 async def latest(redis: Redis, keys: RedisKeys) -> tuple[int, Bundle, dict[str, object]] | None:
     """The newest version, its bundle and its metadata (None when nothing was pushed)."""
     number = await redis.get(keys.config_version)
-    if number is None:
-        return None
-    raw = await redis.hgetall(keys.config_bundle(int(number)))
+    return None if number is None else await version_at(redis, keys, int(number))
+
+
+async def version_at(redis: Redis, keys: RedisKeys, number: int) -> tuple[int, Bundle, dict[str, object]]:
+    raw = await redis.hgetall(keys.config_bundle(number))
     files = {as_text(k): v if isinstance(v, bytes) else v.encode() for k, v in raw.items()}
     meta = json.loads(files.pop(META, b"{}"))
-    return int(number), Bundle(files), meta
+    return number, Bundle(files), meta
+
+
+def safe_name(name: str) -> bool:
+    """A bundle file name that stays inside the folder it is written to (names come from Redis)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
 
 
 class ConfigSync:
@@ -137,6 +145,7 @@ class ConfigSync:
         self.keys = keys
         self.folder = folder
         self.version = 0
+        self._refused = 0  # a version found unusable, not fetched again
 
     @property
     def paths(self) -> tuple[Path, Path]:
@@ -162,18 +171,25 @@ class ConfigSync:
 
     async def fetch(self) -> bool:
         """Write the newest version out if it is newer than the one in force; True when one is in force."""
-        found = await latest(self.redis, self.keys)
-        if found is None:
+        newest = await self.redis.get(self.keys.config_version)
+        if newest is None:
             return self.version > 0
-        number, bundle, meta = found
-        if number <= self.version:
+        if int(newest) in (self.version, self._refused):  # the poll's usual answer: one GET, not the bundle
             return True
-        if POLICY_FILE not in bundle.files or CATALOG_FILE not in bundle.files:
+        # A number lower than ours is a version too (Redis restored or flushed and pushed again): it is what
+        # is published now.
+        number, bundle, meta = await version_at(self.redis, self.keys, int(newest))
+        if not all(safe_name(name) for name in bundle.files):
             log.error(
-                "policy version %d in Redis lacks its policy or catalog; still serving version %d", number, self.version
+                "policy version %d names a file outside its folder; still serving version %d", number, self.version
             )
+            self._refused = number
             return self.version > 0
-        self._write(number, bundle)
+        if POLICY_FILE not in bundle.files or CATALOG_FILE not in bundle.files:
+            log.error("policy version %d lacks its policy or catalog; still serving version %d", number, self.version)
+            self._refused = number
+            return self.version > 0
+        await asyncio.to_thread(self._write, number, bundle)  # up to MAX_BUNDLE_BYTES: not in the event loop
         log.info(
             "policy version %d (%s, pushed from %s) in force",
             number,

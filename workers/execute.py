@@ -129,8 +129,8 @@ class ExecuteStage(EnvelopeStage):
                 )
         except RetryableError as err:
             return await self._fall_back(env.model_copy(update={"retries": env.retries + retried}), err)
-        await self.health.succeeded((env.route.target, self.provider))
         latency = self.clock() - started
+        await self.health.succeeded((env.route.target, self.provider))
         metrics.child(metrics.LATENCY, env.route.model, self.provider).observe(latency)
         outcome = Outcome(
             content=reply.content,

@@ -14,6 +14,7 @@ stage sends the typed error receipt to ``reply_to``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,14 +52,14 @@ local experiment, arm = e['experiment'], e['arm']
 if type(experiment) ~= 'string' or type(arm) ~= 'string' then
   experiment, arm = '', ''
 end
-return {old and 'replaced' or 'added', experiment, arm, e['day']}
+return {old and 'replaced' or 'added', experiment, arm, e['day'], old or ''}
 """
 
 # ``folded_key`` holds, per "record|source", the score the arm's sums hold now and its time ("score ts"): a
 # score older than that one (feedback handled out of order) is not folded over it.
 _INDEX_LAYOUT = Layout(
     keys=("jobs_key", "arms_key", "folded_key"),
-    args=("record", "ts", "keep_s", "fold", "arm_field", "folded_field", "score", "expires_at"),
+    args=("record", "ts", "keep_s", "fold", "arm_field", "folded_field", "score", "expires_at", "prior"),
 )
 _INDEX = """
 redis.call('ZADD', jobs_key, ts, record)
@@ -70,6 +71,8 @@ if was then
   local old_score, old_ts = string.match(was, '^(%S+) (%S+)$')
   if tonumber(old_ts) > tonumber(ts) then return 0 end
   o = tonumber(old_score)
+elseif prior ~= '' then
+  o = tonumber(prior)  -- a score a farebox before the split kept: the arm's sums hold it already
 else
   redis.call('HINCRBY', arms_key, arm_field .. 'n', 1)
 end
@@ -111,6 +114,18 @@ def receipt_publish(receipt: FeedbackReceipt, delivery: Delivery) -> list[Publis
     return [Publish(delivery.reply_to, body, correlation_id=delivery.correlation_id, caller_reply=True)]
 
 
+def _folded_before_the_split(old: str) -> str:
+    """The score a replaced record holds when a farebox before the split folded it into the arm's sums in the
+    attach itself (its record has no ``v``, moved by ``farebox keys upgrade``), else ""."""
+    if not old:
+        return ""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        record = json.loads(old)
+        if "v" not in record:
+            return repr(float(record["score"]))
+    return ""
+
+
 class FeedbackStage:
     name = "feedback"
 
@@ -144,7 +159,7 @@ class FeedbackStage:
         if tenant != fb.tenant:
             fb = fb.model_copy(update={"tenant": tenant})
         now = self.clock()
-        record = {"score": fb.value, "label": fb.label, "reference": fb.reference, "ts": round(now, 3)}
+        record = {"score": fb.value, "label": fb.label, "reference": fb.reference, "ts": round(now, 3), "v": 2}
         job = job_record(fb.tenant, fb.job_id)
         # Feedback lives as long as its job's ledger entry; the day's arm aggregates as the ledger's.
         attach: dict[str, Scalar] = {
@@ -155,9 +170,10 @@ class FeedbackStage:
         }
         keys = {"entry_key": self.keys.ledger_entry(job), "feedback_key": self.keys.feedback(job)}
         reply = [as_text(v) for v in await self._retrying(lambda: self._attach_script(keys=keys, args=attach))]
-        verdict, experiment, arm, day = [*reply, "", "", ""][:4]
+        verdict, experiment, arm, day, old = [*reply, "", "", "", ""][:5]
         if verdict in ("added", "replaced"):
-            await self._retrying(lambda: self._index(job, fb, now, experiment, arm, day))
+            prior = _folded_before_the_split(old)
+            await self._retrying(lambda: self._index(job, fb, now, experiment, arm, day, prior))
         if verdict == "unknown":
             raise InvalidRequest(
                 f"no finished job {fb.job_id!r} of tenant {fb.tenant!r} in the ledger: feedback is for jobs that "
@@ -170,7 +186,7 @@ class FeedbackStage:
         receipt = FeedbackReceipt(job_id=fb.job_id, status="ok", source=fb.source, replaced=verdict == "replaced")
         return Handled(receipt_publish(receipt, delivery))
 
-    def _index(self, job: JobRecord, fb: Feedback, now: float, experiment: str, arm: str, day: str) -> Any:
+    def _index(self, job: JobRecord, fb: Feedback, now: float, experiment: str, arm: str, day: str, prior: str) -> Any:
         """Index the job for the export and fold its score into its arm's sums (an experiment job's only)."""
         # Kept days_kept days after today's end: at least as long as the job's day (feedback comes after the job).
         expires_at = (int(now) // 86_400 + 1 + self.settings.ledger_days_kept) * 86_400
@@ -183,6 +199,7 @@ class FeedbackStage:
             "folded_field": f"{job}|{fb.source}",
             "score": repr(fb.value),
             "expires_at": expires_at,
+            "prior": prior,
         }
         keys = {
             "jobs_key": self.keys.feedback_jobs,

@@ -141,19 +141,23 @@ end
 return 1
 """
 
-# The budgets the job reserved against, in its tenant's slot: release the reservation and add the actual
-# cost, once (the reservation key, marked 'settled', says so). Returns each budget's spend after it.
-_SETTLE_LAYOUT = Layout(
-    keys=("reservation_key",), key_tail="budget_keys", args=("reserved_nusd", "cost_nusd", "settled_ttl_s")
-)
+# The budgets the job reserved against, in its tenant's slot: release what the reservation key says was
+# reserved (the route stage's estimate; nothing when its reserve never landed) and add the actual cost, once (the
+# key, marked 'settled', says so). Returns each budget's spend after it. Whatever a caller believes it reserved
+# is not trusted: a second copy of the job, which reserved nothing, must not release the first copy's estimate.
+_SETTLE_LAYOUT = Layout(keys=("reservation_key",), key_tail="budget_keys", args=("cost_nusd", "settled_ttl_s"))
 _SETTLE = """
-local settled = redis.call('GET', reservation_key) == 'settled'
+local held = redis.call('GET', reservation_key)
+local settled = held == 'settled'
+local reserved = tonumber(held) or 0
 local spent = {}
 for _, budget_key in ipairs(budget_keys) do
   if settled then
     spent[#spent + 1] = tonumber(redis.call('HGET', budget_key, 'spent_nusd') or '0')
   else
-    redis.call('HINCRBY', budget_key, 'reserved_nusd', -tonumber(reserved_nusd))
+    if reserved ~= 0 then
+      redis.call('HINCRBY', budget_key, 'reserved_nusd', -reserved)
+    end
     spent[#spent + 1] = redis.call('HINCRBY', budget_key, 'spent_nusd', cost_nusd)
   end
 end
@@ -198,6 +202,10 @@ class CacheFill:
     ttl_s: int
 
 
+# Entry format 2: the aggregates and budgets are folded in after the record (see _young).
+ENTRY_VERSION = 2
+
+
 def utc_day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
@@ -237,6 +245,7 @@ def entry_json(result: JobResult, *, ts: float, evaluation: str | None = None) -
             "lane": "batch" if is_batch(result) else "sync",
             "ts": round(ts, 3),
             "day": utc_day(ts),
+            "v": ENTRY_VERSION,
         },
         separators=(",", ":"),
     )
@@ -274,7 +283,9 @@ class Ledger:
         after settling this job (empty on a replay). ``result_json`` is the result already
         serialised by the caller (the reply body), so it is not serialised twice. ``sync_cost_usd``:
         a batch job's cost at its model's sync price (its own cost when not given). ``lease_key``: the
-        job's coalescing key, whose lease is released when the job holds it."""
+        job's coalescing key, whose lease is released when the job holds it. ``reserved_usd`` is what the
+        route stage says it reserved; the settle releases what the job's reservation key holds instead."""
+        del reserved_usd  # kept for the callers: the reservation key is what counts (see _SETTLE)
         record = job_record(result.tenant or "default", result.job_id)
         own_lease = lease_key is not None and lease_key.startswith("job:")
         entry = entry_json(result, ts=ts, evaluation=evaluation)
@@ -305,7 +316,7 @@ class Ledger:
             folds.append(self._fold_in(record, folded, entry if fresh else stored, sync_cost_usd))
             budgets = self._settleable(record, budgets)
             if budgets:
-                folds.append(self._settle_budgets(record, budgets, reserved_usd, folded))
+                folds.append(self._settle_budgets(record, budgets, folded))
         replies = await asyncio.gather(*folds)
         spent = replies[-1] if young and budgets else []
         return Recorded(
@@ -324,8 +335,10 @@ class Ledger:
         return kept
 
     def _young(self, stored: bytes | str, ts: float) -> bool:
-        """An entry recorded less than the fold window ago: its folds may not have happened yet."""
-        return ts - float(json.loads(stored)["ts"]) < self.fold_window_s
+        """An entry recorded less than the fold window ago: its folds may not have happened yet. An entry of a
+        farebox before the split (no ``v``, moved by ``farebox keys upgrade``) had them in its own script."""
+        entry = json.loads(stored)
+        return entry.get("v") == ENTRY_VERSION and ts - float(entry["ts"]) < self.fold_window_s
 
     def _fold_in(self, record: JobRecord, entry: dict[str, Any], raw: str | bytes, sync_cost_usd: float | None) -> Any:
         """The fold of ``entry`` (as stored: a redelivery folds what was recorded, on the day it was)."""
@@ -359,14 +372,11 @@ class Ledger:
         }
         return self._fold(keys=keys, args=args)
 
-    def _settle_budgets(
-        self, record: JobRecord, budgets: Sequence[BudgetHold], reserved_usd: float, entry: dict[str, Any]
-    ) -> Any:
+    def _settle_budgets(self, record: JobRecord, budgets: Sequence[BudgetHold], entry: dict[str, Any]) -> Any:
         return self._settle(
             keys={"reservation_key": self.keys.reservation(record)},
             key_tail=[hold.key for hold in budgets],
             args={
-                "reserved_nusd": nano(reserved_usd),
                 "cost_nusd": nano(float(entry["cost_usd"])),
                 "settled_ttl_s": SETTLED_TTL_S,
             },

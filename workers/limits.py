@@ -14,6 +14,7 @@ once by the caller's RedisHealth), since refusing all traffic would be worse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -141,6 +142,8 @@ class SharedLimiter:
             await self._wait_until(lambda: self.try_slot(lease_id), deadline_at, "a concurrency slot")
             await self._wait_for_rate(tokens, deadline_at)
         except REDIS_DOWN:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.release_slot(lease_id)  # its ZADD may have landed (a replica had not confirmed it)
             yield  # fail open
             return
         try:

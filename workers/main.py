@@ -18,11 +18,12 @@ import uvloop
 from redis.asyncio import Redis
 
 from farebox import health, metrics
+from farebox.errors import REDIS_DOWN, InvalidRequest
 from farebox.providers.batch_registry import build_batch_adapter
 from farebox.providers.batch_types import TIMEOUT_S as BATCH_TIMEOUT_S
 from farebox.providers.calls import ProviderCalls
 from farebox.providers.registry import build_adapter, emulator_url, provider_configs
-from farebox.redis_connect import connect_redis, parse_redis_url
+from farebox.redis_connect import connect_redis, parse_redis_url, ready_redis
 from farebox.routing.priority import LANES
 from farebox.routing.store import CatalogStore
 from farebox.settings import Settings
@@ -63,6 +64,24 @@ def make_redis(settings: Settings) -> Redis:
         socket_timeout=2.0,
         health_check_interval=10,
     )
+
+
+async def refuse_keys_of_before(redis: Redis, settings: Settings) -> None:
+    """Refuse to start on a Redis that holds a farebox's data of before the Redis Cluster key names and none of
+    today's: stages of this version would not find its stored results (answering a job_id again, a second
+    charge) nor settle its budgets. `farebox keys upgrade --apply` moves it (README, Redis keys)."""
+    try:
+        old, new = await asyncio.gather(
+            redis.exists(settings.keys.legacy_ledger_days), redis.exists(settings.keys.ledger_days)
+        )
+    except REDIS_DOWN:
+        return  # Redis away at start is an outage the stages ride out; the check is made at the next start
+    if old and not new:
+        raise InvalidRequest(
+            f"Redis holds farebox data under the key names of before this version ({settings.keys.legacy_ledger_days}"
+            " and the rest): stop the old pipeline, drain its queues and run `farebox keys upgrade --apply` "
+            "first (or delete those keys to start afresh)"
+        )
 
 
 def current_cache_rules(store: CatalogStore) -> Callable[[], CacheRules]:
@@ -181,6 +200,8 @@ async def run_stage(
     stop = stop or asyncio.Event()
     redis = make_redis(settings)
     try:
+        await ready_redis(redis)
+        await refuse_keys_of_before(redis, settings)
         # The policy and catalog as last pushed to Redis, written to files the hot reload follows, or the files.
         synced = await ConfigSync.start(redis, settings.keys) if settings.config_source == "redis" else None
         store = CatalogStore(*(synced.paths if synced else (settings.catalog, settings.policy)))

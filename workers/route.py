@@ -13,6 +13,7 @@ from dataclasses import replace
 from redis.asyncio import Redis
 
 from farebox.errors import REDIS_DOWN, BudgetExceeded, FareboxError
+from farebox.patches.redis_pipelining import NotReplicated
 from farebox.providers.registry import emulator_url, provider_configs
 from farebox.routing.auth import internal_sender
 from farebox.routing.batch_lane import price_lane
@@ -136,6 +137,11 @@ class RouteStage(EnvelopeStage):
         alerts: list[Publish] = []
         try:
             full = await self.book.reserve(env.record, list(held), routed.decision.estimated_cost_usd)
+        except NotReplicated:
+            # The reserve ran on the master (a replica had not confirmed it yet): keep the holds, so that the
+            # account stage releases what the reservation key holds (nothing, if the write was lost).
+            decision = routed.decision.model_copy(update={"reserved_usd": routed.decision.estimated_cost_usd})
+            return replace(routed, decision=decision), held, []
         except REDIS_DOWN:
             return routed, (), []  # fail open: nothing reserved, nothing to settle
         if full:

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from farebox.cli import catalog, emulator, evaluate, feedback, jobs, pipeline, policy, report, router, tenants
+from farebox.cli import catalog, emulator, evaluate, feedback, jobs, keys, pipeline, policy, report, router, tenants
 from farebox.errors import FareboxError, describe_validation_error
 from farebox.logs import setup_logging
 from farebox.settings import Settings
 
-COMMAND_MODULES = (pipeline, jobs, report, feedback, tenants, catalog, policy, emulator, router, evaluate)
+COMMAND_MODULES = (pipeline, jobs, report, feedback, tenants, catalog, policy, keys, emulator, router, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

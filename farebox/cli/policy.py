@@ -43,7 +43,7 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from farebox.redis_connect import connect_redis
-    from farebox.stages.config_sync import latest
+    from farebox.stages.config_sync import latest, safe_name
 
     async def run() -> Any:
         redis = connect_redis(settings.redis_url, socket_timeout=5.0)
@@ -64,6 +64,9 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.output:
         out = Path(args.output)
         for name, data in bundle.files.items():
+            if not safe_name(name):
+                print(f"farebox: refusing to write {name!r}: outside {out}", file=sys.stderr)
+                return 2
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(data)
         print(f"written to {out}")

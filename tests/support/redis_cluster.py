@@ -71,8 +71,9 @@ def _wait(what: str, ready: object, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[RedisClusterNodes]:
-    """A running cluster of ``masters`` masters and no replicas; stopped and removed on exit."""
+def redis_cluster(masters: int = 3, node_timeout_ms: int = 15_000) -> Iterator[RedisClusterNodes]:
+    """A running cluster of ``masters`` masters and no replicas (a node missing ``node_timeout_ms`` is failed);
+    stopped and removed on exit."""
     for tool in ("redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             raise RedisClusterError(f"{tool} is not installed: the Redis Cluster tests need it")
@@ -84,6 +85,7 @@ def redis_cluster(masters: int = 3) -> Iterator[RedisClusterNodes]:
             argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
             argv += ["--cluster-config-file", str(folder / f"nodes-{port}.conf"), "--save", "", "--appendonly", "no"]
             argv += ["--dir", str(folder), "--logfile", str(folder / f"redis-{port}.log")]
+            argv += ["--cluster-node-timeout", str(node_timeout_ms)]
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + START_TIMEOUT_S
         for port, proc in zip(ports, procs, strict=True):

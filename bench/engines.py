@@ -1,0 +1,423 @@
+"""Pipeline jobs/s (one OS process per stage, emulator at 0 ms) on different Redis and RabbitMQ engines, side by
+side in one run: every round runs each variant once (the order rotating from round to round), so all of them see
+the same machine, and each variant's jobs/s is compared with ``single`` of the same round.
+
+    single          the machine's RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379)
+    before          the same engines, the stages of commit db30b53 (a git worktree, PYTHONPATH for the stages)
+    redis-cluster   a 3-master Redis Cluster (tests/support/redis_cluster.py), redis+cluster://
+    sentinel-wait   master + replica + Sentinel (tests/support/redis_sentinel.py), FAREBOX_REDIS_WAIT_REPLICAS=1
+    sentinel        the same, FAREBOX_REDIS_WAIT_REPLICAS=0 (no WAIT)
+    rabbit-cluster  a 3-node RabbitMQ cluster (tests/support/rabbit_cluster.py), the wait queues mirrored
+    both-clusters   rabbit-cluster and redis-cluster together
+
+The engines started here are started once and kept for every run; all of them run (idle when not in use) during
+every variant's runs, so they weigh on each variant alike. CPU ms per job is read from /proc per process group
+(as bench/pipeline_throughput.py does). Prints the tables and writes bench/results/engines.md.
+
+    .venv/bin/python bench/engines.py --jobs 2000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import pwd
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import (
+    ROOT,
+    CpuGroups,
+    broker_pids,
+    cores,
+    emulator_process,
+    make_workload,
+    pids_of,
+    process_pipeline,
+    process_tree,
+    publish_table,
+    spread,
+    wait_for_emulator,
+)
+from redis.asyncio import Redis
+
+from farebox.client import FareboxClient
+from tests.support.pipeline import ALL_STAGES, settings_env
+from tests.support.rabbit_cluster import RabbitCluster, rabbit_cluster
+from tests.support.redis_cluster import RedisClusterNodes, redis_cluster
+from tests.support.redis_sentinel import SentinelSet, sentinel_set
+
+PORT = 8099
+BEFORE_COMMIT = "db30b53"
+SINGLE_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+SINGLE_REDIS = "redis://127.0.0.1:6379/0"
+MIRRORED = '{"ha-mode":"all","ha-sync-mode":"automatic"}'
+WAIT_QUEUES = r"^fbbench-[0-9a-f]{8}\.wait(\.batch)?$"  # every run's namespace is fbbench-<8 hex> (common.py)
+VARIANTS = ("single", "before", "redis-cluster", "sentinel-wait", "sentinel", "rabbit-cluster", "both-clusters")
+RUN_TIMEOUT_S = 600.0
+IDLE_MS = 0.02  # a stage under this many CPU ms per job is all but idle (a few clock ticks over a run)
+RABBITMQ_UID = pwd.getpwnam("rabbitmq").pw_uid  # the machine's broker runs as rabbitmq, the clusters here do not
+
+
+@dataclass
+class Engines:
+    before_tree: Path | None = None
+    rcluster: RedisClusterNodes | None = None
+    sentinel: SentinelSet | None = None
+    rabbit: RabbitCluster | None = None
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+    child_env: dict[str, str] | None
+    rabbit_pids: list[int]
+    redis_pids: list[int]
+    wait_probe_port: int | None = None  # a Redis whose WAIT calls are counted over the run (the Sentinel's master)
+
+
+@dataclass
+class Results:
+    rates: dict[str, list[float | None]] = field(default_factory=dict)  # per round, None: the run failed
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # variant -> group -> per run
+    errors: list[str] = field(default_factory=list)
+
+
+def redis_server_pids(ports: list[int]) -> list[int]:
+    return [pid for port in ports for pid in pids_of(f"redis-server .*:{port}( |$)")]
+
+
+def machine_broker_pids() -> list[int]:
+    return [p for p in broker_pids() if Path(f"/proc/{p}").stat().st_uid == RABBITMQ_UID]
+
+
+def beam_pids(cluster: RabbitCluster) -> list[int]:
+    """The Erlang VM of each node the cluster started (the script exec's or forks it)."""
+    found = []
+    for node in cluster.nodes:
+        assert node.process is not None
+        for pid in process_tree_beams(node.process.pid):
+            found.append(pid)
+    return found
+
+
+def process_tree_beams(root: int) -> list[int]:
+    out = []
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            if b"beam.smp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+    return out
+
+
+def variants(engines: Engines, machine_broker: list[int], machine_redis: list[int]) -> dict[str, Variant]:
+    single = {"amqp_url": SINGLE_AMQP, "redis_url": SINGLE_REDIS}
+    out = {
+        "single": Variant("single", single, None, machine_broker, machine_redis),
+        "before": Variant("before", single, {"PYTHONPATH": str(engines.before_tree)}, machine_broker, machine_redis),
+    }
+    if engines.rcluster is not None:
+        rc = engines.rcluster
+        out["redis-cluster"] = Variant(
+            "redis-cluster", dict(single, redis_url=rc.url), None, machine_broker, redis_server_pids(list(rc.ports))
+        )
+    if engines.sentinel is not None:
+        s = engines.sentinel
+        pids = redis_server_pids([s.master_port, s.replica_port, s.sentinel_port])
+        for name, replicas in (("sentinel-wait", 1), ("sentinel", 0)):
+            over = dict(single, redis_url=s.url, redis_wait_replicas=replicas)
+            out[name] = Variant(name, over, None, machine_broker, pids, s.master_address()[1])
+    if engines.rabbit is not None:
+        urls = ",".join(engines.rabbit.urls)
+        beams = beam_pids(engines.rabbit)
+        out["rabbit-cluster"] = Variant("rabbit-cluster", dict(single, amqp_url=urls), None, beams, machine_redis)
+        if engines.rcluster is not None:
+            rc = engines.rcluster
+            out["both-clusters"] = Variant(
+                "both-clusters",
+                {"amqp_url": urls, "redis_url": rc.url},
+                None,
+                beams,
+                redis_server_pids(list(rc.ports)),
+            )
+    return out
+
+
+def child_imports(child_env: dict[str, str] | None) -> list[str]:
+    """Where a stage child (same environment, same working directory) imports farebox from."""
+    from farebox.settings import Settings
+
+    env = settings_env(Settings())
+    env.update(child_env or {})
+    code = "import farebox, farebox.stages.main as m; print(farebox.__file__); print(m.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def check_imports(tree: Path) -> str:
+    """The stages are started as ``python -m farebox`` in this process's working directory, which comes first on
+    their sys.path: from /work/main it would shadow PYTHONPATH and 'before' would run today's code. So the script
+    works from an empty folder, and checks both sides import what they should."""
+    old = child_imports({"PYTHONPATH": str(tree)})
+    if not old or not all(f.startswith(str(tree) + "/") for f in old):
+        raise SystemExit(f"the 'before' child imports farebox from {old}, not {tree}")
+    new = child_imports(None)
+    if not new or not all(f.startswith(str(ROOT) + "/") for f in new):
+        raise SystemExit(f"today's child imports farebox from {new}, not {ROOT}")
+    return old[0]
+
+
+@contextlib.contextmanager
+def worktree(commit: str, path: Path) -> Iterator[Path]:
+    if path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), commit], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
+
+
+async def wait_calls(port: int | None) -> int:
+    """WAIT commands served so far by the Redis on ``port`` (INFO commandstats)."""
+    if port is None:
+        return 0
+    async with Redis(port=port, socket_timeout=5) as r:
+        stats = await r.info("commandstats")
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+async def one_run(emulator: str, v: Variant, jobs: list[dict[str, object]]) -> tuple[float, dict[str, float]]:
+    async with (
+        process_pipeline(emulator, child_env=v.child_env, **v.overrides) as (settings, procs),
+        FareboxClient.from_settings(settings, wait_for_pipeline_s=90, coalesce_writes=True) as client,
+    ):
+        run = settings.namespace
+        await client.complete({"prompt": "warm up", "job_id": f"warm-{run}"}, timeout=90)
+        tagged = [dict(j, job_id=f"{run}-{i}") for i, j in enumerate(jobs)]
+        groups: dict[str, list[int]] = {name: [p.pid] for name, p in procs.procs.items()}
+        groups["rabbitmq"] = v.rabbit_pids
+        groups["redis"] = v.redis_pids
+        groups["emulator"] = pids_of(f"emulator --port {PORT}")
+        groups["client"] = [os.getpid()]
+        waits = await wait_calls(v.wait_probe_port)
+        meter = CpuGroups(groups)
+        t0 = time.perf_counter()
+        n = 0
+
+        async def drain() -> None:
+            nonlocal n
+            async for _ in client.stream(tagged, max_in_flight=1000):
+                n += 1
+
+        try:
+            await asyncio.wait_for(drain(), RUN_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"stalled: {n} of {len(tagged)} results in {RUN_TIMEOUT_S:.0f} s") from None
+        rate = n / (time.perf_counter() - t0)
+        if n != len(tagged):
+            raise RuntimeError(f"{n} results for {len(tagged)} jobs")
+        cpu = meter.per_job_ms(n)
+        if v.wait_probe_port is not None:
+            cpu["WAIT calls per job (count, not ms)"] = (await wait_calls(v.wait_probe_port) - waits) / n
+        dead = {name: p.returncode for name, p in procs.procs.items() if p.poll() is not None}
+        if dead:
+            raise RuntimeError(f"stage processes exited during the run: {dead}")
+    return rate, cpu
+
+
+def ratio_cell(res: Results, name: str, base: str) -> str:
+    pairs = [
+        a / b
+        for a, b in zip(res.rates[name], res.rates[base], strict=True)
+        if a is not None and b is not None and b > 0
+    ]
+    return spread(pairs, ".2f") if pairs else "-"
+
+
+def rate_cell(res: Results, name: str) -> str:
+    ok = [r for r in res.rates[name] if r is not None]
+    failed = len(res.rates[name]) - len(ok)
+    cell = spread(ok, ".0f") if ok else "-"
+    return cell + (f" ({failed} failed)" if failed else "")
+
+
+DESCRIBE = {
+    "single": "machine's RabbitMQ 127.0.0.1:5672 + Redis 127.0.0.1:6379",
+    "before": f"same engines, stages of {BEFORE_COMMIT}",
+    "redis-cluster": "Redis Cluster, 3 masters (no replicas)",
+    "sentinel-wait": "Redis master + replica + Sentinel, WAIT_REPLICAS=1",
+    "sentinel": "Redis master + replica + Sentinel, WAIT_REPLICAS=0",
+    "rabbit-cluster": "RabbitMQ 3-node cluster (quorum queues, wait queues mirrored), stages spread",
+    "both-clusters": "RabbitMQ 3-node cluster + Redis Cluster",
+}
+
+
+def cpu_groups_order(res: Results) -> list[str]:
+    seen: list[str] = []
+    for by_group in res.cpu.values():
+        for g in by_group:
+            if g not in seen:
+                seen.append(g)
+    return seen
+
+
+def render(a: argparse.Namespace, res: Results, names: list[str], before_file: str) -> str:
+    lines = [
+        f"# Pipeline jobs/s by engine ({cores()} cores, {a.runs} rounds, each variant once a round, order rotating; "
+        f"emulator at 0 ms)",
+        "",
+        f"{a.jobs} jobs from make_workload --dup-rate 0 per run, stages as OS processes (bench/common.py "
+        "process_pipeline). Every engine started here runs on this machine beside the stages and stays up (idle) "
+        "through the other variants' runs. Ratios are per round (the two runs of a pair are minutes apart at most).",
+        "",
+        "| variant | engines | jobs/s | / single, per round | after / before, per round |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        after_before = ratio_cell(res, "single", "before") if name == "before" else ""
+        lines.append(
+            f"| {name} | {DESCRIBE[name]} | {rate_cell(res, name)} | "
+            f"{ratio_cell(res, name, 'single') if name != 'single' else '1'} | {after_before} |"
+        )
+    pairs = [("single", "before"), ("sentinel-wait", "sentinel"), ("both-clusters", "rabbit-cluster")]
+    pairs = [(x, y) for x, y in pairs if x in res.rates and y in res.rates]
+    if pairs:
+        lines += ["", "| pair, per round | ratio |", "|---|---|"]
+        lines += [f"| {x} / {y} | {ratio_cell(res, x, y)} |" for x, y in pairs]
+    lines += ["", f"`before` stages import farebox from {before_file} (checked in a child with their environment).", ""]
+
+    stages = list(ALL_STAGES)
+    if "single" in res.cpu and "before" in res.cpu:
+        lines += [
+            "## CPU ms per job by process, single (today's stages) vs before (" + BEFORE_COMMIT + ")",
+            "",
+            "| process | single | before | single / before, per round |",
+            "|---|---|---|---|",
+        ]
+        for g in cpu_groups_order(res):
+            s, b = res.cpu["single"].get(g), res.cpu["before"].get(g)
+            if not s or not b:
+                continue
+            pairs = [x / y for x, y in zip(s, b, strict=False) if y > 0]
+            lines.append(
+                f"| {g} | {spread(s, '.2f')} | {spread(b, '.2f')} | {spread(pairs, '.2f') if pairs else '-'} |"
+            )
+        stage_total = [
+            sum(res.cpu[v][st][i] for st in stages)
+            for v in ("single", "before")
+            for i in range(len(res.cpu[v]["dedup"]))
+        ]
+        k = len(res.cpu["single"]["dedup"])
+        lines.append(f"| all stages | {spread(stage_total[:k], '.2f')} | {spread(stage_total[k:], '.2f')} | |")
+        lines.append("")
+    if "single" in res.cpu:
+        lines += [
+            "## single: jobs/s one core of each stage would carry (1000 / its CPU ms per job)",
+            "",
+            "| stage | jobs/s per core |",
+            "|---|---|",
+        ]
+        for st in stages:
+            ms_runs = res.cpu["single"][st]
+            if statistics.median(ms_runs) < IDLE_MS:
+                lines.append(f"| {st} | - (under {IDLE_MS} CPU ms/job: the workload sends it next to no jobs) |")
+                continue
+            lines.append(f"| {st} | {spread([1000 / ms for ms in ms_runs], '.0f')} |")
+        lines.append("")
+    lines += [
+        "## CPU ms per job by process group, every variant",
+        "",
+        "rabbitmq and redis are the engines the variant uses (a cluster's nodes summed; Sentinel: master + replica + "
+        "Sentinel summed); client is this script's process.",
+        "",
+        "| process | " + " | ".join(n for n in names if n in res.cpu) + " |",
+        "|---|" + "---|" * len([n for n in names if n in res.cpu]),
+    ]
+    for g in cpu_groups_order(res):
+        cells = [spread(res.cpu[n][g], ".2f") if res.cpu[n].get(g) else "-" for n in names if n in res.cpu]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if res.errors:
+        lines += ["## Failed runs", "", *[f"- {e}" for e in res.errors], ""]
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--before-tree", default="/tmp/fb-before")
+    a = ap.parse_args()
+    names = [n for n in VARIANTS if n in a.variants.split(",")]
+    jobs, _ = make_workload(a.jobs, 0, seed=1)
+    res = Results()
+    need_rc = {"redis-cluster", "both-clusters"} & set(names)
+    need_sent = {"sentinel", "sentinel-wait"} & set(names)
+    need_rabbit = {"rabbit-cluster", "both-clusters"} & set(names)
+    machine_redis = pids_of(r"redis-server .*:6379( |$)")
+    with contextlib.ExitStack() as stack:
+        engines = Engines()
+        tree = stack.enter_context(worktree(BEFORE_COMMIT, Path(a.before_tree)))
+        engines.before_tree = tree
+        os.chdir(stack.enter_context(tempfile.TemporaryDirectory(prefix="fb-engines-")))
+        before_file = check_imports(tree)
+        print(f"before: a child imports farebox from {before_file}", flush=True)
+        if need_rc:
+            engines.rcluster = stack.enter_context(redis_cluster(3))
+            print(f"redis cluster: {engines.rcluster.url}", flush=True)
+        if need_sent:
+            engines.sentinel = stack.enter_context(sentinel_set())
+            print(f"sentinel: {engines.sentinel.url}", flush=True)
+        if need_rabbit:
+            t = time.monotonic()
+            engines.rabbit = stack.enter_context(rabbit_cluster(3))
+            c = engines.rabbit.nodes[0]
+            engines.rabbit.ctl(c, "set_policy", "--apply-to", "queues", "farebox-wait-mirrored", WAIT_QUEUES, MIRRORED)
+            print(f"rabbit cluster: {engines.rabbit.urls} ({time.monotonic() - t:.0f} s to start)", flush=True)
+        machine_broker = machine_broker_pids()
+        if len(machine_broker) != 1 or len(machine_redis) != 1:
+            raise SystemExit(f"expected one machine broker and one Redis on 6379: {machine_broker}, {machine_redis}")
+        table = variants(engines, machine_broker, machine_redis)
+        emulator = stack.enter_context(emulator_process(PORT))
+        await wait_for_emulator()
+        for n in names:
+            res.rates[n] = []
+        for r in range(a.runs):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                t = time.monotonic()
+                try:
+                    rate, cpu = await one_run(emulator, table[name], jobs)
+                except Exception as err:  # a failed run is reported, the others go on
+                    res.rates[name].append(None)
+                    res.errors.append(f"round {r + 1}, {name}: {type(err).__name__}: {err}")
+                    print(f"round {r + 1} {name}: FAILED {err!r}", flush=True)
+                    traceback.print_exc()
+                    continue
+                res.rates[name].append(rate)
+                for g, ms in cpu.items():
+                    res.cpu.setdefault(name, {}).setdefault(g, []).append(ms)
+                stages_ms = sum(cpu[s] for s in ALL_STAGES)
+                print(
+                    f"round {r + 1} {name}: {rate:.0f} jobs/s, stages {stages_ms:.2f} CPU ms/job, "
+                    f"rabbitmq {cpu['rabbitmq']:.2f}, redis {cpu['redis']:.2f} ({time.monotonic() - t:.0f} s)",
+                    flush=True,
+                )
+    publish_table("engines", render(a, res, names, before_file))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
