@@ -156,7 +156,7 @@ async def test_ready_only_from_every_workers_consume_until_the_drain(
     cancel = held(monkeypatch, "cancel", ".feedback")
     async with running(settings, "account", server) as stage:
         try:
-            assert "not consuming yet" in await stage.until("/readyz", 503)
+            await stage.until("/readyz", 503, containing="not consuming yet")  # after "no stage worker" perhaps
             one_short = "not ready: stage feedback: not consuming yet\n"  # the others consume, Redis answers
             await stage.until("/readyz", 503, containing=one_short)
             for _ in range(5):

@@ -201,7 +201,6 @@ async def run_stage(
     redis = make_redis(settings)
     try:
         await ready_redis(redis)
-        await refuse_keys_of_before(redis, settings)
         # The policy and catalog as last pushed to Redis, written to files the hot reload follows, or the files.
         synced = await ConfigSync.start(redis, settings.keys) if settings.config_source == "redis" else None
         store = CatalogStore(*(synced.paths if synced else (settings.catalog, settings.policy)))
@@ -217,10 +216,12 @@ async def run_stage(
     # A worker of one lane serves only its queues; cores with none there (feedback, dead letters) stay out.
     workers = [w for w in (Worker(settings, core, providers, lanes=lanes) for core in cores) if w.queues]
     probes = health.watch(redis.ping, [w.readiness for w in workers])  # /livez and /readyz (farebox/health.py)
-    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
-    if synced is not None:
-        tasks.append(asyncio.create_task(synced.run(stop)))
+    tasks: list[asyncio.Task[None]] = []
     try:
+        await refuse_keys_of_before(redis, settings)  # the probes report meanwhile (a Redis that hangs shows)
+        tasks += [asyncio.create_task(w.run(stop)) for w in workers]
+        if synced is not None:
+            tasks.append(asyncio.create_task(synced.run(stop)))
         if on_ready is not None:
             all_ready = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in workers)))
             pending: list[asyncio.Future[Any]] = [all_ready, *tasks]
