@@ -7,7 +7,7 @@ the same machine, and each variant's jobs/s is compared with ``single`` of the s
     redis-cluster   a 3-master Redis Cluster (tests/support/redis_cluster.py), redis+cluster://
     sentinel-wait   master + replica + Sentinel (tests/support/redis_sentinel.py), FAREBOX_REDIS_WAIT_REPLICAS=1
     sentinel        the same, FAREBOX_REDIS_WAIT_REPLICAS=0 (no WAIT)
-    rabbit-cluster  a 3-node RabbitMQ cluster (tests/support/rabbit_cluster.py), the wait queues mirrored
+    rabbit-cluster  a 3-node RabbitMQ cluster (tests/support/rabbit_cluster.py)
     both-clusters   rabbit-cluster and redis-cluster together
 
 The engines started here are started once and kept for every run; all of them run (idle when not in use) during
@@ -61,8 +61,6 @@ PORT = 8099
 BEFORE_COMMIT = "db30b53"
 SINGLE_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 SINGLE_REDIS = "redis://127.0.0.1:6379/0"
-MIRRORED = '{"ha-mode":"all","ha-sync-mode":"automatic"}'
-WAIT_QUEUES = r"^fbbench-[0-9a-f]{8}\.wait(\.batch)?$"  # every run's namespace is fbbench-<8 hex> (common.py)
 VARIANTS = ("single", "before", "redis-cluster", "sentinel-wait", "sentinel", "rabbit-cluster", "both-clusters")
 RUN_TIMEOUT_S = 600.0
 IDLE_MS = 0.02  # a stage under this many CPU ms per job is all but idle (a few clock ticks over a run)
@@ -259,7 +257,7 @@ DESCRIBE = {
     "redis-cluster": "Redis Cluster, 3 masters (no replicas)",
     "sentinel-wait": "Redis master + replica + Sentinel, WAIT_REPLICAS=1",
     "sentinel": "Redis master + replica + Sentinel, WAIT_REPLICAS=0",
-    "rabbit-cluster": "RabbitMQ 3-node cluster (quorum queues, wait queues mirrored), stages spread",
+    "rabbit-cluster": "RabbitMQ 3-node cluster (quorum queues), stages spread",
     "both-clusters": "RabbitMQ 3-node cluster + Redis Cluster",
 }
 
@@ -384,8 +382,6 @@ async def main() -> None:
         if need_rabbit:
             t = time.monotonic()
             engines.rabbit = stack.enter_context(rabbit_cluster(3))
-            c = engines.rabbit.nodes[0]
-            engines.rabbit.ctl(c, "set_policy", "--apply-to", "queues", "farebox-wait-mirrored", WAIT_QUEUES, MIRRORED)
             print(f"rabbit cluster: {engines.rabbit.urls} ({time.monotonic() - t:.0f} s to start)", flush=True)
         machine_broker = machine_broker_pids()
         if len(machine_broker) != 1 or len(machine_redis) != 1:

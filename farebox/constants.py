@@ -44,13 +44,24 @@ class Topology:
         return f"{self.namespace}.recheck"
 
     @property
+    def waiting(self) -> str:
+        """A quorum queue with a message TTL: a waiter sits here, then dead-letters to recheck. Quorum, so that it
+        is replicated over a RabbitMQ cluster's nodes (the classic ``wait`` of before lived on one node)."""
+        return f"{self.namespace}.waiting"
+
+    @property
+    def waiting_batch(self) -> str:
+        """As ``waiting``, with a longer TTL, for waiters of batch-lane jobs: their leader takes minutes to hours."""
+        return f"{self.namespace}.waiting.batch"
+
+    # The classic wait queues of before: no longer declared nor sent to (an existing queue cannot change its
+    # type); on an upgraded broker they empty themselves into recheck, and may then be deleted.
+    @property
     def wait(self) -> str:
-        """A classic queue with a message TTL: a waiter sits here, then dead-letters to recheck."""
         return f"{self.namespace}.wait"
 
     @property
     def wait_batch(self) -> str:
-        """As ``wait``, with a longer TTL, for waiters of batch-lane jobs: their leader takes minutes to hours."""
         return f"{self.namespace}.wait.batch"
 
     @property

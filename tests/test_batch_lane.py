@@ -297,7 +297,7 @@ async def test_a_job_with_an_unknown_custom_id_rule_still_fits(settings: Setting
     assert len(cid) == 32 and cid.isalnum()
 
 
-@pytest.mark.parametrize(("lane", "wait_queue"), [("batch", "wait_batch"), ("sync", "wait")])
+@pytest.mark.parametrize(("lane", "wait_queue"), [("batch", "waiting_batch"), ("sync", "waiting")])
 async def test_a_coalesced_waiter_of_a_batch_job_rechecks_slowly(
     settings: Settings, redis: Redis, lane: str, wait_queue: str
 ) -> None:

@@ -64,7 +64,7 @@ def test_every_stage_queue_has_an_interactive_twin_and_the_old_queues_keep_their
     assert plan["lanes.jobs"] == stage_queue_arguments(settings, max_length=settings.intake_max_length)
     assert plan["lanes.route"] == stage_queue_arguments(settings, max_length=settings.stage_max_length)
     # No twins for the coalescing, feedback and dead-letter queues.
-    for queue in (topo.wait, topo.recheck, topo.feedback, topo.dead, topo.dead_notify):
+    for queue in (topo.waiting, topo.waiting_batch, topo.recheck, topo.feedback, topo.dead, topo.dead_notify):
         assert topo.lane(queue, "interactive") == queue and queue + ".interactive" not in plan
     assert topo.is_batched("lanes.route.interactive") and topo.is_batched("lanes.execute.openai.interactive")
     assert not topo.is_batched("lanes.jobs.interactive")

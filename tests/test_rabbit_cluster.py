@@ -11,7 +11,6 @@ kills the stages' node; the short run in the default suite kills the stages' nod
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -35,14 +34,6 @@ FEED_PER_S = 40  # jobs a second until the stops are done, so they fall in the m
 def cluster() -> Iterator[RabbitCluster]:
     with rabbit_cluster(3) as started:
         yield started
-
-
-MIRRORED = '{"ha-mode":"all","ha-sync-mode":"automatic"}'
-
-
-def wait_queues_pattern(settings: Settings) -> str:
-    topo = settings.topology
-    return "^(" + "|".join(re.escape(q) for q in (topo.wait, topo.wait_batch)) + ")$"
 
 
 def worker_ports(cluster: RabbitCluster, asking: Node, namespace: str) -> dict[int, int]:
@@ -88,9 +79,8 @@ async def backfill_through_stops(
     results: list[JobResult] = []
     released = asyncio.Event()
     started = time.monotonic()
-    # The coalescing wait queues are classic queues, which live on the node that declared them (the stages' node,
-    # which goes): mirrored, as README says to do on a RabbitMQ 3 cluster, a replica takes over.
-    cluster.ctl(c, "set_policy", "--apply-to", "queues", "farebox-wait-mirrored", wait_queues_pattern(s), MIRRORED)
+    # Every queue is a quorum queue, the coalescing wait queues too: no policy is needed for the stages' node
+    # to go (with the classic wait queues of before, the stages could not restore their channels elsewhere).
     try:
         await pipeline.start()
         assert set(worker_ports(cluster, c, s.namespace)) == {a.port}, "the stages did not start at the first node"

@@ -206,7 +206,7 @@ class DedupStage(EnvelopeStage):
         waiting = env.model_copy(update={"waits": env.waits + 1})
         # A waiter of a batch-lane job re-checks every few seconds, not ten times a second for hours.
         batched = price_lane(self.batch(), env.job, env.lane)[0] == "batch"
-        return Handled([envelope_publish(waiting, self.topo.wait_batch if batched else self.topo.wait)])
+        return Handled([envelope_publish(waiting, self.topo.waiting_batch if batched else self.topo.waiting)])
 
     def _serve(self, env: Envelope, cached: bytes) -> Handled:
         status = "coalesced" if env.waits else "hit"

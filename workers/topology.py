@@ -10,8 +10,10 @@ Stage queues are durable quorum queues with:
   body unless asked: it may hold prompts and secrets) to ``<ns>.dead``, which keeps the newest records
   within a count, a size and an age (``dead_queue_arguments``).
 
-Coalesced waiters park in ``<ns>.wait``, a classic queue whose message TTL dead-letters them back
-into ``<ns>.recheck``; a broker-side timer, so a waiting job survives any worker dying.
+Coalesced waiters park in ``<ns>.waiting``, a quorum queue whose message TTL dead-letters them back
+into ``<ns>.recheck``; a broker-side timer, so a waiting job survives any worker dying, and replicated, so
+it survives a node of a cluster going. The classic ``<ns>.wait`` queues of before are no longer declared: a
+stage that declared one would fail to restore its channel on another node while the queue's node is down.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def stage_queue_arguments(settings: Settings, *, max_length: int | None) -> dict
     return args
 
 
+def waiting_arguments(settings: Settings, ttl_ms: int) -> dict[str, Any]:
+    """A wait queue: its messages expire after ``ttl_ms`` into recheck, dead-lettered at least once (a waiter
+    is never lost on its way back), never consumed."""
+    return {
+        **quorum_arguments(settings),
+        "x-message-ttl": ttl_ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": settings.topology.recheck,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Every queue name with its arguments. Pure, so tests and docker checks can read it."""
     topo: Topology = settings.topology
@@ -69,18 +84,8 @@ def queue_plan(settings: Settings, providers: Iterable[str]) -> dict[str, dict[s
         topo.recheck: stage_queue_arguments(settings, max_length=None),
         topo.dead: dead_queue_arguments(settings),
         topo.dead_notify: {**quorum_arguments(settings), "x-delivery-limit": settings.delivery_limit},
-        topo.wait: {
-            "x-queue-type": "classic",
-            "x-message-ttl": settings.coalesce_poll_ms,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": topo.recheck,
-        },
-        topo.wait_batch: {
-            "x-queue-type": "classic",
-            "x-message-ttl": settings.batch_wait_poll_ms,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": topo.recheck,
-        },
+        topo.waiting: waiting_arguments(settings, settings.coalesce_poll_ms),
+        topo.waiting_batch: waiting_arguments(settings, settings.batch_wait_poll_ms),
     }
     for provider in sorted(set(providers)):
         plan[topo.execute(provider)] = stage_queue_arguments(settings, max_length=settings.stage_max_length)
