@@ -24,14 +24,13 @@ import asyncio
 import contextlib
 import os
 import pwd
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,15 @@ from common import (
     ROOT,
     CpuGroups,
     broker_pids,
-    cores,
     emulator_process,
     make_workload,
     pids_of,
     process_pipeline,
     process_tree,
     publish_table,
-    spread,
     wait_for_emulator,
 )
+from engines_tables import BEFORE_COMMIT, Results, render
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
@@ -58,12 +56,10 @@ from tests.support.redis_cluster import RedisClusterNodes, redis_cluster
 from tests.support.redis_sentinel import SentinelSet, sentinel_set
 
 PORT = 8099
-BEFORE_COMMIT = "db30b53"
 SINGLE_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 SINGLE_REDIS = "redis://127.0.0.1:6379/0"
 VARIANTS = ("single", "before", "redis-cluster", "sentinel-wait", "sentinel", "rabbit-cluster", "both-clusters")
 RUN_TIMEOUT_S = 600.0
-IDLE_MS = 0.02  # a stage under this many CPU ms per job is all but idle (a few clock ticks over a run)
 RABBITMQ_UID = pwd.getpwnam("rabbitmq").pw_uid  # the machine's broker runs as rabbitmq, the clusters here do not
 
 
@@ -83,13 +79,6 @@ class Variant:
     rabbit_pids: list[int]
     redis_pids: list[int]
     wait_probe_port: int | None = None  # a Redis whose WAIT calls are counted over the run (the Sentinel's master)
-
-
-@dataclass
-class Results:
-    rates: dict[str, list[float | None]] = field(default_factory=dict)  # per round, None: the run failed
-    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # variant -> group -> per run
-    errors: list[str] = field(default_factory=list)
 
 
 def redis_server_pids(ports: list[int]) -> list[int]:
@@ -233,123 +222,6 @@ async def one_run(emulator: str, v: Variant, jobs: list[dict[str, object]]) -> t
         if dead:
             raise RuntimeError(f"stage processes exited during the run: {dead}")
     return rate, cpu
-
-
-def ratio_cell(res: Results, name: str, base: str) -> str:
-    pairs = [
-        a / b
-        for a, b in zip(res.rates[name], res.rates[base], strict=True)
-        if a is not None and b is not None and b > 0
-    ]
-    return spread(pairs, ".2f") if pairs else "-"
-
-
-def rate_cell(res: Results, name: str) -> str:
-    ok = [r for r in res.rates[name] if r is not None]
-    failed = len(res.rates[name]) - len(ok)
-    cell = spread(ok, ".0f") if ok else "-"
-    return cell + (f" ({failed} failed)" if failed else "")
-
-
-DESCRIBE = {
-    "single": "machine's RabbitMQ 127.0.0.1:5672 + Redis 127.0.0.1:6379",
-    "before": f"same engines, stages of {BEFORE_COMMIT}",
-    "redis-cluster": "Redis Cluster, 3 masters (no replicas)",
-    "sentinel-wait": "Redis master + replica + Sentinel, WAIT_REPLICAS=1",
-    "sentinel": "Redis master + replica + Sentinel, WAIT_REPLICAS=0",
-    "rabbit-cluster": "RabbitMQ 3-node cluster (quorum queues), stages spread",
-    "both-clusters": "RabbitMQ 3-node cluster + Redis Cluster",
-}
-
-
-def cpu_groups_order(res: Results) -> list[str]:
-    seen: list[str] = []
-    for by_group in res.cpu.values():
-        for g in by_group:
-            if g not in seen:
-                seen.append(g)
-    return seen
-
-
-def render(a: argparse.Namespace, res: Results, names: list[str], before_file: str) -> str:
-    lines = [
-        f"# Pipeline jobs/s by engine ({cores()} cores, {a.runs} rounds, each variant once a round, order rotating; "
-        f"emulator at 0 ms)",
-        "",
-        f"{a.jobs} jobs from make_workload --dup-rate 0 per run, stages as OS processes (bench/common.py "
-        "process_pipeline). Every engine started here runs on this machine beside the stages and stays up (idle) "
-        "through the other variants' runs. Ratios are per round (the two runs of a pair are minutes apart at most).",
-        "",
-        "| variant | engines | jobs/s | / single, per round | after / before, per round |",
-        "|---|---|---|---|---|",
-    ]
-    for name in names:
-        after_before = ratio_cell(res, "single", "before") if name == "before" else ""
-        lines.append(
-            f"| {name} | {DESCRIBE[name]} | {rate_cell(res, name)} | "
-            f"{ratio_cell(res, name, 'single') if name != 'single' else '1'} | {after_before} |"
-        )
-    pairs = [("single", "before"), ("sentinel-wait", "sentinel"), ("both-clusters", "rabbit-cluster")]
-    pairs = [(x, y) for x, y in pairs if x in res.rates and y in res.rates]
-    if pairs:
-        lines += ["", "| pair, per round | ratio |", "|---|---|"]
-        lines += [f"| {x} / {y} | {ratio_cell(res, x, y)} |" for x, y in pairs]
-    lines += ["", f"`before` stages import farebox from {before_file} (checked in a child with their environment).", ""]
-
-    stages = list(ALL_STAGES)
-    if "single" in res.cpu and "before" in res.cpu:
-        lines += [
-            "## CPU ms per job by process, single (today's stages) vs before (" + BEFORE_COMMIT + ")",
-            "",
-            "| process | single | before | single / before, per round |",
-            "|---|---|---|---|",
-        ]
-        for g in cpu_groups_order(res):
-            s, b = res.cpu["single"].get(g), res.cpu["before"].get(g)
-            if not s or not b:
-                continue
-            pairs = [x / y for x, y in zip(s, b, strict=False) if y > 0]
-            lines.append(
-                f"| {g} | {spread(s, '.2f')} | {spread(b, '.2f')} | {spread(pairs, '.2f') if pairs else '-'} |"
-            )
-        stage_total = [
-            sum(res.cpu[v][st][i] for st in stages)
-            for v in ("single", "before")
-            for i in range(len(res.cpu[v]["dedup"]))
-        ]
-        k = len(res.cpu["single"]["dedup"])
-        lines.append(f"| all stages | {spread(stage_total[:k], '.2f')} | {spread(stage_total[k:], '.2f')} | |")
-        lines.append("")
-    if "single" in res.cpu:
-        lines += [
-            "## single: jobs/s one core of each stage would carry (1000 / its CPU ms per job)",
-            "",
-            "| stage | jobs/s per core |",
-            "|---|---|",
-        ]
-        for st in stages:
-            ms_runs = res.cpu["single"][st]
-            if statistics.median(ms_runs) < IDLE_MS:
-                lines.append(f"| {st} | - (under {IDLE_MS} CPU ms/job: the workload sends it next to no jobs) |")
-                continue
-            lines.append(f"| {st} | {spread([1000 / ms for ms in ms_runs], '.0f')} |")
-        lines.append("")
-    lines += [
-        "## CPU ms per job by process group, every variant",
-        "",
-        "rabbitmq and redis are the engines the variant uses (a cluster's nodes summed; Sentinel: master + replica + "
-        "Sentinel summed); client is this script's process.",
-        "",
-        "| process | " + " | ".join(n for n in names if n in res.cpu) + " |",
-        "|---|" + "---|" * len([n for n in names if n in res.cpu]),
-    ]
-    for g in cpu_groups_order(res):
-        cells = [spread(res.cpu[n][g], ".2f") if res.cpu[n].get(g) else "-" for n in names if n in res.cpu]
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    lines.append("")
-    if res.errors:
-        lines += ["## Failed runs", "", *[f"- {e}" for e in res.errors], ""]
-    return "\n".join(lines)
 
 
 async def main() -> None:

@@ -217,3 +217,13 @@ async def bare_intake(settings: Settings) -> AsyncIterator[aio_pika.abc.Abstract
         queue = await (await connection.channel()).declare_queue(settings.topology.intake)
         yield queue
         await queue.delete(if_unused=False, if_empty=False)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No FAREBOX_* or provider variables from the caller's shell leak into Settings() (the compose file and
+    the Kubernetes manifests are checked against the defaults)."""
+    for name in list(os.environ):
+        if name.startswith("FAREBOX_") or name.endswith(("_API_KEY", "_BASE_URL")):
+            monkeypatch.delenv(name)
+    yield monkeypatch

@@ -5,11 +5,7 @@ default run sends 1,000 jobs; the 5,000 of the acceptance run is marked slow."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -17,7 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from farebox.settings import Settings
-from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, settings_env
+from tests.support.pipeline import (
+    ALL_STAGES,
+    InProcessPipeline,
+    ProcessPipeline,
+    drop_namespace,
+    report_json,
+)
+from tests.support.ports import port_is_free
 from tests.support.workload import make_workload
 
 
@@ -26,18 +29,9 @@ def free_port_block(n: int) -> int:
     outgoing connection of the workers can take one between this check and their bind."""
     for _ in range(200):
         base = random.randrange(20000, 32000 - n)
-        if all(_free(base + i) for i in range(n)):
+        if all(port_is_free(base + i, "0.0.0.0") for i in range(n)):
             return base
     raise RuntimeError("no free port block")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
 
 
 def scrape_cost(port: int) -> float:
@@ -65,15 +59,7 @@ async def test_report_equals_results_and_metrics(settings: Settings, redis: Redi
         procs.terminate()
         await drop_namespace(s)
     assert len(results) == summary["jobs"]
-    report = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "farebox", "report", "--by", "tenant,model", "--json"],
-        env=settings_env(s),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    total = json.loads(report.stdout)["total"]
+    total = (await report_json(s, "--by", "tenant,model"))["total"]
     from_results = sum(r.cost_usd for r in results)
     assert total["jobs"] == len(results)
     assert round(total["cost_usd"], 2) == round(from_results, 2)

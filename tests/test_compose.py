@@ -121,17 +121,6 @@ def workers(farebox_services: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     return {name: s for name, s in farebox_services.items() if command_of(s)[:1] == ["worker"]}
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """No FAREBOX_* or provider variables from the caller's shell leak into Settings()."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("FAREBOX_") or name.endswith(("_API_KEY", "_BASE_URL")):
-            monkeypatch.delenv(name)
-    yield monkeypatch
-
-
 @pytest.fixture(scope="module")
 def registered_metrics() -> tuple[set[str], dict[str, set[str]]]:
     """Every series name the processes can export, and the label names of farebox's own."""

@@ -131,7 +131,6 @@ async def test_the_ledger_budget_and_cache_scripts_keep_each_call_in_one_slot(na
                 cache=cache,
                 lease_key=lease,
                 budgets=_holds(keys, tenant),
-                reserved_usd=2e-5,
                 prompt=KeptPrompt("[]", 60),
                 evaluation="shadow",
             )

@@ -10,7 +10,6 @@ are read as kustomize would: every file they list exists and every manifest is l
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +120,6 @@ def planned() -> dict[str, list[str]]:
 
     children = plan_children(Settings(metrics_port=0), {}, scale={}, use_emulator=False)
     return {c.name: c.argv[c.argv.index("farebox") + 1 :] for c in children}
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("FAREBOX_") or name.endswith(("_API_KEY", "_BASE_URL")):
-            monkeypatch.delenv(name)
-    yield monkeypatch
 
 
 # --- the kustomizations ------------------------------------------------------------------------

@@ -79,7 +79,6 @@ async def record(ledger: Ledger, keys: RedisKeys, res: JobResult, ts: float = TS
         cache=CacheFill("k" * 64, '{"content":"4"}', 60),
         lease_key="k" * 64,
         budgets=holds(keys),
-        reserved_usd=0.0002,
     )
 
 
@@ -204,12 +203,13 @@ async def test_a_job_reserved_under_the_old_budget_key_names_is_recorded_without
 
 async def test_the_settle_releases_what_was_reserved_not_what_a_copy_says(redis: Redis, settings: Settings) -> None:
     """A second copy of the job reserved nothing (the reservation existed) and may reach the account stage
-    first, saying it reserved its own estimate: the settle releases the reservation key's amount, once."""
+    first: the settle releases the reservation key's amount, once, whichever copy comes first (no copy's own
+    idea of what it reserved is passed in at all)."""
     keys = settings.keys
     await reserve(redis, keys, 200_000)
     ledger = book(redis, settings)
-    await ledger.record(result(), ts=TS, cache=None, lease_key=None, budgets=holds(keys), reserved_usd=0.9)
-    await ledger.record(result(), ts=TS, cache=None, lease_key=None, budgets=holds(keys), reserved_usd=0.0002)
+    await ledger.record(result(), ts=TS, cache=None, lease_key=None, budgets=holds(keys))
+    await ledger.record(result(), ts=TS, cache=None, lease_key=None, budgets=holds(keys))
     await assert_counted_once(redis, keys)
 
 

@@ -24,14 +24,9 @@ from tests.support.pipeline import (
     collect,
     drop_namespace,
     ledger_entries,
+    ledger_entries_written,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.support.ports import free_port
 
 
 class OwnRedis:
@@ -113,11 +108,8 @@ async def test_redis_outage_mid_run_loses_nothing_and_the_ledger_catches_up(
         assert all(r.status == "ok" for r in results), [r.error for r in results if r.error][:3]
         redis = Redis.from_url(own_redis.url)
         try:
-            for _ in range(100):  # the account stage finishes ledger writes it held during the outage
-                if len(await ledger_entries(redis, s)) == len(jobs):
-                    break
-                await asyncio.sleep(0.1)
-            assert sorted(await ledger_entries(redis, s)) == sorted(str(j["job_id"]) for j in jobs)
+            entries = await ledger_entries_written(redis, s, len(jobs))  # held during the outage
+            assert sorted(entries) == sorted(str(j["job_id"]) for j in jobs)
         finally:
             await redis.aclose()
     finally:

@@ -7,9 +7,7 @@ The cluster not starting is a failure, never a skip."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from farebox.redis_connect import connect_redis, ready_redis
 from farebox.settings import Settings
 from tests import test_budgets, test_cache_modes, test_coalescing, test_ledger_folds, test_pipeline
 from tests.conftest import EmulatorStats
-from tests.support.pipeline import InProcessPipeline, ledger_entries, settings_env
+from tests.support.pipeline import InProcessPipeline, ledger_entries, report_json
 from tests.support.redis_cluster import RedisClusterNodes, redis_cluster
 
 
@@ -137,15 +135,7 @@ async def test_report_totals_equal_the_results(
         results = [r async for r in client.stream(jobs, max_in_flight=8)]
     assert len(results) == 40 and all(r.status == "ok" for r in results)
     assert len(await ledger_entries(cluster_redis, on_cluster)) == 40
-    report = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "farebox", "report", "--by", "tenant,model", "--json"],
-        env=settings_env(on_cluster),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    total = json.loads(report.stdout)["total"]
+    total = (await report_json(on_cluster, "--by", "tenant,model"))["total"]
     assert total["jobs"] == 40
     assert abs(total["cost_usd"] - sum(r.cost_usd for r in results)) < 1e-6
     assert total["cache_hits"] == sum(1 for r in results if r.cache != "miss") == 28

@@ -25,7 +25,7 @@ from farebox.redis_connect import (
 )
 from farebox.settings import Settings
 from tests.support.chaos import distinct_jobs
-from tests.support.pipeline import InProcessPipeline, collect, ledger_entries
+from tests.support.pipeline import InProcessPipeline, collect, ledger_entries_written
 from tests.support.redis_sentinel import SentinelSet, sentinel_set
 
 S = "redis+sentinel"
@@ -218,10 +218,7 @@ async def test_the_pipeline_loses_no_job_when_the_sentinels_master_fails_over(
             assert sorted(r.job_id for r in results) == sorted(str(j["job_id"]) for j in jobs)
             assert all(r.status == "ok" for r in results), [r.error for r in results if r.error][:3]
             async with Redis(port=cluster.master_address()[1]) as master:
-                for _ in range(100):  # the account stage writes entries it held while Redis switched
-                    if len(await ledger_entries(master, s)) >= len(jobs):
-                        break
-                    await asyncio.sleep(0.1)
-                assert sorted(await ledger_entries(master, s)) == sorted(str(j["job_id"]) for j in jobs)
+                entries = await ledger_entries_written(master, s, len(jobs))  # held while Redis switched
+                assert sorted(entries) == sorted(str(j["job_id"]) for j in jobs)
         finally:
             await p.close()

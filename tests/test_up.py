@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 
 import pytest
@@ -19,15 +18,9 @@ from farebox.settings import Settings
 from farebox.supervisor import emulated_providers
 from tests.support.chaos import distinct_jobs
 from tests.support.pipeline import collect, drop_namespace, ledger_entries, settings_env
+from tests.support.ports import free_port
 
 STARTED = re.compile(r"farebox: (\S+) started \(pid (\d+)\)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settings, redis: Redis) -> None:

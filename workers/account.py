@@ -132,7 +132,6 @@ class AccountStage:
                 reply_to=env.reply_to,
                 correlation_id=env.correlation_id,
                 budgets=env.budgets,
-                reserved_usd=env.route.reserved_usd if env.route else 0.0,
                 prompt=kept_prompt(env, policy),
                 evaluation=env.evaluation.kind if env.evaluation else None,
                 sync_cost_usd=sync_cost_usd(env, catalog),
@@ -177,7 +176,6 @@ class Recording:
     reply_to: str | None = None
     correlation_id: str | None = None
     budgets: tuple[BudgetHold, ...] = ()
-    reserved_usd: float = 0.0
     prompt: KeptPrompt | None = None
     evaluation: str | None = None  # an evaluation job's kind (shadow grading): its cost is evaluation spend
     sync_cost_usd: float | None = None  # a batch job's cost at its model's sync price (the ledger's batch_sync_nusd)
@@ -261,7 +259,6 @@ class Recorder:
             cache=rec.cache,
             lease_key=rec.lease_key,
             budgets=rec.budgets,
-            reserved_usd=rec.reserved_usd,
             result_json=result_json,
             prompt=rec.prompt,
             evaluation=rec.evaluation,

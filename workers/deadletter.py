@@ -64,7 +64,6 @@ class DeadLetter:
     lease_key: str | None
     metadata: dict[str, Any]
     budgets: tuple[BudgetHold, ...] = ()  # a reservation the dead job still holds
-    reserved_usd: float = 0.0
     route: RouteInfo | None = None  # how it was routed, so a failed experiment job still counts in its arm
     origin: Origin | None = None
     producer: bool = False  # a producer's body: it acts for a tenant only as its sender may
@@ -198,7 +197,6 @@ def read_dead_letter(
             lease_key=env.coalesce_key,
             metadata=env.job.metadata,
             budgets=env.budgets,
-            reserved_usd=env.route.reserved_usd if env.route else 0.0,
             route=RouteInfo(reason=env.route.reason, candidates=env.route.candidates, strategy=env.route.strategy)
             if env.route is not None
             else None,
@@ -357,7 +355,6 @@ class DeadLetterStage:
                 reply_to=item.reply_to,
                 correlation_id=item.correlation_id,
                 budgets=item.budgets,
-                reserved_usd=item.reserved_usd,
             )
         )
         # The record first: a caller who has its answer finds the record already there.

@@ -272,7 +272,6 @@ class Ledger:
         cache: CacheFill | None,
         lease_key: str | None,
         budgets: Sequence[BudgetHold] = (),
-        reserved_usd: float = 0.0,
         result_json: str | None = None,
         prompt: KeptPrompt | None = None,
         evaluation: str | None = None,
@@ -283,9 +282,7 @@ class Ledger:
         after settling this job (empty on a replay). ``result_json`` is the result already
         serialised by the caller (the reply body), so it is not serialised twice. ``sync_cost_usd``:
         a batch job's cost at its model's sync price (its own cost when not given). ``lease_key``: the
-        job's coalescing key, whose lease is released when the job holds it. ``reserved_usd`` is what the
-        route stage says it reserved; the settle releases what the job's reservation key holds instead."""
-        del reserved_usd  # kept for the callers: the reservation key is what counts (see _SETTLE)
+        job's coalescing key, whose lease is released when the job holds it."""
         record = job_record(result.tenant or "default", result.job_id)
         own_lease = lease_key is not None and lease_key.startswith("job:")
         entry = entry_json(result, ts=ts, evaluation=evaluation)

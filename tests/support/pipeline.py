@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 from redis.asyncio import Redis
@@ -114,6 +114,30 @@ async def ledger_entries(redis: Redis, settings: Settings) -> list[str]:
     head, _, tail = settings.keys.ledger_entry(JobRecord("\0")).partition("\0")  # around the record
     keys = [k.decode() async for k in redis.scan_iter(match=f"{head}*{tail}", count=1000)]
     return [split_job_record(k.removeprefix(head).removesuffix(tail))[1] for k in keys]
+
+
+async def ledger_entries_written(redis: Redis, settings: Settings, expected: int, within_s: float = 10.0) -> list[str]:
+    """``ledger_entries`` once there are ``expected`` of them (or ``within_s`` has passed): an account stage
+    that held its ledger writes while Redis was away or switching writes them a moment after the results."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while len(found := await ledger_entries(redis, settings)) < expected:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def report_json(settings: Settings, *args: str) -> Any:
+    """``farebox report --json ARGS`` as a child process with these settings, parsed."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "farebox", "report", *args, "--json"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout)
 
 
 class ProcessPipeline:

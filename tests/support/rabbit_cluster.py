@@ -15,13 +15,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.ports import free_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wrapper switches user and logs
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -30,13 +31,6 @@ START_TIMEOUT_S = 120
 
 class ClusterError(RuntimeError):
     """A node did not start, join or stop as asked; the message says which and how."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @dataclass

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.ports import free_port, port_is_free
 
 START_TIMEOUT_S = 20.0
 
@@ -36,23 +37,12 @@ def _free_ports(n: int) -> list[int]:
     """Ports free now, with their cluster bus port (port + 10000) free too."""
     ports: list[int] = []
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 < 65536 and port not in ports and _free(port + 10000):
+        port = free_port()
+        if port + 10000 < 65536 and port not in ports and port_is_free(port + 10000):
             ports.append(port)
             if len(ports) == n:
                 return ports
     raise RedisClusterError("no free ports for a Redis Cluster")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def _cli(port: int, *args: str, timeout: float = 10.0) -> str:
