@@ -3,6 +3,10 @@ side by side in one run, over a JSONL workload.
 
     python /work/shared/workloads/make_workload.py --jobs 10000 --dup-rate 0 > /tmp/w.jsonl
     python bench/route_speed.py /tmp/w.jsonl [--repeat 3] [--md bench/results/route_speed.md]
+    python bench/route_speed.py /tmp/w.jsonl --against OLD_ROUTER.json   # two router files side by side
+
+``--against FILE`` puts a learned policy with that router file in the place of the rules one: for example
+the router of an earlier commit (``git show REV:catalog/router.json``) against today's, in one run.
 
 The two policies are the bundled one (``learned``: the router file it names, loaded as the pipeline loads
 it) and the same policy with ``"router": {"kind": "rules"}``. Measured on one core, after parsing (parsing is
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from farebox.routing.catalog import Catalog
 from farebox.routing.choose import choose_route
 from farebox.routing.estimate import EstimateReport
-from farebox.routing.learned import LearnedRouter, prompt_text
+from farebox.routing.learned import LearnedRouter, load_router, prompt_text
 from farebox.routing.policy import Policy, RouterRule
 from farebox.routing.store import load_pair
 from farebox.schemas import Job
@@ -51,10 +55,12 @@ class Mode:
         choose_route(job, self.catalog, self.policy, input_tokens=tokens, router=self.router)
 
 
-def modes() -> tuple[Mode, Mode]:
+def modes(against: str | None = None) -> tuple[Mode, Mode]:
     catalog, policy, router, _ = load_pair(CATALOG_DIR / "model_costs.json", CATALOG_DIR / "policy.json")
     if router is None:
         raise SystemExit(f"{CATALOG_DIR / 'policy.json'} routes by rules: nothing learned to compare")
+    if against is not None:
+        return Mode("against", catalog, policy, load_router(against)), Mode("learned", catalog, policy, router)
     rules = policy.model_copy(update={"router": RouterRule()})
     return Mode("rules", catalog, rules, None), Mode("learned", catalog, policy, router)
 
@@ -164,14 +170,14 @@ def cpu_table(runs: Runs, pair: tuple[Mode, Mode]) -> list[str]:
     ]
 
 
-def speed_table(speed: dict[str, tuple[float, float, float]]) -> list[str]:
+def speed_table(speed: dict[str, tuple[float, float, float]], pair: tuple[Mode, Mode]) -> list[str]:
     paths = ("route only (token count given)", "count tokens + route", "full estimate (count, route, breakdown)")
+    a, b = (m.name for m in pair)
     return [
-        "| path | rules decisions/s | learned decisions/s | rules µs | learned µs |",
+        f"| path | {a} decisions/s | {b} decisions/s | {a} µs | {b} µs |",
         "|---|---:|---:|---:|---:|",
         *(
-            f"| {name} | {speed['rules'][i]:,.0f} | {speed['learned'][i]:,.0f} | {1e6 / speed['rules'][i]:.1f} | "
-            f"{1e6 / speed['learned'][i]:.1f} |"
+            f"| {name} | {speed[a][i]:,.0f} | {speed[b][i]:,.0f} | {1e6 / speed[a][i]:.1f} | {1e6 / speed[b][i]:.1f} |"
             for i, name in enumerate(paths)
         ),
     ]
@@ -182,9 +188,10 @@ def main() -> None:
     ap.add_argument("workload")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--md", help="also write a markdown result file here")
+    ap.add_argument("--against", help="a router file to compare with, in the place of the rules")
     a = ap.parse_args()
 
-    pair = modes()
+    pair = modes(a.against)
     learned = pair[1]
     assert learned.router is not None
     with open(a.workload) as f:
@@ -201,7 +208,7 @@ def main() -> None:
     p95_ms = statistics.median(runs["learned"]["p95"]) / 1e6
     verdict = "meets" if p95_ms <= P95_TARGET_MS else "MISSES"
     lines = [
-        "# Route stage CPU per job and routing speed: router kind rules vs learned",
+        f"# Route stage CPU per job and routing speed: {pair[0].name} vs learned",
         "",
         f"Workload: `{a.workload}`, {n} jobs (mean input {sum(tokens) / n:.0f} tokens, "
         f"{sum(1 for j in jobs if j.model is None)} automatic routes). Python {platform.python_version()} on "
@@ -213,9 +220,11 @@ def main() -> None:
         "",
         f"Learned p95 {p95_ms:.3f} ms: {verdict} the target of {P95_TARGET_MS:g} ms per job. "
         f"Scoring alone (router.score on one prompt): {1e6 * score_s / n:.1f} µs per job. "
-        f"Slowest single job: rules {worst['rules'] / 1e3:,.0f} µs, learned {worst['learned'] / 1e3:,.0f} µs.",
+        f"Slowest single job: {pair[0].name} {worst[pair[0].name] / 1e3:,.0f} µs, "
+        f"learned {worst['learned'] / 1e3:,.0f} µs."
+        + (f" Against: {pair[0].router.describe()}." if pair[0].router else ""),
         "",
-        *speed_table(speed),
+        *speed_table(speed, pair),
         "",
         "Estimate of the same workload, by tier:",
         "",

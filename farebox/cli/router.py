@@ -103,7 +103,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         raise OutcomeDataError("--folds must be at least 2")
     data = load_data(args)
     started = time.perf_counter()
-    trained = train_router(data, folds=args.folds, source=str(args.output))
+    try:
+        trained = train_router(data, folds=args.folds, source=str(args.output))
+    except ImportError as err:  # scikit-learn, an optional dependency, is missing: say what to install
+        raise InvalidRequest(str(err)) from None
     elapsed = time.perf_counter() - started
     text = json.dumps(trained.document, indent=1) + "\n"
     out = Path(args.output)
@@ -141,8 +144,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                 f"strong {rows.strong_model}, weak {rows.weak_model}",
                 f"dropped groups (a model below {training['min_group_quality']} mean quality: graded wrongly; "
                 f"scored, not trained on): {', '.join(dropped) if dropped else 'none'}",
-                f"features chosen: {', '.join(trained.document['features'])}",
-                "features per outer fold: " + "; ".join(", ".join(f) for f in trained.selected_per_fold),
+                f"features chosen for the open model (prompts without options, read on their question), a ridge: "
+                f"{', '.join(trained.document['features'])}",
+                "its features per outer fold: " + "; ".join(", ".join(f) for f in trained.selected_per_fold),
+                _choice_line(trained.document),
                 f"training time {elapsed:.1f} s; wrote {out} ({len(text.encode()):,} bytes), "
                 f"data sha256 {data.digest[:16]}",
             ]
@@ -152,6 +157,19 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     if no_price:
         console.print(f"no savings: {no_price}", markup=False)
     return 0
+
+
+def _choice_line(document: dict[str, Any]) -> str:
+    from farebox.routing.training import MIN_CHOICE_ROWS
+
+    rows = document["training"].get("choice_rows", 0)
+    section = document.get("choice_model")
+    if section is None:
+        return f"choice model: none ({rows:,} multiple-choice rows; it needs {MIN_CHOICE_ROWS:,} in 2 groups)"
+    return (
+        f"choice model (prompts with options): {len(section['value'])} boosted trees of depth {section['depth']} "
+        f"over {len(section['features'])} features, fitted on {rows:,} multiple-choice rows"
+    )
 
 
 def _cv_table(oof: Floats, data: OutcomeSet, costs: tuple[Floats, Floats] | None) -> Table:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,7 +23,7 @@ _OPTION = re.compile(r"^\s*\(?[A-Ja-j][.)]\s+(.*)$", re.MULTILINE)
 _MATH = frozenset("=+*/^<>|\\$%")
 
 
-def _question(text: str) -> str:
+def question_text(text: str) -> str:
     """The text before a multiple-choice option list (all of it when there is none)."""
     match = _OPTION.search(text)
     return text[: match.start()] if match else text
@@ -32,8 +33,14 @@ def _options(text: str) -> list[str]:
     return _OPTION.findall(text)
 
 
+def has_options(text: str) -> bool:
+    """Whether the prompt offers choices (at least two lines such as ``A. ...``, ``b) ...``): a multiple-choice
+    question, which the router's choice model scores; any other prompt is an open question."""
+    return len(_OPTION.findall(text[:MAX_CHARS])) >= 2
+
+
 def _share(text: str, test: Callable[[str], bool]) -> float:
-    return sum(1 for c in text if test(c)) / (len(text) + 1)
+    return sum(map(test, text)) / (len(text) + 1)  # map over a builtin: no Python frame per character
 
 
 def _log_chars(text: str) -> float:
@@ -41,7 +48,7 @@ def _log_chars(text: str) -> float:
 
 
 def _log_question_chars(text: str) -> float:
-    return math.log1p(len(_question(text)))
+    return math.log1p(len(question_text(text)))
 
 
 def _log_option_chars(text: str) -> float:
@@ -49,18 +56,24 @@ def _log_option_chars(text: str) -> float:
     return math.log1p(sum(len(o) for o in options) / len(options)) if options else 0.0
 
 
+@lru_cache(maxsize=8)
+def _word_lengths(text: str) -> tuple[int, ...]:
+    """Three features read the words: found once per text (the route stage scores one text at a time)."""
+    return tuple(map(len, _WORD.findall(text)))
+
+
 def _log_words(text: str) -> float:
-    return math.log1p(len(_WORD.findall(text)))
+    return math.log1p(len(_word_lengths(text)))
 
 
 def _mean_word_length(text: str) -> float:
-    words = _WORD.findall(text)
-    return sum(len(w) for w in words) / len(words) if words else 0.0
+    lengths = _word_lengths(text)
+    return sum(lengths) / len(lengths) if lengths else 0.0
 
 
 def _long_word_share(text: str) -> float:
-    words = _WORD.findall(text)
-    return sum(1 for w in words if len(w) >= 9) / len(words) if words else 0.0
+    lengths = _word_lengths(text)
+    return sum(1 for n in lengths if n >= 9) / len(lengths) if lengths else 0.0
 
 
 def _digit_share(text: str) -> float:
@@ -68,7 +81,7 @@ def _digit_share(text: str) -> float:
 
 
 def _math_share(text: str) -> float:
-    return _share(text, _MATH.__contains__)
+    return sum(map(text.count, _MATH)) / (len(text) + 1)  # the same count as per character, in C
 
 
 def _upper_share(text: str) -> float:

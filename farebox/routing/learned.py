@@ -1,11 +1,16 @@
 """A learned router: a file that turns a prompt into P(the job needs the premium tier), and the thresholds that
 keep a stated share of premium quality.
 
-The file is JSON (``farebox-router`` format 1), small and safe to load (no pickle): the lexical features it
-reads (farebox/routing/features.py), their standardisation, a linear model over them, a logistic calibration
-of its output to the probability that the premium model succeeds where the cheaper one fails, and the
-operating points: for each quality level (a share of premium quality), the share of jobs to send to premium
-and the score threshold that does it. ``farebox router train`` writes it (farebox/routing/training.py).
+The file is JSON (``farebox-router``), small and safe to load (no pickle): the lexical features it reads
+(farebox/routing/features.py), their standardisation, a linear model over them, a logistic calibration of its
+output to the probability that the premium model succeeds where the cheaper one fails, and the operating
+points: for each quality level (a share of premium quality), the share of jobs to send to premium and the
+score threshold that does it. ``farebox router train`` writes it (farebox/routing/training.py).
+
+Version 2 adds, optionally, a choice model: boosted trees (farebox/routing/trees.py) that score prompts with
+an option list (multiple-choice questions), whose options say much about how hard they are; the linear model
+then reads the question alone (``"reads": "question"``) and scores every other prompt. Version 1 files (one
+linear model over the whole text) still load.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,10 +28,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from farebox.routing.catalog import CatalogError
-from farebox.routing.features import FEATURES, lexical_features
+from farebox.routing.features import FEATURES, has_options, lexical_features, question_text
+from farebox.routing.trees import Trees, TreesError, trees_from_document
 
 FORMAT = "farebox-router"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+READS = ("whole", "question")  # what text the linear model's features are computed on
 BUILTIN = "builtin"  # the router trained on the shared RouteLLM data, shipped in the package
 BUILTIN_FILE = "router.json"  # in farebox/catalog
 
@@ -46,18 +55,44 @@ class LearnedRouter:
     levels: tuple[float, ...]  # increasing shares of premium quality
     thresholds: tuple[float, ...]  # the score at or above which a job goes to premium, per level
     meta: dict[str, Any]
+    reads: str = "whole"
+    knots: NDArray[np.float64] | None = None  # quantiles of the training rows' raw output (version 2)
+    choice_features: tuple[str, ...] = ()
+    choice: Trees | None = None  # scores prompts with options, when present
 
-    def raw(self, texts: Sequence[str]) -> NDArray[np.float64]:
+    def _linear(self, texts: Sequence[str]) -> NDArray[np.float64]:
+        if self.reads == "question":
+            texts = [question_text(t) for t in texts]
         x = (lexical_features(texts, self.features) - self.mean) / self.scale
         out: NDArray[np.float64] = x @ self.coef + self.intercept
+        return out
+
+    def raw(self, texts: Sequence[str]) -> NDArray[np.float64]:
+        """The model's estimate of the gain of premium (premium minus cheaper quality) per text."""
+        if self.choice is None:
+            return self._linear(texts)
+        choices = np.array([has_options(t) for t in texts], dtype=bool)
+        out = np.zeros(len(texts))
+        if not choices.all():
+            out[~choices] = self._linear([t for t, c in zip(texts, choices, strict=True) if not c])
+        if choices.any():
+            picked = [t for t, c in zip(texts, choices, strict=True) if c]
+            out[choices] = self.choice.predict(lexical_features(picked, self.choice_features))
         return out
 
     def score(self, texts: Sequence[str]) -> NDArray[np.float64]:
         """P(the job needs premium) per text, in [0, 1]."""
         a, b = self.calibration
-        z = np.clip(a * self.raw(texts) + b, -500.0, 500.0)
+        raw = self.raw(texts)
+        if self.knots is not None:  # the share of training rows below: the scale the calibration was fitted on
+            raw = np.interp(raw, self.knots, self._shares)
+        z = np.clip(a * raw + b, -500.0, 500.0)
         out: NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
         return out
+
+    @cached_property
+    def _shares(self) -> NDArray[np.float64]:
+        return np.linspace(0.0, 1.0, 0 if self.knots is None else len(self.knots))
 
     def threshold(self, level: float) -> float:
         """The score threshold that keeps ``level`` of premium quality: the calibrated point at or above it."""
@@ -81,18 +116,43 @@ def _floats(doc: dict[str, Any], key: str, n: int | None, where: str) -> NDArray
     return np.asarray(value, dtype=np.float64)
 
 
+def _feature_names(value: object, source: str) -> tuple[str, ...]:
+    names = tuple(value) if isinstance(value, list) else ()
+    unknown = [f for f in names if f not in FEATURES]
+    if unknown or not names:
+        raise RouterFileError(f"{source}: unknown features {unknown} (known: {', '.join(FEATURES)})")
+    return names
+
+
+def _choice_model(doc: dict[str, Any], source: str) -> tuple[tuple[str, ...], Trees | None]:
+    section = doc.get("choice_model")
+    if doc.get("version") == 1 or section is None:
+        return (), None
+    if not isinstance(section, dict):
+        raise RouterFileError(f"{source}: field 'choice_model' must be an object")
+    names = _feature_names(section.get("features"), source)
+    try:
+        return names, trees_from_document(section, len(names), source)
+    except TreesError as err:
+        raise RouterFileError(str(err)) from None
+
+
 def router_from_document(doc: object, source: str) -> LearnedRouter:
     """Check a parsed router file and build the router; RouterFileError names what is wrong."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise RouterFileError(f'{source}: not a farebox router file (no "format": "{FORMAT}")')
-    if doc.get("version") != VERSION:
-        raise RouterFileError(f"{source}: router format version {doc.get('version')!r}; this farebox reads {VERSION}")
+    if doc.get("version") not in READABLE_VERSIONS:
+        raise RouterFileError(
+            f"{source}: router format version {doc.get('version')!r}; this farebox reads "
+            + " and ".join(map(str, READABLE_VERSIONS))
+        )
     try:
-        features = tuple(doc["features"])
+        features = _feature_names(doc["features"], source)
         model, calib = doc["model"], doc["calibration"]
-        unknown = [f for f in features if f not in FEATURES]
-        if unknown or not features:
-            raise RouterFileError(f"{source}: unknown features {unknown} (known: {', '.join(FEATURES)})")
+        reads = model.get("reads", "whole") if doc["version"] > 1 else "whole"
+        if reads not in READS:
+            raise RouterFileError(f"{source}: model 'reads' must be one of {', '.join(READS)}")
+        choice_features, choice = _choice_model(doc, source)
         n = len(features)
         levels = _floats(calib, "levels", None, source)
         thresholds = _floats(calib, "thresholds", len(levels), source)
@@ -100,6 +160,9 @@ def router_from_document(doc: object, source: str) -> LearnedRouter:
         if not levels.size or np.any(np.diff(levels) <= 0) or np.any(scale <= 0):
             raise RouterFileError(f"{source}: calibration levels must increase and scales be positive")
         platt = _floats(calib, "platt", 2, source)
+        knots = _floats(calib, "knots", None, source) if doc["version"] > 1 and "knots" in calib else None
+        if knots is not None and (knots.size < 2 or np.any(np.diff(knots) <= 0)):
+            raise RouterFileError(f"{source}: calibration knots must be at least 2 increasing numbers")
         return LearnedRouter(
             source=source,
             features=features,
@@ -110,7 +173,11 @@ def router_from_document(doc: object, source: str) -> LearnedRouter:
             calibration=(float(platt[0]), float(platt[1])),
             levels=tuple(float(v) for v in levels),
             thresholds=tuple(float(v) for v in thresholds),
-            meta={k: v for k, v in doc.items() if k not in ("model", "calibration")},
+            meta={k: v for k, v in doc.items() if k not in ("model", "calibration", "choice_model")},
+            reads=reads,
+            knots=knots,
+            choice_features=choice_features,
+            choice=choice,
         )
     except (KeyError, TypeError, AttributeError) as err:
         raise RouterFileError(f"{source}: incomplete router file ({type(err).__name__}: {err})") from None

@@ -5,12 +5,16 @@ because a router is judged on subjects it never saw, and random-row splits overs
 numpy:
 
 1. the target is the gain of sending a prompt to premium, strong - weak quality in [-1, 1];
-2. features are chosen by forward selection, each step keeping the feature that most raises the grouped
-   cross-validated APGR of a ridge regression on the gain, stopping when none adds ``MIN_GAIN``;
-3. the figures printed come from *nested* grouped cross-validation: the selection runs again inside each
-   outer training fold, so the held-out groups choose nothing;
-4. a logistic (Platt) fit maps the out-of-fold output to P(premium succeeds where the cheaper model fails);
-5. the operating points: for each quality level, the share of jobs the out-of-fold curve sends to premium to
+2. the open model, for prompts without options: features of the question text (a multiple-choice row counts
+   by its question alone) are chosen by forward selection, each step keeping the feature that most raises the
+   grouped cross-validated APGR of a ridge regression on the gain, stopping when none adds ``MIN_GAIN``;
+3. the choice model, when the data has ``MIN_CHOICE_ROWS`` multiple-choice rows in two groups or more:
+   boosted trees (farebox/routing/trees.py) on every feature of the whole prompt, fitted on those rows with
+   fixed settings, monotone rising in the length features; it scores prompts with options;
+4. the figures printed come from *nested* grouped cross-validation: the selection and both fits run again
+   inside each outer training fold, so the held-out groups choose nothing;
+5. a logistic (Platt) fit maps the out-of-fold output to P(premium succeeds where the cheaper model fails);
+6. the operating points: for each quality level, the share of jobs the out-of-fold curve sends to premium to
    reach that level of premium quality, turned into a threshold on the final model's scores.
 """
 
@@ -25,9 +29,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from farebox.routing.evaluation import Floats, apgr, quality_curve
-from farebox.routing.features import FEATURES, lexical_features
+from farebox.routing.features import FEATURES, has_options, lexical_features, question_text
 from farebox.routing.learned import FORMAT, VERSION, LearnedRouter, router_from_document
 from farebox.routing.outcomes import OutcomeDataError, OutcomeSet
+from farebox.routing.trees import DEPTH, LEARNING_RATE, MIN_LEAF, TREES, Trees, fit_boosted
 
 RIDGE_ALPHA = 100.0
 MAX_FEATURES = 4
@@ -38,11 +43,15 @@ NEVER = 1.01  # a threshold no score reaches: the level is met without premium
 # 3% on RouteLLM's MMLU high-school mathematics, far below the 25% of guessing, because its answers were
 # not parsed. Training on it teaches that mathematics needs no premium model.
 MIN_GROUP_QUALITY = 0.1
+MIN_CHOICE_ROWS = 500  # multiple-choice rows a choice model needs; with fewer the open model scores them too
+RISING = frozenset({"log_chars", "log_question_chars", "log_words"})  # the choice model's monotone features
+KNOTS = 201  # quantiles of the training rows' predictions a router file keeps (see ``Branches``)
 
 
-def group_folds(groups: Sequence[str], folds: int) -> list[NDArray[np.int64]]:
+def group_folds(groups: Sequence[str], folds: int, seed: int | None = None) -> list[NDArray[np.int64]]:
     """Test indices of ``folds`` folds, whole groups each, largest groups first into the emptiest fold (as
-    scikit-learn's GroupKFold balances them)."""
+    scikit-learn's GroupKFold balances them); with a ``seed``, groups in a random order instead, so repeated
+    cross-validation shows how much the figures owe to which groups happen to share a fold."""
     names, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
     k = min(folds, len(names))
     if k < 2:
@@ -52,7 +61,8 @@ def group_folds(groups: Sequence[str], folds: int) -> list[NDArray[np.int64]]:
         )
     load = np.zeros(k)
     fold_of = np.empty(len(names), dtype=np.int64)
-    for g in np.argsort(-sizes, kind="stable"):
+    order = np.argsort(-sizes, kind="stable") if seed is None else np.random.default_rng(seed).permutation(len(names))
+    for g in order:
         fold_of[g] = int(np.argmin(load))
         load[fold_of[g]] += sizes[g]
     return [np.flatnonzero(fold_of[inverse] == f) for f in range(k)]
@@ -145,28 +155,104 @@ def operating_points(oof: Floats, data: OutcomeSet, final_scores: Floats) -> lis
 class Trained:
     router: LearnedRouter
     document: dict[str, Any]
-    oof: Floats  # nested grouped cross-validated raw scores, one per row of ``trained_on``
+    oof: Floats  # nested grouped cross-validated scores (positions), one per row of ``trained_on``
     selected_per_fold: list[list[str]] = field(default_factory=list)
     dropped_groups: list[str] = field(default_factory=list)
     trained_on: OutcomeSet | None = None  # every row given; ``dropped_groups`` were scored, not trained on
 
 
-def nested_oof(x: Floats, data: OutcomeSet, folds: int, usable: NDArray[np.bool_]) -> tuple[Floats, list[list[str]]]:
-    """Nested grouped cross-validated scores for every row: each outer fold's model is trained (features
-    selected and fitted) on the other folds' ``usable`` rows only."""
+@dataclass(frozen=True)
+class Matrices:
+    """Every feature of each row: of its question text (the open model's) and of its whole text (the choice
+    model's), and which rows offer options."""
+
+    question: Floats
+    whole: Floats
+    choices: NDArray[np.bool_]
+
+    @classmethod
+    def of(cls, prompts: Sequence[str]) -> Matrices:
+        names = list(FEATURES)
+        return cls(
+            question=lexical_features([question_text(p) for p in prompts], names),
+            whole=lexical_features(prompts, names),
+            choices=np.array([has_options(p) for p in prompts], dtype=bool),
+        )
+
+
+@dataclass(frozen=True)
+class Branches:
+    """The open model (ridge on the question's ``cols``), the choice model when there is one, and where the
+    training rows' predictions fall (``knots``): a score is the share of training rows predicted below it, so
+    models fitted on different folds speak on one scale (pooled out-of-fold scores would otherwise mix each
+    fold model's own offset and spread) and the calibration fitted on them fits the final model too."""
+
+    cols: list[int]
+    ridge: Ridge
+    choice: Trees | None
+    knots: Floats
+
+    def predict(self, m: Matrices, rows: NDArray[np.int64]) -> Floats:
+        out: Floats = self.ridge.predict(m.question[rows][:, self.cols])
+        chosen = m.choices[rows]
+        if self.choice is not None and chosen.any():
+            out[chosen] = self.choice.predict(m.whole[rows[chosen]])
+        return out
+
+    def position(self, raw: Floats) -> Floats:
+        return positions(self.knots, raw)
+
+
+def positions(knots: Floats, raw: Floats) -> Floats:
+    """The share of training rows predicted below ``raw``, read off their quantiles."""
+    out: Floats = np.interp(raw, knots, np.linspace(0.0, 1.0, len(knots)))
+    return out
+
+
+def quantile_knots(pred: Floats) -> Floats:
+    knots = np.quantile(pred, np.linspace(0.0, 1.0, KNOTS))
+    # np.interp needs increasing points: ties (a constant model) are spread by a negligible step
+    out: Floats = np.maximum.accumulate(knots) + np.arange(KNOTS) * 1e-12
+    return out
+
+
+def fit_branches(
+    m: Matrices, data: OutcomeSet, train_mask: NDArray[np.bool_], with_choice: bool, folds: int
+) -> Branches:
     gain = data.strong - data.weak
+    train = np.flatnonzero(train_mask)
+    inner = data.subset(train_mask)
+    cols = select_features(m.question[train], inner, inner.groups, folds)
+    ridge = fit_ridge(m.question[train][:, cols], gain[train])
+    choice_rows = train_mask & m.choices
+    choice = None
+    if with_choice and choice_rows.any():
+        rising = [1 if n in RISING else 0 for n in FEATURES]
+        choice = fit_boosted(m.whole[choice_rows], gain[choice_rows], rising)
+    fitted = Branches(cols, ridge, choice, np.zeros(KNOTS))
+    return Branches(cols, ridge, choice, quantile_knots(fitted.predict(m, train)))
+
+
+def nested_oof(
+    m: Matrices, data: OutcomeSet, folds: int, usable: NDArray[np.bool_], with_choice: bool, seed: int | None = None
+) -> tuple[Floats, list[list[str]]]:
+    """Nested grouped cross-validated scores (positions, see ``Branches``) for every row: each outer fold's
+    models are trained (features selected and fitted) on the other folds' ``usable`` rows only."""
     names = list(FEATURES)
     oof = np.zeros(len(data))
     picked = []
-    for test in group_folds(data.groups, folds):
+    for test in group_folds(data.groups, folds, seed):
         train_mask = usable.copy()
         train_mask[test] = False
-        train = np.flatnonzero(train_mask)
-        inner = data.subset(train_mask)
-        cols = select_features(x[train], inner, inner.groups, max(folds - 1, 2))
-        picked.append([names[c] for c in cols])
-        oof[test] = fit_ridge(x[train][:, cols], gain[train]).predict(x[test][:, cols])
+        fitted = fit_branches(m, data, train_mask, with_choice, max(folds - 1, 2))
+        picked.append([names[c] for c in fitted.cols])
+        oof[test] = fitted.position(fitted.predict(m, test))
     return oof, picked
+
+
+def has_choice_data(data: OutcomeSet, m: Matrices, usable: NDArray[np.bool_]) -> bool:
+    rows = usable & m.choices
+    return int(rows.sum()) >= MIN_CHOICE_ROWS and len(set(np.asarray(data.groups)[rows])) >= 2
 
 
 def broken_groups(data: OutcomeSet, min_quality: float = MIN_GROUP_QUALITY) -> list[str]:
@@ -181,10 +267,16 @@ def broken_groups(data: OutcomeSet, min_quality: float = MIN_GROUP_QUALITY) -> l
 
 
 def train_router(
-    data: OutcomeSet, *, folds: int = 7, source: str = "trained", min_group_quality: float = MIN_GROUP_QUALITY
+    data: OutcomeSet,
+    *,
+    folds: int = 7,
+    source: str = "trained",
+    min_group_quality: float = MIN_GROUP_QUALITY,
+    seed: int | None = None,
 ) -> Trained:
     """The router for ``data`` and its document (see farebox/routing/learned.py for the format). Groups
-    ``broken_groups`` finds are left out of training and recorded in the document."""
+    ``broken_groups`` finds are left out of training and recorded in the document. ``seed`` shuffles the
+    outer folds (``group_folds``); the router itself does not depend on it, only its out-of-fold figures."""
     if folds < 2:
         raise OutcomeDataError("--folds must be at least 2")
     dropped = broken_groups(data, min_group_quality)
@@ -197,21 +289,23 @@ def train_router(
             "fewer than 2 groups are left to cross-validate"
         )
     names = list(FEATURES)
-    x = lexical_features(data.prompts, names)
+    m = Matrices.of(data.prompts)
     gain = data.strong - data.weak
-    oof, picked = nested_oof(x, data, folds, usable)
+    with_choice = has_choice_data(data, m, usable)
+    oof, picked = nested_oof(m, data, folds, usable, with_choice, seed)
     clean = data.subset(usable)
-    cols = select_features(x[usable], clean, clean.groups, folds)
-    model = fit_ridge(x[usable][:, cols], gain[usable])
+    fitted = fit_branches(m, data, usable, with_choice, folds)
+    cols, model, choice = fitted.cols, fitted.ridge, fitted.choice
     a, b = fit_platt(oof[usable], (gain[usable] > 0).astype(np.float64))
-    final = 1.0 / (1.0 + np.exp(-(a * model.predict(x[usable][:, cols]) + b)))
+    final = 1.0 / (1.0 + np.exp(-(a * fitted.position(fitted.predict(m, np.flatnonzero(usable))) + b)))
     points = operating_points(oof[usable], clean, final)
-    document = {
+    document: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "features": [names[c] for c in cols],
         "model": {
             "kind": "ridge-on-gain",
+            "reads": "question",
             "alpha": RIDGE_ALPHA,
             "mean": model.mean.tolist(),
             "scale": model.scale.tolist(),
@@ -219,6 +313,7 @@ def train_router(
             "intercept": [model.intercept],
         },
         "calibration": {
+            "knots": fitted.knots.tolist(),
             "platt": [a, b],
             "levels": [p[0] for p in points],
             "shares": [round(p[1], 6) for p in points],
@@ -236,7 +331,18 @@ def train_router(
             "dropped_groups": dropped,
             "min_group_quality": min_group_quality,
             "features_per_fold": picked,
+            "choice_rows": int((usable & m.choices).sum()),
             "trained_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
     }
+    if choice is not None:
+        document["choice_model"] = {
+            "features": names,
+            **choice.as_document(),
+            "trees": TREES,
+            "learning_rate": LEARNING_RATE,
+            "min_leaf": MIN_LEAF,
+            "max_depth": DEPTH,
+            "rising": sorted(RISING),
+        }
     return Trained(router_from_document(document, source), document, oof, picked, dropped, data)
