@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -36,6 +36,11 @@ SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_QUERY_KEYS = frozenset({"sentinel_username", "sentinel_password"})
+# redis-py's TLS connection options, which a sentinel or cluster URL passes to every connection it makes (a
+# single server's URL hands its whole query to redis-py, which reads these itself)
+TLS_QUERY_KEYS = frozenset(
+    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
 FORMS = (
     "redis://HOST:PORT/DB, rediss://..., unix://PATH, "
     "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] or redis+cluster://HOST:PORT[,HOST:PORT...]"
@@ -60,6 +65,7 @@ class RedisTarget:
     tls: bool = False
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    tls_options: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_redis_url(url: str) -> RedisTarget:
@@ -77,8 +83,9 @@ def parse_redis_url(url: str) -> RedisTarget:
     query = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
     tls = scheme.startswith("rediss")
     path = [p for p in parts.path.split("/") if p]
+    tls_options = _tls_options(url, query, tls)
     if scheme in SENTINEL_SCHEMES:
-        unknown = sorted(set(query) - SENTINEL_QUERY_KEYS)
+        unknown = sorted(set(query) - SENTINEL_QUERY_KEYS - TLS_QUERY_KEYS)
         if unknown:
             raise RedisUrlError(f"Redis URL {_shown(url)!r}: unknown option(s) {', '.join(unknown)}")
         if not path or len(path) > 2:
@@ -94,12 +101,37 @@ def parse_redis_url(url: str) -> RedisTarget:
             tls=tls,
             sentinel_username=query.get("sentinel_username") or None,
             sentinel_password=query.get("sentinel_password") or None,
+            tls_options=tls_options,
         )
-    if query:
-        raise RedisUrlError(f"Redis URL {_shown(url)!r}: a cluster URL takes no options ({', '.join(sorted(query))})")
+    unknown = sorted(set(query) - TLS_QUERY_KEYS)
+    if unknown:
+        raise RedisUrlError(
+            f"Redis URL {_shown(url)!r}: a cluster URL takes only TLS options ({', '.join(sorted(TLS_QUERY_KEYS))}),"
+            f" not {', '.join(unknown)}"
+        )
     if len(path) > 1 or (path and _db(url, path[0]) != 0):
         raise RedisUrlError(f"Redis URL {_shown(url)!r}: a Redis Cluster has only database 0")
-    return RedisTarget("cluster", url, nodes=_nodes(url, hosts, 6379), username=username, password=password, tls=tls)
+    return RedisTarget(
+        "cluster",
+        url,
+        nodes=_nodes(url, hosts, 6379),
+        username=username,
+        password=password,
+        tls=tls,
+        tls_options=tls_options,
+    )
+
+
+def _tls_options(url: str, query: dict[str, str], tls: bool) -> dict[str, Any]:
+    given = {k: v for k, v in query.items() if k in TLS_QUERY_KEYS}
+    if given and not tls:
+        raise RedisUrlError(f"Redis URL {_shown(url)!r}: TLS options ({', '.join(sorted(given))}) need a rediss+ URL")
+    if "ssl_check_hostname" in given:
+        value = given["ssl_check_hostname"].lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise RedisUrlError(f"Redis URL {_shown(url)!r}: ssl_check_hostname must be true or false")
+        return {**given, "ssl_check_hostname": value in ("true", "1", "yes")}
+    return given
 
 
 def connect_redis(
@@ -122,7 +154,12 @@ def _client(target: RedisTarget, pipelining: bool, options: dict[str, Any]) -> R
     client_class: type[Redis] = PipeliningRedis if pipelining else Redis
     if target.kind == "server":
         return client_class.from_url(url, **options)
-    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
+    auth: dict[str, Any] = {
+        "username": target.username,
+        "password": target.password,
+        "ssl": target.tls,
+        **target.tls_options,
+    }
     if target.kind == "sentinel":
         assert target.master is not None
         sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
@@ -133,6 +170,7 @@ def _client(target: RedisTarget, pipelining: bool, options: dict[str, Any]) -> R
                 "username": target.sentinel_username,
                 "password": target.sentinel_password,
                 "ssl": target.tls,
+                **target.tls_options,
             },
             **auth,
             **options,

@@ -265,10 +265,16 @@ def raw(body: bytes) -> Handler:
 
 
 # Far ahead: the value is fixed at collection time and the test may run minutes later.
-HTTP_DATE = email.utils.formatdate(time.time() + 3600, usegmt=True)
+def in_an_hour(req: httpx.Request) -> httpx.Response:
+    """A 429 whose Retry-After is an HTTP date an hour from when it is answered (not from collection: a
+    long run would otherwise shrink the wait it finds)."""
+    date = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    return status(429, headers={"retry-after": date})(req)
+
+
 CASES: list[tuple[str, Handler, type[Exception], str]] = [
     ("429 seconds", status(429, headers={"retry-after": "7"}), RateLimited, "429"),
-    ("429 date", status(429, headers={"retry-after": HTTP_DATE}), RateLimited, "429"),
+    ("429 date", in_an_hour, RateLimited, "429"),
     ("429 ms", status(429, headers={"retry-after-ms": "250", "retry-after": "1"}), RateLimited, "429"),
     ("500", status(500), ProviderUnavailable, "500"),
     ("503", status(503), ProviderUnavailable, "503"),

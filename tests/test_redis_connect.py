@@ -86,7 +86,10 @@ def test_a_redis_url_names_its_deployment(url: str, expected: RedisTarget) -> No
         (f"{S}://h1/m?sentinel_pasword=x", "unknown option(s) sentinel_pasword"),
         (f"{C}://h1/1", "only database 0"),
         (f"{C}://h1/0/1", "only database 0"),
-        (f"{C}://h1?ssl=true", "takes no options"),
+        (f"{C}://h1?ssl=true", "takes only TLS options"),
+        (f"{C}://h1?ssl_ca_certs=/ca.pem", "need a rediss+ URL"),
+        ("rediss+cluster://h1?ssl_check_hostname=perhaps", "ssl_check_hostname must be true or false"),
+        (f"{S}://h1/m?ssl_ca_certs=/ca.pem", "need a rediss+ URL"),
         (f"{C}://", "an empty host"),
     ],
 )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.tls import Certificates
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wrapper switches user and logs
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -40,9 +41,15 @@ class Node:
     dist_port: int
     home: Path
     process: subprocess.Popen[bytes] | None = None
+    tls_port: int | None = None
 
     def url(self, user: str = "guest", password: str = "guest") -> str:
         return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    def tls_url(self, ca: Path) -> str:
+        """``amqps://`` to the node's TLS listener, trusting ``ca`` (aiormq's ``cafile`` option)."""
+        assert self.tls_port is not None, "the node was started without TLS"
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/?cafile={ca}"
 
 
 @dataclass
@@ -151,7 +158,17 @@ class RabbitCluster:
         return [n.name for n in self.nodes]
 
 
-def _prepare(root: Path, count: int) -> RabbitCluster:
+def _tls_config(node: Node, certs: Certificates) -> str:
+    node.tls_port = free_port()
+    return (
+        f"listeners.ssl.local = 127.0.0.1:{node.tls_port}\n"
+        f"ssl_options.cacertfile = {certs.ca}\nssl_options.certfile = {certs.cert}\n"
+        f"ssl_options.keyfile = {certs.key}\nssl_options.verify = verify_none\n"
+        "ssl_options.fail_if_no_peer_cert = false\n"
+    )
+
+
+def _prepare(root: Path, count: int, tls: Certificates | None) -> RabbitCluster:
     cluster = RabbitCluster(root)
     cookie = root / ".erlang.cookie"
     cookie.write_text(secrets.token_hex(16).upper())
@@ -163,18 +180,20 @@ def _prepare(root: Path, count: int) -> RabbitCluster:
         home = root / f"n{i}"
         (home / "log").mkdir(parents=True)
         node = Node(f"fbt{run}{i}@localhost", free_port(), free_port(), home)
-        (home / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{node.port}\n")
+        config = f"listeners.tcp.local = 127.0.0.1:{node.port}\n"
+        (home / "rabbitmq.conf").write_text(config + (_tls_config(node, tls) if tls else ""))
         cluster.nodes.append(node)
     return cluster
 
 
 @contextlib.contextmanager
-def rabbit_cluster(count: int = 3) -> Iterator[RabbitCluster]:
-    """``count`` nodes joined into one cluster; stopped and removed on the way out, whatever happened."""
+def rabbit_cluster(count: int = 3, tls: Certificates | None = None) -> Iterator[RabbitCluster]:
+    """``count`` nodes joined into one cluster (one node: a broker of its own), each also listening for TLS
+    with ``tls``'s certificates when given; stopped and removed on the way out, whatever happened."""
     if not (os.access(SERVER, os.X_OK) and os.access(CTL, os.X_OK)):
         raise ClusterError(f"RabbitMQ is not installed here ({SERVER}, {CTL})")
     root = Path(tempfile.mkdtemp(prefix="fb-rabbit-"))
-    cluster = _prepare(root, count)
+    cluster = _prepare(root, count, tls)
     try:
         for node in cluster.nodes:  # started together, then waited for: the VMs boot in parallel
             log = (node.home / "console.log").open("ab")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.ports import free_port, port_is_free
+from tests.support.tls import Certificates
 
 START_TIMEOUT_S = 20.0
 
@@ -26,11 +27,13 @@ class RedisClusterError(RuntimeError):
 @dataclass(frozen=True)
 class RedisClusterNodes:
     ports: tuple[int, ...]
+    ca: Path | None = None  # the nodes speak TLS only, with certificates of this CA
 
     @property
     def url(self) -> str:
         """The FAREBOX_REDIS_URL of the cluster (every node listed: the client learns the slots from any)."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        return f"rediss+cluster://{nodes}?ssl_ca_certs={self.ca}" if self.ca else f"redis+cluster://{nodes}"
 
 
 def _free_ports(n: int) -> list[int]:
@@ -45,11 +48,28 @@ def _free_ports(n: int) -> list[int]:
     raise RedisClusterError("no free ports for a Redis Cluster")
 
 
-def _cli(port: int, *args: str, timeout: float = 10.0) -> str:
+def _cli(port: int, *args: str, timeout: float = 10.0, tls: Certificates | None = None) -> str:
     done = subprocess.run(
-        ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=timeout, check=False
+        ["redis-cli", *_tls_cli(tls), "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     return done.stdout + done.stderr
+
+
+def _tls_cli(tls: Certificates | None) -> list[str]:
+    return ["--tls", "--cacert", str(tls.ca)] if tls else []
+
+
+def _tls_server(tls: Certificates | None, port: int) -> list[str]:
+    """A node's listening arguments: its port, or TLS only on it (the cluster bus and replication too)."""
+    if tls is None:
+        return ["--port", str(port)]
+    return ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
+            "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+            "--tls-auth-clients", "no"]  # fmt: skip
 
 
 def _wait(what: str, ready: object, deadline: float) -> None:
@@ -61,9 +81,11 @@ def _wait(what: str, ready: object, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3, node_timeout_ms: int = 15_000) -> Iterator[RedisClusterNodes]:
-    """A running cluster of ``masters`` masters and no replicas (a node missing ``node_timeout_ms`` is failed);
-    stopped and removed on exit."""
+def redis_cluster(
+    masters: int = 3, node_timeout_ms: int = 15_000, tls: Certificates | None = None
+) -> Iterator[RedisClusterNodes]:
+    """A running cluster of ``masters`` masters and no replicas (a node missing ``node_timeout_ms`` is failed),
+    speaking TLS only with ``tls``'s certificates when given; stopped and removed on exit."""
     for tool in ("redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             raise RedisClusterError(f"{tool} is not installed: the Redis Cluster tests need it")
@@ -72,7 +94,7 @@ def redis_cluster(masters: int = 3, node_timeout_ms: int = 15_000) -> Iterator[R
     try:
         ports = _free_ports(masters)
         for port in ports:
-            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+            argv = ["redis-server", *_tls_server(tls, port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
             argv += ["--cluster-config-file", str(folder / f"nodes-{port}.conf"), "--save", "", "--appendonly", "no"]
             argv += ["--dir", str(folder), "--logfile", str(folder / f"redis-{port}.log")]
             argv += ["--cluster-node-timeout", str(node_timeout_ms)]
@@ -81,10 +103,12 @@ def redis_cluster(masters: int = 3, node_timeout_ms: int = 15_000) -> Iterator[R
         for port, proc in zip(ports, procs, strict=True):
             if proc.poll() is not None:
                 raise RedisClusterError(f"redis-server on port {port} exited ({proc.returncode})")
-            _wait(f"the server on port {port} did not answer", lambda p=port: "PONG" in _cli(p, "ping"), deadline)
+            _wait(
+                f"the server on port {port} did not answer", lambda p=port: "PONG" in _cli(p, "ping", tls=tls), deadline
+            )
         nodes = [f"127.0.0.1:{p}" for p in ports]
         created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            ["redis-cli", *_tls_cli(tls), "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -95,10 +119,10 @@ def redis_cluster(masters: int = 3, node_timeout_ms: int = 15_000) -> Iterator[R
         for port in ports:
             _wait(
                 f"the node on port {port} did not reach cluster_state:ok",
-                lambda p=port: "cluster_state:ok" in _cli(p, "cluster", "info"),
+                lambda p=port: "cluster_state:ok" in _cli(p, "cluster", "info", tls=tls),
                 deadline + 30,
             )
-        yield RedisClusterNodes(tuple(ports))
+        yield RedisClusterNodes(tuple(ports), tls.ca if tls else None)
     finally:
         for proc in procs:
             proc.terminate()
