@@ -151,8 +151,9 @@ async def main() -> None:
         default=True,
         help="also run each arm's router alone per replay, for the pipeline processes' CPU without an experiment",
     )
+    ap.add_argument("--folds", type=int, default=7, help="grouped cross-validation folds of the router's training")
     a = ap.parse_args()
-    replay = make_replay(a.jobs, a.seed)
+    replay = make_replay(a.jobs, a.seed, folds=a.folds)
     with tempfile.TemporaryDirectory(prefix="farebox-ab-") as tmp:
         folder = Path(tmp)
         router = folder / "router.json"

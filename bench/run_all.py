@@ -53,6 +53,8 @@ SUITE: dict[str, tuple[list[str], list[str] | None]] = {
             "--checkpoint",
             "50",
             "--no-pipeline-cpu",
+            "--folds",
+            "2",
         ],
     ),
 }

@@ -146,3 +146,28 @@ async def test_winding_down_cancels_a_worker_that_does_not_stop(monkeypatch: pyt
     stuck = asyncio.create_task(asyncio.sleep(3600))
     await main.wind_down([done, stuck])
     assert done.done() and not done.cancelled() and stuck.cancelled()
+
+
+async def test_a_stop_while_the_stage_cannot_consume_ends_it_at_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the broker will not let a stage consume (``_start`` retrying with backoff) ends the worker
+    now: before, it went on retrying until the drain timeout cancelled it, past a pod's grace period."""
+    retrying = asyncio.Event()
+
+    async def away(self: runtime.Worker, connection: Any) -> list[tuple[Any, Any]]:
+        while True:  # what _start does while every channel() fails as the broker away
+            retrying.set()
+            await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(runtime.Worker, "_start", away)
+    worker = runtime.Worker(settings, Core([settings.topology.intake]), [])  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    await asyncio.wait_for(retrying.wait(), 10)
+    await asyncio.sleep(0.2)  # a few rounds of retrying
+    stop.set()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(running, 5)
+    assert asyncio.get_running_loop().time() - started < 2
+    assert not worker.ready.is_set()

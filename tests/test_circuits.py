@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from farebox.schemas import Envelope, Job, RouteDecision
 from farebox.settings import Settings
-from farebox.stages.circuits import Circuits
+from farebox.stages.circuits import FAILURES_KEPT_S, Circuits
 from farebox.stages.execute import next_target
 
 CANDIDATES = ("google/flash", "google/pro", "openai/mini", "anthropic/haiku")
@@ -64,6 +64,14 @@ async def test_failures_are_counted_across_replicas(redis: Redis, settings: Sett
     assert opened == [None, None, None, None, 5]
     assert await Circuits(redis, settings.keys).unhealthy(["google/pro"]) == frozenset({"google/pro"})
     assert not await redis.exists(settings.keys.provider_failures("google/pro"))  # counting starts again
+
+
+async def test_a_failure_count_always_expires(redis: Redis, settings: Settings) -> None:
+    key = settings.keys.provider_failures("openai/gpt")
+    await redis.set(key, 2)  # a count left without an expiry
+    assert await Circuits(redis, settings.keys).exhausted("openai/gpt", 5, 30) is None
+    assert await redis.get(key) == b"3"
+    assert 0 < await redis.ttl(key) <= FAILURES_KEPT_S
 
 
 async def test_a_success_on_any_replica_resets_the_count(redis: Redis, settings: Settings) -> None:

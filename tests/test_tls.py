@@ -1,7 +1,7 @@
 """TLS for real (issue 21): a Redis server and a RabbitMQ node of the test's own that speak only TLS, with
 certificates of a private CA (tests/support/tls.py), and the whole pipeline on them through ``rediss://`` and
 ``amqps://`` URLs that name the CA file. Verification is on: trusting another CA fails, and so does speaking
-plain to a TLS port."""
+plain to a TLS port. The Redis Cluster over TLS runs under ``-m cluster`` (`.ci/run` runs it)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ async def test_the_pipeline_runs_over_tls_to_both_engines(
     )
 
 
+@pytest.mark.cluster  # 3 TLS masters take about 20 s to start here; .ci/run runs it
 async def test_the_pipeline_runs_on_a_redis_cluster_over_tls(
     settings: Settings, emulator: str, certs: Certificates
 ) -> None:

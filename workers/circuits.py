@@ -17,10 +17,19 @@ from redis.asyncio import Redis
 
 from farebox.constants import RedisKeys
 from farebox.errors import REDIS_DOWN
+from farebox.stages.lua import Layout, NamedScript
 
 LOCAL_CACHE_S = 1.0  # the router asks Redis at most once a second per process
 # A count no failure has added to for this long starts again: failures an hour apart are not "in a row".
 FAILURES_KEPT_S = 600
+# One script, so a count never outlives its expiry: an INCR that landed without its EXPIRE (the connection
+# lost between the two) would keep counting failures hours apart as in a row.
+_COUNT_LAYOUT = Layout(keys=("failures_key",), args=("kept_s",))
+_COUNT = """
+local count = redis.call('INCR', failures_key)
+redis.call('EXPIRE', failures_key, tonumber(kept_s))
+return count
+"""
 
 
 class Circuits:
@@ -33,6 +42,7 @@ class Circuits:
         self._names: list[str] = []
         self._counting: set[str] = set()  # names whose failure count may be above 0
         self._counts_read_at: dict[str, float] = {}
+        self._count = NamedScript(redis, _COUNT_LAYOUT, _COUNT, "failure count")
 
     async def unhealthy(self, providers: Iterable[str]) -> frozenset[str]:
         """Those of ``providers`` whose circuit is open."""
@@ -64,7 +74,7 @@ class Circuits:
         key = self.keys.provider_failures(name)
         self._counting.add(name)
         try:
-            count, _ = await asyncio.gather(self.redis.incr(key), self.redis.expire(key, FAILURES_KEPT_S))
+            count = await self._count(keys={"failures_key": key}, args={"kept_s": FAILURES_KEPT_S})
             if int(count) < threshold:
                 return None
             await asyncio.gather(self.open_circuit(name, cool_down_s), self.redis.delete(key))

@@ -102,7 +102,9 @@ class Worker:
         )
         beside: asyncio.Task[None] | None = None
         try:
-            consumers = await self._start(connection)
+            consumers = await self._start_unless_stopped(connection, stop)
+            if consumers is None:
+                return  # stopped while the broker would not let it consume: nothing taken, nothing to drain
             log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
             self.ready.set()
             self.readiness.consuming(connection)
@@ -126,6 +128,21 @@ class Worker:
                 beside.cancel()
                 await asyncio.gather(beside, return_exceptions=True)
             await connection.close()
+
+    async def _start_unless_stopped(self, connection: AbstractRobustConnection, stop: asyncio.Event) -> Any:
+        """``_start``, or None when ``stop`` comes first: a SIGTERM while the broker is away (``_start``
+        retrying) ends the process now, not when the pod's grace period runs out."""
+        starting, stopping = asyncio.create_task(self._start(connection)), asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            starting.cancel()  # no-op once done
+            stopping.cancel()
+            await asyncio.gather(starting, stopping, return_exceptions=True)
+        if starting.cancelled():
+            log.info("stage %s: stopped before it could consume", self.core.name)
+            return None
+        return starting.result()
 
     async def _acks_reached_the_broker(self) -> None:
         """Acks are sent without waiting for the socket (``aiormq_writes.ack``), and closing the connection
