@@ -29,6 +29,7 @@ from farebox.routing.training import (
     group_folds,
     train_router,
 )
+from tests.support.outcomes import outcome_set
 
 
 def synthetic(n_groups: int = 6, per_group: int = 60, seed: int = 1) -> OutcomeSet:
@@ -43,19 +44,7 @@ def synthetic(n_groups: int = 6, per_group: int = 60, seed: int = 1) -> OutcomeS
             groups.append(f"bench_{g}")
             strong.append(1.0 if hard or rng.random() < 0.9 else 0.0)
             weak.append(0.0 if hard else 1.0)
-    n = len(prompts)
-    return OutcomeSet(
-        prompts=tuple(prompts),
-        groups=tuple(groups),
-        strong_model="big",
-        weak_model="small",
-        strong=np.array(strong),
-        weak=np.array(weak),
-        input_tokens=np.full(n, 50.0),
-        strong_output_tokens=np.full(n, 10.0),
-        weak_output_tokens=np.full(n, 10.0),
-        digest="0" * 64,
-    )
+    return outcome_set(prompts, groups, strong, weak, "0" * 64)
 
 
 @pytest.mark.parametrize(

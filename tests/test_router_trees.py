@@ -21,6 +21,7 @@ from farebox.routing.learned import RouterFileError, load_router, router_from_do
 from farebox.routing.outcomes import OutcomeSet
 from farebox.routing.training import MIN_CHOICE_ROWS, positions, quantile_knots, train_router
 from farebox.routing.trees import _from_sklearn, fit_boosted
+from tests.support.outcomes import outcome_set
 
 
 @pytest.mark.parametrize(
@@ -91,19 +92,7 @@ def choice_data(n_groups: int = 6, per_group: int = 100, seed: int = 2) -> Outco
             groups.append(f"quiz_{g}")
             strong.append(1.0 if hard or rng.random() < 0.9 else 0.0)
             weak.append(0.0 if hard else 1.0)
-    n = len(prompts)
-    return OutcomeSet(
-        prompts=tuple(prompts),
-        groups=tuple(groups),
-        strong_model="big",
-        weak_model="small",
-        strong=np.array(strong),
-        weak=np.array(weak),
-        input_tokens=np.full(n, 50.0),
-        strong_output_tokens=np.full(n, 10.0),
-        weak_output_tokens=np.full(n, 10.0),
-        digest="1" * 64,
-    )
+    return outcome_set(prompts, groups, strong, weak, "1" * 64)
 
 
 @pytest.fixture(scope="module")

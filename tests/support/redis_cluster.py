@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.ports import free_port, port_is_free
+from tests.support.processes import stop_all
 from tests.support.tls import Certificates
 
 START_TIMEOUT_S = 20.0
@@ -124,12 +125,5 @@ def redis_cluster(
             )
         yield RedisClusterNodes(tuple(ports), tls.ca if tls else None)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_all(procs)
         shutil.rmtree(folder, ignore_errors=True)

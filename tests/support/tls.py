@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.processes import stop_all
 
 
 class TlsError(RuntimeError):
@@ -83,12 +84,7 @@ def tls_redis(certs: Certificates) -> Iterator[int]:
         _await_tls_port(process, port, certs, folder)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_all([process])
         shutil.rmtree(folder, ignore_errors=True)
 
 
