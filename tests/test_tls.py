@@ -1,7 +1,7 @@
 """TLS for real (issue 21): a Redis server and a RabbitMQ node of the test's own that speak only TLS, with
 certificates of a private CA (tests/support/tls.py), and the whole pipeline on them through ``rediss://`` and
 ``amqps://`` URLs that name the CA file. Verification is on: trusting another CA fails, and so does speaking
-plain to a TLS port. The Redis Cluster over TLS runs under ``-m cluster`` (`.ci/run` runs it)."""
+plain to a TLS port. A Sentinel set and a Redis Cluster over TLS run under ``-m cluster`` (`.ci/run` runs them)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tests.support.chaos import distinct_jobs
 from tests.support.pipeline import InProcessPipeline, collect, ledger_entries_written
 from tests.support.rabbit_cluster import RabbitCluster, rabbit_cluster
 from tests.support.redis_cluster import redis_cluster
+from tests.support.redis_sentinel import sentinel_set
 from tests.support.tls import Certificates, certificates, tls_redis
 
 
@@ -101,6 +102,15 @@ async def test_the_pipeline_runs_over_tls_to_both_engines(
     await run_jobs(
         settings.model_copy(update={"amqp_url": amqps, "emulator_url": emulator}), rediss(redis_tls_port, certs.ca)
     )
+
+
+@pytest.mark.cluster  # about 13 s here; .ci/run runs it
+async def test_the_pipeline_runs_behind_a_sentinel_over_tls(
+    settings: Settings, emulator: str, certs: Certificates
+) -> None:
+    with sentinel_set(tls=certs) as sentinels:
+        assert sentinels.url.startswith("rediss+sentinel://")
+        await run_jobs(settings.model_copy(update={"emulator_url": emulator}), sentinels.url)
 
 
 @pytest.mark.cluster  # 3 TLS masters take about 20 s to start here; .ci/run runs it
