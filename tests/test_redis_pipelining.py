@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from farebox import metrics
-from farebox.patches.redis_pipelining import HiredisPacking, PipeliningRedis
+from farebox.patches.redis_pipelining import ClusterClient, HiredisPacking, PipeliningRedis
 from farebox.settings import Settings
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
@@ -184,3 +185,30 @@ def test_hiredis_packing_refuses_what_redis_py_refuses(bad: object) -> None:
         fast.pack_command("SET", "k", bad)
     with pytest.raises(DataError):
         Connection().pack_command("SET", "k", bad)
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (AttributeError("'NoneType' object has no attribute 'writelines'"), RedisConnectionError),
+        (AttributeError("'Foo' object has no attribute 'bar'"), AttributeError),  # a bug stays a bug
+    ],
+)
+async def test_a_cluster_pipelines_lost_writer_is_a_connection_error(
+    monkeypatch: pytest.MonkeyPatch, raised: AttributeError, expected: type[Exception]
+) -> None:
+    """redis-py 8.1's cluster pipeline fails with the AttributeError of a replaced connection as its commands
+    do (farebox/patches/redis_pipelining.py); no cluster is needed to see how farebox's client maps it."""
+
+    async def execute(self: ClusterPipeline, raise_on_error: bool = True, allow_redirections: bool = True) -> None:
+        raise raised
+
+    monkeypatch.setattr(ClusterPipeline, "execute", execute)
+    client = ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", 1)])
+    try:
+        pipe = client.pipeline(transaction=False)
+        assert isinstance(pipe, ClusterPipeline)
+        with pytest.raises(expected, match="no attribute"):
+            await pipe.execute()
+    finally:
+        await client.aclose()

@@ -29,6 +29,8 @@ tests of tests/test_redis_pipelining.py that fail when that changes:
 | ``RedisCluster.execute_command``        | overridden: an            | tests/test_redis_cluster.py::              |
 | (asyncio) raising AttributeError from   | AttributeError of a lost  | test_a_master_away_is_redis_away_to_the_   |
 | a connection whose writer is gone       | writer is ConnectionError | stages                                     |
+| ``RedisCluster.pipeline`` returning a   | a subclass whose          | tests/test_redis_pipelining.py::           |
+| ``ClusterPipeline(client, transaction)``| ``execute`` maps the same | test_a_cluster_pipelines_lost_writer_*     |
 
 The last row is a workaround for redis-py 8.1: when its cluster client learns the nodes again (a master
 stopped, its slots moved), commands already under way on the connections it replaces fail with
@@ -43,7 +45,7 @@ import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -232,13 +234,31 @@ def _settle(queued: list[_Queued], replies: list[Any]) -> None:
             reply.set_result(value)
 
 
+def _lost_writer(err: AttributeError) -> RedisConnectionError:
+    if "'NoneType' object has no attribute" not in str(err):
+        raise err
+    return RedisConnectionError(f"the connection to a cluster node went away ({err})")
+
+
 class ClusterClient(RedisCluster):
-    """redis-py's cluster client, with a lost connection's AttributeError raised as the ConnectionError it is."""
+    """redis-py's cluster client, with a lost connection's AttributeError raised as the ConnectionError it is,
+    by its commands and by its pipelines."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
         except AttributeError as err:
-            if "'NoneType' object has no attribute" not in str(err):
-                raise
-            raise RedisConnectionError(f"the connection to a cluster node went away ({err})") from err
+            raise _lost_writer(err) from err
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # raises as redis-py does
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # redis-py makes its own the same way
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as err:
+            raise _lost_writer(err) from err
