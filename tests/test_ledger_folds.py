@@ -245,3 +245,14 @@ async def test_a_score_kept_before_the_split_is_replaced_not_added(
     await stage.handle(item, delivery)
     got = {as_text(k): float(v) for k, v in (await redis.hgetall(arms)).items()}
     assert got == {"ab|rules|grader|n": 1, "ab|rules|grader|sum": 0.75, "ab|rules|grader|sumsq": 0.5625}
+
+
+@pytest.mark.parametrize("result_ttl_s", [86_400, 60 * 86_400])
+async def test_the_settled_mark_outlives_the_fold_window(redis: Redis, settings: Settings, result_ttl_s: int) -> None:
+    """A copy of the job settles again while its entry is young (the result TTL): the mark that says the budgets
+    were settled must still be there then, or a replay on day 41 of a 60-day result TTL would charge again."""
+    keys = settings.keys
+    await reserve(redis, keys, 1000)
+    await record(book(redis, settings, result_ttl_s), keys, result())
+    ttl = await redis.ttl(keys.reservation(job_record("acme", "j-1")))
+    assert ttl >= min(result_ttl_s, 40 * 86_400) and ttl > result_ttl_s

@@ -179,6 +179,22 @@ async def test_writes_no_replica_confirms_fail_as_redis_away(settings: Settings)
         await client.aclose()
 
 
+async def test_commands_sent_alone_after_an_encoding_error_wait_for_the_replicas_too(settings: Settings) -> None:
+    """A command redis-py cannot encode makes the client send the turn's commands one by one: the writes among
+    them must still count only once the replicas have them."""
+    client = connect_redis(settings.redis_url, pipelining=True, wait_replicas=1, wait_timeout_ms=20)
+    key = f"{settings.redis_prefix}wait-alone"
+    try:
+        outcomes = await asyncio.gather(
+            client.set(key, None),  # type: ignore[arg-type]  # redis-py refuses to encode None
+            client.incr(key),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, NotReplicated) for o in outcomes), outcomes
+    finally:
+        await client.aclose()
+
+
 async def test_writes_a_replica_confirms_count(sentinels: SentinelSet) -> None:
     client = connect_redis(sentinels.url, pipelining=True, wait_replicas=1, wait_timeout_ms=2000)
     try:

@@ -41,7 +41,9 @@ log = logging.getLogger("farebox.ledger")
 
 STREAM_MAXLEN = 1_000_000
 FOLD_MARGIN_S = 3600  # the fold markers outlive the fold window by this much (clock skew between hosts)
-SETTLED_TTL_S = 40 * 86_400  # as long as a budget period's keys (farebox/stages/budgets.py, PERIOD_TTL_S)
+# A settled mark lives as long as a budget period's keys (farebox/stages/budgets.py, PERIOD_TTL_S), and never less
+# than the fold window: a copy of the job settles while its entry is young, and must still find the mark.
+SETTLED_TTL_S = 40 * 86_400
 
 # The exactly-once part, in the job's slot. ``fresh``: this call wrote the entry; else the entry already there
 # (its folds are repeated, idempotently, while it is young). A job's own coalescing lease (not a shared cache
@@ -259,6 +261,7 @@ class Ledger:
         self.entry_ttl_s = entry_ttl_s
         self.days_kept = days_kept
         self.fold_window_s = result_ttl_s  # as long as a job_id is replayed from its stored result
+        self.settled_ttl_s = max(SETTLED_TTL_S, self.fold_window_s + FOLD_MARGIN_S)
         self._record = NamedScript(redis, _RECORD_LAYOUT, _RECORD, "ledger record")
         self._fold = NamedScript(redis, _FOLD_LAYOUT, _FOLD, "ledger fold")
         self._settle = NamedScript(redis, _SETTLE_LAYOUT, _SETTLE, "budget settle")
@@ -375,7 +378,7 @@ class Ledger:
             key_tail=[hold.key for hold in budgets],
             args={
                 "cost_nusd": nano(float(entry["cost_usd"])),
-                "settled_ttl_s": SETTLED_TTL_S,
+                "settled_ttl_s": self.settled_ttl_s,
             },
         )
 

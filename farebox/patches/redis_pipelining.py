@@ -207,8 +207,11 @@ class PipeliningRedis(Redis):
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         except DataError:
             # An argument redis-py cannot encode fails the whole pipeline before anything is
-            # sent: send each command alone, so only its own caller hears of it.
-            return [await self._alone(args, options) for args, options, _ in queued]
+            # sent: send each command alone, so only its own caller hears of it (and wait for the
+            # replicas after them, as after the pipeline).
+            replies = [await self._alone(args, options) for args, options, _ in queued]
+            if self._wait_replicas:
+                replies.append(await self._alone(("WAIT", self._wait_replicas, self._wait_timeout_ms), {}))
         if self._wait_replicas:
             acked = replies.pop()
             if isinstance(acked, BaseException) or int(acked) < self._wait_replicas:
