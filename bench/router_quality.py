@@ -55,7 +55,9 @@ def row(data: OutcomeSet, scores: Floats, rounds: int) -> dict[str, dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "routellm")
-    parser.add_argument("--runs", type=int, default=3, help="training runs timed (figures are the same each run)")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="trainings, timed: run 1 on the balanced folds (the table), then shuffled"
+    )
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--folds", type=int, default=7)
     a = parser.parse_args()

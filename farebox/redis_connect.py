@@ -38,9 +38,9 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_QUERY_KEYS = frozenset({"sentinel_username", "sentinel_password"})
 # redis-py's TLS connection options, which a sentinel or cluster URL passes to every connection it makes (a
 # single server's URL hands its whole query to redis-py, which reads these itself)
-TLS_QUERY_KEYS = frozenset(
-    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
-)
+TLS_QUERY_KEYS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"})
+SENTINEL_TLS_KEYS = TLS_QUERY_KEYS | {"ssl_ca_path"}  # redis-py's cluster client has no ssl_ca_path
+CERT_REQS = ("none", "optional", "required")
 FORMS = (
     "redis://HOST:PORT/DB, rediss://..., unix://PATH, "
     "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] or redis+cluster://HOST:PORT[,HOST:PORT...]"
@@ -83,9 +83,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     query = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
     tls = scheme.startswith("rediss")
     path = [p for p in parts.path.split("/") if p]
-    tls_options = _tls_options(url, query, tls)
+    tls_keys = SENTINEL_TLS_KEYS if scheme in SENTINEL_SCHEMES else TLS_QUERY_KEYS
+    tls_options = _tls_options(url, {k: v for k, v in query.items() if k in tls_keys}, tls)
     if scheme in SENTINEL_SCHEMES:
-        unknown = sorted(set(query) - SENTINEL_QUERY_KEYS - TLS_QUERY_KEYS)
+        unknown = sorted(set(query) - SENTINEL_QUERY_KEYS - SENTINEL_TLS_KEYS)
         if unknown:
             raise RedisUrlError(f"Redis URL {_shown(url)!r}: unknown option(s) {', '.join(unknown)}")
         if not path or len(path) > 2:
@@ -122,10 +123,11 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
-def _tls_options(url: str, query: dict[str, str], tls: bool) -> dict[str, Any]:
-    given = {k: v for k, v in query.items() if k in TLS_QUERY_KEYS}
+def _tls_options(url: str, given: dict[str, str], tls: bool) -> dict[str, Any]:
     if given and not tls:
         raise RedisUrlError(f"Redis URL {_shown(url)!r}: TLS options ({', '.join(sorted(given))}) need a rediss+ URL")
+    if given.get("ssl_cert_reqs", "required").lower() not in CERT_REQS:
+        raise RedisUrlError(f"Redis URL {_shown(url)!r}: ssl_cert_reqs must be one of {', '.join(CERT_REQS)}")
     if "ssl_check_hostname" in given:
         value = given["ssl_check_hostname"].lower()
         if value not in ("true", "false", "1", "0", "yes", "no"):

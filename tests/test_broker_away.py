@@ -171,3 +171,32 @@ async def test_a_stop_while_the_stage_cannot_consume_ends_it_at_once(
     await asyncio.wait_for(running, 5)
     assert asyncio.get_running_loop().time() - started < 2
     assert not worker.ready.is_set()
+
+
+async def test_a_stop_halfway_through_the_start_cancels_the_consumers_already_started(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop after the first of a stage's queues began consuming, before the rest: that consumer is cancelled
+    and its messages drained as in a normal stop, not cut off when the connection closes."""
+    cancelled: list[str] = []
+
+    class Queue:
+        async def cancel(self, tag: str) -> None:
+            cancelled.append(tag)
+
+    halfway = asyncio.Event()
+
+    async def first_only(self: runtime.Worker, connection: Any) -> list[tuple[Any, Any]]:
+        self._consumers = [(Queue(), "ctag-1")]
+        halfway.set()
+        await asyncio.Event().wait()  # the second queue's consume never comes back
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(runtime.Worker, "_start", first_only)
+    worker = runtime.Worker(settings, Core([settings.topology.intake]), [])  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    await asyncio.wait_for(halfway.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert cancelled == ["ctag-1"] and not worker.ready.is_set()

@@ -18,7 +18,7 @@ import pytest
 from farebox.cli.catalog import add_commands
 from farebox.routing.catalog import CatalogError, parse_catalog
 from farebox.routing.choose import choose_route, downgrade_route
-from farebox.routing.learned import FORMAT, VERSION, LearnedRouter, load_router, prompt_text, router_from_document
+from farebox.routing.learned import FORMAT, LearnedRouter, load_router, prompt_text, router_from_document
 from farebox.routing.policy import load_policy, parse_policy
 from farebox.routing.store import CatalogStore, load_pair
 from farebox.routing.strategies import RouterRule
@@ -37,7 +37,7 @@ THRESHOLDS = {0.85: 0.7, 0.95: 0.5, 0.98: 0.3}
 def router_doc(intercept: float = 0.0) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": 1,  # one linear model over the whole text (version 2 adds the choice model and knots)
         "features": ["log_chars"],
         "model": {"kind": "ridge-on-gain", "mean": [0.0], "scale": [1.0], "coef": [1.0], "intercept": [intercept]},
         "calibration": {

@@ -42,10 +42,21 @@ def test_options_and_question_text(text: str, choices: bool, question: str) -> N
 def test_trees_predict_as_scikit_learn_does_including_at_the_thresholds() -> None:
     rng = np.random.default_rng(3)
     x = np.round(rng.normal(size=(400, 4)), 1)  # many rows sit exactly on a split value
-    y = x[:, 0] * 2 - np.abs(x[:, 1]) + rng.normal(scale=0.1, size=400)
-    trees = [DecisionTreeRegressor(max_depth=d, random_state=0).fit(x, y - k) for k, d in enumerate((1, 2, 3))]
+    y = x[:, 0] * 2 - np.abs(x[:, 1]) + x[:, 2] * x[:, 3] + rng.normal(scale=0.1, size=400)
+    trees = [DecisionTreeRegressor(max_depth=3, random_state=k).fit(x, y + rng.normal(size=400)) for k in range(4)]
     ours = _from_sklearn(trees, base=0.5, depth=3, rate=0.1)
-    probe = np.vstack([x, np.array([[t.tree_.threshold[0]] * 4 for t in trees])])
+    # Every split value on its own feature, and the doubles just either side of it: where float32 rounding of
+    # the features decides the branch (scikit-learn compares float32 features with float64 thresholds).
+    probes = []
+    for t in trees:
+        for f, thr in zip(t.tree_.feature, t.tree_.threshold, strict=True):
+            if f >= 0:
+                for v in (np.nextafter(thr, -np.inf), thr, np.nextafter(thr, np.inf), float(np.float32(thr))):
+                    row = x[0].copy()
+                    row[f] = v
+                    probes.append(row)
+    probe = np.vstack([x, *probes])
+    assert any(np.float32(t) > t for tr in trees for t in tr.tree_.threshold[tr.tree_.feature >= 0])
     expected = 0.5 + 0.1 * sum(t.predict(probe) for t in trees)
     assert ours.predict(probe) == pytest.approx(expected, abs=1e-12)
 
@@ -77,7 +88,7 @@ def test_positions_are_shares_of_training_rows_below(raw: np.ndarray) -> None:
         assert positions(knots, np.array([0.0]))[0] == pytest.approx(0.5, abs=0.02)
 
 
-def choice_data(n_groups: int = 6, per_group: int = 100, seed: int = 2) -> OutcomeSet:
+def choice_data(n_groups: int = 6, per_group: int = 130, seed: int = 2) -> OutcomeSet:
     """Multiple-choice rows whose gain comes from the length of their options (not of their question), the
     same in every group: only a model that reads the options can learn it."""
     rng = np.random.default_rng(seed)
@@ -98,7 +109,7 @@ def choice_data(n_groups: int = 6, per_group: int = 100, seed: int = 2) -> Outco
 @pytest.fixture(scope="module")
 def trained_on_choices() -> Any:
     data = choice_data()
-    assert len(data) >= MIN_CHOICE_ROWS
+    assert len(data) * 2 // 3 >= MIN_CHOICE_ROWS  # each of 3 folds trains on two thirds: a choice model in every fold
     return train_router(data, folds=3)
 
 
@@ -128,7 +139,8 @@ def test_open_prompts_are_scored_by_the_open_model_on_their_question(trained_on_
     )
     # a mixed batch scores each prompt as it would alone
     batch = router.score([open_prompt, with_options, open_prompt])
-    assert batch.tolist() == pytest.approx([*router.score([open_prompt]), *router.score([with_options]), batch[0]])
+    alone = [router.score([open_prompt])[0], router.score([with_options])[0], router.score([open_prompt])[0]]
+    assert batch.tolist() == pytest.approx(alone)
 
 
 def test_a_version_2_router_round_trips_through_a_file(trained_on_choices: Any, tmp_path: Path) -> None:
@@ -170,7 +182,8 @@ def _edited(doc: dict[str, Any], section: str, key: str, value: object) -> dict[
         ("choice_model", "kind", "forest", "boosted-trees"),
         ("choice_model", "depth", 0, "depth must be an integer"),
         ("choice_model", "base", "x", "base must be a finite number"),
-        ("choice_model", "feature", [[99, -1, -1]], "node arrays differ|does not read"),
+        ("choice_model", "depth", True, "depth must be an integer"),
+        ("choice_model", "depth", 1, "splits deeper than its depth 1"),
         ("choice_model", "left", KeyError, "must be a non-empty list"),
         ("choice_model", "features", ["nope"], "unknown features"),
         ("calibration", "knots", [0.0, 0.0], "knots must be at least 2 increasing"),
@@ -185,10 +198,34 @@ def test_a_bad_version_2_file_is_refused_in_one_line(
     assert "\n" not in str(err.value)
 
 
-def test_a_tree_pointing_outside_itself_is_refused(trained_on_choices: Any) -> None:
+def _tree_edit(field: str, node: int, value: int) -> Any:
+    def edit(model: dict[str, Any]) -> None:
+        model[field][0][node] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_tree_edit("left", 0, 99), "points to a node it does not have"),
+        (_tree_edit("feature", 0, 99), "splits on a feature the router does not read"),
+        (_tree_edit("left", 1, 0), "points back|does not point to itself"),  # a cycle
+        (_tree_edit("feature", 0, -1), "does not point to itself"),  # a split made a leaf
+    ],
+    ids=["child-out-of-range", "feature-out-of-range", "cycle", "split-made-leaf"],
+)
+def test_arrays_that_are_not_trees_are_refused(trained_on_choices: Any, edit: Any, message: str) -> None:
     doc = copy.deepcopy(trained_on_choices.document)
-    doc["choice_model"]["left"][0][0] = len(doc["choice_model"]["left"][0])
-    with pytest.raises(RouterFileError, match="points to a node it does not have"):
+    edit(doc["choice_model"])
+    with pytest.raises(RouterFileError, match=message):
+        router_from_document(doc, "r.json")
+
+
+def test_a_version_2_file_needs_its_knots(trained_on_choices: Any) -> None:
+    doc = copy.deepcopy(trained_on_choices.document)
+    del doc["calibration"]["knots"]
+    with pytest.raises(RouterFileError, match="'knots' must be a list"):
         router_from_document(doc, "r.json")
 
 

@@ -5,6 +5,7 @@ plain to a TLS port. A Sentinel set and a Redis Cluster over TLS run under ``-m 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import aio_pika
@@ -12,7 +13,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from farebox.amqp_connect import connect_any
-from farebox.redis_connect import connect_redis, parse_redis_url
+from farebox.redis_connect import RedisUrlError, connect_redis, parse_redis_url
 from farebox.settings import Settings
 from tests.support.chaos import distinct_jobs
 from tests.support.pipeline import InProcessPipeline, collect, ledger_entries_written
@@ -88,11 +89,39 @@ async def test_amqps_with_the_private_ca_talks_tls_and_refuses_another(
         await aio_pika.connect(node.tls_url(certs.other_ca), timeout=10)
 
 
-def test_tls_options_reach_sentinel_and_cluster_clients(certs: Certificates) -> None:
-    sentinel = parse_redis_url(f"rediss+sentinel://127.0.0.1:1/mymaster?ssl_ca_certs={certs.ca}&ssl_cert_reqs=required")
-    assert sentinel.tls and sentinel.tls_options == {"ssl_ca_certs": str(certs.ca), "ssl_cert_reqs": "required"}
-    cluster = parse_redis_url(f"rediss+cluster://127.0.0.1:1,127.0.0.1:2?ssl_ca_certs={certs.ca}")
-    assert cluster.tls and cluster.tls_options == {"ssl_ca_certs": str(certs.ca)}
+async def test_tls_options_reach_sentinel_and_cluster_clients(certs: Certificates) -> None:
+    query = f"ssl_ca_certs={certs.ca}&ssl_cert_reqs=required"
+    sentinel = connect_redis(f"rediss+sentinel://127.0.0.1:1/mymaster?{query}&ssl_ca_path={certs.ca.parent}")
+    cluster = connect_redis(f"rediss+cluster://127.0.0.1:1,127.0.0.1:2?{query}")
+    try:
+        pools = [
+            sentinel.connection_pool,
+            *(s.connection_pool for s in sentinel.connection_pool.sentinel_manager.sentinels),
+        ]  # type: ignore[attr-defined]
+        for pool in pools:  # the master's connections and the sentinels' alike
+            assert pool.connection_kwargs["ssl_ca_certs"] == str(certs.ca)
+            assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
+            assert "SSL" in pool.connection_class.__name__
+        assert sentinel.connection_pool.connection_kwargs["ssl_ca_path"] == str(certs.ca.parent)
+        made = cluster.nodes_manager.connection_kwargs  # type: ignore[attr-defined]
+        assert made["ssl_ca_certs"] == str(certs.ca) and "SSL" in made["connection_class"].__name__
+    finally:
+        await sentinel.aclose()
+        await cluster.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("rediss+cluster://127.0.0.1:1?ssl_ca_path=/etc/ssl", "takes only TLS options"),  # redis-py's has none
+        ("rediss+cluster://127.0.0.1:1?ssl_cert_reqs=sometimes", "ssl_cert_reqs must be one of"),
+        ("redis+sentinel://127.0.0.1:1/m?ssl_ca_certs=/ca.pem", "need a rediss+ URL"),
+    ],
+)
+def test_tls_options_a_client_would_not_take_are_refused_in_one_line(url: str, says: str) -> None:
+    with pytest.raises(RedisUrlError, match=re.escape(says)) as err:
+        parse_redis_url(url)
+    assert "\n" not in str(err.value)
 
 
 async def test_the_pipeline_runs_over_tls_to_both_engines(

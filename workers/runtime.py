@@ -90,6 +90,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractRobustChannel | None = None
+        self._consumers: list[tuple[Any, Any]] = []  # (queue, consumer tag) of every consume started
         self.ready = asyncio.Event()
         self.readiness = health.StageReadiness(core.name)  # what /readyz says of this worker
 
@@ -102,19 +103,18 @@ class Worker:
         )
         beside: asyncio.Task[None] | None = None
         try:
-            consumers = await self._start_unless_stopped(connection, stop)
-            if consumers is None:
-                return  # stopped while the broker would not let it consume: nothing taken, nothing to drain
-            log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
-            self.ready.set()
-            self.readiness.consuming(connection)
-            run_beside = getattr(self.core, "beside", None)  # a core's own loop (the batch lane's)
-            if run_beside is not None:
-                beside = asyncio.create_task(run_beside(stop, self.publish))
-            await stop.wait()
+            if await self._start_unless_stopped(connection, stop):
+                log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
+                self.ready.set()
+                self.readiness.consuming(connection)
+                run_beside = getattr(self.core, "beside", None)  # a core's own loop (the batch lane's)
+                if run_beside is not None:
+                    beside = asyncio.create_task(run_beside(stop, self.publish))
+                await stop.wait()
+            # Stopped before _start finished, some of its queues may be consuming already: drained the same way.
             self.readiness.draining()
             log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
-            for queue, tag in consumers:
+            for queue, tag in self._consumers:
                 with contextlib.suppress(Exception):
                     await queue.cancel(tag)
             with contextlib.suppress(TimeoutError):
@@ -129,8 +129,8 @@ class Worker:
                 await asyncio.gather(beside, return_exceptions=True)
             await connection.close()
 
-    async def _start_unless_stopped(self, connection: AbstractRobustConnection, stop: asyncio.Event) -> Any:
-        """``_start``, or None when ``stop`` comes first: a SIGTERM while the broker is away (``_start``
+    async def _start_unless_stopped(self, connection: AbstractRobustConnection, stop: asyncio.Event) -> bool:
+        """``_start``, given up when ``stop`` comes first (False): a SIGTERM while the broker is away (``_start``
         retrying) ends the process now, not when the pod's grace period runs out."""
         starting, stopping = asyncio.create_task(self._start(connection)), asyncio.create_task(stop.wait())
         try:
@@ -141,8 +141,9 @@ class Worker:
             await asyncio.gather(starting, stopping, return_exceptions=True)
         if starting.cancelled():
             log.info("stage %s: stopped before it could consume", self.core.name)
-            return None
-        return starting.result()
+            return False
+        starting.result()  # what made it fail, if anything
+        return True
 
     async def _acks_reached_the_broker(self) -> None:
         """Acks are sent without waiting for the socket (``aiormq_writes.ack``), and closing the connection
@@ -167,13 +168,14 @@ class Worker:
                 self._channel = channel
                 await channel.set_qos(prefetch_count=self._prefetch)
                 await declare_topology(channel, self.settings, self.providers)
-                consumers = []
+                self._consumers = []  # kept as they start: a stop halfway cancels the ones that did
                 plan = queue_plan(self.settings, self.providers)
                 for name in self.queues:
                     # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
                     queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
-                    consumers.append((queue, await queue.consume(self._callback(name), arguments=self._consumer_args)))
-                return consumers
+                    tag = await queue.consume(self._callback(name), arguments=self._consumer_args)
+                    self._consumers.append((queue, tag))
+                return self._consumers
             except Exception as err:
                 if not broker_away(err, connection):
                     raise

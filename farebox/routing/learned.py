@@ -160,7 +160,8 @@ def router_from_document(doc: object, source: str) -> LearnedRouter:
         if not levels.size or np.any(np.diff(levels) <= 0) or np.any(scale <= 0):
             raise RouterFileError(f"{source}: calibration levels must increase and scales be positive")
         platt = _floats(calib, "platt", 2, source)
-        knots = _floats(calib, "knots", None, source) if doc["version"] > 1 and "knots" in calib else None
+        # Version 2's calibration and thresholds are on the knots' scale: without them every score would be off.
+        knots = _floats(calib, "knots", None, source) if doc["version"] > 1 else None
         if knots is not None and (knots.size < 2 or np.any(np.diff(knots) <= 0)):
             raise RouterFileError(f"{source}: calibration knots must be at least 2 increasing numbers")
         return LearnedRouter(

@@ -32,7 +32,7 @@ from farebox.routing.evaluation import Floats, apgr, quality_curve
 from farebox.routing.features import FEATURES, has_options, lexical_features, question_text
 from farebox.routing.learned import FORMAT, VERSION, LearnedRouter, router_from_document
 from farebox.routing.outcomes import OutcomeDataError, OutcomeSet
-from farebox.routing.trees import DEPTH, LEARNING_RATE, MIN_LEAF, TREES, Trees, fit_boosted
+from farebox.routing.trees import DEPTH, LEARNING_RATE, TREES, Trees, fit_boosted, leaf_size
 
 RIDGE_ALPHA = 100.0
 MAX_FEATURES = 4
@@ -226,7 +226,7 @@ def fit_branches(
     ridge = fit_ridge(m.question[train][:, cols], gain[train])
     choice_rows = train_mask & m.choices
     choice = None
-    if with_choice and choice_rows.any():
+    if with_choice and has_choice_data(data, m, train_mask):  # in each fold by the rule the final router meets
         rising = [1 if n in RISING else 0 for n in FEATURES]
         choice = fit_boosted(m.whole[choice_rows], gain[choice_rows], rising)
     fitted = Branches(cols, ridge, choice, np.zeros(KNOTS))
@@ -276,7 +276,8 @@ def train_router(
 ) -> Trained:
     """The router for ``data`` and its document (see farebox/routing/learned.py for the format). Groups
     ``broken_groups`` finds are left out of training and recorded in the document. ``seed`` shuffles the
-    outer folds (``group_folds``); the router itself does not depend on it, only its out-of-fold figures."""
+    outer folds (``group_folds``): the models and knots do not depend on it; the out-of-fold figures, and the
+    calibration and thresholds fitted on them, do."""
     if folds < 2:
         raise OutcomeDataError("--folds must be at least 2")
     dropped = broken_groups(data, min_group_quality)
@@ -341,7 +342,7 @@ def train_router(
             **choice.as_document(),
             "trees": TREES,
             "learning_rate": LEARNING_RATE,
-            "min_leaf": MIN_LEAF,
+            "min_leaf": leaf_size(int((usable & m.choices).sum())),
             "max_depth": DEPTH,
             "rising": sorted(RISING),
         }

@@ -112,7 +112,7 @@ def trees_from_document(doc: object, n_features: int, where: str) -> Trees:
     if not isinstance(doc, dict) or doc.get("kind") != "boosted-trees":
         raise TreesError(f'{where}: the choice model must be {{"kind": "boosted-trees", ...}}')
     depth, base = doc.get("depth"), doc.get("base")
-    if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_DEPTH:
         raise TreesError(f"{where}: trees depth must be an integer from 1 to {MAX_DEPTH}")
     if not isinstance(base, int | float) or not np.isfinite(base):
         raise TreesError(f"{where}: trees base must be a finite number")
@@ -126,7 +126,28 @@ def trees_from_document(doc: object, n_features: int, where: str) -> Trees:
     for child in (left, right):
         if np.any(child < 0) or np.any(child >= nodes):
             raise TreesError(f"{where}: a tree points to a node it does not have")
+    _check_shape(feature, left, right, depth, where)
     return Trees(float(base), depth, feature, threshold, left, right, value)
+
+
+def _check_shape(feature: Ints, left: Ints, right: Ints, depth: int, where: str) -> None:
+    """Each node a leaf (feature -1, both children itself) or a split whose children come after it (so no
+    cycle), and no split deeper than ``depth`` steps can pass: ``predict`` must end every row on a leaf."""
+    index = np.arange(feature.shape[1])
+    leaf = feature == -1
+    if np.any(leaf & ((left != index) | (right != index))):
+        raise TreesError(f"{where}: a leaf of a tree does not point to itself")
+    if np.any(~leaf & ((left <= index) | (right <= index))):
+        raise TreesError(f"{where}: a split of a tree points back (children must come after it)")
+    level = np.full(feature.shape, -1, dtype=np.int64)
+    level[:, 0] = 0
+    for node in index:  # children come after their parent: one pass in order sets every reachable level
+        parent = (level[:, node] >= 0) & ~leaf[:, node]
+        for child in (left, right):
+            rows = np.flatnonzero(parent)
+            level[rows, child[rows, node]] = level[rows, node] + 1
+    if np.any((level >= depth) & ~leaf):
+        raise TreesError(f"{where}: a tree has splits deeper than its depth {depth}")
 
 
 def _from_sklearn(trees: Sequence[Any], base: float, depth: int, rate: float) -> Trees:
@@ -150,6 +171,11 @@ def _from_sklearn(trees: Sequence[Any], base: float, depth: int, rate: float) ->
     return Trees(base, depth, feature, threshold, left, right, value)
 
 
+def leaf_size(rows: int, min_leaf: int = MIN_LEAF) -> int:
+    """The smallest leaf the trees may have: ``min_leaf`` rows, or a quarter of a smaller training set."""
+    return max(1, min(min_leaf, rows // 4))
+
+
 def fit_boosted(
     x: Floats,
     y: Floats,
@@ -168,7 +194,7 @@ def fit_boosted(
     base = float(y.mean())
     pred = np.full(len(y), base)
     fitted = []
-    leaf = max(1, min(min_leaf, len(y) // 4))
+    leaf = leaf_size(len(y), min_leaf)
     for _ in range(trees):
         tree = DecisionTreeRegressor(
             max_depth=depth, min_samples_leaf=leaf, monotonic_cst=list(monotone), random_state=0

@@ -193,8 +193,9 @@ def rabbit_cluster(count: int = 3, tls: Certificates | None = None) -> Iterator[
     if not (os.access(SERVER, os.X_OK) and os.access(CTL, os.X_OK)):
         raise ClusterError(f"RabbitMQ is not installed here ({SERVER}, {CTL})")
     root = Path(tempfile.mkdtemp(prefix="fb-rabbit-"))
-    cluster = _prepare(root, count, tls)
+    cluster = RabbitCluster(root)  # empty until prepared: the clean-up below always has one
     try:
+        cluster = _prepare(root, count, tls)
         for node in cluster.nodes:  # started together, then waited for: the VMs boot in parallel
             log = (node.home / "console.log").open("ab")
             node.process = subprocess.Popen(

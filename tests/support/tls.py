@@ -77,14 +77,17 @@ def tls_redis(certs: Certificates) -> Iterator[int]:
     args = ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(folder), "--tls-cert-file", str(certs.cert), "--tls-key-file",
             str(certs.key), "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no"]  # fmt: skip
-    log = (folder / "redis.log").open("wb")
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        _await_tls_port(process, port, certs, folder)
+        try:
+            with (folder / "redis.log").open("wb") as log:
+                processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+        except OSError as err:
+            raise TlsError(f"cannot start redis-server: {err}") from None
+        _await_tls_port(processes[0], port, certs, folder)
         yield port
     finally:
-        stop_all([process])
+        stop_all(processes)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -94,7 +97,10 @@ def _await_tls_port(process: subprocess.Popen[bytes], port: int, certs: Certific
     while True:
         if process.poll() is not None:
             raise TlsError(f"redis-server with TLS exited: {(folder / 'redis.log').read_text(errors='replace')[-600:]}")
-        done = subprocess.run(ping, capture_output=True, timeout=10, check=False)
+        try:
+            done = subprocess.run(ping, capture_output=True, timeout=5, check=False)
+        except subprocess.TimeoutExpired:
+            done = subprocess.CompletedProcess(ping, 1, b"", b"redis-cli did not answer in 5 s")
         if done.stdout.strip() == b"PONG":
             return
         if time.monotonic() > deadline:
