@@ -15,7 +15,7 @@ from yarl import URL
 
 from farebox.errors import broker_away
 from farebox.settings import Settings
-from farebox.stages import main, runtime
+from farebox.stages import consuming, main, runtime
 from farebox.stages.main import run_stage
 from tests.support.pipeline import drop_namespace
 
@@ -79,15 +79,15 @@ async def test_a_stage_start_retries_a_closed_connections_runtime_error(monkeypa
     async def no_sleep(_: float) -> None:
         await real_sleep(0)
 
-    monkeypatch.setattr(runtime.asyncio, "sleep", no_sleep)
+    monkeypatch.setattr(consuming.asyncio, "sleep", no_sleep)
     worker = runtime.Worker(Settings(), Core(), [])  # type: ignore[arg-type]
     closed = FlakyConnection([RuntimeError("closed"), RuntimeError("closed")], is_closed=True)
     with pytest.raises(LookupError):
-        await worker._start(closed)  # type: ignore[arg-type]
+        await worker.consumption.start(closed, worker._callback)  # type: ignore[arg-type]
     assert closed.calls == 3
     open_one = FlakyConnection([RuntimeError("a bug")], is_closed=False)
     with pytest.raises(RuntimeError, match="a bug"):
-        await worker._start(open_one)  # type: ignore[arg-type]
+        await worker.consumption.start(open_one, worker._callback)  # type: ignore[arg-type]
     assert open_one.calls == 1
 
 
@@ -110,7 +110,7 @@ async def test_a_stage_starts_when_the_broker_closed_its_connection_a_moment_bef
     try:
         await connection.transport.connection.close()  # type: ignore[union-attr]  # as the broker would
         assert not connection.is_closed and not connection.reconnecting
-        consumers = await asyncio.wait_for(worker._start(connection), 30)
+        consumers = await asyncio.wait_for(worker.consumption.start(connection, worker._callback), 30)
         assert [queue.name for queue, _ in consumers] == [settings.topology.intake]
     finally:
         await connection.close()
@@ -151,16 +151,16 @@ async def test_winding_down_cancels_a_worker_that_does_not_stop(monkeypatch: pyt
 async def test_a_stop_while_the_stage_cannot_consume_ends_it_at_once(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM while the broker will not let a stage consume (``_start`` retrying with backoff) ends the worker
-    now: before, it went on retrying until the drain timeout cancelled it, past a pod's grace period."""
+    """SIGTERM while the broker will not let a stage consume (``Consumption.start`` retrying with backoff) ends
+    the worker now: before, it went on retrying until the drain timeout cancelled it, past a grace period."""
     retrying = asyncio.Event()
 
-    async def away(self: runtime.Worker, connection: Any) -> list[tuple[Any, Any]]:
-        while True:  # what _start does while every channel() fails as the broker away
+    async def away(self: consuming.Consumption, connection: Any, on_message: Any) -> list[tuple[Any, Any]]:
+        while True:  # what start does while every channel() fails as the broker away
             retrying.set()
             await asyncio.sleep(0.05)
 
-    monkeypatch.setattr(runtime.Worker, "_start", away)
+    monkeypatch.setattr(consuming.Consumption, "start", away)
     worker = runtime.Worker(settings, Core([settings.topology.intake]), [])  # type: ignore[arg-type]
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
@@ -186,13 +186,13 @@ async def test_a_stop_halfway_through_the_start_cancels_the_consumers_already_st
 
     halfway = asyncio.Event()
 
-    async def first_only(self: runtime.Worker, connection: Any) -> list[tuple[Any, Any]]:
-        self._consumers = [(Queue(), "ctag-1")]
+    async def first_only(self: consuming.Consumption, connection: Any, on_message: Any) -> list[tuple[Any, Any]]:
+        self.consumers = [(Queue(), "ctag-1")]
         halfway.set()
         await asyncio.Event().wait()  # the second queue's consume never comes back
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(runtime.Worker, "_start", first_only)
+    monkeypatch.setattr(consuming.Consumption, "start", first_only)
     worker = runtime.Worker(settings, Core([settings.topology.intake]), [])  # type: ignore[arg-type]
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))

@@ -128,7 +128,7 @@ class Core:
 
 def worker() -> runtime.Worker:
     w = runtime.Worker(Settings(batch_max=1), Core(), [])
-    w._channel = object()  # type: ignore[assignment]  # the fake broker takes any channel
+    w.consumption.channel = object()  # type: ignore[assignment]  # the fake broker takes any channel
     return w
 
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from farebox import health, metrics
 from farebox.amqp_connect import connect_robust_nodes, pipeline_nodes
@@ -37,18 +37,17 @@ from farebox.errors import (
     FareboxError,
     PermanentError,
     RetryableError,
-    broker_away,
 )
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, publish_confirmed
 from farebox.routing.priority import LANES
 from farebox.settings import Settings
 from farebox.stages.batching import Batcher, batch_count, split_batch
+from farebox.stages.consuming import Consumption
 from farebox.stages.inflight import Unhandled
 from farebox.stages.messages import dead_letter_publish, in_lane, settle, slot_lane, to_delivery
 from farebox.stages.slots import LaneSlots
 from farebox.stages.stage import Delivery, Handled, Publish, StageCore
-from farebox.stages.topology import declare_topology, queue_plan
 
 log = logging.getLogger("farebox.runtime")
 
@@ -66,7 +65,6 @@ class Worker:
         self.settings = settings
         self._topology = settings.topology  # built once: _batches asks it for every publish
         self.core = core
-        self.providers = list(providers)
         self.queues = [q for q in core.input_queues() if self._topology.lane_of(q) in lanes]
         # A worker of the interactive lane alone (`farebox worker all --lane interactive`) is the broker's first
         # choice for those queues: its event loop is not busy with a backfill, as the stage workers' may be.
@@ -89,8 +87,9 @@ class Worker:
         )
         self._idle = asyncio.Event()
         self._idle.set()
-        self._channel: AbstractRobustChannel | None = None
-        self._consumers: list[tuple[Any, Any]] = []  # (queue, consumer tag) of every consume started
+        self.consumption = Consumption(
+            settings, core.name, providers, self.queues, prefetch=self._prefetch, consumer_args=self._consumer_args
+        )
         self.ready = asyncio.Event()
         self.readiness = health.StageReadiness(core.name)  # what /readyz says of this worker
 
@@ -103,7 +102,7 @@ class Worker:
         )
         beside: asyncio.Task[None] | None = None
         try:
-            if await self._start_unless_stopped(connection, stop):
+            if await self.consumption.start_unless_stopped(connection, self._callback, stop):
                 log.info("stage %s consuming %s", self.core.name, ", ".join(self.queues))
                 self.ready.set()
                 self.readiness.consuming(connection)
@@ -111,15 +110,13 @@ class Worker:
                 if run_beside is not None:
                     beside = asyncio.create_task(run_beside(stop, self.publish))
                 await stop.wait()
-            # Stopped before _start finished, some of its queues may be consuming already: drained the same way.
+            # Stopped before the start finished, some of its queues may be consuming already: drained the same way.
             self.readiness.draining()
             log.info("stage %s draining %d in-flight message(s)", self.core.name, self._inflight)
-            for queue, tag in self._consumers:
-                with contextlib.suppress(Exception):
-                    await queue.cancel(tag)
+            await self.consumption.cancel()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
-            await self._acks_reached_the_broker()
+            await self.consumption.acks_reached_the_broker()
             if beside is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(beside), DRAIN_TIMEOUT_S)
@@ -128,69 +125,6 @@ class Worker:
                 beside.cancel()
                 await asyncio.gather(beside, return_exceptions=True)
             await connection.close()
-
-    async def _start_unless_stopped(self, connection: AbstractRobustConnection, stop: asyncio.Event) -> bool:
-        """``_start``, given up when ``stop`` comes first (False): a SIGTERM while the broker is away (``_start``
-        retrying) ends the process now, not when the pod's grace period runs out."""
-        starting, stopping = asyncio.create_task(self._start(connection)), asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            starting.cancel()  # no-op once done
-            stopping.cancel()
-            await asyncio.gather(starting, stopping, return_exceptions=True)
-        if starting.cancelled():
-            log.info("stage %s: stopped before it could consume", self.core.name)
-            return False
-        starting.result()  # what made it fail, if anything
-        return True
-
-    async def _acks_reached_the_broker(self) -> None:
-        """Acks are sent without waiting for the socket (``aiormq_writes.ack``), and closing the connection
-        drops what aiormq's writer still holds, so the broker would redeliver jobs already done.
-        A round trip on the channel, queued behind the acks, returns once the broker has them."""
-        if self._channel is None:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._channel.set_qos(prefetch_count=self._prefetch), 5)
-
-    async def _start(self, connection: AbstractRobustConnection) -> list[tuple[Any, Any]]:
-        """Open the channel, declare the topology and consume; tried again while the connection
-        fails under it. RabbitMQ can close the connection with INTERNAL_ERROR when a consume
-        reaches a quorum queue another process declared a moment before (its Ra server is not up
-        yet: seen here on 2 of about 150 pipeline starts). The robust connection comes back by
-        itself; a stage that gave up then would never consume, and its jobs would wait for ever."""
-        delay = 0.5
-        while True:
-            channel: AbstractRobustChannel | None = None
-            try:
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                self._channel = channel
-                await channel.set_qos(prefetch_count=self._prefetch)
-                await declare_topology(channel, self.settings, self.providers)
-                self._consumers = []  # kept as they start: a stop halfway cancels the ones that did
-                plan = queue_plan(self.settings, self.providers)
-                for name in self.queues:
-                    # Declared (not just looked up) so the robust channel re-consumes it after a reconnect.
-                    queue = await channel.declare_queue(name, durable=True, arguments=plan[name])
-                    tag = await queue.consume(self._callback(name), arguments=self._consumer_args)
-                    self._consumers.append((queue, tag))
-                return self._consumers
-            except Exception as err:
-                if not broker_away(err, connection):
-                    raise
-                log.warning(
-                    "stage %s: could not start consuming (%s: %s); trying again in %.1fs",
-                    self.core.name,
-                    type(err).__name__,
-                    err,
-                    delay,
-                )
-                if channel is not None:
-                    with contextlib.suppress(Exception):
-                        await channel.close()  # a half-set-up robust channel must not be restored as well
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -368,10 +302,11 @@ class Worker:
     async def _publish(self, p: Publish) -> None:
         """Publish with confirms; wait and retry while the target queue is full (reject-publish
         nack) or the connection is being restored, so nothing is acked before it is safe."""
-        assert self._channel is not None
+        channel = self.consumption.channel
+        assert channel is not None
         try:
             await publish_confirmed(
-                self._channel,
+                channel,
                 p.body,
                 exchange=p.exchange,
                 routing_key=p.routing_key,

@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -84,15 +84,11 @@ class LearnedRouter:
         """P(the job needs premium) per text, in [0, 1]."""
         a, b = self.calibration
         raw = self.raw(texts)
-        if self.knots is not None:  # the share of training rows below: the scale the calibration was fitted on
-            raw = np.interp(raw, self.knots, self._shares)
+        if self.knots is not None:  # the scale the calibration was fitted on
+            raw = positions(self.knots, raw)
         z = np.clip(a * raw + b, -500.0, 500.0)
         out: NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
         return out
-
-    @cached_property
-    def _shares(self) -> NDArray[np.float64]:
-        return np.linspace(0.0, 1.0, 0 if self.knots is None else len(self.knots))
 
     def threshold(self, level: float) -> float:
         """The score threshold that keeps ``level`` of premium quality: the calibrated point at or above it."""
@@ -105,6 +101,17 @@ class LearnedRouter:
         trained = self.meta.get("training", {})
         digest = str(trained.get("data_sha256", "?"))[:12]
         return f"{self.source} (trained on {trained.get('rows', '?')} rows, data sha256 {digest})"
+
+
+def positions(knots: NDArray[np.float64], raw: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The share of training rows predicted below ``raw``, read off their quantiles ``knots``."""
+    out: NDArray[np.float64] = np.interp(raw, knots, _shares(len(knots)))
+    return out
+
+
+@lru_cache(maxsize=4)
+def _shares(n: int) -> NDArray[np.float64]:
+    return np.linspace(0.0, 1.0, n)  # once per knot count: the route stage scores one prompt at a time
 
 
 def _floats(doc: dict[str, Any], key: str, n: int | None, where: str) -> NDArray[np.float64]:

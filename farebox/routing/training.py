@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from farebox.routing.evaluation import Floats, apgr, quality_curve
 from farebox.routing.features import FEATURES, has_options, lexical_features, question_text
-from farebox.routing.learned import FORMAT, VERSION, LearnedRouter, router_from_document
+from farebox.routing.learned import FORMAT, VERSION, LearnedRouter, positions, router_from_document
 from farebox.routing.outcomes import OutcomeDataError, OutcomeSet
 from farebox.routing.trees import DEPTH, LEARNING_RATE, TREES, Trees, fit_boosted, leaf_size
 
@@ -201,12 +201,6 @@ class Branches:
 
     def position(self, raw: Floats) -> Floats:
         return positions(self.knots, raw)
-
-
-def positions(knots: Floats, raw: Floats) -> Floats:
-    """The share of training rows predicted below ``raw``, read off their quantiles."""
-    out: Floats = np.interp(raw, knots, np.linspace(0.0, 1.0, len(knots)))
-    return out
 
 
 def quantile_knots(pred: Floats) -> Floats:
