@@ -166,6 +166,15 @@ class RedisKeys:
         base, bar, lane = coalesce_key.partition("|")
         return f"{self.prefix}{{c:{base}}}:inflight{bar}{lane}"
 
+    def waiters(self, coalesce_key: str) -> str:
+        """Set while a coalesced job waits for a lease's leader: the script releasing the lease then wakes it."""
+        return self.inflight(coalesce_key) + ":waiters"
+
+    @property
+    def wake_channel(self) -> str:
+        """The Redis channel a released lease's key is published on, to wake its waiters (farebox/stages/wake.py)."""
+        return f"{self.prefix}wake"
+
     # A job's own records are keyed by tenant and job_id (``job_record``): the same job_id from two
     # tenants is two jobs, and one tenant's id can never reach another's stored result.
     def result(self, record: JobRecord) -> str:

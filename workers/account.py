@@ -96,6 +96,11 @@ class AccountStage:
         return Handled([])
 
     async def handle(self, env: Envelope, delivery: Delivery) -> Handled:
+        return await self.finish(env)
+
+    async def finish(self, env: Envelope) -> Handled:
+        """Price, record once and answer ``env``: for this stage's input, and for the dedup stage, which answers
+        cache hits and job_id replays itself (the same result, entry and replies as through this stage)."""
         unit = self.store.current_unit()
         catalog, policy, _ = unit
         result = build_result(env, catalog, policy, now=self.clock())

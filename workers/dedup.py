@@ -1,19 +1,25 @@
 """Dedup/cache stage: serve repeats from the cache, coalesce identical jobs in flight, replay
 results for a job_id already done, and pass everything else to the router.
 
+A cache hit and a job_id replay are answered here, through the account stage's own finish (the same result,
+ledger entry and replies): the account stage sees only jobs it must price, and a hit costs one hop.
+
 Coalescing: the first job for a key takes a lease in Redis (``SET NX`` with the job id as value)
-and goes on as the leader. Identical jobs that arrive meanwhile park in the broker's wait queue and
-come back through ``recheck`` every ``coalesce_poll_ms``: by then the cache holds the leader's
-answer (-> "coalesced", cost 0), or the leader failed and released its lease (-> the waiter takes
-over as leader), or the lease expired (a leader that never finished; same). The wait is a broker
-timer, so no waiter depends on any worker staying alive.
+and goes on as the leader. An identical job that arrives meanwhile waits: held here, unacked, until the
+release of the lease wakes it (farebox/stages/wake.py), or parked in the broker's wait queue, from which it
+comes back through ``recheck`` every ``coalesce_poll_ms``. Either way it then finds the leader's answer in the
+cache (-> "coalesced", cost 0), or the leader failed and released its lease (-> the waiter takes over as
+leader), or the lease expired (a leader that never finished; same). A held waiter goes back to the broker
+when its process dies, and no wake is needed for correctness (a held waiter re-checks on a timer too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from redis.asyncio import Redis
 
@@ -31,21 +37,27 @@ from farebox.stages.decode import envelope_from_intake, envelope_from_internal
 from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.stage import Delivery, EnvelopeStage, Handled, envelope_publish
+from farebox.stages.wake import Waker
 
-# Taking (or finding) a coalescing lease, the end of both decide scripts below.
+# Taking (or finding) a coalescing lease, the end of both decide scripts below. A job that will be held while it
+# waits (``wake``) flags the lease, and its release wakes it (farebox/stages/wake.py).
 _LEASE = """
 if redis.call('SET', lease_key, job_id, 'NX', 'EX', lease_ttl_s) then
   return {'lead'}
 end
+local state = 'wait'
 if redis.call('GET', lease_key) == job_id then
-  return {'own'}
+  state = 'own'
 end
-return {'wait'}
+if wake == '1' then
+  redis.call('SET', waiters_key, 1, 'EX', lease_ttl_s)
+end
+return {state}
 """
 # A job that shares a cache entry: cached answer? else take (or find) the entry's lease. The lease sits with
 # the entry (one slot), and being atomic, a leader that fills the cache and releases its lease can never
 # slip in between. Whether the job_id is answered already is asked beside it (its own slot, same round trip).
-_DECIDE_CACHED_LAYOUT = Layout(keys=("cache_key", "lease_key"), args=("job_id", "lease_ttl_s"))
+_DECIDE_CACHED_LAYOUT = Layout(keys=("cache_key", "lease_key", "waiters_key"), args=("job_id", "lease_ttl_s", "wake"))
 _DECIDE_CACHED = (
     """
 local cached = redis.call('GET', cache_key)
@@ -57,7 +69,9 @@ end
 )
 # A job that reads no cache: answered job_id? else take (or find) its own lease, which sits with its result
 # (one slot), so a copy can never take the lease between the leader's storing its result and releasing it.
-_DECIDE_OWN_LAYOUT = Layout(keys=("result_key", "lease_key"), args=("job_id", "lease_ttl_s", "coalesce"))
+_DECIDE_OWN_LAYOUT = Layout(
+    keys=("result_key", "lease_key", "waiters_key"), args=("job_id", "lease_ttl_s", "coalesce", "wake")
+)
 _DECIDE_OWN = (
     """
 if redis.call('EXISTS', result_key) == 1 then
@@ -83,6 +97,7 @@ class DedupStage(EnvelopeStage):
         auth: Callable[[], AuthPolicy] = AuthPolicy,
         lanes: Callable[[], PriorityPolicy] = PriorityPolicy,
         batch: Callable[[], BatchPolicy] = BatchPolicy,
+        finish: Callable[[Envelope], Awaitable[Handled]] | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth  # the policy's auth in force
@@ -95,11 +110,20 @@ class DedupStage(EnvelopeStage):
         self.account_queue = self.topo.account
         self.keys = settings.keys
         self.health = RedisHealth(self.name)
+        # The account stage's finish, to answer hits and replays here; without it they go on to that stage.
+        self.finish = finish
+        capacity = min(settings.coalesce_hold_max, settings.prefetch // 2)
+        self.waker = Waker(redis, self.keys.wake_channel, capacity=capacity)
         self._decide_cached = NamedScript(redis, _DECIDE_CACHED_LAYOUT, _DECIDE_CACHED, "dedup decide (cached)")
         self._decide_own = NamedScript(redis, _DECIDE_OWN_LAYOUT, _DECIDE_OWN, "dedup decide (own)")
 
     def input_queues(self) -> Sequence[str]:
         return (self.topo.intake_interactive, self.topo.intake, self.topo.recheck)
+
+    async def beside(self, stop: asyncio.Event, publish: object) -> None:
+        """Run by the runtime while the stage consumes: the subscription that wakes held waiters."""
+        if self.waker.capacity > 0:
+            await self.waker.listen(stop)
 
     def decode(self, delivery: Delivery) -> Envelope:
         if delivery.queue == self.topo.recheck:
@@ -163,22 +187,24 @@ class DedupStage(EnvelopeStage):
         reply = result_publish(result.model_dump_json().encode(), item.reply_to, item.correlation_id, item.job_id)
         return Handled(reply)
 
-    async def _state(self, env: Envelope) -> tuple[str, list[bytes]]:
-        """What dedup makes of ``env``: answered, cached (with the answer), route, lead, own or wait."""
+    def _lease_key(self, env: Envelope) -> str:
+        return self.keys.inflight(env.coalesce_key or f"job:{env.record}")
+
+    async def _state(self, env: Envelope, wake: bool = False) -> tuple[str, list[bytes]]:
+        """What dedup makes of ``env``: answered, cached (with the answer), route, lead, own or wait. ``wake``: a
+        waiter would be held, so the lease is flagged for its release to wake it."""
         lease_ttl_s = self.settings.leader_lease_s
         result_key = self.keys.result(env.record)
         shared = env.coalesce_key is not None and not env.coalesce_key.startswith("job:")
+        lease_of = env.coalesce_key or f"job:{env.record}"
+        leases = {"lease_key": self.keys.inflight(lease_of), "waiters_key": self.keys.waiters(lease_of)}
         if env.cache_key is not None and env.job.cache.mode == "use" and shared:
-            assert env.coalesce_key is not None
             # Two slots (the job's, the cache entry's), one round trip: both go out together.
             answered, (state, *value) = await asyncio.gather(
                 self.redis.exists(result_key),
                 self._decide_cached(
-                    keys={
-                        "cache_key": self.keys.cache(env.cache_key),
-                        "lease_key": self.keys.inflight(env.coalesce_key),
-                    },
-                    args={"job_id": env.record, "lease_ttl_s": lease_ttl_s},
+                    keys={"cache_key": self.keys.cache(env.cache_key), **leases},
+                    args={"job_id": env.record, "lease_ttl_s": lease_ttl_s, "wake": int(wake)},
                 ),
             )
             # A lease taken for a job answered already is released by the account stage's replay.
@@ -187,28 +213,90 @@ class DedupStage(EnvelopeStage):
             "job_id": env.record,  # the lease owner
             "lease_ttl_s": lease_ttl_s,
             "coalesce": int(env.coalesce_key is not None),
+            "wake": int(wake),
         }
-        lease_key = self.keys.inflight(env.coalesce_key or f"job:{env.record}")
-        state, *value = await self._decide_own(keys={"result_key": result_key, "lease_key": lease_key}, args=args)
+        state, *value = await self._decide_own(keys={"result_key": result_key, **leases}, args=args)
         return as_text(state), value
 
     async def _decide(self, env: Envelope, delivery: Delivery) -> Handled:
-        state, value = await self._state(env)
-        if state == "answered":
-            # A job_id already answered (a producer retry): the account stage replays its result.
-            return Handled([envelope_publish(env, self.topo.account)])
-        if state == "cached":
-            return self._serve(env, value[0])  # the account stage releases a lease we held
-        # A lease already ours: a redelivery of the leader goes on; a second copy of the same
-        # job_id (a producer retry, fresh or back from waiting) waits for the first instead.
-        if state in ("route", "lead") or (state == "own" and delivery.redelivered):
-            return Handled([envelope_publish(env, self.topo.route)])
+        # Expected before the decide script flags the lease, so a release right after it cannot slip past.
+        lease_key = self._lease_key(env)
+        woken = self.waker.expect(lease_key) if env.coalesce_key is not None and self.waker.can_hold() else None
+        try:
+            state, value = await self._state(env, wake=woken is not None)
+        except BaseException:
+            self._drop(lease_key, woken)
+            raise
+        if not _waits(state, delivery):
+            self._drop(lease_key, woken)
+            return await self._act(state, value, env)
         waiting = env.model_copy(update={"waits": env.waits + 1})
-        # A waiter of a batch-lane job re-checks every few seconds, not ten times a second for hours.
-        batched = price_lane(self.batch(), env.job, env.lane)[0] == "batch"
-        return Handled([envelope_publish(waiting, self.topo.waiting_batch if batched else self.topo.waiting)])
+        if woken is None or self._batch_lane(env) or not self.waker.can_hold():
+            self._drop(lease_key, woken)
+            return self._park(waiting)
+        self.waker.held += 1
+        return Handled([], resume=partial(self._held, waiting, delivery, woken))
 
-    def _serve(self, env: Envelope, cached: bytes) -> Handled:
+    def _drop(self, lease_key: str, woken: asyncio.Future[None] | None) -> None:
+        if woken is not None:
+            self.waker.forget(lease_key, woken)
+
+    async def _act(self, state: str, value: list[bytes], env: Envelope) -> Handled:
+        """What a job that does not wait becomes: an answer (a replay, a hit) or the route stage's input."""
+        if state == "answered":
+            # A job_id already answered (a producer retry): its stored result is replayed.
+            return await self._answer(env)
+        if state == "cached":
+            return await self._answer(self._served(env, value[0]))
+        # A lease already ours: a redelivery of the leader goes on (see _waits).
+        return Handled([envelope_publish(env, self.topo.route)])
+
+    async def _held(self, env: Envelope, delivery: Delivery, woken: asyncio.Future[None]) -> Handled:
+        """A waiter held here, outside the stage's slots, until the lease's release wakes it or a re-check is due;
+        then decided again. It parks in the broker when held too long, when the stage stops, or Redis is away."""
+        lease_key = self._lease_key(env)
+        recheck_s = self.settings.coalesce_recheck_ms / 1000
+        deadline = time.monotonic() + self.settings.coalesce_hold_s
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken, recheck_s)
+                self.waker.forget(lease_key, woken)
+                if self.waker.draining or time.monotonic() >= deadline:
+                    return self._park(env)
+                woken = self.waker.expect(lease_key)
+                try:
+                    state, value = await self._state(env, wake=True)
+                except REDIS_DOWN:
+                    self.waker.forget(lease_key, woken)
+                    return self._park(env)  # the broker's timer re-checks it
+                if not _waits(state, delivery):
+                    self.waker.forget(lease_key, woken)
+                    return await self._act(state, value, env)
+        finally:
+            self.waker.held -= 1
+
+    def _batch_lane(self, env: Envelope) -> bool:
+        return price_lane(self.batch(), env.job, env.lane)[0] == "batch"
+
+    def _park(self, waiting: Envelope) -> Handled:
+        """A waiter to the broker's wait queue, back through recheck after its TTL. A waiter of a batch-lane job
+        re-checks every few seconds, not ten times a second for hours."""
+        queue = self.topo.waiting_batch if self._batch_lane(waiting) else self.topo.waiting
+        return Handled([envelope_publish(waiting, queue)])
+
+    async def _answer(self, env: Envelope) -> Handled:
+        if self.finish is None:
+            return Handled([envelope_publish(env, self.topo.account)])
+        return await self.finish(env)
+
+    def _served(self, env: Envelope, cached: bytes) -> Envelope:
         status = "coalesced" if env.waits else "hit"
-        served = env.model_copy(update={"outcome": Outcome.model_validate_json(cached), "cache_status": status})
-        return Handled([envelope_publish(served, self.topo.account)])
+        return env.model_copy(update={"outcome": Outcome.model_validate_json(cached), "cache_status": status})
+
+
+def _waits(state: str, delivery: Delivery) -> bool:
+    """A job that waits for a leader: the lease is another's, or already its own while this delivery is not a
+    redelivery (a second copy of the same job_id, a producer retry, waits for the first; a redelivered leader,
+    back after a crash, goes on)."""
+    return state == "wait" or (state == "own" and not delivery.redelivered)

@@ -49,7 +49,7 @@ SETTLED_TTL_S = 40 * 86_400
 # (its folds are repeated, idempotently, while it is young). A job's own coalescing lease (not a shared cache
 # entry's) sits here too and is released with the result stored, so a copy never leads in between.
 _RECORD_LAYOUT = Layout(
-    keys=("result_key", "entry_key", "prompt_key", "lease_key"),
+    keys=("result_key", "entry_key", "prompt_key", "lease_key", "waiters_key"),
     args=(
         "result_json",
         "result_ttl_s",
@@ -58,6 +58,7 @@ _RECORD_LAYOUT = Layout(
         "prompt_json",  # the messages as sent, kept for `farebox feedback export`; '' when not kept
         "prompt_ttl_s",
         "lease_owner",  # the job record when the job holds its own lease, else ''
+        "wake_channel",  # where a released lease's waiters are woken (farebox/stages/wake.py)
     ),
 )
 _RECORD = """
@@ -77,6 +78,9 @@ if not existing then
 end
 if lease_owner ~= '' and redis.call('GET', lease_key) == lease_owner then
   redis.call('DEL', lease_key)
+end
+if lease_owner ~= '' and redis.call('DEL', waiters_key) == 1 then
+  redis.call('PUBLISH', wake_channel, lease_key)
 end
 return {existing or false, fresh, entry}
 """
@@ -170,14 +174,20 @@ return spent
 """
 
 # The cache fill and the release of a shared cache entry's lease, in the entry's slot, together: a waiter
-# finds the answer the moment the lease is gone.
-_FILL_LAYOUT = Layout(keys=("cache_key", "lease_key"), args=("cache_value", "cache_ttl_s", "lease_owner"))
+# finds the answer the moment the lease is gone. Both release scripts wake the lease's waiters, if one said it
+# waits (the dedup decide scripts set the flag): one PUBLISH, atomic with the release.
+_FILL_LAYOUT = Layout(
+    keys=("cache_key", "lease_key", "waiters_key"), args=("cache_value", "cache_ttl_s", "lease_owner", "wake_channel")
+)
 _FILL = """
 if cache_value ~= '' then
   redis.call('SET', cache_key, cache_value, 'EX', cache_ttl_s)
 end
 if lease_owner ~= '' and redis.call('GET', lease_key) == lease_owner then
   redis.call('DEL', lease_key)
+end
+if lease_owner ~= '' and redis.call('DEL', waiters_key) == 1 then
+  redis.call('PUBLISH', wake_channel, lease_key)
 end
 return 1
 """
@@ -297,12 +307,14 @@ class Ledger:
             "prompt_json": prompt.messages_json if prompt else "",
             "prompt_ttl_s": prompt.ttl_s if prompt else 0,
             "lease_owner": record if own_lease else "",
+            "wake_channel": self.keys.wake_channel,
         }
         keys = {
             "result_key": self.keys.result(record),
             "entry_key": self.keys.ledger_entry(record),
             "prompt_key": self.keys.prompt(record),
             "lease_key": self.keys.inflight(f"job:{record}"),
+            "waiters_key": self.keys.waiters(f"job:{record}"),
         }
         existing, fresh, stored = await self._record(keys=keys, args=args)
         folds: list[Awaitable[Any]] = []
@@ -394,6 +406,12 @@ class Ledger:
             "cache_value": cache.value if cache else "",
             "cache_ttl_s": cache.ttl_s if cache else 0,
             "lease_owner": record if lease_key else "",
+            "wake_channel": self.keys.wake_channel,
         }
-        keys = {"cache_key": self.keys.cache(base), "lease_key": self.keys.inflight(lease_key or base)}
+        lease = lease_key or base
+        keys = {
+            "cache_key": self.keys.cache(base),
+            "lease_key": self.keys.inflight(lease),
+            "waiters_key": self.keys.waiters(lease),
+        }
         return self._fill(keys=keys, args=args)

@@ -204,13 +204,19 @@ class Worker:
         as undecodable), else the delay before trying again. ``release`` runs once the job's
         publishes are queued, so an idle flush of the batcher takes them."""
         sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
+        release = _once(release)
         try:
             # A job waits for its slot undecoded: a batch's jobs decoded at once would hold up the event loop,
             # and the interactive job behind them.
             async with self._slots.slot(slot_lane(self._topology, delivery)):
-                verdict = await self._decide(delivery)
+                item, verdict = await self._decide(delivery)
+            held = isinstance(verdict, Handled) and verdict.resume is not None
+            if held:
+                release()  # a job that waits is not busy: part-full batches go out without it
+            while isinstance(verdict, Handled) and verdict.resume is not None:  # outside the slots
+                verdict = await self._handled(item, delivery, verdict.resume)
             if isinstance(verdict, Handled):
-                sending = self._enqueue(verdict)
+                sending = self._enqueue(verdict, batching=not held)
         finally:
             release()
         if isinstance(verdict, FareboxError):
@@ -227,16 +233,23 @@ class Worker:
             await verdict.after_publish()
         return True
 
-    async def _decide(self, delivery: Delivery) -> Handled | PermanentError | float:
-        """Decode and handle: what to publish, an undecodable body's error, or a retry delay."""
+    async def _decide(self, delivery: Delivery) -> tuple[Any, Handled | PermanentError | float]:
+        """Decode and handle: the decoded item, and what to publish, an undecodable body's error, or a retry delay."""
+        try:
+            item = self.core.decode(delivery)
+        except PermanentError as err:
+            return None, err
+        return item, await self._handled(item, delivery, functools.partial(self.core.handle, item, delivery))
+
+    async def _handled(
+        self, env: Any, delivery: Delivery, handle: Callable[[], Awaitable[Handled]]
+    ) -> Handled | PermanentError | float:
+        """What ``handle`` gives, or what its error means: an error result (permanent, blocked) or a retry delay."""
         stage = self.core.name
         try:
-            env = self.core.decode(delivery)
-        except PermanentError as err:
-            return err
-        try:
-            handled = await self.core.handle(env, delivery)
-            metrics.child(metrics.MESSAGES, stage, "ok").inc()
+            handled = await handle()
+            if handled.resume is None:
+                metrics.child(metrics.MESSAGES, stage, "ok").inc()
             return handled
         except (PermanentError, BlockedError) as err:
             metrics.ERRORS.labels(stage, err.code).inc()
@@ -266,9 +279,10 @@ class Worker:
             idle = not any(self._busy.values())
             self._batcher.flush_idle(lambda queue: idle or self._topology.lane_of(queue) == lane)
 
-    def _enqueue(self, handled: Handled) -> tuple[list[Publish], list[asyncio.Future[None]]]:
-        """Hand the batchable publishes to the batcher now; the rest are published one by one."""
-        batcher, direct = self._batcher, []
+    def _enqueue(self, handled: Handled, *, batching: bool = True) -> tuple[list[Publish], list[asyncio.Future[None]]]:
+        """Hand the batchable publishes to the batcher now; the rest are published one by one (all of them when
+        not ``batching``: a job that waited, whose batch nothing else may fill now)."""
+        batcher, direct = self._batcher if batching else None, []
         batched: list[asyncio.Future[None]] = []
         for p in handled.publishes:
             if p.lane != "background":  # each hop publishes a job to its lane's queue
@@ -341,6 +355,18 @@ class Worker:
 
 def _nothing() -> None:
     pass
+
+
+def _once(call: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            call()
+
+    return once
 
 
 def _job_id(item: Any) -> str:

@@ -152,9 +152,11 @@ class ProcessPipeline:
         for spec in stages:
             self.start_one(spec)
 
-    def start_one(self, spec: str) -> None:
+    def start_one(self, spec: str, *, crash: tuple[str, str] | None = None) -> None:
+        """Start one stage; ``crash`` (a point and a job_id): it kills itself there (tests/support/crash_points.py)."""
         stage, _, provider = spec.partition(":")
-        argv = [sys.executable, "-m", "farebox", "worker", stage] + (["--provider", provider] if provider else [])
+        runner = ["-m", "tests.support.crash_points", *crash] if crash else ["-m", "farebox"]
+        argv = [sys.executable, *runner, "worker", stage] + (["--provider", provider] if provider else [])
         env = dict(self.env)
         if self.settings.metrics_port:  # each process its own port, as `farebox up` gives them
             env["FAREBOX_METRICS_PORT"] = str(self.metrics_port(spec))

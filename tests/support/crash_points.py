@@ -1,0 +1,62 @@
+"""A farebox command that kills its own process (SIGKILL, as ``kill -9``) at a named point, for one job: so a crash
+test stops a real stage process exactly where it means to, and the broker and Redis see what a crash leaves.
+
+    python -m tests.support.crash_points POINT JOB_ID worker STAGE [...]
+
+POINT:
+* ``after_record``: the job's ledger record (and its folds) written, nothing of it published yet;
+* ``before_fill``: the record written, the cache fill and the lease release (with its wake) not;
+* ``after_reply``: the caller's reply confirmed by the broker, the input not acked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from farebox.cli import main
+from farebox.stages import account, ledger, runtime
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str, job_id: str) -> None:
+    if point == "after_record":
+        record = account.Recorder._record
+
+        async def recorded(self: Any, rec: Any, result_json: str) -> Any:
+            done = await record(self, rec, result_json)
+            if rec.result.job_id == job_id:
+                _die()
+            return done
+
+        account.Recorder._record = recorded  # type: ignore[method-assign]
+    elif point == "before_fill":
+        fill = ledger.Ledger._fill_and_release
+
+        def filling(self: Any, record: Any, cache: Any, lease_key: Any) -> Any:
+            if str(record).endswith(f"/{job_id}"):
+                _die()
+            return fill(self, record, cache, lease_key)
+
+        ledger.Ledger._fill_and_release = filling  # type: ignore[method-assign]
+    elif point == "after_reply":
+        publish = runtime.Worker._publish
+
+        async def published(self: Any, p: Any) -> None:
+            await publish(self, p)
+            if p.caller_reply and p.message_id == job_id:
+                _die()
+
+        runtime.Worker._publish = published  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"unknown crash point {point!r}")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1], sys.argv[2])
+    sys.exit(main(sys.argv[3:]))
