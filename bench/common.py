@@ -64,10 +64,14 @@ def emulator_process(port: int, *, latency_ms: int = 0, batch_delay_s: float | N
 
 @contextlib.asynccontextmanager
 async def process_pipeline(
-    emulator_url: str, child_env: dict[str, str] | None = None, **overrides: Any
+    emulator_url: str,
+    child_env: dict[str, str] | None = None,
+    runner: Sequence[str] = ("-m", "farebox"),
+    **overrides: Any,
 ) -> AsyncIterator[tuple[Settings, ProcessPipeline]]:
     """Every stage as its own OS process, as `farebox up` runs them (settings overrides reach them
-    through the environment; ``child_env`` adds to it, e.g. PYTHONPATH to run another checkout's stages)."""
+    through the environment; ``child_env`` adds to it, e.g. PYTHONPATH to run another checkout's stages;
+    ``runner``: what runs ``worker STAGE``, a wrapper of farebox's command line such as bench/hop_trace.py)."""
     run = uuid.uuid4().hex[:8]
     settings = Settings(
         namespace=f"fbbench-{run}",
@@ -78,7 +82,7 @@ async def process_pipeline(
     )
     procs = ProcessPipeline(settings)
     procs.env.update(child_env or {})
-    procs.start(ALL_STAGES)
+    procs.start(ALL_STAGES, runner=runner)
     try:
         yield settings, procs
     finally:

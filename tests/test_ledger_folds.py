@@ -19,7 +19,8 @@ from farebox.schemas.result import RouteInfo, StrategyRef
 from farebox.settings import Settings
 from farebox.stages import ledger as ledger_module
 from farebox.stages.feedback import FeedbackItem, FeedbackStage
-from farebox.stages.ledger import CacheFill, Ledger, utc_day
+from farebox.stages.ledger import CacheFill, Ledger
+from farebox.stages.ledger_entry import utc_day
 from farebox.stages.stage import Delivery
 
 TS = time.time()  # the aggregates expire some days after their day: a day of now

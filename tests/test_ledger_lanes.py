@@ -17,7 +17,8 @@ from farebox.report import load_report, render
 from farebox.schemas import JobResult, Usage
 from farebox.schemas.result import RouteInfo
 from farebox.settings import Settings
-from farebox.stages.ledger import Ledger, utc_day
+from farebox.stages.ledger import Ledger
+from farebox.stages.ledger_entry import utc_day
 
 TS = time.time()  # now: a day of the past would expire its aggregates at once
 DAY = utc_day(TS)

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from farebox.constants import JobRecord, job_record
 from farebox.settings import Settings
-from farebox.stages.ledger import day_expiry, utc_day
+from farebox.stages.ledger_entry import day_expiry, utc_day
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import InProcessPipeline, get_message, ledger_entries
 

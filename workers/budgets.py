@@ -25,7 +25,7 @@ from farebox.constants import NANO, JobRecord, RedisKeys
 from farebox.routing.policy import Budget, Policy
 from farebox.schemas import BudgetHold
 from farebox.settings import Settings
-from farebox.stages.ledger import nano
+from farebox.stages.ledger_entry import nano
 from farebox.stages.lua import Layout, NamedScript
 from farebox.stages.stage import Publish
 

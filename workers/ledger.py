@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from redis.crc import key_slot
 
 from farebox.constants import NANO, JobRecord, RedisKeys, job_record
 from farebox.schemas import BudgetHold, JobResult
+from farebox.stages.ledger_entry import ENTRY_VERSION, day_expiry, entry_json, nano
 from farebox.stages.lua import Layout, NamedScript, Scalar
 
 log = logging.getLogger("farebox.ledger")
@@ -212,55 +212,6 @@ class CacheFill:
     key: str
     value: str
     ttl_s: int
-
-
-# Entry format 2: the aggregates and budgets are folded in after the record (see _young).
-ENTRY_VERSION = 2
-
-
-def utc_day(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
-
-
-def day_expiry(ts: float, days_kept: int) -> int:
-    """When the aggregates of the UTC day holding ``ts`` expire: ``days_kept`` days after that day ends."""
-    return (int(ts) // 86_400 + 1 + days_kept) * 86_400
-
-
-def nano(usd: float) -> int:
-    return round(usd * NANO)
-
-
-def is_batch(result: JobResult) -> bool:
-    return result.route is not None and result.route.lane == "batch"
-
-
-def entry_json(result: JobResult, *, ts: float, evaluation: str | None = None) -> str:
-    strategy = result.route.strategy if result.route else None
-    arm: dict[str, str] = {"experiment": strategy.experiment, "arm": strategy.arm} if strategy else {}
-    if evaluation is not None:
-        arm["evaluation"] = evaluation
-    return json.dumps(
-        {
-            **arm,
-            "job_id": result.job_id,
-            "tenant": result.tenant or "default",
-            "provider": result.provider or "",
-            "model": result.model or "",
-            "status": result.status,
-            "cache": result.cache,
-            "code": result.error.code if result.error else None,
-            "cost_usd": result.cost_usd,
-            "baseline_cost_usd": result.baseline_cost_usd,
-            "input_tokens": result.usage.input_tokens,
-            "output_tokens": result.usage.output_tokens,
-            "lane": "batch" if is_batch(result) else "sync",
-            "ts": round(ts, 3),
-            "day": utc_day(ts),
-            "v": ENTRY_VERSION,
-        },
-        separators=(",", ":"),
-    )
 
 
 class Ledger:

@@ -34,7 +34,7 @@ from farebox.routing.tasks import infer_task
 from farebox.schemas import ChatMessage, Envelope, Evaluation, Feedback, Job, JobResult, RouteDecision, Usage
 from farebox.schemas.job import CacheOptions
 from farebox.settings import Settings
-from farebox.stages.ledger import day_expiry
+from farebox.stages.ledger_entry import day_expiry
 from farebox.stages.lua import Layout, NamedScript, Scalar
 from farebox.stages.stage import Publish, envelope_publish
 from farebox.tokens import count_messages, count_text

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
 
 import aio_pika
@@ -148,14 +148,17 @@ class ProcessPipeline:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = settings_env(settings)
 
-    def start(self, stages: Iterable[str] = ALL_STAGES) -> None:
+    def start(self, stages: Iterable[str] = ALL_STAGES, runner: Sequence[str] = ("-m", "farebox")) -> None:
         for spec in stages:
-            self.start_one(spec)
+            self.start_one(spec, runner=runner)
 
-    def start_one(self, spec: str, *, crash: tuple[str, str] | None = None) -> None:
-        """Start one stage; ``crash`` (a point and a job_id): it kills itself there (tests/support/crash_points.py)."""
+    def start_one(
+        self, spec: str, *, crash: tuple[str, str] | None = None, runner: Sequence[str] = ("-m", "farebox")
+    ) -> None:
+        """Start one stage; ``crash`` (a point and a job_id): it kills itself there (tests/support/crash_points.py).
+        ``runner``: what runs ``worker STAGE`` (a script that wraps farebox's command line, say)."""
         stage, _, provider = spec.partition(":")
-        runner = ["-m", "tests.support.crash_points", *crash] if crash else ["-m", "farebox"]
+        runner = ["-m", "tests.support.crash_points", *crash] if crash else list(runner)
         argv = [sys.executable, *runner, "worker", stage] + (["--provider", provider] if provider else [])
         env = dict(self.env)
         if self.settings.metrics_port:  # each process its own port, as `farebox up` gives them
