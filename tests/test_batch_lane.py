@@ -305,13 +305,23 @@ async def test_a_coalesced_waiter_of_a_batch_job_rechecks_slowly(
     from farebox.stages.cache_keys import rules_from_policy
     from farebox.stages.dedup import DedupStage
 
-    dedup = DedupStage(settings, redis, lambda: rules_from_policy(Policy()))
-    sent = []
-    for i in (1, 2):  # the same prompt twice: the second waits for the first
-        env = envelope(i, lane=lane).model_copy(update={"route": None, "cache_key": "k", "coalesce_key": "k"})
-        handled = await dedup.handle(env, Delivery(queue=settings.topology.intake, body=b""))
-        sent.append(handled.publishes[0].routing_key)
-    assert sent == [settings.topology.route, getattr(settings.topology, wait_queue)]
+    for hold_max in (0, 32):  # waiters parked in the broker; held by dedup, but for a batch job's
+        dedup = DedupStage(
+            settings.model_copy(update={"coalesce_hold_max": hold_max}), redis, lambda: rules_from_policy(Policy())
+        )
+        sent, held = [], []
+        for i in (1, 2):  # the same prompt twice: the second waits for the first
+            key = f"k{hold_max}"
+            env = envelope(i, lane=lane).model_copy(update={"route": None, "cache_key": key, "coalesce_key": key})
+            handled = await dedup.handle(env, Delivery(queue=settings.topology.intake, body=b""))
+            sent += [p.routing_key for p in handled.publishes]
+            held.append(handled.resume is not None)
+        if hold_max and lane == "sync":
+            assert sent == [settings.topology.route] and held == [False, True]
+            dedup.waker.draining = True  # as when the stage stops: the held waiter parks
+            handled = await handled.resume()  # type: ignore[misc]
+            sent += [p.routing_key for p in handled.publishes]
+        assert sent == [settings.topology.route, getattr(settings.topology, wait_queue)]
 
 
 async def test_the_batch_worker_keeps_a_leaders_lease_for_as_long_as_a_batch_takes(

@@ -259,8 +259,9 @@ class DedupStage(EnvelopeStage):
         deadline = time.monotonic() + self.settings.coalesce_hold_s
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken, recheck_s)
+                if not self.waker.draining:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken, recheck_s)
                 self.waker.forget(lease_key, woken)
                 if self.waker.draining or time.monotonic() >= deadline:
                     return self._park(env)
