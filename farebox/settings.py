@@ -139,9 +139,10 @@ class Settings(BaseSettings):
     leader_lease_s: int = Field(300, ge=1)
     # A coalesced waiter is held by its dedup process, unacked, until the release of its leader's lease wakes it
     # (farebox/stages/wake.py), re-checking every coalesce_recheck_ms meanwhile, for at most coalesce_hold_s; then,
-    # and beyond coalesce_hold_max held at once (at most half the prefetch; 0: never held), it parks in the broker.
-    coalesce_hold_max: int = Field(32, ge=0, le=10_000)
-    coalesce_hold_s: float = Field(20.0, gt=0, le=3600)
+    # and beyond coalesce_hold_max held at once (0: never held), it parks in the broker. Dedup's prefetch is the
+    # prefetch plus coalesce_hold_max, so held waiters never keep jobs from being handled.
+    coalesce_hold_max: int = Field(256, ge=0, le=10_000)
+    coalesce_hold_s: float = Field(20.0, gt=0, le=600)  # well below RabbitMQ's consumer_timeout (30 min)
     coalesce_recheck_ms: int = Field(1000, ge=10)
 
     # The batch lane (farebox/stages/batch_lane.py): a batch whose worker has not renewed its claim this long is

@@ -15,10 +15,16 @@ import pytest
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
+from farebox.errors import DeadlineExceeded
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
-from farebox.schemas import JobResult
+from farebox.routing.policy import Policy
+from farebox.schemas import Envelope, Job, JobResult
 from farebox.settings import Settings
+from farebox.stages.cache_keys import rules_from_policy
+from farebox.stages.dedup import DedupStage
+from farebox.stages.stage import Delivery, Handled
+from farebox.stages.wake import Waker
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, ledger_entries
 
@@ -76,6 +82,137 @@ async def test_a_waiter_is_woken_when_its_leader_finishes(settings: Settings, re
         assert sorted(await ledger_entries(redis, s)) == ["lead", "wait"]
     finally:
         await pipeline.close()
+
+
+def dedup_stage(settings: Settings, redis: Redis, **update: object) -> DedupStage:
+    return DedupStage(settings.model_copy(update=update), redis, lambda: rules_from_policy(Policy()))
+
+
+def shared(job_id: str, key: str = "k", deadline_at: float | None = None) -> Envelope:
+    """A job that shares the cache entry ``key`` (its coalescing key too)."""
+    job = Job(job_id=job_id, tenant="acme", prompt="the same prompt")
+    return Envelope(
+        job_id=job_id, job=job, received_at=time.time(), cache_key=key, coalesce_key=key, deadline_at=deadline_at
+    )
+
+
+async def handled(stage: DedupStage, env: Envelope, redelivered: bool = False) -> Handled:
+    delivery = Delivery(queue=stage.topo.intake, body=b"", redelivered=redelivered)
+    return await stage.handle(env, delivery)
+
+
+def queues(h: Handled) -> list[str]:
+    return [p.routing_key for p in h.publishes]
+
+
+async def test_the_waker_wakes_the_waiters_of_a_published_key_and_survives_a_broken_subscription(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waker = Waker(redis, settings.keys.wake_channel, capacity=4)
+    broken = {"left": 1}
+    listen_once = waker._listen_once
+
+    async def flaky(stop: asyncio.Event) -> None:
+        if broken["left"]:
+            broken["left"] -= 1
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")  # redis-py's lost writer
+        await listen_once(stop)
+
+    monkeypatch.setattr(waker, "_listen_once", flaky)
+    monkeypatch.setattr("farebox.stages.wake.RESUBSCRIBE_S", 0.05)
+    stop = asyncio.Event()
+    listening = asyncio.create_task(waker.listen(stop))
+    try:
+        await asyncio.wait_for(waker.listening.wait(), 5)  # subscribed again after the failure
+        assert not waker.draining
+        one, other = waker.expect("lease-a"), waker.expect("lease-b")
+        await redis.publish(settings.keys.wake_channel, "lease-a")
+        await asyncio.wait_for(one, 5)
+        assert not other.done()
+        waker.forget("lease-b", other)
+        assert waker._waiting == {}
+        held = waker.expect("lease-c")
+        stop.set()  # a stopping stage: every held waiter parks at once
+        await asyncio.wait_for(held, 5)
+        assert waker.draining and not waker.can_hold()
+    finally:
+        stop.set()
+        await asyncio.wait_for(listening, 5)
+
+
+async def test_waiters_are_held_up_to_the_cap_and_a_copy_of_the_same_job_id_parks(
+    settings: Settings, redis: Redis
+) -> None:
+    stage = dedup_stage(settings, redis, coalesce_hold_max=1)
+    assert stage.prefetch == settings.prefetch + 1 and stage.slots == settings.prefetch
+    assert queues(await handled(stage, shared("lead"))) == [stage.topo.route]
+    # A producer's retry of the leader's own job_id waits too, but parked: held, a crash would redeliver it
+    # marked redelivered, and it would go on as a second leader.
+    own = await handled(stage, shared("lead"))
+    assert own.resume is None and queues(own) == [stage.topo.waiting]
+    first = await handled(stage, shared("w-1"))
+    second = await handled(stage, shared("w-2"))
+    assert first.resume is not None and first.publishes == []  # held
+    assert second.resume is None and queues(second) == [stage.topo.waiting]  # beyond the cap: parked
+    stage.waker.draining = True
+    assert first.resume is not None
+    assert queues(await first.resume()) == [stage.topo.waiting]
+    assert stage.waker.held == 0
+
+
+async def test_a_held_waiter_parks_after_the_hold_and_fails_at_its_deadline(settings: Settings, redis: Redis) -> None:
+    stage = dedup_stage(settings, redis, coalesce_hold_s=0.3, coalesce_recheck_ms=50)
+    await handled(stage, shared("lead"))
+    waiting = await handled(stage, shared("w-1"))
+    assert waiting.resume is not None
+    started = time.monotonic()
+    assert queues(await waiting.resume()) == [stage.topo.waiting]
+    assert 0.25 <= time.monotonic() - started < 2.0
+    late = await handled(stage, shared("w-2", deadline_at=time.time() + 0.2))
+    assert late.resume is not None
+    with pytest.raises(DeadlineExceeded):
+        await late.resume()
+    assert stage.waker.held == 0 and stage.waker._waiting == {}
+
+
+async def test_a_release_wakes_the_waiters_only_of_a_lease_it_held_or_that_is_gone(
+    settings: Settings, redis: Redis
+) -> None:
+    """The cache fill's release wakes: its own lease's waiters, and an expired lease's; not another job's."""
+    from farebox.constants import job_record
+    from farebox.stages.ledger import Ledger
+
+    ledger = Ledger(redis, settings.keys, result_ttl_s=60, entry_ttl_s=60, days_kept=1)
+    waker = Waker(redis, settings.keys.wake_channel, capacity=4)
+    stop = asyncio.Event()
+    listening = asyncio.create_task(waker.listen(stop))
+    try:
+        await asyncio.wait_for(waker.listening.wait(), 5)
+        lease, flag = settings.keys.inflight("k"), settings.keys.waiters("k")
+        for holder, releaser, wakes in (("acme/other", "acme/lead", False), (None, "acme/lead", True)):
+            if holder is not None:
+                await redis.set(lease, holder)
+            await redis.set(flag, 1)
+            woken = waker.expect(lease)
+            await ledger._fill_and_release(job_record("acme", releaser.split("/")[1]), None, "k")
+            await asyncio.sleep(0.3)
+            assert woken.done() is wakes, (holder, releaser)
+            assert await redis.exists(flag) == (0 if wakes else 1)
+            waker.forget(lease, woken)
+            await redis.delete(lease, flag)
+    finally:
+        stop.set()
+        await asyncio.wait_for(listening, 5)
+
+
+async def flagged(redis: Redis, settings: Settings, within_s: float = 5.0) -> bool:
+    """Whether a waiter has flagged a lease (it is held, waiting for the release to wake it)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        async for _ in redis.scan_iter(match=f"{settings.keys.prefix}*:waiters"):
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 class Replies:
@@ -153,12 +290,16 @@ async def waiter_answered(settings: Settings, redis: Redis, slow_emulator: str, 
             await asyncio.sleep(0.3)
             waiting = asyncio.create_task(client.complete({"prompt": PROMPT, "job_id": "wait"}, timeout=40))
             if killed == "dedup":
-                await asyncio.sleep(0.3)  # held by now
+                assert await flagged(redis, s), "the waiter was not held"
                 procs.kill9("dedup")
             else:
                 assert await asyncio.to_thread(died, procs, "account"), "the account process did not crash"
             procs.start_one(killed)
-            lead, waiter = await asyncio.gather(leading, waiting)
+            lead = await leading
+            led_at = time.monotonic()
+            waiter = await waiting
+            woken_after_s = time.monotonic() - led_at
+        assert woken_after_s < 3.0, woken_after_s  # woken, not answered by a 30 s re-check
         assert lead.cache == "miss" and waiter.cache == "coalesced" and waiter.content == lead.content
         assert await stats.total() == 1
         assert sorted(await ledger_entries(redis, s)) == ["lead", "wait"]

@@ -75,12 +75,17 @@ class AccountStage:
     name = "account"
 
     def __init__(
-        self, settings: Settings, store: CatalogStore, redis: Redis, clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        store: CatalogStore,
+        redis: Redis,
+        clock: Callable[[], float] = time.time,
+        stage: str = "account",  # the stage whose process records (dedup's, for hits and replays): metric labels
     ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.recorder = Recorder(settings, redis, self.name, clock, policy=lambda: store.current_unit()[1])
+        self.recorder = Recorder(settings, redis, stage, clock, policy=lambda: store.current_unit()[1])
         self.shadow = Shadowing(settings, redis, clock)
 
     def input_queues(self) -> Sequence[str]:
@@ -207,6 +212,7 @@ class Recorder:
         self.alerts = BudgetAlerts(redis, settings, policy)
         self.policy = policy
         self.health = RedisHealth(stage)
+        self.stage = stage
         self.clock = clock
 
     async def record_and_reply(
@@ -237,7 +243,7 @@ class Recorder:
             return Handled(reply, after_publish=settle_ledger)
         self.health.ok()
         if recorded.existing is not None:
-            metrics.MESSAGES.labels("account", "replayed").inc()
+            metrics.MESSAGES.labels(self.stage, "replayed").inc()
             return Handled(result_publish(recorded.existing, rec.reply_to, rec.correlation_id, result.job_id))
         observe(result, self._named())
         alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []

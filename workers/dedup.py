@@ -112,8 +112,11 @@ class DedupStage(EnvelopeStage):
         self.health = RedisHealth(self.name)
         # The account stage's finish, to answer hits and replays here; without it they go on to that stage.
         self.finish = finish
-        capacity = min(settings.coalesce_hold_max, settings.prefetch // 2)
-        self.waker = Waker(redis, self.keys.wake_channel, capacity=capacity)
+        self.waker = Waker(redis, self.keys.wake_channel, capacity=settings.coalesce_hold_max)
+        # Each held waiter keeps its message unacked: the prefetch makes room for them on top of the jobs being
+        # handled, which stay as many as before (the runtime's slots).
+        self.prefetch = settings.prefetch + settings.coalesce_hold_max
+        self.slots = settings.prefetch
         self._decide_cached = NamedScript(redis, _DECIDE_CACHED_LAYOUT, _DECIDE_CACHED, "dedup decide (cached)")
         self._decide_own = NamedScript(redis, _DECIDE_OWN_LAYOUT, _DECIDE_OWN, "dedup decide (own)")
 
@@ -231,7 +234,9 @@ class DedupStage(EnvelopeStage):
             self._drop(lease_key, woken)
             return await self._act(state, value, env)
         waiting = env.model_copy(update={"waits": env.waits + 1})
-        if woken is None or self._batch_lane(env) or not self.waker.can_hold():
+        # A copy of the same job_id ("own") is not held: a crash would hand it back marked redelivered, which is
+        # how a leader coming back looks, and it would make a second provider call beside the first.
+        if state != "wait" or woken is None or self._batch_lane(env) or not self.waker.can_hold():
             self._drop(lease_key, woken)
             return self._park(waiting)
         self.waker.held += 1
@@ -253,29 +258,44 @@ class DedupStage(EnvelopeStage):
 
     async def _held(self, env: Envelope, delivery: Delivery, woken: asyncio.Future[None]) -> Handled:
         """A waiter held here, outside the stage's slots, until the lease's release wakes it or a re-check is due;
-        then decided again. It parks in the broker when held too long, when the stage stops, or Redis is away."""
+        then decided again. It parks in the broker when held too long, when the stage stops or Redis is away, and
+        is answered DeadlineExceeded once its deadline passes, as it would be back from the broker."""
         lease_key = self._lease_key(env)
-        recheck_s = self.settings.coalesce_recheck_ms / 1000
-        deadline = time.monotonic() + self.settings.coalesce_hold_s
+        held_until = time.monotonic() + self.settings.coalesce_hold_s
         try:
             while True:
-                if not self.waker.draining:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken, recheck_s)
+                await self._woken_or_due(woken, held_until, env.deadline_at)
                 self.waker.forget(lease_key, woken)
-                if self.waker.draining or time.monotonic() >= deadline:
+                if env.deadline_at is not None and self.clock() > env.deadline_at:
+                    raise DeadlineExceeded("the job passed its deadline_s while it waited for an identical job")
+                if self.waker.draining or time.monotonic() >= held_until:
                     return self._park(env)
                 woken = self.waker.expect(lease_key)
+                state, value = "park", list[bytes]()
                 try:
                     state, value = await self._state(env, wake=True)
                 except REDIS_DOWN:
-                    self.waker.forget(lease_key, woken)
-                    return self._park(env)  # the broker's timer re-checks it
-                if not _waits(state, delivery):
-                    self.waker.forget(lease_key, woken)
-                    return await self._act(state, value, env)
+                    pass  # parked: the broker's timer re-checks it
+                finally:
+                    if state != "wait":
+                        self.waker.forget(lease_key, woken)
+                if state == "wait":
+                    continue
+                if state == "park" or _waits(state, delivery):
+                    return self._park(env)
+                return await self._act(state, value, env)
         finally:
             self.waker.held -= 1
+
+    async def _woken_or_due(self, woken: asyncio.Future[None], held_until: float, deadline_at: float | None) -> None:
+        """Until the wake, the next re-check, the end of the hold or the job's deadline, whichever comes first."""
+        if self.waker.draining:
+            return
+        due_s = min(self.settings.coalesce_recheck_ms / 1000, held_until - time.monotonic())
+        if deadline_at is not None:
+            due_s = min(due_s, deadline_at - self.clock() + 0.001)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken, max(0.0, due_s))
 
     def _batch_lane(self, env: Envelope) -> bool:
         return price_lane(self.batch(), env.job, env.lane)[0] == "batch"

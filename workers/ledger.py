@@ -76,11 +76,14 @@ end
 if not existing then
   redis.call('SET', result_key, result_json, 'EX', result_ttl_s)
 end
-if lease_owner ~= '' and redis.call('GET', lease_key) == lease_owner then
-  redis.call('DEL', lease_key)
-end
-if lease_owner ~= '' and redis.call('DEL', waiters_key) == 1 then
-  redis.call('PUBLISH', wake_channel, lease_key)
+if lease_owner ~= '' then
+  local lease = redis.call('GET', lease_key)
+  if lease == lease_owner then
+    redis.call('DEL', lease_key)
+  end
+  if (lease == lease_owner or not lease) and redis.call('DEL', waiters_key) == 1 then
+    redis.pcall('PUBLISH', wake_channel, lease_key)  -- a hint: an ACL without the channel must not fail the write
+  end
 end
 return {existing or false, fresh, entry}
 """
@@ -175,7 +178,8 @@ return spent
 
 # The cache fill and the release of a shared cache entry's lease, in the entry's slot, together: a waiter
 # finds the answer the moment the lease is gone. Both release scripts wake the lease's waiters, if one said it
-# waits (the dedup decide scripts set the flag): one PUBLISH, atomic with the release.
+# waits (the dedup decide scripts set the flag) and the lease was this job's or is gone (expired): one PUBLISH,
+# atomic with the release. Another job's lease is left alone, and so are its waiters.
 _FILL_LAYOUT = Layout(
     keys=("cache_key", "lease_key", "waiters_key"), args=("cache_value", "cache_ttl_s", "lease_owner", "wake_channel")
 )
@@ -183,11 +187,14 @@ _FILL = """
 if cache_value ~= '' then
   redis.call('SET', cache_key, cache_value, 'EX', cache_ttl_s)
 end
-if lease_owner ~= '' and redis.call('GET', lease_key) == lease_owner then
-  redis.call('DEL', lease_key)
-end
-if lease_owner ~= '' and redis.call('DEL', waiters_key) == 1 then
-  redis.call('PUBLISH', wake_channel, lease_key)
+if lease_owner ~= '' then
+  local lease = redis.call('GET', lease_key)
+  if lease == lease_owner then
+    redis.call('DEL', lease_key)
+  end
+  if (lease == lease_owner or not lease) and redis.call('DEL', waiters_key) == 1 then
+    redis.pcall('PUBLISH', wake_channel, lease_key)  -- a hint: an ACL without the channel must not fail the write
+  end
 end
 return 1
 """

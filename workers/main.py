@@ -126,7 +126,7 @@ def stage_cores(
                 auth=lambda: store.current()[1].auth,
                 lanes=lambda: store.current()[1].priority,
                 batch=lambda: store.current()[1].batch,
-                finish=AccountStage(settings, store, redis).finish,  # hits and replays answered in dedup
+                finish=AccountStage(settings, store, redis, stage="dedup").finish,  # hits and replays answered here
             )
         ]
     if stage == "route":

@@ -23,7 +23,6 @@ import logging
 from redis.asyncio import Redis
 
 from farebox.constants import as_text
-from farebox.errors import REDIS_DOWN
 
 log = logging.getLogger("farebox.wake")
 
@@ -71,22 +70,27 @@ class Waker:
             self.wake(key)
 
     async def listen(self, stop: asyncio.Event) -> None:
-        """Wake waiters as releases are published, until ``stop``; from then on every held waiter parks."""
+        """Wake waiters as releases are published, until ``stop``; from then on every held waiter parks. A lost
+        subscription (Redis away, or anything else going wrong with it) is logged and taken again: meanwhile the
+        held waiters re-check on their timer."""
         parking = asyncio.create_task(self._park_all_on(stop))
         try:
             while not stop.is_set():
                 try:
                     await self._listen_once(stop)
-                except REDIS_DOWN as err:
-                    log.warning("wake: subscription lost (%s); waiters re-check on their own", type(err).__name__)
+                except Exception as err:  # Redis away, a cluster client's lost writer, an ACL refusing the channel
                     self.listening.clear()
+                    log.warning(
+                        "wake: subscription to %s lost (%s: %s); re-subscribing", self.channel, type(err).__name__, err
+                    )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), RESUBSCRIBE_S)
         finally:
             parking.cancel()
             self.listening.clear()
-            self.draining = True
-            self.wake_all()
+            if stop.is_set():
+                self.draining = True
+                self.wake_all()
 
     async def _park_all_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
