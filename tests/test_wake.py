@@ -15,9 +15,9 @@ import pytest
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
-from farebox.errors import DeadlineExceeded
 from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
+from farebox.errors import DeadlineExceeded
 from farebox.routing.policy import Policy
 from farebox.schemas import Envelope, Job, JobResult
 from farebox.settings import Settings
