@@ -167,7 +167,9 @@ async def drive(ns: str, n: int, *, max_in_flight: int, body: bytes, coalesced: 
         return n / (time.perf_counter() - t0)
 
 
-async def one_at_a_time(ns: str, n: int, body: bytes) -> list[float]:
+async def one_at_a_time(ns: str, n: int, body: bytes, target: str | None = None) -> list[float]:
+    """Round trips of one message at a time to the chain's first queue (or ``target``: farebox's intake, so that
+    farebox is timed with the very same client as the bare chain)."""
     connection = await aio_pika.connect(AMQP)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -185,7 +187,7 @@ async def one_at_a_time(ns: str, n: int, body: bytes) -> list[float]:
                 aio_pika.Message(
                     body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=replies.name, correlation_id=str(k)
                 ),
-                queue(ns, 0),
+                target or queue(ns, 0),
             )
             await inbox.get()
             lat.append((time.perf_counter() - t) * 1000)

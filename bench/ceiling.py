@@ -35,6 +35,7 @@ from farebox.patches import aiormq_writes
 
 EMULATOR_PORT = 8099
 CPU: dict[tuple[str, str], list[float]] = {}  # (side, process group) -> CPU ms per job, one per run
+RAW_HITS: list[list[float]] = []  # farebox cache hits timed with the bare chain's client, one list per run
 
 
 async def farebox_rate(
@@ -69,6 +70,9 @@ async def farebox_rate(
             for i in range(singles)
         ]
         hits = [await timed(client, {"prompt": "warm up"}, cache="hit") for _ in range(singles)]
+        if singles:  # the same hits through the bare chain's own client: the client's share left out
+            raw = json.dumps({"prompt": "warm up"}).encode()
+            RAW_HITS.append(sorted(await one_at_a_time(run, singles, raw, target=settings.topology.intake)))
     return rate, sorted(fresh), sorted(hits)
 
 
@@ -134,6 +138,7 @@ async def main() -> None:
                 if singles:
                     note(lat, "fb", fresh_lat)
                     note(lat, "hit", hit_lat)
+                    note(lat, "rawhit", RAW_HITS[-1])
                 rates.setdefault(("fb30", in_flight), []).append(
                     (await farebox_rate(emulator, repeats, 0, in_flight))[0]
                 )
@@ -167,9 +172,18 @@ async def main() -> None:
                         ("bare", "bare chain (4 hops + reply)"),
                         ("fb", "farebox (fresh job, emulator at 0 ms)"),
                         ("bare1", "one bare hop + reply"),
-                        ("hit", "farebox cache hit (intake -> dedup -> account -> reply)"),
+                        ("hit", "farebox cache hit (intake -> dedup -> reply)"),
+                        ("rawhit", "farebox cache hit, timed with the bare chain's client"),
                     )
                     for q in ("p50", "p99")
+                ],
+                *[
+                    f"| **ratio {label}, p50** | {spread(ratios(lat[a + 'p50'], lat[b + 'p50']), '.2f')} |"
+                    for a, b, label in (
+                        ("fb", "bare", "fresh job / bare chain"),
+                        ("hit", "bare1", "cache hit / one bare hop"),
+                        ("rawhit", "bare1", "cache hit with the bare client / one bare hop"),
+                    )
                 ],
                 "",
                 "Ratios are taken run by run (each farebox run against the bare run just before it).",

@@ -55,11 +55,13 @@ def test_the_ceiling_smoke_writes_its_table(services: Services, tmp_path: Path) 
     run_smoke(services, tmp_path, ["ceiling"], 180)
 
 
+@pytest.mark.slow  # run_all's smoke (slow too) covers it; the default run smokes ceiling alone
 @pytest.mark.timeout(120)
 def test_the_fairness_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
     run_smoke(services, tmp_path, ["fairness"], 100)
 
 
+@pytest.mark.slow  # run_all's smoke (slow too) covers it; the default run smokes ceiling alone
 @pytest.mark.timeout(120)
 def test_the_ab_replay_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
     run_smoke(services, tmp_path, ["ab_replay"], 100)
