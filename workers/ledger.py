@@ -45,6 +45,22 @@ FOLD_MARGIN_S = 3600  # the fold markers outlive the fold window by this much (c
 # than the fold window: a copy of the job settles while its entry is young, and must still find the mark.
 SETTLED_TTL_S = 40 * 86_400
 
+# The release of a coalescing lease this job holds, ending both release scripts below (the record's, for a job's
+# own lease; the cache fill's, for a shared entry's). It wakes the lease's waiters, if one said it waits (the dedup
+# decide scripts set the flag) and the lease was this job's or is gone (expired): one PUBLISH, atomic with the
+# release. Another job's lease is left alone, and so are its waiters.
+_RELEASE = """
+if lease_owner ~= '' then
+  local lease = redis.call('GET', lease_key)
+  if lease == lease_owner then
+    redis.call('DEL', lease_key)
+  end
+  if (lease == lease_owner or not lease) and redis.call('DEL', waiters_key) == 1 then
+    redis.pcall('PUBLISH', wake_channel, lease_key)  -- a hint: an ACL without the channel must not fail the write
+  end
+end
+"""
+
 # The exactly-once part, in the job's slot. ``fresh``: this call wrote the entry; else the entry already there
 # (its folds are repeated, idempotently, while it is young). A job's own coalescing lease (not a shared cache
 # entry's) sits here too and is released with the result stored, so a copy never leads in between.
@@ -61,7 +77,8 @@ _RECORD_LAYOUT = Layout(
         "wake_channel",  # where a released lease's waiters are woken (farebox/stages/wake.py)
     ),
 )
-_RECORD = """
+_RECORD = (
+    """
 local existing = redis.call('GET', result_key)
 local fresh = 0
 local entry = false
@@ -76,17 +93,12 @@ end
 if not existing then
   redis.call('SET', result_key, result_json, 'EX', result_ttl_s)
 end
-if lease_owner ~= '' then
-  local lease = redis.call('GET', lease_key)
-  if lease == lease_owner then
-    redis.call('DEL', lease_key)
-  end
-  if (lease == lease_owner or not lease) and redis.call('DEL', waiters_key) == 1 then
-    redis.pcall('PUBLISH', wake_channel, lease_key)  -- a hint: an ACL without the channel must not fail the write
-  end
-end
+"""
+    + _RELEASE
+    + """
 return {existing or false, fresh, entry}
 """
+)
 
 # The aggregates, in the ledger's slot: once per record (the marker hash of the entry's day).
 _FOLD_LAYOUT = Layout(
@@ -177,27 +189,21 @@ return spent
 """
 
 # The cache fill and the release of a shared cache entry's lease, in the entry's slot, together: a waiter
-# finds the answer the moment the lease is gone. Both release scripts wake the lease's waiters, if one said it
-# waits (the dedup decide scripts set the flag) and the lease was this job's or is gone (expired): one PUBLISH,
-# atomic with the release. Another job's lease is left alone, and so are its waiters.
+# finds the answer the moment the lease is gone (and its waiters are woken: _RELEASE).
 _FILL_LAYOUT = Layout(
     keys=("cache_key", "lease_key", "waiters_key"), args=("cache_value", "cache_ttl_s", "lease_owner", "wake_channel")
 )
-_FILL = """
+_FILL = (
+    """
 if cache_value ~= '' then
   redis.call('SET', cache_key, cache_value, 'EX', cache_ttl_s)
 end
-if lease_owner ~= '' then
-  local lease = redis.call('GET', lease_key)
-  if lease == lease_owner then
-    redis.call('DEL', lease_key)
-  end
-  if (lease == lease_owner or not lease) and redis.call('DEL', waiters_key) == 1 then
-    redis.pcall('PUBLISH', wake_channel, lease_key)  -- a hint: an ACL without the channel must not fail the write
-  end
-end
+"""
+    + _RELEASE
+    + """
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
