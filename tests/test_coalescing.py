@@ -6,7 +6,7 @@ from redis.asyncio import Redis
 
 from farebox.settings import Settings
 from tests.conftest import EmulatorStats
-from tests.support.pipeline import InProcessPipeline, ledger_entries
+from tests.support.pipeline import InProcessPipeline, ledger_entries_written
 from tests.support.workload import make_workload
 
 
@@ -24,7 +24,10 @@ async def test_200_identical_jobs_make_one_provider_call(
     assert caches.count("miss") == 1 and caches.count("hit") + caches.count("coalesced") == 199
     assert len({r.content for r in results}) == 1
     assert await emulator_stats.total() == 1
-    assert len(await ledger_entries(redis, settings)) == 200
+    # Every entry, though one may land a moment after its result: a Redis Cluster's client fails a command now
+    # and then on a connection it replaces (farebox/patches/redis_pipelining.py), which counts as Redis away, and
+    # a stage that found Redis away answers first and records right after (README, delivery guarantees).
+    assert len(await ledger_entries_written(redis, settings, 200)) == 200
     assert sum(r.cost_usd for r in results) == max(r.cost_usd for r in results)  # charged once
 
 

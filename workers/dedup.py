@@ -270,22 +270,30 @@ class DedupStage(EnvelopeStage):
                     raise DeadlineExceeded("the job passed its deadline_s while it waited for an identical job")
                 if self.waker.draining or time.monotonic() >= held_until:
                     return self._park(env)
-                woken = self.waker.expect(lease_key)
-                state, value = "park", list[bytes]()
-                try:
-                    state, value = await self._state(env, wake=True)
-                except REDIS_DOWN:
-                    pass  # parked: the broker's timer re-checks it
-                finally:
-                    if state != "wait":
-                        self.waker.forget(lease_key, woken)
-                if state == "wait":
-                    continue
-                if state == "park" or _waits(state, delivery):
-                    return self._park(env)
-                return await self._act(state, value, env)
+                async with self.waker.deciding:
+                    handled = await self._decided_again(env, delivery, lease_key)
+                if isinstance(handled, Handled):
+                    return handled
+                woken = handled
         finally:
             self.waker.held -= 1
+
+    async def _decided_again(self, env: Envelope, delivery: Delivery, lease_key: str) -> Handled | asyncio.Future[None]:
+        """A held waiter's next decision: what it becomes, or the future that wakes it when it waits on."""
+        woken = self.waker.expect(lease_key)
+        state, value = "park", list[bytes]()
+        try:
+            state, value = await self._state(env, wake=True)
+        except REDIS_DOWN:
+            pass  # parked: the broker's timer re-checks it
+        finally:
+            if state != "wait":
+                self.waker.forget(lease_key, woken)
+        if state == "wait":
+            return woken
+        if state == "park" or _waits(state, delivery):
+            return self._park(env)
+        return await self._act(state, value, env)
 
     async def _woken_or_due(self, woken: asyncio.Future[None], held_until: float, deadline_at: float | None) -> None:
         """Until the wake, the next re-check, the end of the hold or the job's deadline, whichever comes first."""

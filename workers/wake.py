@@ -19,14 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import PubSub
 
 from farebox.constants import as_text
 
 log = logging.getLogger("farebox.wake")
 
 RESUBSCRIBE_S = 0.5
+# Woken waiters decide again (and are answered) this many at a time: one release may wake hundreds, whose Redis
+# work at once would open as many connections (and a Redis Cluster client's pool of a node holds 100).
+DECIDING_AT_ONCE = 16
 
 
 class Waker:
@@ -39,6 +44,7 @@ class Waker:
         self.held = 0
         self.draining = False  # the stage is stopping: held waiters park at once
         self.listening = asyncio.Event()  # subscribed (a test waits for it)
+        self.deciding = asyncio.Semaphore(DECIDING_AT_ONCE)
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
 
     def can_hold(self) -> bool:
@@ -98,7 +104,7 @@ class Waker:
         self.wake_all()
 
     async def _listen_once(self, stop: asyncio.Event) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub, own = _subscriber(self.redis)
         try:
             await pubsub.subscribe(self.channel)
             self.listening.set()
@@ -109,3 +115,17 @@ class Waker:
         finally:
             with contextlib.suppress(Exception):  # closing a connection that is gone already
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py 8.1
+                if own is not None:
+                    await own.aclose()
+
+
+def _subscriber(redis: Redis) -> tuple[PubSub, Redis | None]:
+    """A subscription on a connection of its own (and the client that holds it, to close, if one was made for it).
+    A cluster client's own pubsub borrows a node's connection pool, and on redis-py 8.1 that broke the stage's
+    commands under way (connections closed by the server, its lost writer); a PUBLISH reaches every node of a
+    cluster, so a plain connection to any one node hears every release."""
+    if not isinstance(redis, RedisCluster):
+        return redis.pubsub(ignore_subscribe_messages=True), None
+    node = random.choice(redis.get_nodes())
+    own = Redis(connection_pool=ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs))
+    return own.pubsub(ignore_subscribe_messages=True), own
