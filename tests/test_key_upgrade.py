@@ -12,6 +12,7 @@ from farebox.constants import RedisKeys, job_record
 from farebox.key_upgrade import new_name, upgrade
 from farebox.report import load_rows
 from farebox.settings import Settings
+from tests.support.pipeline import drop_namespace
 
 
 def test_old_names_map_to_the_new_layout_and_new_names_are_left_alone() -> None:
@@ -86,7 +87,10 @@ async def test_a_stage_refuses_to_start_on_keys_of_before_until_they_are_moved(
         started.set()
         stop.set()
 
-    await asyncio.wait_for(run_stage(settings, "route", stop=stop, on_ready=on_ready), 60)
+    try:
+        await asyncio.wait_for(run_stage(settings, "route", stop=stop, on_ready=on_ready), 60)
+    finally:
+        await drop_namespace(settings)  # the stage declared the topology
     assert started.is_set()
 
 
