@@ -19,12 +19,12 @@ from farebox.emulator.knobs import EmulatorKnobs
 from farebox.emulator.server import running
 from farebox.errors import DeadlineExceeded
 from farebox.routing.policy import Policy
-from farebox.schemas import Envelope, Job, JobResult
+from farebox.schemas import Envelope, Job, JobResult, Outcome, Usage
 from farebox.settings import Settings
 from farebox.stages.cache_keys import rules_from_policy
 from farebox.stages.dedup import DedupStage
 from farebox.stages.stage import Delivery, Handled
-from farebox.stages.wake import Waker
+from farebox.stages.wake import DECIDING_AT_ONCE, Waker
 from tests.conftest import EmulatorStats
 from tests.support.pipeline import ALL_STAGES, InProcessPipeline, ProcessPipeline, drop_namespace, ledger_entries
 
@@ -173,6 +173,29 @@ async def test_a_held_waiter_parks_after_the_hold_and_fails_at_its_deadline(sett
     with pytest.raises(DeadlineExceeded):
         await late.resume()
     assert stage.waker.held == 0 and stage.waker._waiting == {}
+
+
+async def test_a_woken_waiter_that_waits_for_its_turn_parks_when_the_stage_stops_meanwhile(
+    settings: Settings, redis: Redis
+) -> None:
+    """Woken waiters decide again a few at a time; one whose turn comes after the stage began to stop parks,
+    though the leader's answer is there by then."""
+    stage = dedup_stage(settings, redis)
+    await handled(stage, shared("lead"))
+    waiting = await handled(stage, shared("w-1"))
+    assert waiting.resume is not None
+    for _ in range(DECIDING_AT_ONCE):  # every turn taken
+        await stage.waker.deciding.acquire()
+    resumed = asyncio.create_task(waiting.resume())
+    await asyncio.sleep(0.05)
+    assert stage.waker.wake(stage._lease_key(shared("w-1"))) == 1  # woken: it waits for its turn
+    await asyncio.sleep(0.05)
+    stage.waker.draining = True
+    answer = Outcome(content="a", provider="openai", model="m", usage=Usage(input_tokens=1, output_tokens=1))
+    await redis.set(settings.keys.cache("k"), answer.model_dump_json())
+    for _ in range(DECIDING_AT_ONCE):
+        stage.waker.deciding.release()
+    assert queues(await asyncio.wait_for(resumed, 5)) == [stage.topo.waiting]
 
 
 async def test_a_release_wakes_the_waiters_only_of_a_lease_it_held_or_that_is_gone(

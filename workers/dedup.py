@@ -266,20 +266,24 @@ class DedupStage(EnvelopeStage):
             while True:
                 await self._woken_or_due(woken, held_until, env.deadline_at)
                 self.waker.forget(lease_key, woken)
-                if env.deadline_at is not None and self.clock() > env.deadline_at:
-                    raise DeadlineExceeded("the job passed its deadline_s while it waited for an identical job")
-                if self.waker.draining or time.monotonic() >= held_until:
+                if self._hold_over(env, held_until):
                     return self._park(env)
                 async with self.waker.deciding:
-                    handled = await self._decided_again(env, delivery, lease_key)
+                    handled = await self._decided_again(env, delivery, lease_key, held_until)
                 if isinstance(handled, Handled):
                     return handled
                 woken = handled
         finally:
             self.waker.held -= 1
 
-    async def _decided_again(self, env: Envelope, delivery: Delivery, lease_key: str) -> Handled | asyncio.Future[None]:
-        """A held waiter's next decision: what it becomes, or the future that wakes it when it waits on."""
+    async def _decided_again(
+        self, env: Envelope, delivery: Delivery, lease_key: str, held_until: float
+    ) -> Handled | asyncio.Future[None]:
+        """A held waiter's next decision: what it becomes, or the future that wakes it when it waits on. Asked again
+        after its turn came (a herd of woken waiters takes turns): the stage may be stopping by then, the hold or
+        the deadline over."""
+        if self._hold_over(env, held_until):
+            return self._park(env)
         woken = self.waker.expect(lease_key)
         state, value = "park", list[bytes]()
         try:
@@ -294,6 +298,13 @@ class DedupStage(EnvelopeStage):
         if state == "park" or _waits(state, delivery):
             return self._park(env)
         return await self._act(state, value, env)
+
+    def _hold_over(self, env: Envelope, held_until: float) -> bool:
+        """Whether a held waiter parks now (the stage stops, or it was held long enough); DeadlineExceeded once its
+        deadline has passed, as it would be answered back from the broker."""
+        if env.deadline_at is not None and self.clock() > env.deadline_at:
+            raise DeadlineExceeded("the job passed its deadline_s while it waited for an identical job")
+        return self.waker.draining or time.monotonic() >= held_until
 
     async def _woken_or_due(self, woken: asyncio.Future[None], held_until: float, deadline_at: float | None) -> None:
         """Until the wake, the next re-check, the end of the hold or the job's deadline, whichever comes first."""

@@ -104,7 +104,7 @@ class Waker:
         self.wake_all()
 
     async def _listen_once(self, stop: asyncio.Event) -> None:
-        pubsub, own = _subscriber(self.redis)
+        pubsub, own = await _subscriber(self.redis)
         try:
             await pubsub.subscribe(self.channel)
             self.listening.set()
@@ -115,17 +115,23 @@ class Waker:
         finally:
             with contextlib.suppress(Exception):  # closing a connection that is gone already
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py 8.1
-                if own is not None:
-                    await own.aclose()
+            if own is not None:
+                with contextlib.suppress(Exception):
+                    await own.aclose(close_connection_pool=True)
 
 
-def _subscriber(redis: Redis) -> tuple[PubSub, Redis | None]:
+async def _subscriber(redis: Redis) -> tuple[PubSub, Redis | None]:
     """A subscription on a connection of its own (and the client that holds it, to close, if one was made for it).
     A cluster client's own pubsub borrows a node's connection pool, and on redis-py 8.1 that broke the stage's
     commands under way (connections closed by the server, its lost writer); a PUBLISH reaches every node of a
     cluster, so a plain connection to any one node hears every release."""
     if not isinstance(redis, RedisCluster):
         return redis.pubsub(ignore_subscribe_messages=True), None
-    node = random.choice(redis.get_nodes())
+    if not redis.get_nodes():  # a client whose start found the cluster away knows no node yet
+        await redis.initialize()
+    nodes = redis.get_nodes()
+    if not nodes:
+        raise ConnectionError("no Redis Cluster node known to subscribe on")
+    node = random.choice(nodes)
     own = Redis(connection_pool=ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs))
     return own.pubsub(ignore_subscribe_messages=True), own
