@@ -274,6 +274,7 @@ class DedupStage(EnvelopeStage):
                     return handled
                 woken = handled
         finally:
+            self.waker.forget(lease_key, woken)  # however the hold ends (a cancellation included)
             self.waker.held -= 1
 
     async def _decided_again(
