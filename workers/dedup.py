@@ -190,8 +190,12 @@ class DedupStage(EnvelopeStage):
         reply = result_publish(result.model_dump_json().encode(), item.reply_to, item.correlation_id, item.job_id)
         return Handled(reply)
 
+    def _lease_of(self, env: Envelope) -> str:
+        """The coalescing key whose lease ``env`` leads or waits for: its shared one, or its own job's."""
+        return env.coalesce_key or f"job:{env.record}"
+
     def _lease_key(self, env: Envelope) -> str:
-        return self.keys.inflight(env.coalesce_key or f"job:{env.record}")
+        return self.keys.inflight(self._lease_of(env))
 
     async def _state(self, env: Envelope, wake: bool = False) -> tuple[str, list[bytes]]:
         """What dedup makes of ``env``: answered, cached (with the answer), route, lead, own or wait. ``wake``: a
@@ -199,7 +203,7 @@ class DedupStage(EnvelopeStage):
         lease_ttl_s = self.settings.leader_lease_s
         result_key = self.keys.result(env.record)
         shared = env.coalesce_key is not None and not env.coalesce_key.startswith("job:")
-        lease_of = env.coalesce_key or f"job:{env.record}"
+        lease_of = self._lease_of(env)
         leases = {"lease_key": self.keys.inflight(lease_of), "waiters_key": self.keys.waiters(lease_of)}
         if env.cache_key is not None and env.job.cache.mode == "use" and shared:
             # Two slots (the job's, the cache entry's), one round trip: both go out together.

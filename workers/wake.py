@@ -95,11 +95,14 @@ class Waker:
             parking.cancel()
             self.listening.clear()
             if stop.is_set():
-                self.draining = True
-                self.wake_all()
+                self._park_all()
 
     async def _park_all_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
+        self._park_all()
+
+    def _park_all(self) -> None:
+        """The stage stops: every held waiter wakes and parks, and no more are held."""
         self.draining = True
         self.wake_all()
 
