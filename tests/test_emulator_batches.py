@@ -157,7 +157,8 @@ async def test_openai_malformed_input_fails_validation(data: bytes, code: str, l
     async with emulator() as (_, client, _a):
         batch = await submit(client, data)
         ended, seen = await until_ended(client, batch.id)
-    assert seen == ["validating", "failed"]
+    # Validating when made; the first poll may come after it (a loaded machine), so it need not see that state.
+    assert batch.status == "validating" and seen[-1] == "failed" and set(seen) <= {"validating", "failed"}
     assert ended.errors is not None and ended.errors.object == "list" and ended.errors.data
     assert (ended.errors.data[0].code, ended.errors.data[0].line) == (code, line)
     assert ended.failed_at is not None and ended.in_progress_at is None
@@ -217,7 +218,7 @@ async def test_openai_fail_fault_fails_the_batch_at_validation() -> None:
         ended, seen = await until_ended(client, batch.id)
         async with httpx.AsyncClient() as http:
             stats = (await http.get(f"{url}/_emulator/stats")).json()
-    assert seen == ["validating", "failed"]
+    assert batch.status == "validating" and seen[-1] == "failed" and set(seen) <= {"validating", "failed"}
     assert ended.errors is not None and ended.errors.data and ended.errors.data[0].code == "token_limit_exceeded"
     assert stats["batches"]["faults"] == {"fail": 1}
 

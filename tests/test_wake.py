@@ -263,10 +263,14 @@ def died(procs: ProcessPipeline, spec: str, within_s: float = 20.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize(("point", "replies"), [("after_record", 1), ("after_reply", 2)])
+@pytest.mark.parametrize(
+    ("point", "replies", "hot"), [("after_record", 1, False), ("after_served", 1, True), ("after_reply", 2, False)]
+)
 async def test_kill9_of_dedup_on_the_hit_path_keeps_one_entry_and_identical_results(
-    settings: Settings, redis: Redis, emulator: str, point: str, replies: int
+    settings: Settings, redis: Redis, emulator: str, point: str, replies: int, hot: bool
 ) -> None:
+    """``hot``: a hit of a key the dedup process served before, looked up and recorded in one round trip
+    (farebox/stages/one_trip.py); else the key's first hit there, recorded on a second trip."""
     s = settings.model_copy(update={"emulator_url": emulator})
     procs = ProcessPipeline(s)
     procs.start([spec for spec in ALL_STAGES if spec != "dedup"])
@@ -274,6 +278,8 @@ async def test_kill9_of_dedup_on_the_hit_path_keeps_one_entry_and_identical_resu
     try:
         async with FareboxClient.from_settings(s, wait_for_pipeline_s=60) as client:
             warm = await client.complete({"prompt": PROMPT, "job_id": "warm"}, timeout=60)
+            if hot:
+                assert (await client.complete({"prompt": PROMPT, "job_id": "hit-0"}, timeout=60)).cache == "hit"
             seen = Replies(client)
             await client.publish({"prompt": PROMPT, "job_id": "hit-1"}, correlation_id="hit-1")
             assert await asyncio.to_thread(died, procs, "dedup"), "the dedup process did not reach its crash point"
@@ -282,8 +288,9 @@ async def test_kill9_of_dedup_on_the_hit_path_keeps_one_entry_and_identical_resu
         assert len(results) == replies
         assert all(r.model_dump() == results[0].model_dump() for r in results)  # a repeat is the stored result
         assert results[0].cache == "hit" and results[0].cost_usd == 0 and results[0].content == warm.content
-        assert sorted(await ledger_entries(redis, s)) == ["hit-1", "warm"]
-        assert await aggregate(redis, s, "jobs") == 2 and await aggregate(redis, s, "cache_hits") == 1
+        assert sorted(await ledger_entries(redis, s)) == sorted(["hit-1", "warm", *(["hit-0"] if hot else [])])
+        hits = 2 if hot else 1
+        assert await aggregate(redis, s, "jobs") == hits + 1 and await aggregate(redis, s, "cache_hits") == hits
     finally:
         procs.terminate()
         await drop_namespace(s)

@@ -106,10 +106,47 @@ class AccountStage:
     async def finish(self, env: Envelope) -> Handled:
         """Price, record once and answer ``env``: for this stage's input, and for the dedup stage, which answers
         cache hits and job_id replays itself (the same result, entry and replies as through this stage)."""
+        return await self.record_prepared(self.prepare(env))
+
+    async def record_prepared(self, ready: Prepared) -> Handled:
+        """Record ``ready`` once and answer it with its result as prepared (a repeat of the write finds that very
+        result stored, and replays it)."""
+        self._log(ready)
+        return await self.recorder.record_and_reply(ready.recording, then=ready.then, result_json=ready.result_json)
+
+    async def recorded(self, ready: Prepared) -> Handled:
+        """The replies of ``ready``, recorded fresh by another script: a cache hit recorded in the same round trip
+        as its lookup (farebox/stages/one_trip.py)."""
+        self._log(ready)
+        return await self.recorder.answered(ready.recording, ready.result_json, (), ready.then)
+
+    def prepare(self, env: Envelope) -> Prepared:
+        """``env``'s result and everything its recording needs, before anything is written."""
         unit = self.store.current_unit()
         catalog, policy, _ = unit
         result = build_result(env, catalog, policy, now=self.clock())
-        # One structured line per job; the prompt only as a hash.
+        if env.evaluation is not None:
+            then: Callable[[], Awaitable[list[Publish]]] | None = partial(self.shadow.graded, env, result, unit)
+        elif policy.experiments:
+            then = partial(self.shadow.launch, env, result, unit)
+        else:
+            then = None
+        recording = Recording(
+            result=result,
+            cache=self._cache_fill(env, result),
+            lease_key=env.coalesce_key,
+            reply_to=env.reply_to,
+            correlation_id=env.correlation_id,
+            budgets=env.budgets,
+            prompt=kept_prompt(env, policy),
+            evaluation=env.evaluation.kind if env.evaluation else None,
+            sync_cost_usd=sync_cost_usd(env, catalog),
+        )
+        return Prepared(env, recording, then, result.model_dump_json())
+
+    def _log(self, ready: Prepared) -> None:
+        """One structured line per job; the prompt only as a hash."""
+        result = ready.recording.result
         log.info(
             "job %s %s",
             result.job_id,
@@ -124,29 +161,9 @@ class AccountStage:
                 "cache": result.cache,
                 "latency_ms": result.latency_ms,
                 "retries": result.retries,
-                "prompt_hash": prompt_hash(env.job),
+                "prompt_hash": prompt_hash(ready.env.job),
                 "code": result.error.code if result.error else None,
             },
-        )
-        if env.evaluation is not None:
-            then: Callable[[], Awaitable[list[Publish]]] | None = partial(self.shadow.graded, env, result, unit)
-        elif policy.experiments:
-            then = partial(self.shadow.launch, env, result, unit)
-        else:
-            then = None
-        return await self.recorder.record_and_reply(
-            Recording(
-                result=result,
-                cache=self._cache_fill(env, result),
-                lease_key=env.coalesce_key,
-                reply_to=env.reply_to,
-                correlation_id=env.correlation_id,
-                budgets=env.budgets,
-                prompt=kept_prompt(env, policy),
-                evaluation=env.evaluation.kind if env.evaluation else None,
-                sync_cost_usd=sync_cost_usd(env, catalog),
-            ),
-            then=then,
         )
 
     def _cache_fill(self, env: Envelope, result: JobResult) -> CacheFill | None:
@@ -191,6 +208,16 @@ class Recording:
     sync_cost_usd: float | None = None  # a batch job's cost at its model's sync price (the ledger's batch_sync_nusd)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A job's recording built ahead of the write, with what follows it and the result as sent."""
+
+    env: Envelope
+    recording: Recording
+    then: Callable[[], Awaitable[list[Publish]]] | None
+    result_json: str
+
+
 class Recorder:
     """Ledger write (once), result publish, budget alerts: shared by the account and dead-letter stages."""
 
@@ -216,13 +243,15 @@ class Recorder:
         self.clock = clock
 
     async def record_and_reply(
-        self, rec: Recording, then: Callable[[], Awaitable[list[Publish]]] | None = None
+        self,
+        rec: Recording,
+        then: Callable[[], Awaitable[list[Publish]]] | None = None,
+        result_json: str | None = None,
     ) -> Handled:
         """Record ``rec`` once and answer its caller; ``then`` gives what else to publish once it is freshly
-        recorded (never for a replay, and not while Redis is away)."""
+        recorded (never for a replay, and not while Redis is away). ``result_json``: the result serialised."""
         result = rec.result
-        result_json = result.model_dump_json()
-        reply = result_publish(result_json.encode(), rec.reply_to, rec.correlation_id, result.job_id)
+        result_json = result_json or result.model_dump_json()
         try:
             recorded = await self._record(rec, result_json)
         except REDIS_DOWN as err:
@@ -240,14 +269,28 @@ class Recorder:
                     except REDIS_DOWN:
                         delay = min(delay * 2, LEDGER_RETRY_MAX_S)
 
+            reply = result_publish(result_json.encode(), rec.reply_to, rec.correlation_id, result.job_id)
             return Handled(reply, after_publish=settle_ledger)
         self.health.ok()
         if recorded.existing is not None:
             metrics.MESSAGES.labels(self.stage, "replayed").inc()
             return Handled(result_publish(recorded.existing, rec.reply_to, rec.correlation_id, result.job_id))
+        return await self.answered(rec, result_json, recorded.spent_usd, then)
+
+    async def answered(
+        self,
+        rec: Recording,
+        result_json: str,
+        spent_usd: tuple[float, ...],
+        then: Callable[[], Awaitable[list[Publish]]] | None,
+    ) -> Handled:
+        """The replies of a job recorded fresh just now (``spent_usd``: its budgets' spend after it): the result,
+        the budget alerts and what follows."""
+        result = rec.result
         observe(result, self._named())
-        alerts = await self.alerts.check(rec.budgets, recorded.spent_usd) if rec.budgets else []
+        alerts = await self.alerts.check(rec.budgets, spent_usd) if rec.budgets else []
         more = await self._then(then, result.job_id)
+        reply = result_publish(result_json.encode(), rec.reply_to, rec.correlation_id, result.job_id)
         return Handled([*reply, *alerts, *more])
 
     def _named(self) -> frozenset[str]:

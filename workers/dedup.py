@@ -20,6 +20,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -35,25 +36,11 @@ from farebox.stages.account import result_publish
 from farebox.stages.cache_keys import CacheRules, cache_key, is_cacheable
 from farebox.stages.decode import envelope_from_intake, envelope_from_internal
 from farebox.stages.lua import Layout, NamedScript, Scalar
+from farebox.stages.one_trip import LEASE, OneTripHits
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.stage import Delivery, EnvelopeStage, Handled, envelope_publish
 from farebox.stages.wake import Waker
 
-# Taking (or finding) a coalescing lease, the end of both decide scripts below. A job that will be held while it
-# waits (``wake``) flags the lease, and its release wakes it (farebox/stages/wake.py).
-_LEASE = """
-if redis.call('SET', lease_key, job_id, 'NX', 'EX', lease_ttl_s) then
-  return {'lead'}
-end
-local state = 'wait'
-if redis.call('GET', lease_key) == job_id then
-  state = 'own'
-end
-if wake == '1' then
-  redis.call('SET', waiters_key, 1, 'EX', lease_ttl_s)
-end
-return {state}
-"""
 # A job that shares a cache entry: cached answer? else take (or find) the entry's lease. The lease sits with
 # the entry (one slot), and being atomic, a leader that fills the cache and releases its lease can never
 # slip in between. Whether the job_id is answered already is asked beside it (its own slot, same round trip).
@@ -65,7 +52,7 @@ if cached then
   return {'cached', cached}
 end
 """
-    + _LEASE
+    + LEASE
 )
 # A job that reads no cache: answered job_id? else take (or find) its own lease, which sits with its result
 # (one slot), so a copy can never take the lease between the leader's storing its result and releasing it.
@@ -81,7 +68,7 @@ if coalesce ~= '1' then
   return {'route'}
 end
 """
-    + _LEASE
+    + LEASE
 )
 
 
@@ -98,6 +85,7 @@ class DedupStage(EnvelopeStage):
         lanes: Callable[[], PriorityPolicy] = PriorityPolicy,
         batch: Callable[[], BatchPolicy] = BatchPolicy,
         finish: Callable[[Envelope], Awaitable[Handled]] | None = None,
+        one_trip: OneTripHits | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth  # the policy's auth in force
@@ -112,6 +100,7 @@ class DedupStage(EnvelopeStage):
         self.health = RedisHealth(self.name)
         # The account stage's finish, to answer hits and replays here; without it they go on to that stage.
         self.finish = finish
+        self.one_trip = one_trip  # on one Redis server: a hit looked up and recorded together (one_trip.py)
         self.waker = Waker(redis, self.keys.wake_channel, capacity=settings.coalesce_hold_max)
         # Each held waiter keeps its message unacked: the prefetch makes room for them on top of the jobs being
         # handled, which stay as many as before (the runtime's slots).
@@ -197,8 +186,9 @@ class DedupStage(EnvelopeStage):
     def _lease_key(self, env: Envelope) -> str:
         return self.keys.inflight(self._lease_of(env))
 
-    async def _state(self, env: Envelope, wake: bool = False) -> tuple[str, list[bytes]]:
-        """What dedup makes of ``env``: answered, cached (with the answer), route, lead, own or wait. ``wake``: a
+    async def _state(self, env: Envelope, wake: bool = False) -> tuple[str, list[Any]]:
+        """What dedup makes of ``env``: answered, cached (with the answer), served (a hit recorded already, with
+        its prepared answer), unrecorded (a hit prepared, to record), route, lead, own or wait. ``wake``: a
         waiter would be held, so the lease is flagged for its release to wake it."""
         lease_ttl_s = self.settings.leader_lease_s
         result_key = self.keys.result(env.record)
@@ -206,6 +196,9 @@ class DedupStage(EnvelopeStage):
         lease_of = self._lease_of(env)
         leases = {"lease_key": self.keys.inflight(lease_of), "waiters_key": self.keys.waiters(lease_of)}
         if env.cache_key is not None and env.job.cache.mode == "use" and shared:
+            ahead = self.one_trip.ahead(env, self._served) if self.one_trip is not None else None
+            if ahead is not None and self.one_trip is not None:
+                return await self.one_trip.serve(env, ahead, leases, wake)
             # Two slots (the job's, the cache entry's), one round trip: both go out together.
             answered, (state, *value) = await asyncio.gather(
                 self.redis.exists(result_key),
@@ -250,13 +243,18 @@ class DedupStage(EnvelopeStage):
         if woken is not None:
             self.waker.forget(lease_key, woken)
 
-    async def _act(self, state: str, value: list[bytes], env: Envelope) -> Handled:
+    async def _act(self, state: str, value: list[Any], env: Envelope) -> Handled:
         """What a job that does not wait becomes: an answer (a replay, a hit) or the route stage's input."""
         if state == "answered":
             # A job_id already answered (a producer retry): its stored result is replayed.
             return await self._answer(env)
+        if state in ("served", "unrecorded") and self.one_trip is not None:
+            return await self.one_trip.answer(value[0], recorded=state == "served")
         if state == "cached":
-            return await self._answer(self._served(env, value[0]))
+            served = self._served(env, Outcome.model_validate_json(value[0]))
+            if self.one_trip is not None and self.finish is not None:
+                return await self.one_trip.record(served, value[0])
+            return await self._answer(served)
         # A lease already ours: a redelivery of the leader goes on (see _waits).
         return Handled([envelope_publish(env, self.topo.route)])
 
@@ -290,7 +288,7 @@ class DedupStage(EnvelopeStage):
         if self._hold_over(env, held_until):
             return self._park(env)
         woken = self.waker.expect(lease_key)
-        state, value = "park", list[bytes]()
+        state, value = "park", list[Any]()
         try:
             state, value = await self._state(env, wake=True)
         except REDIS_DOWN:
@@ -335,9 +333,9 @@ class DedupStage(EnvelopeStage):
             return Handled([envelope_publish(env, self.topo.account)])
         return await self.finish(env)
 
-    def _served(self, env: Envelope, cached: bytes) -> Envelope:
+    def _served(self, env: Envelope, answer: Outcome) -> Envelope:
         status = "coalesced" if env.waits else "hit"
-        return env.model_copy(update={"outcome": Outcome.model_validate_json(cached), "cache_status": status})
+        return env.model_copy(update={"outcome": answer, "cache_status": status})
 
 
 def _waits(state: str, delivery: Delivery) -> bool:

@@ -100,8 +100,9 @@ return {existing or false, fresh, entry}
 """
 )
 
-# The aggregates, in the ledger's slot: once per record (the marker hash of the entry's day).
-_FOLD_LAYOUT = Layout(
+# The aggregates, in the ledger's slot: once per record (the marker hash of the entry's day). Also the end of a
+# cache hit recorded in one round trip (farebox/stages/one_trip.py).
+FOLD_LAYOUT = Layout(
     keys=("folded_key", "day_key", "days_key", "stream_key", "arms_key"),
     args=(
         "record",
@@ -123,7 +124,7 @@ _FOLD_LAYOUT = Layout(
         "sync_nusd",  # a batch job's cost at the same model's sync price
     ),
 )
-_FOLD = """
+FOLD = """
 if redis.call('HSETNX', folded_key, record, 1) == 0 then
   return 0
 end
@@ -237,7 +238,7 @@ class Ledger:
         self.fold_window_s = result_ttl_s  # as long as a job_id is replayed from its stored result
         self.settled_ttl_s = max(SETTLED_TTL_S, self.fold_window_s + FOLD_MARGIN_S)
         self._record = NamedScript(redis, _RECORD_LAYOUT, _RECORD, "ledger record")
-        self._fold = NamedScript(redis, _FOLD_LAYOUT, _FOLD, "ledger fold")
+        self._fold = NamedScript(redis, FOLD_LAYOUT, FOLD, "ledger fold")
         self._settle = NamedScript(redis, _SETTLE_LAYOUT, _SETTLE, "budget settle")
         self._fill = NamedScript(redis, _FILL_LAYOUT, _FILL, "cache fill")
 
@@ -318,6 +319,13 @@ class Ledger:
 
     def _fold_in(self, record: JobRecord, entry: dict[str, Any], raw: str | bytes, sync_cost_usd: float | None) -> Any:
         """The fold of ``entry`` (as stored: a redelivery folds what was recorded, on the day it was)."""
+        keys, args = self.fold_call(record, entry, raw, sync_cost_usd)
+        return self._fold(keys=keys, args=args)
+
+    def fold_call(
+        self, record: JobRecord, entry: dict[str, Any], raw: str | bytes, sync_cost_usd: float | None
+    ) -> tuple[dict[str, str], dict[str, Scalar]]:
+        """The fold script's keys and arguments for ``entry`` (``raw``: its JSON as recorded)."""
         day, ts = str(entry["day"]), float(entry["ts"])
         cost = nano(float(entry["cost_usd"]))
         args: dict[str, Scalar] = {
@@ -346,7 +354,7 @@ class Ledger:
             "stream_key": self.keys.ledger_stream,
             "arms_key": self.keys.ledger_arms(day),
         }
-        return self._fold(keys=keys, args=args)
+        return keys, args
 
     def _settle_budgets(self, record: JobRecord, budgets: Sequence[BudgetHold], entry: dict[str, Any]) -> Any:
         return self._settle(

@@ -8,7 +8,8 @@ is an error before anything is sent.
 
 Every call's keys must hash to one Redis Cluster slot (``CrossSlot`` otherwise, on a single server too): a
 script on a cluster runs on one node, which holds one slot's keys. Checking it on every call makes every
-test of every script a check of its keys' hash tags (farebox/constants.py, RedisKeys).
+test of every script a check of its keys' hash tags (farebox/constants.py, RedisKeys). The one exception is a
+script declared ``one_server``, which the stages send only where Redis is one server (farebox/stages/one_trip.py).
 
 A script with a variable number of keys or arguments (one per budget, say) declares a *tail*:
 whatever follows the named positions, bound in Lua to a table of that name (``{unpack(KEYS, 8)}``).
@@ -108,9 +109,11 @@ def _ordered(
 class NamedScript:
     """A registered script called with named keys and arguments (plus the tails, if any)."""
 
-    def __init__(self, redis: Redis, layout: Layout, body: str, name: str = "script") -> None:
+    def __init__(self, redis: Redis, layout: Layout, body: str, name: str = "script", one_server: bool = False) -> None:
         self.layout = layout
         self.name = name
+        # A script only ever sent to one Redis server (never to a cluster) may touch keys of several slots.
+        self.one_server = one_server
         self.source = layout.prologue() + body
         self._script = redis.register_script(self.source)
 
@@ -123,5 +126,6 @@ class NamedScript:
         arg_tail: Sequence[Scalar] = (),
     ) -> Any:
         key_list = self.layout.key_list(keys or {}, key_tail)
-        check_one_slot(key_list, self.name)
+        if not self.one_server:
+            check_one_slot(key_list, self.name)
         return await self._script(keys=key_list, args=self.layout.arg_list(args or {}, arg_tail))

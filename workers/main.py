@@ -35,6 +35,7 @@ from farebox.stages.deadletter import DeadLetterStage
 from farebox.stages.dedup import DedupStage
 from farebox.stages.execute import ExecuteStage
 from farebox.stages.feedback import FeedbackStage
+from farebox.stages.one_trip import one_trip_hits
 from farebox.stages.route import RouteStage
 from farebox.stages.runtime import DRAIN_TIMEOUT_S, Worker
 from farebox.stages.slots import LaneSlots
@@ -118,6 +119,7 @@ def stage_cores(
         return store.current()[1].priority.weight(tenant)
 
     if stage == "dedup":
+        account = AccountStage(settings, store, redis, stage="dedup")  # hits and replays are answered here
         return [
             DedupStage(
                 settings,
@@ -126,7 +128,8 @@ def stage_cores(
                 auth=lambda: store.current()[1].auth,
                 lanes=lambda: store.current()[1].priority,
                 batch=lambda: store.current()[1].batch,
-                finish=AccountStage(settings, store, redis, stage="dedup").finish,  # hits and replays answered here
+                finish=account.finish,
+                one_trip=one_trip_hits(settings, redis, account),
             )
         ]
     if stage == "route":

@@ -4,7 +4,9 @@ test stops a real stage process exactly where it means to, and the broker and Re
     python -m tests.support.crash_points POINT JOB_ID worker STAGE [...]
 
 POINT:
-* ``after_record``: the job's ledger record (and its folds) written, nothing of it published yet;
+* ``after_record``: the job's ledger record (and its folds) written, nothing of it published yet (also a hit
+  recorded on its second trip, farebox/stages/one_trip.py);
+* ``after_served``: a cache hit looked up, recorded and folded by the one-trip script, nothing published;
 * ``before_fill``: the record written, the cache fill and the lease release (with its wake) not;
 * ``after_reply``: the caller's reply confirmed by the broker, the input not acked.
 """
@@ -17,7 +19,7 @@ import sys
 from typing import Any
 
 from farebox.cli import main
-from farebox.stages import account, ledger, runtime
+from farebox.stages import account, ledger, one_trip, runtime
 
 
 def _die() -> None:
@@ -35,6 +37,24 @@ def install(point: str, job_id: str) -> None:
             return done
 
         account.Recorder._record = recorded  # type: ignore[method-assign]
+        answer = account.AccountStage.recorded
+
+        async def recorded_elsewhere(self: Any, ready: Any) -> Any:  # a hit recorded by farebox/stages/one_trip.py
+            if ready.recording.result.job_id == job_id:
+                _die()
+            return await answer(self, ready)
+
+        account.AccountStage.recorded = recorded_elsewhere  # type: ignore[method-assign]
+    elif point == "after_served":
+        serve = one_trip.OneTripHits.serve
+
+        async def served(self: Any, env: Any, ready: Any, leases: Any, wake: bool) -> Any:
+            state, value = await serve(self, env, ready, leases, wake)
+            if state == "served" and env.job_id == job_id:
+                _die()
+            return state, value
+
+        one_trip.OneTripHits.serve = served  # type: ignore[method-assign]
     elif point == "before_fill":
         fill = ledger.Ledger._fill_and_release
 
