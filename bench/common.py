@@ -20,7 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from farebox.settings import Settings  # noqa: E402
-from tests.support.pipeline import ALL_STAGES, ProcessPipeline, drop_namespace, drop_redis_prefix  # noqa: E402
+from tests.support.pipeline import (  # noqa: E402
+    ALL_STAGES,
+    ProcessPipeline,
+    drop_namespace,
+    drop_redis_prefix,
+    settings_env,
+)
 from tests.support.workload import make_workload as make_workload  # noqa: E402  (re-exported for the scripts)
 
 # bench/results/ is untracked (.gitignore), so a run never rewrites tracked files; run_all --smoke
@@ -188,3 +194,26 @@ class CpuGroups:
                 raise SystemExit(f"a {name} process exited during the measurement ({err})") from err
             out[name] = used * 1000 / n
         return out
+
+
+def child_imports(child_env: dict[str, str] | None) -> list[str]:
+    """Where a stage child (same environment, same working directory) imports farebox from."""
+    env = settings_env(Settings())
+    env.update(child_env or {})
+    code = "import farebox, farebox.stages.main as m; print(farebox.__file__); print(m.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def check_imports(tree: Path) -> str:
+    """The stages are started as ``python -m farebox`` in this process's working directory, which comes first on
+    their sys.path: from /work/main it would shadow PYTHONPATH and 'before' would run today's code. So a script
+    comparing two checkouts works from an empty folder (``os.chdir`` first), and checks both sides import what
+    they should. Returns where the other side's farebox is."""
+    old = child_imports({"PYTHONPATH": str(tree)})
+    if not old or not all(f.startswith(str(tree) + "/") for f in old):
+        raise SystemExit(f"the 'before' child imports farebox from {old}, not {tree}")
+    new = child_imports(None)
+    if not new or not all(f.startswith(str(ROOT) + "/") for f in new):
+        raise SystemExit(f"today's child imports farebox from {new}, not {ROOT}")
+    return old[0]

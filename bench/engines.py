@@ -25,7 +25,6 @@ import contextlib
 import os
 import pwd
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -38,6 +37,7 @@ from common import (
     ROOT,
     CpuGroups,
     broker_pids,
+    check_imports,
     emulator_process,
     make_workload,
     pids_of,
@@ -50,7 +50,7 @@ from engines_tables import BEFORE_COMMIT, Results, render
 from redis.asyncio import Redis
 
 from farebox.client import FareboxClient
-from tests.support.pipeline import ALL_STAGES, settings_env
+from tests.support.pipeline import ALL_STAGES
 from tests.support.rabbit_cluster import RabbitCluster, rabbit_cluster
 from tests.support.redis_cluster import RedisClusterNodes, redis_cluster
 from tests.support.redis_sentinel import SentinelSet, sentinel_set
@@ -139,30 +139,6 @@ def variants(engines: Engines, machine_broker: list[int], machine_redis: list[in
                 redis_server_pids(list(rc.ports)),
             )
     return out
-
-
-def child_imports(child_env: dict[str, str] | None) -> list[str]:
-    """Where a stage child (same environment, same working directory) imports farebox from."""
-    from farebox.settings import Settings
-
-    env = settings_env(Settings())
-    env.update(child_env or {})
-    code = "import farebox, farebox.stages.main as m; print(farebox.__file__); print(m.__file__)"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return done.stdout.split()
-
-
-def check_imports(tree: Path) -> str:
-    """The stages are started as ``python -m farebox`` in this process's working directory, which comes first on
-    their sys.path: from /work/main it would shadow PYTHONPATH and 'before' would run today's code. So the script
-    works from an empty folder, and checks both sides import what they should."""
-    old = child_imports({"PYTHONPATH": str(tree)})
-    if not old or not all(f.startswith(str(tree) + "/") for f in old):
-        raise SystemExit(f"the 'before' child imports farebox from {old}, not {tree}")
-    new = child_imports(None)
-    if not new or not all(f.startswith(str(ROOT) + "/") for f in new):
-        raise SystemExit(f"today's child imports farebox from {new}, not {ROOT}")
-    return old[0]
 
 
 @contextlib.contextmanager

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 from bare_chain import bare_chain, one_at_a_time
-from common import emulator_process, process_pipeline, publish_table, spread, wait_for_emulator
+from common import check_imports, emulator_process, process_pipeline, publish_table, spread, wait_for_emulator
 
 from farebox.client import FareboxClient
 from farebox.patches import aiormq_writes
@@ -51,7 +53,11 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--singles", type=int, default=200)
     a = ap.parse_args()
+    a.against = a.against.resolve()
     aiormq_writes.install()
+    # From an empty folder: a child's working directory comes first on its sys.path (check_imports).
+    os.chdir(tempfile.mkdtemp(prefix="fb-hit-sbs-"))
+    print(f"against: stages from {check_imports(a.against)}", flush=True)
     rows: dict[str, list[float]] = {}
     body = json.dumps({"prompt": "bare"}).encode()
     with emulator_process(EMULATOR_PORT) as emulator:

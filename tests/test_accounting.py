@@ -45,7 +45,7 @@ def scrape_cost(port: int) -> float:
     )
 
 
-@pytest.mark.parametrize("n_jobs", [1000, pytest.param(5000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n_jobs", [300, pytest.param(5000, marks=pytest.mark.slow)])
 async def test_report_equals_results_and_metrics(settings: Settings, redis: Redis, emulator: str, n_jobs: int) -> None:
     jobs, summary = make_workload(n_jobs, 0.3, seed=11)
     s = settings.model_copy(update={"emulator_url": emulator, "metrics_port": free_port_block(len(ALL_STAGES))})

@@ -23,6 +23,7 @@ from tests.support.pipeline import (
 from tests.support.tcp_proxy import proxy_in_front_of
 
 
+@pytest.mark.chaos  # about 20 s; the broker closing the connections is the default run's resume test
 async def test_workers_resume_after_the_network_drops_every_connection(
     settings: Settings, redis: Redis, emulator: str
 ) -> None:

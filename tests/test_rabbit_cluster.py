@@ -137,6 +137,7 @@ async def test_a_2000_job_backfill_survives_a_stop_of_each_of_two_nodes(
     assert_every_job_once(run, cluster)
 
 
+@pytest.mark.cluster  # a cluster of its own (about 30 s here); .ci/run runs it
 async def test_the_quorum_group_size_setting_puts_each_quorum_queue_on_that_many_nodes(
     settings: Settings, cluster: RabbitCluster
 ) -> None:

@@ -215,6 +215,7 @@ def test_waiting_for_replicas_needs_the_pipelining_client_off_a_cluster(url: str
         Settings(redis_url="redis+cluster://127.0.0.1:1", redis_wait_replicas=1)
 
 
+@pytest.mark.cluster  # a failover takes about 25 s here; .ci/run runs it
 async def test_the_pipeline_loses_no_job_when_the_sentinels_master_fails_over(
     settings: Settings, sentinels: SentinelSet
 ) -> None:

@@ -264,7 +264,12 @@ def died(procs: ProcessPipeline, spec: str, within_s: float = 20.0) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("point", "replies", "hot"), [("after_record", 1, False), ("after_served", 1, True), ("after_reply", 2, False)]
+    ("point", "replies", "hot"),
+    [
+        pytest.param("after_record", 1, False, marks=pytest.mark.chaos),  # about 11 s each
+        ("after_served", 1, True),
+        pytest.param("after_reply", 2, False, marks=pytest.mark.chaos),
+    ],
 )
 async def test_kill9_of_dedup_on_the_hit_path_keeps_one_entry_and_identical_results(
     settings: Settings, redis: Redis, emulator: str, point: str, replies: int, hot: bool
@@ -296,7 +301,10 @@ async def test_kill9_of_dedup_on_the_hit_path_keeps_one_entry_and_identical_resu
         await drop_namespace(s)
 
 
-@pytest.mark.parametrize(("killed", "latency_ms"), [("account", 1200), ("dedup", 8000)])
+@pytest.mark.parametrize(
+    ("killed", "latency_ms"),
+    [("account", 1200), pytest.param("dedup", 8000, marks=pytest.mark.chaos)],  # 16 s
+)
 async def test_a_waiter_is_answered_when_the_waking_or_the_holding_worker_dies(
     settings: Settings, redis: Redis, killed: str, latency_ms: float
 ) -> None:
