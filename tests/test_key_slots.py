@@ -183,10 +183,10 @@ SPEND_ARGS = {"estimate_nusd": 1, "cap_nusd": 2, "ttl_s": 60}
 # The scripts with more than one key (or a tail of keys), each driven by a test above.
 DRIVEN = {
     "budgets._RESERVE_LAYOUT",
-    "ledger._RECORD_LAYOUT",
-    "ledger.FOLD_LAYOUT",
-    "ledger._SETTLE_LAYOUT",
-    "ledger._FILL_LAYOUT",
+    "ledger_scripts.RECORD_LAYOUT",
+    "ledger_scripts.FOLD_LAYOUT",
+    "ledger_scripts.SETTLE_LAYOUT",
+    "ledger_scripts.FILL_LAYOUT",
     "dedup._DECIDE_CACHED_LAYOUT",
     "dedup._DECIDE_OWN_LAYOUT",
     "feedback._ATTACH_LAYOUT",
@@ -198,7 +198,7 @@ DRIVEN = {
 
 
 # Scripts sent only where Redis is one server, whose keys span slots by design (farebox/stages/one_trip.py).
-ONE_SERVER = {"one_trip._SERVE_LAYOUT", "one_trip._RECORD_SERVED_LAYOUT"}
+ONE_SERVER = {"one_trip._SERVE_LAYOUT", "one_trip._RECORD_SERVED_LAYOUT", "ledger_scripts.WHOLE_LAYOUT"}
 
 
 def test_every_script_with_more_than_one_key_is_driven_here() -> None:
@@ -213,7 +213,7 @@ def test_every_script_with_more_than_one_key_is_driven_here() -> None:
     assert several == DRIVEN | ONE_SERVER
     assert "NamedScript(" not in "".join(p.read_text() for p in (WORKERS.parent / "farebox").rglob("*.py"))
     declared = [p.stem for p in WORKERS.glob("*.py") for _ in range(p.read_text().count("one_server=True"))]
-    assert declared == ["one_trip", "one_trip"]
+    assert sorted(declared) == ["ledger", "one_trip", "one_trip"]
 
 
 def test_the_one_server_scripts_are_never_made_for_a_cluster() -> None:
@@ -223,6 +223,7 @@ def test_the_one_server_scripts_are_never_made_for_a_cluster() -> None:
     account = cast(Any, SimpleNamespace(recorder=SimpleNamespace(ledger=None)))
     cluster = ClusterClient(host="127.0.0.1", port=1)
     assert one_trip_hits(Settings(), cast(Redis, cluster), account) is None
+    assert not lua.one_server(cast(Redis, cluster)) and lua.one_server(cast(Redis, ScriptCalls()))
     assert isinstance(one_trip_hits(Settings(), cast(Redis, ScriptCalls()), account), OneTripHits)
 
 

@@ -30,6 +30,7 @@ from farebox.stages.budgets import BudgetAlerts
 from farebox.stages.cache_keys import prompt_hash
 from farebox.stages.decode import envelope_from_internal
 from farebox.stages.ledger import CacheFill, KeptPrompt, Ledger, Recorded
+from farebox.stages.lua import one_server
 from farebox.stages.redis_health import RedisHealth
 from farebox.stages.results import build_result, sync_cost_usd
 from farebox.stages.shadow import Shadowing
@@ -235,6 +236,7 @@ class Recorder:
             result_ttl_s=settings.result_ttl_s,
             entry_ttl_s=settings.ledger_entry_keep_s,
             days_kept=settings.ledger_days_kept,
+            one_server=one_server(redis),
         )
         self.alerts = BudgetAlerts(redis, settings, policy)
         self.policy = policy

@@ -27,15 +27,16 @@ import json
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from farebox.constants import NANO, JobRecord, RedisKeys, job_record
 from farebox.schemas import BudgetHold, JobResult
+from farebox.stages import ledger_scripts as scripts
 from farebox.stages.ledger_entry import ENTRY_VERSION, day_expiry, entry_json, nano
-from farebox.stages.lua import Layout, NamedScript, Scalar
+from farebox.stages.lua import NamedScript, Scalar
 
 log = logging.getLogger("farebox.ledger")
 
@@ -45,172 +46,22 @@ FOLD_MARGIN_S = 3600  # the fold markers outlive the fold window by this much (c
 # than the fold window: a copy of the job settles while its entry is young, and must still find the mark.
 SETTLED_TTL_S = 40 * 86_400
 
-# The release of a coalescing lease this job holds, ending both release scripts below (the record's, for a job's
-# own lease; the cache fill's, for a shared entry's). It wakes the lease's waiters, if one said it waits (the dedup
-# decide scripts set the flag) and the lease was this job's or is gone (expired): one PUBLISH, atomic with the
-# release. Another job's lease is left alone, and so are its waiters.
-_RELEASE = """
-if lease_owner ~= '' then
-  local lease = redis.call('GET', lease_key)
-  if lease == lease_owner then
-    redis.call('DEL', lease_key)
-  end
-  if (lease == lease_owner or not lease) and redis.call('DEL', waiters_key) == 1 then
-    redis.pcall('PUBLISH', wake_channel, lease_key)  -- a hint: an ACL without the channel must not fail the write
-  end
-end
-"""
-
-# The exactly-once part, in the job's slot. ``fresh``: this call wrote the entry; else the entry already there
-# (its folds are repeated, idempotently, while it is young). A job's own coalescing lease (not a shared cache
-# entry's) sits here too and is released with the result stored, so a copy never leads in between.
-_RECORD_LAYOUT = Layout(
-    keys=("result_key", "entry_key", "prompt_key", "lease_key", "waiters_key"),
-    args=(
-        "result_json",
-        "result_ttl_s",
-        "entry_json",
-        "entry_ttl_s",
-        "prompt_json",  # the messages as sent, kept for `farebox feedback export`; '' when not kept
-        "prompt_ttl_s",
-        "lease_owner",  # the job record when the job holds its own lease, else ''
-        "wake_channel",  # where a released lease's waiters are woken (farebox/stages/wake.py)
-    ),
-)
-_RECORD = (
-    """
-local existing = redis.call('GET', result_key)
-local fresh = 0
-local entry = false
-if not existing and redis.call('SET', entry_key, entry_json, 'NX', 'EX', entry_ttl_s) then
-  fresh = 1
-  if prompt_json ~= '' then
-    redis.call('SET', prompt_key, prompt_json, 'EX', prompt_ttl_s)
-  end
-else
-  entry = redis.call('GET', entry_key)
-end
-if not existing then
-  redis.call('SET', result_key, result_json, 'EX', result_ttl_s)
-end
-"""
-    + _RELEASE
-    + """
-return {existing or false, fresh, entry}
-"""
-)
-
-# The aggregates, in the ledger's slot: once per record (the marker hash of the entry's day). Also the end of a
-# cache hit recorded in one round trip (farebox/stages/one_trip.py).
-FOLD_LAYOUT = Layout(
-    keys=("folded_key", "day_key", "days_key", "stream_key", "arms_key"),
-    args=(
-        "record",
-        "folded_expires_at",
-        "entry_json",
-        "field_prefix",  # "tenant|provider|model|" of this job's aggregate fields
-        "cost_nusd",
-        "baseline_nusd",
-        "input_tokens",
-        "output_tokens",
-        "cache_hit",  # 1 or 0
-        "is_error",  # 1 or 0
-        "day",
-        "day_expires_at",  # unix time when this day's aggregates expire
-        "stream_maxlen",
-        "arm_prefix",  # "experiment|arm|" when an experiment arm routed the job, else ''
-        "evaluation_nusd",  # the cost again when it is evaluation spend (shadow grading), else 0
-        "is_batch",  # 1 when the job was answered through a provider batch, else 0
-        "sync_nusd",  # a batch job's cost at the same model's sync price
-    ),
-)
-FOLD = """
-if redis.call('HSETNX', folded_key, record, 1) == 0 then
-  return 0
-end
-redis.call('EXPIREAT', folded_key, folded_expires_at)
-local p = field_prefix
-redis.call('HINCRBY', day_key, p .. 'jobs', 1)
-redis.call('HINCRBY', day_key, p .. 'cost_nusd', cost_nusd)
-redis.call('HINCRBY', day_key, p .. 'baseline_nusd', baseline_nusd)
-redis.call('HINCRBY', day_key, p .. 'input_tokens', input_tokens)
-redis.call('HINCRBY', day_key, p .. 'output_tokens', output_tokens)
-redis.call('HINCRBY', day_key, p .. 'cache_hits', cache_hit)
-redis.call('HINCRBY', day_key, p .. 'errors', is_error)
-if is_batch == '1' then
-  redis.call('HINCRBY', day_key, p .. 'batch_jobs', 1)
-  redis.call('HINCRBY', day_key, p .. 'batch_cost_nusd', cost_nusd)
-  redis.call('HINCRBY', day_key, p .. 'batch_baseline_nusd', baseline_nusd)
-  redis.call('HINCRBY', day_key, p .. 'batch_sync_nusd', sync_nusd)
-  redis.call('HINCRBY', day_key, p .. 'batch_input_tokens', input_tokens)
-  redis.call('HINCRBY', day_key, p .. 'batch_output_tokens', output_tokens)
-end
-if evaluation_nusd ~= '0' then
-  redis.call('HINCRBY', day_key, p .. 'evaluation_nusd', evaluation_nusd)
-end
-redis.call('EXPIREAT', day_key, day_expires_at)
-redis.call('SADD', days_key, day)
-redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*', 'entry', entry_json)
-if arm_prefix ~= '' then
-  local a = arm_prefix
-  redis.call('HINCRBY', arms_key, a .. 'jobs', 1)
-  redis.call('HINCRBY', arms_key, a .. 'cost_nusd', cost_nusd)
-  redis.call('HINCRBY', arms_key, a .. 'baseline_nusd', baseline_nusd)
-  redis.call('HINCRBY', arms_key, a .. 'cache_hits', cache_hit)
-  redis.call('HINCRBY', arms_key, a .. 'errors', is_error)
-  redis.call('EXPIREAT', arms_key, day_expires_at)
-end
-return 1
-"""
-
-# The budgets the job reserved against, in its tenant's slot: release what the reservation key says was
-# reserved (the route stage's estimate; nothing when its reserve never landed) and add the actual cost, once (the
-# key, marked 'settled', says so). Returns each budget's spend after it. Whatever a caller believes it reserved
-# is not trusted: a second copy of the job, which reserved nothing, must not release the first copy's estimate.
-_SETTLE_LAYOUT = Layout(keys=("reservation_key",), key_tail="budget_keys", args=("cost_nusd", "settled_ttl_s"))
-_SETTLE = """
-local held = redis.call('GET', reservation_key)
-local settled = held == 'settled'
-local reserved = tonumber(held) or 0
-local spent = {}
-for _, budget_key in ipairs(budget_keys) do
-  if settled then
-    spent[#spent + 1] = tonumber(redis.call('HGET', budget_key, 'spent_nusd') or '0')
-  else
-    if reserved ~= 0 then
-      redis.call('HINCRBY', budget_key, 'reserved_nusd', -reserved)
-    end
-    spent[#spent + 1] = redis.call('HINCRBY', budget_key, 'spent_nusd', cost_nusd)
-  end
-end
-if not settled then
-  redis.call('SET', reservation_key, 'settled', 'EX', settled_ttl_s)
-end
-return spent
-"""
-
-# The cache fill and the release of a shared cache entry's lease, in the entry's slot, together: a waiter
-# finds the answer the moment the lease is gone (and its waiters are woken: _RELEASE).
-_FILL_LAYOUT = Layout(
-    keys=("cache_key", "lease_key", "waiters_key"), args=("cache_value", "cache_ttl_s", "lease_owner", "wake_channel")
-)
-_FILL = (
-    """
-if cache_value ~= '' then
-  redis.call('SET', cache_key, cache_value, 'EX', cache_ttl_s)
-end
-"""
-    + _RELEASE
-    + """
-return 1
-"""
-)
-
 
 @dataclass(frozen=True)
 class Recorded:
     existing: bytes | None
     spent_usd: tuple[float, ...] = ()
+
+
+class Written(NamedTuple):
+    """What the record script did: the job's record and entry JSON, the stored result found (a replay), whether
+    this call wrote the entry, and the entry found there when it did not."""
+
+    record: JobRecord
+    entry: str
+    existing: bytes | str | None
+    fresh: int
+    stored: bytes | str | None
 
 
 @dataclass(frozen=True)
@@ -229,18 +80,30 @@ class CacheFill:
 
 
 class Ledger:
-    def __init__(self, redis: Redis, keys: RedisKeys, *, result_ttl_s: int, entry_ttl_s: int, days_kept: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: RedisKeys,
+        *,
+        result_ttl_s: int,
+        entry_ttl_s: int,
+        days_kept: int,
+        one_server: bool = False,
+    ) -> None:
         self.redis = redis
+        # On one Redis server, a fresh record and all that follows it are one script (ledger_scripts.WHOLE).
+        self.one_server = one_server
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.entry_ttl_s = entry_ttl_s
         self.days_kept = days_kept
         self.fold_window_s = result_ttl_s  # as long as a job_id is replayed from its stored result
         self.settled_ttl_s = max(SETTLED_TTL_S, self.fold_window_s + FOLD_MARGIN_S)
-        self._record = NamedScript(redis, _RECORD_LAYOUT, _RECORD, "ledger record")
-        self._fold = NamedScript(redis, FOLD_LAYOUT, FOLD, "ledger fold")
-        self._settle = NamedScript(redis, _SETTLE_LAYOUT, _SETTLE, "budget settle")
-        self._fill = NamedScript(redis, _FILL_LAYOUT, _FILL, "cache fill")
+        self._record = NamedScript(redis, scripts.RECORD_LAYOUT, scripts.RECORD, "ledger record")
+        self._fold = NamedScript(redis, scripts.FOLD_LAYOUT, scripts.FOLD, "ledger fold")
+        self._settle = NamedScript(redis, scripts.SETTLE_LAYOUT, scripts.SETTLE, "budget settle")
+        self._fill = NamedScript(redis, scripts.FILL_LAYOUT, scripts.FILL, "cache fill")
+        self._whole = NamedScript(redis, scripts.WHOLE_LAYOUT, scripts.WHOLE, "ledger record, whole", one_server=True)
 
     async def record(
         self,
@@ -261,6 +124,31 @@ class Ledger:
         serialised by the caller (the reply body), so it is not serialised twice. ``sync_cost_usd``:
         a batch job's cost at its model's sync price (its own cost when not given). ``lease_key``: the
         job's coalescing key, whose lease is released when the job holds it."""
+        record, entry, keys, args = self.record_call(result, ts, lease_key, result_json, prompt, evaluation)
+        whole = self._whole_call(record, entry, result, cache, lease_key, budgets, sync_cost_usd)
+        if whole is None:
+            existing, fresh, stored = await self._record(keys=keys, args=args)
+        else:
+            whole_keys, budget_keys, whole_args = whole
+            existing, fresh, stored, *spent = await self._whole(
+                keys={**keys, **whole_keys}, key_tail=budget_keys, args={**args, **whole_args}
+            )
+            if fresh:
+                return Recorded(existing=None, spent_usd=tuple(int(v) / NANO for v in spent))
+        return await self.follow_ups(
+            Written(record, entry, existing, fresh, stored), result, ts, cache, lease_key, budgets, sync_cost_usd
+        )
+
+    def record_call(
+        self,
+        result: JobResult,
+        ts: float,
+        lease_key: str | None,
+        result_json: str | None,
+        prompt: KeptPrompt | None,
+        evaluation: str | None,
+    ) -> tuple[JobRecord, str, dict[str, str], dict[str, Scalar]]:
+        """The job's record, its entry's JSON, and the record script's keys and arguments."""
         record = job_record(result.tenant or "default", result.job_id)
         own_lease = lease_key is not None and lease_key.startswith("job:")
         entry = entry_json(result, ts=ts, evaluation=evaluation)
@@ -281,7 +169,22 @@ class Ledger:
             "lease_key": self.keys.inflight(f"job:{record}"),
             "waiters_key": self.keys.waiters(f"job:{record}"),
         }
-        existing, fresh, stored = await self._record(keys=keys, args=args)
+        return record, entry, keys, args
+
+    async def follow_ups(
+        self,
+        written: Written,
+        result: JobResult,
+        ts: float,
+        cache: CacheFill | None,
+        lease_key: str | None,
+        budgets: Sequence[BudgetHold],
+        sync_cost_usd: float | None,
+    ) -> Recorded:
+        """After the record script: the folds, issued together (the aggregates and budgets while the entry is
+        young, the cache fill and a shared lease's release always)."""
+        record, entry, existing, fresh, stored = written
+        own_lease = lease_key is not None and lease_key.startswith("job:")
         folds: list[Awaitable[Any]] = []
         # A job served from the cache took no lease (the decide script answers before it takes one).
         holds_lease = lease_key is not None and not own_lease and result.cache == "miss"
@@ -289,8 +192,10 @@ class Ledger:
             folds.append(self._fill_and_release(record, cache, lease_key if holds_lease else None))
         young = fresh or (stored is not None and self._young(stored, ts))
         if young:
-            folded = json.loads(entry if fresh else stored)
-            folds.append(self._fold_in(record, folded, entry if fresh else stored, sync_cost_usd))
+            raw = entry if fresh else stored
+            assert raw is not None
+            folded = json.loads(raw)
+            folds.append(self._fold_in(record, folded, raw, sync_cost_usd))
             budgets = self._settleable(record, budgets)
             if budgets:
                 folds.append(self._settle_budgets(record, budgets, folded))
@@ -300,6 +205,47 @@ class Ledger:
             existing=existing.encode() if isinstance(existing, str) else existing or None,
             spent_usd=tuple(int(v) / NANO for v in spent),
         )
+
+    def _whole_call(
+        self,
+        record: JobRecord,
+        entry: str,
+        result: JobResult,
+        cache: CacheFill | None,
+        lease_key: str | None,
+        budgets: Sequence[BudgetHold],
+        sync_cost_usd: float | None,
+    ) -> tuple[dict[str, str], list[str], dict[str, Scalar]] | None:
+        """What ledger_scripts.WHOLE takes beyond the record's keys and arguments: the fill's, the fold's and the
+        settle's, for the entry as written fresh; None where Redis is not one server (or the fill is two)."""
+        if not self.one_server:
+            return None
+        holds_lease = lease_key is not None and not lease_key.startswith("job:") and result.cache == "miss"
+        fill_lease = lease_key if holds_lease else None
+        if cache is not None and fill_lease is not None and fill_lease.partition("|")[0] != cache.key:
+            return None
+        fields = json.loads(entry)
+        fold_keys, fold_args = self.fold_call(record, fields, entry, sync_cost_usd)
+        fill_keys, fill_args = self.fill_call(record, cache, fill_lease)
+        budgets = self._settleable(record, budgets)
+        settle_keys, budget_keys, settle_args = self.settle_call(record, budgets, fields)
+        keys = {
+            **fold_keys,
+            **settle_keys,
+            "cache_key": fill_keys["cache_key"],
+            "fill_lease_key": fill_keys["lease_key"],
+            "fill_waiters_key": fill_keys["waiters_key"],
+        }
+        del fold_args["entry_json"]  # the record's own
+        args: dict[str, Scalar] = {
+            **fold_args,
+            "cache_value": fill_args["cache_value"],
+            "cache_ttl_s": fill_args["cache_ttl_s"],
+            "fill_lease_owner": fill_args["lease_owner"],
+            "settled_ttl_s": settle_args["settled_ttl_s"],
+            "settles": 1 if budgets else 0,
+        }
+        return keys, budget_keys, args
 
     def _settleable(self, record: JobRecord, budgets: Sequence[BudgetHold]) -> Sequence[BudgetHold]:
         """The holds whose budget sits with the job's reservation: all of them, but for a job reserved by a
@@ -357,23 +303,31 @@ class Ledger:
         return keys, args
 
     def _settle_budgets(self, record: JobRecord, budgets: Sequence[BudgetHold], entry: dict[str, Any]) -> Any:
-        return self._settle(
-            keys={"reservation_key": self.keys.reservation(record)},
-            key_tail=[hold.key for hold in budgets],
-            args={
-                "cost_nusd": nano(float(entry["cost_usd"])),
-                "settled_ttl_s": self.settled_ttl_s,
-            },
-        )
+        keys, tail, args = self.settle_call(record, budgets, entry)
+        return self._settle(keys=keys, key_tail=tail, args=args)
+
+    def settle_call(
+        self, record: JobRecord, budgets: Sequence[BudgetHold], entry: dict[str, Any]
+    ) -> tuple[dict[str, str], list[str], dict[str, Scalar]]:
+        """The settle script's keys, budget keys and arguments for ``entry``."""
+        args: dict[str, Scalar] = {"cost_nusd": nano(float(entry["cost_usd"])), "settled_ttl_s": self.settled_ttl_s}
+        return {"reservation_key": self.keys.reservation(record)}, [hold.key for hold in budgets], args
 
     def _fill_and_release(self, record: JobRecord, cache: CacheFill | None, lease_key: str | None) -> Any:
         """Fill the cache and release a shared entry's lease (in the entry's slot), once the result is stored."""
-        base = cache.key if cache is not None else (lease_key or "-").partition("|")[0]
         if cache is not None and lease_key is not None and lease_key.partition("|")[0] != cache.key:
             # Not one entry's (no key of today's makes it so): two calls, each in its own slot.
             return asyncio.gather(
                 self._fill_and_release(record, cache, None), self._fill_and_release(record, None, lease_key)
             )
+        keys, args = self.fill_call(record, cache, lease_key)
+        return self._fill(keys=keys, args=args)
+
+    def fill_call(
+        self, record: JobRecord, cache: CacheFill | None, lease_key: str | None
+    ) -> tuple[dict[str, str], dict[str, Scalar]]:
+        """The fill script's keys and arguments: one entry's fill and its lease (see _fill_and_release)."""
+        base = cache.key if cache is not None else (lease_key or "-").partition("|")[0]
         args: dict[str, Scalar] = {
             "cache_value": cache.value if cache else "",
             "cache_ttl_s": cache.ttl_s if cache else 0,
@@ -386,4 +340,4 @@ class Ledger:
             "lease_key": self.keys.inflight(lease),
             "waiters_key": self.keys.waiters(lease),
         }
-        return self._fill(keys=keys, args=args)
+        return keys, args

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 Scalar = str | int | float
@@ -34,6 +35,11 @@ _RESERVED = frozenset(
     "and break do else elseif end false for function if in local nil not or repeat return then true until while"
     " KEYS ARGV redis tonumber tostring unpack ipairs pairs math string table error type select next cjson".split()
 )
+
+
+def one_server(redis: Redis) -> bool:
+    """Whether ``redis`` is one server (alone, or a Sentinel's master): not a Redis Cluster's client."""
+    return not isinstance(redis, RedisCluster)
 
 
 class LayoutError(ValueError):

@@ -25,16 +25,15 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from farebox.constants import as_text, job_record
 from farebox.errors import REDIS_DOWN
 from farebox.schemas import Envelope, Outcome
 from farebox.settings import Settings
-from farebox.stages import ledger
+from farebox.stages import ledger_scripts
 from farebox.stages.account import AccountStage, Prepared
 from farebox.stages.ledger_entry import entry_fields, entry_text
-from farebox.stages.lua import Layout, NamedScript, Scalar
+from farebox.stages.lua import Layout, NamedScript, Scalar, one_server
 from farebox.stages.stage import Handled
 
 # Taking (or finding) a coalescing lease, the end of dedup's decide scripts and of the one-trip hit's. A job that
@@ -59,7 +58,7 @@ _RECORD_AND_FOLD = (
     """
 local function fold()
 """
-    + ledger.FOLD
+    + ledger_scripts.FOLD
     + """
 end
 if not redis.call('SET', entry_key, entry_json, 'NX', 'EX', entry_ttl_s) then
@@ -75,8 +74,8 @@ _RECORDS = ("result_json", "result_ttl_s", "entry_ttl_s")
 # Dedup's decide for a job that shares a cache entry, with the hit recorded: answered job_id? cached answer (the
 # expected one: recorded and folded; another: returned)? else the entry's lease. ``job_id`` is the record.
 _SERVE_LAYOUT = Layout(
-    keys=("result_key", "cache_key", "lease_key", "waiters_key", "entry_key", *ledger.FOLD_LAYOUT.keys),
-    args=("lease_ttl_s", "wake", "answer_sha", *_RECORDS, *ledger.FOLD_LAYOUT.args),
+    keys=("result_key", "cache_key", "lease_key", "waiters_key", "entry_key", *ledger_scripts.FOLD_LAYOUT.keys),
+    args=("lease_ttl_s", "wake", "answer_sha", *_RECORDS, *ledger_scripts.FOLD_LAYOUT.args),
 )
 _SERVE = (
     """
@@ -99,7 +98,8 @@ end
 
 # The second trip of a hit whose answer the lookup returned: answered job_id meanwhile? else record and fold.
 _RECORD_SERVED_LAYOUT = Layout(
-    keys=("result_key", "entry_key", *ledger.FOLD_LAYOUT.keys), args=(*_RECORDS, *ledger.FOLD_LAYOUT.args)
+    keys=("result_key", "entry_key", *ledger_scripts.FOLD_LAYOUT.keys),
+    args=(*_RECORDS, *ledger_scripts.FOLD_LAYOUT.args),
 )
 _RECORD_SERVED = (
     """
@@ -113,7 +113,7 @@ end
 
 def one_trip_hits(settings: Settings, redis: Redis, account: AccountStage) -> OneTripHits | None:
     """The one-trip path where Redis is one server; None on a Redis Cluster, whose slots keep the three steps."""
-    if isinstance(redis, RedisCluster):
+    if not one_server(redis):
         return None
     return OneTripHits(settings, redis, account)
 

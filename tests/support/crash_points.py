@@ -7,7 +7,8 @@ POINT:
 * ``after_record``: the job's ledger record (and its folds) written, nothing of it published yet (also a hit
   recorded on its second trip, farebox/stages/one_trip.py);
 * ``after_served``: a cache hit looked up, recorded and folded by the one-trip script, nothing published;
-* ``before_fill``: the record written, the cache fill and the lease release (with its wake) not;
+* ``before_fill``: the record written, the cache fill and the lease release (with its wake) not (the ledger's
+  split way, as on a Redis Cluster: on one server they are one script);
 * ``after_reply``: the caller's reply confirmed by the broker, the input not acked.
 """
 
@@ -64,6 +65,9 @@ def install(point: str, job_id: str) -> None:
             return fill(self, record, cache, lease_key)
 
         ledger.Ledger._fill_and_release = filling  # type: ignore[method-assign]
+        # On one Redis server the fill is in the record's own script (no point between them): the split way, as
+        # on a Redis Cluster, so the point exists.
+        ledger.Ledger._whole_call = lambda *_: None  # type: ignore[method-assign,assignment]
     elif point == "after_reply":
         publish = runtime.Worker._publish
 
