@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,7 +198,8 @@ DRIVEN = {
 }
 
 
-# Scripts sent only where Redis is one server, whose keys span slots by design (farebox/stages/one_trip.py).
+# Scripts sent only where Redis is one server, whose keys span slots by design (farebox/stages/one_trip.py,
+# ledger_scripts.WHOLE).
 ONE_SERVER = {"one_trip._SERVE_LAYOUT", "one_trip._RECORD_SERVED_LAYOUT", "ledger_scripts.WHOLE_LAYOUT"}
 
 
@@ -224,6 +226,9 @@ def test_the_one_server_scripts_are_never_made_for_a_cluster() -> None:
     cluster = ClusterClient(host="127.0.0.1", port=1)
     assert one_trip_hits(Settings(), cast(Redis, cluster), account) is None
     assert not lua.one_server(cast(Redis, cluster)) and lua.one_server(cast(Redis, ScriptCalls()))
+    from farebox.stages.account import Recorder
+
+    assert not Recorder(Settings(), cast(Redis, cluster), "account", time.time).ledger.one_server
     assert isinstance(one_trip_hits(Settings(), cast(Redis, ScriptCalls()), account), OneTripHits)
 
 

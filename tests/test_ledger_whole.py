@@ -103,7 +103,63 @@ async def hit(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
     return {"result": answered(job_id, cache="hit", cost_usd=0.0), "cache": None, "lease_key": ENTRY}
 
 
-CASES = [shared_miss, own_lease, interactive_lease, budgets, experiment, evaluation, batch_lane, failed, hit]
+async def another_jobs_lease(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
+    await lease(redis, keys, ENTRY, job_record("acme", "someone-else"))  # left alone, and its waiters
+    return {"result": answered(job_id), "cache": CacheFill(ENTRY, '{"a":1}', 600), "lease_key": ENTRY}
+
+
+async def lease_gone_waiters_flagged(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
+    await redis.set(keys.waiters(ENTRY), 1, ex=300)  # the lease expired: its waiters are woken
+    return {"result": answered(job_id), "cache": CacheFill(ENTRY, '{"a":1}', 600), "lease_key": ENTRY}
+
+
+async def fill_beside_own_lease(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
+    own = f"job:{job_record('acme', job_id)}"
+    await lease(redis, keys, own, job_record("acme", job_id))
+    return {"result": answered(job_id), "cache": CacheFill(ENTRY, '{"a":1}', 600), "lease_key": own}
+
+
+async def two_budgets_one_old_and_settled(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
+    record = job_record("acme", job_id)
+    day = keys.budget("acme", "day:2026-12-03", "free")
+    await redis.set(keys.reservation(record), "settled", ex=3600)  # a copy settled it already
+    await redis.hset(day, mapping={"reserved_nusd": 0, "spent_nusd": 7})
+    holds = (
+        BudgetHold(key=keys.budget("acme", "month:2026-12"), tenant="acme", period="month:2026-12", limit_usd=1.0),
+        BudgetHold(key=day, tenant="acme", period="day:2026-12-03", limit_usd=1.0),
+        BudgetHold(key=f"{keys.prefix}budget:acme:old", tenant="acme", period="old", limit_usd=1.0),  # not settled
+    )
+    return {"result": answered(job_id), "cache": None, "lease_key": None, "budgets": holds}
+
+
+async def no_reservation(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
+    holds = (BudgetHold(key=keys.budget("acme", "m"), tenant="acme", period="m", limit_usd=1.0),)
+    return {"result": answered(job_id), "cache": None, "lease_key": None, "budgets": holds}
+
+
+async def two_entries_fill(redis: Redis, keys: RedisKeys, job_id: str) -> dict[str, Any]:
+    """A fill and a lease of two entries: the split way on one server too."""
+    await lease(redis, keys, "d" * 64, job_record("acme", job_id))
+    return {"result": answered(job_id), "cache": CacheFill(ENTRY, '{"a":1}', 600), "lease_key": "d" * 64}
+
+
+CASES = [
+    two_entries_fill,
+    shared_miss,
+    own_lease,
+    interactive_lease,
+    budgets,
+    experiment,
+    evaluation,
+    batch_lane,
+    failed,
+    hit,
+    another_jobs_lease,
+    lease_gone_waiters_flagged,
+    fill_beside_own_lease,
+    two_budgets_one_old_and_settled,
+    no_reservation,
+]
 
 
 @pytest.fixture
@@ -117,7 +173,7 @@ async def prefixes(settings: Settings, redis: Redis) -> AsyncIterator[tuple[Redi
 
 
 async def keyspace(redis: Redis, prefix: str) -> dict[str, Any]:
-    """Every key under ``prefix`` (named without it): its value, and whether and roughly how long it expires."""
+    """Every key under ``prefix`` (named without it): its kind, its value and its expiry time (-1: none)."""
     seen: dict[str, Any] = {}
     async for raw in redis.scan_iter(match=f"{prefix}*"):
         key = raw.decode().removeprefix(prefix)
@@ -130,9 +186,15 @@ async def keyspace(redis: Redis, prefix: str) -> dict[str, Any]:
             value = sorted(await redis.smembers(raw))
         else:
             value = [fields for _, fields in await redis.xrange(raw)]
-        ttl = await redis.ttl(raw)
-        seen[key] = (kind, value, -1 if ttl < 0 else round(ttl, -1))
+        seen[key] = (kind, value, await redis.expiretime(raw))
     return seen
+
+
+def same_keyspaces(split: dict[str, Any], whole: dict[str, Any]) -> None:
+    """The same keys, kinds and values; the same expiry to the second (one scan follows the other)."""
+    assert {k: v[:2] for k, v in split.items()} == {k: v[:2] for k, v in whole.items()}
+    for key, (_, _, expires) in split.items():
+        assert abs(expires - whole[key][2]) <= 2 or expires == whole[key][2] == -1, key
 
 
 async def record(ledger: Ledger, job: dict[str, Any]) -> Recorded:
@@ -147,16 +209,35 @@ async def test_the_one_server_record_writes_what_the_split_record_writes(
         Ledger(redis, keys, result_ttl_s=600, entry_ttl_s=86_400, days_kept=2, one_server=one)
         for keys, one in zip(prefixes, (False, True), strict=True)
     ]
-    first, again = [], []
-    for ledger in ledgers:
-        job = await case(redis, ledger.keys, "j-1")
-        first.append(await record(ledger, job))
+    whole_calls: list[Any] = []
+    whole = ledgers[1]._whole
+
+    async def counted(**kwargs: Any) -> Any:
+        whole_calls.append(reply := await whole(**kwargs))
+        return reply
+
+    ledgers[1]._whole = counted  # type: ignore[method-assign]
+    wakes = redis.pubsub()
+    await wakes.subscribe(*(keys.wake_channel for keys in prefixes))
+    jobs = [await case(redis, ledger.keys, "j-1") for ledger in ledgers]
+    first = [await record(ledger, job) for ledger, job in zip(ledgers, jobs, strict=True)]
     assert first[0] == first[1]
-    assert await keyspace(redis, prefixes[0].prefix) == await keyspace(redis, prefixes[1].prefix)
-    for ledger in ledgers:  # a redelivery: found recorded, replayed, counted no second time
-        again.append(await record(ledger, await case(redis, ledger.keys, "j-1")))
+    same_keyspaces(await keyspace(redis, prefixes[0].prefix), await keyspace(redis, prefixes[1].prefix))
+    # the one-server ledger wrote it in one script (but where the fill and the lease are two entries')
+    assert [c[1] for c in whole_calls] == ([] if case is two_entries_fill else [1])
+    # a redelivery of the same message: found recorded, its stored result replayed, counted no second time
+    again = [await record(ledger, job) for ledger, job in zip(ledgers, jobs, strict=True)]
     assert again[0] == again[1] and again[0].existing is not None
-    assert await keyspace(redis, prefixes[0].prefix) == await keyspace(redis, prefixes[1].prefix)
+    same_keyspaces(await keyspace(redis, prefixes[0].prefix), await keyspace(redis, prefixes[1].prefix))
+    woken: dict[str, list[str]] = {keys.wake_channel: [] for keys in prefixes}
+    while (message := await wakes.get_message(ignore_subscribe_messages=True, timeout=0.2)) is not None:
+        woken[message["channel"].decode()].append(
+            message["data"]
+            .decode()
+            .removeprefix(next(k.prefix for k in prefixes if k.wake_channel == message["channel"].decode()))
+        )
+    assert woken[prefixes[0].wake_channel] == woken[prefixes[1].wake_channel]
+    await wakes.aclose()
 
 
 async def test_the_one_server_record_is_one_script_call(

@@ -12,7 +12,10 @@ Every delivery folds what its entry says, while the entry is younger than the fo
 a crash between the record and the folds is repaired by the redelivery, never counted twice, and a job_id sent
 again after the window (its entry still there) is not counted again. A redelivery after the window is not
 folded (an aggregate short of one job, never one counted twice); the fold markers outlive the window.
-Money is aggregated in integer nano-dollars so totals add up exactly.
+On one Redis server (``one_server``: alone, or a Sentinel's master) a fresh record and all that follows it are
+one script (ledger_scripts.WHOLE), so there is no gap between them; a record that finds the job recorded goes
+the split way. The scripts are in farebox/stages/ledger_scripts.py. Money is aggregated in integer nano-dollars
+so totals add up exactly.
 
 A job answered through a provider batch (``result.route.lane == "batch"``) also adds to the ``batch_*`` fields
 of its aggregate, among them ``batch_sync_nusd``: what the same usage would have cost on the same model
@@ -243,8 +246,8 @@ class Ledger:
             "cache_ttl_s": fill_args["cache_ttl_s"],
             "fill_lease_owner": fill_args["lease_owner"],
             "settled_ttl_s": settle_args["settled_ttl_s"],
-            "settles": 1 if budgets else 0,
         }
+        assert settle_args["cost_nusd"] == fold_args["cost_nusd"]  # one argument in WHOLE
         return keys, budget_keys, args
 
     def _settleable(self, record: JobRecord, budgets: Sequence[BudgetHold]) -> Sequence[BudgetHold]:

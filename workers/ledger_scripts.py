@@ -182,7 +182,6 @@ WHOLE_LAYOUT = Layout(
         "cache_ttl_s",
         "fill_lease_owner",
         "settled_ttl_s",  # SETTLE's cost_nusd is FOLD's: the fresh entry's cost
-        "settles",  # 1 when there are budgets to settle
     ),
 )
 WHOLE = (
@@ -213,11 +212,11 @@ if cache_value ~= '' then
   redis.call('SET', cache_key, cache_value, 'EX', cache_ttl_s)
 end
 release(fill_lease_key, fill_waiters_key, fill_lease_owner)
-fold()
 local spent = {}
-if settles == '1' then
-  spent = settle()
+if #budget_keys > 0 then
+  spent = settle()  -- before the fold: a fold failing on a damaged key must not keep the reservation held
 end
+fold()
 return {false, 1, false, unpack(spent)}
 """
 )

@@ -9,7 +9,8 @@ is an error before anything is sent.
 Every call's keys must hash to one Redis Cluster slot (``CrossSlot`` otherwise, on a single server too): a
 script on a cluster runs on one node, which holds one slot's keys. Checking it on every call makes every
 test of every script a check of its keys' hash tags (farebox/constants.py, RedisKeys). The one exception is a
-script declared ``one_server``, which the stages send only where Redis is one server (farebox/stages/one_trip.py).
+script declared ``one_server``, which the stages send only where Redis is one server (farebox/stages/one_trip.py,
+ledger_scripts.WHOLE).
 
 A script with a variable number of keys or arguments (one per budget, say) declares a *tail*:
 whatever follows the named positions, bound in Lua to a table of that name (``{unpack(KEYS, 8)}``).
