@@ -108,6 +108,7 @@ async def test_a_sync_lane_job_beside_them_is_not_batched(settings: Settings, tm
     assert batches == 1
 
 
+@pytest.mark.chaos  # about 13 s; .ci/run runs it
 async def test_kill9_of_the_batch_worker_after_submit_loses_and_repeats_nothing(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:

@@ -50,6 +50,7 @@ def run_smoke(services: Services, tmp_path: Path, only: list[str], timeout_s: fl
     assert {p.stem for p in tmp_path.glob("*.md")} == set(only or TABLES)
 
 
+@pytest.mark.slow  # about 25 s; .ci/run runs it (run_all's smoke, also slow, covers every script)
 @pytest.mark.timeout(200)
 def test_the_ceiling_smoke_writes_its_table(services: Services, tmp_path: Path) -> None:
     run_smoke(services, tmp_path, ["ceiling"], 180)

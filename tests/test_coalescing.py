@@ -34,7 +34,7 @@ async def test_200_identical_jobs_make_one_provider_call(
 async def test_workload_provider_calls_equal_unique_keys(
     pipeline: InProcessPipeline, emulator_stats: EmulatorStats
 ) -> None:
-    jobs, summary = make_workload(1000, 0.3)
+    jobs, summary = make_workload(500, 0.3)
     await pipeline.start()
     async with pipeline.client() as client:
         results = [r async for r in client.stream(jobs, max_in_flight=400)]

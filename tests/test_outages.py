@@ -116,6 +116,7 @@ async def test_redis_outage_mid_run_loses_nothing_and_the_ledger_catches_up(
         await p.close()
 
 
+@pytest.mark.chaos  # about 10 s; .ci/run runs it (tests/test_wake.py wakes waiters in the default run)
 async def test_kill9_of_the_leaders_worker_still_answers_every_waiter(settings: Settings, redis: Redis) -> None:
     async with running(EmulatorKnobs(port=0, latency_ms=1500)) as slow_emulator:
         s = settings.model_copy(update={"emulator_url": slow_emulator})
