@@ -47,7 +47,7 @@ async def run_jobs(settings: Settings, knobs: EmulatorKnobs, batch: list[dict[st
             await p.close()
 
 
-SIZES = [pytest.param(300, id="300"), pytest.param(2000, id="2000", marks=pytest.mark.slow)]
+SIZES = [pytest.param(150, id="150"), pytest.param(2000, id="2000", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -23,6 +23,7 @@ from tests.support.ports import free_port
 STARTED = re.compile(r"farebox: (\S+) started \(pid (\d+)\)")
 
 
+@pytest.mark.chaos  # about 18 s; .ci/run runs it
 async def test_up_restarts_a_killed_stage_and_drains_on_sigterm(settings: Settings, redis: Redis) -> None:
     s = settings.model_copy(update={"emulator_port": free_port(), "emulator_url": None})
     env = settings_env(s)
