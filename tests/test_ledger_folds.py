@@ -20,7 +20,7 @@ from farebox.settings import Settings
 from farebox.stages import ledger as ledger_module
 from farebox.stages.feedback import FeedbackItem, FeedbackStage
 from farebox.stages.ledger import CacheFill, Ledger
-from farebox.stages.ledger_entry import utc_day
+from farebox.stages.ledger_entry import entry_json, utc_day
 from farebox.stages.stage import Delivery
 
 TS = time.time()  # the aggregates expire some days after their day: a day of now
@@ -218,7 +218,7 @@ async def test_an_entry_moved_from_before_the_split_is_not_folded_again(redis: R
     """`farebox keys upgrade` moves entries whose aggregates the single script of before counted already:
     a replay or a redelivery of such a job within the window folds nothing (the entry has no "v")."""
     keys = settings.keys
-    entry = json.loads(ledger_module.entry_json(result(), ts=TS))
+    entry = json.loads(entry_json(result(), ts=TS))
     del entry["v"]
     record_key = job_record("acme", "j-1")
     await redis.set(keys.ledger_entry(record_key), json.dumps(entry))

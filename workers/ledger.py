@@ -38,7 +38,7 @@ from redis.crc import key_slot
 from farebox.constants import NANO, JobRecord, RedisKeys, job_record
 from farebox.schemas import BudgetHold, JobResult
 from farebox.stages import ledger_scripts as scripts
-from farebox.stages.ledger_entry import ENTRY_VERSION, day_expiry, entry_json, nano
+from farebox.stages.ledger_entry import ENTRY_VERSION, day_expiry, entry_fields, entry_text, nano
 from farebox.stages.lua import NamedScript, Scalar
 
 log = logging.getLogger("farebox.ledger")
@@ -127,8 +127,8 @@ class Ledger:
         serialised by the caller (the reply body), so it is not serialised twice. ``sync_cost_usd``:
         a batch job's cost at its model's sync price (its own cost when not given). ``lease_key``: the
         job's coalescing key, whose lease is released when the job holds it."""
-        record, entry, keys, args = self.record_call(result, ts, lease_key, result_json, prompt, evaluation)
-        whole = self._whole_call(record, entry, result, cache, lease_key, budgets, sync_cost_usd)
+        record, fields, entry, keys, args = self.record_call(result, ts, lease_key, result_json, prompt, evaluation)
+        whole = self._whole_call(record, fields, entry, result, cache, lease_key, budgets, sync_cost_usd)
         if whole is None:
             existing, fresh, stored = await self._record(keys=keys, args=args)
         else:
@@ -150,11 +150,12 @@ class Ledger:
         result_json: str | None,
         prompt: KeptPrompt | None,
         evaluation: str | None,
-    ) -> tuple[JobRecord, str, dict[str, str], dict[str, Scalar]]:
-        """The job's record, its entry's JSON, and the record script's keys and arguments."""
+    ) -> tuple[JobRecord, dict[str, Any], str, dict[str, str], dict[str, Scalar]]:
+        """The job's record, its entry (fields and JSON), and the record script's keys and arguments."""
         record = job_record(result.tenant or "default", result.job_id)
         own_lease = lease_key is not None and lease_key.startswith("job:")
-        entry = entry_json(result, ts=ts, evaluation=evaluation)
+        fields = entry_fields(result, ts=ts, evaluation=evaluation)
+        entry = entry_text(fields)
         args: dict[str, Scalar] = {
             "result_json": result_json or result.model_dump_json(),
             "result_ttl_s": self.result_ttl_s,
@@ -172,7 +173,7 @@ class Ledger:
             "lease_key": self.keys.inflight(f"job:{record}"),
             "waiters_key": self.keys.waiters(f"job:{record}"),
         }
-        return record, entry, keys, args
+        return record, fields, entry, keys, args
 
     async def follow_ups(
         self,
@@ -187,12 +188,10 @@ class Ledger:
         """After the record script: the folds, issued together (the aggregates and budgets while the entry is
         young, the cache fill and a shared lease's release always)."""
         record, entry, existing, fresh, stored = written
-        own_lease = lease_key is not None and lease_key.startswith("job:")
         folds: list[Awaitable[Any]] = []
-        # A job served from the cache took no lease (the decide script answers before it takes one).
-        holds_lease = lease_key is not None and not own_lease and result.cache == "miss"
-        if cache is not None or holds_lease:
-            folds.append(self._fill_and_release(record, cache, lease_key if holds_lease else None))
+        shared_lease = _shared_lease(result, lease_key)
+        if cache is not None or shared_lease is not None:
+            folds.append(self._fill_and_release(record, cache, shared_lease))
         young = fresh or (stored is not None and self._young(stored, ts))
         if young:
             raw = entry if fresh else stored
@@ -212,6 +211,7 @@ class Ledger:
     def _whole_call(
         self,
         record: JobRecord,
+        fields: dict[str, Any],
         entry: str,
         result: JobResult,
         cache: CacheFill | None,
@@ -223,11 +223,9 @@ class Ledger:
         settle's, for the entry as written fresh; None where Redis is not one server (or the fill is two)."""
         if not self.one_server:
             return None
-        holds_lease = lease_key is not None and not lease_key.startswith("job:") and result.cache == "miss"
-        fill_lease = lease_key if holds_lease else None
+        fill_lease = _shared_lease(result, lease_key)
         if cache is not None and fill_lease is not None and fill_lease.partition("|")[0] != cache.key:
             return None
-        fields = json.loads(entry)
         fold_keys, fold_args = self.fold_call(record, fields, entry, sync_cost_usd)
         fill_keys, fill_args = self.fill_call(record, cache, fill_lease)
         budgets = self._settleable(record, budgets)
@@ -344,3 +342,11 @@ class Ledger:
             "waiters_key": self.keys.waiters(lease),
         }
         return keys, args
+
+
+def _shared_lease(result: JobResult, lease_key: str | None) -> str | None:
+    """The shared cache entry's lease the job holds, which the fill releases: none for a job's own lease (the
+    record releases it) nor for a job served from the cache (the decide script answers before it takes one)."""
+    if lease_key is None or lease_key.startswith("job:") or result.cache != "miss":
+        return None
+    return lease_key
