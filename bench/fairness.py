@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from common import cores, emulator_process, make_workload, process_pipeline, publish_table, spread, wait_for_emulator
+from common import (
+    check_imports,
+    cores,
+    emulator_process,
+    make_workload,
+    process_pipeline,
+    publish_table,
+    spread,
+    wait_for_emulator,
+)
 
 from farebox.client import FareboxClient
 from farebox.schemas.job import Priority
@@ -238,6 +249,11 @@ async def main() -> None:
     sides = {"on": ["lanes"], "off": ["fifo"], "both": ["lanes", "fifo"]}[a.lanes]
     sides[1:1] = ["shared"] if a.shared else []
     sides += ["today"] if a.today else []
+    if a.today:
+        # From an empty folder: a child's working directory comes first on its sys.path (check_imports).
+        a.today = a.today.resolve()
+        os.chdir(tempfile.mkdtemp(prefix="fb-fairness-"))
+        print(f"today: stages from {check_imports(a.today)}", flush=True)
     jobs = make_workload(a.jobs, 0.0, seed=1)[0]
     results: dict[str, list[Run]] = {s: [] for s in sides}
     with emulator_process(PORT, latency_ms=a.latency_ms) as emulator:

@@ -146,8 +146,10 @@ class Settings(BaseSettings):
     coalesce_recheck_ms: int = Field(1000, ge=10)
     # On one Redis server (alone or a Sentinel's master), a cache hit is looked up, recorded and folded in one round
     # trip when the dedup process remembers the answer it read there last (farebox/stages/one_trip.py): the answers
-    # of the last hit_memo_entries cache keys are kept in memory (0: none; each hit then takes two round trips).
+    # of the last hit_memo_entries cache keys are kept in memory (0: none; each hit then takes two round trips), at
+    # most hit_memo_bytes of entry JSON in all: the least recently used go first, and a larger answer is not kept.
     hit_memo_entries: int = Field(1024, ge=0, le=1_000_000)
+    hit_memo_bytes: int = Field(16 * 1024 * 1024, ge=0)
 
     # The batch lane (farebox/stages/batch_lane.py): a batch whose worker has not renewed its claim this long is
     # taken over by another (a worker killed with its batches); provider batches are polled from

@@ -142,7 +142,9 @@ async def test_the_first_connect_skips_dead_nodes(settings: Settings) -> None:
     connection = await connect_robust_nodes([dead, dead, settings.amqp_url], name="farebox-test")
     try:
         assert isinstance(connection, FailoverConnection) and connection.in_use == 2
-        await (await connection.channel()).declare_queue(settings.topology.intake, auto_delete=True)
+        # Never consumed, an auto-delete queue would stay: it is deleted here.
+        queue = await (await connection.channel()).declare_queue(settings.topology.intake, auto_delete=True)
+        await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
     plain = await connect_any(f"{dead},{settings.amqp_url}")

@@ -238,3 +238,21 @@ async def test_the_remembered_answers_are_the_most_recently_used(settings: Setti
     none = OneTripHits(settings.model_copy(update={"hit_memo_entries": 0}), redis, account)
     none.remember("a", raw["a"])
     assert not none.answers
+
+
+async def test_the_remembered_answers_are_bounded_in_bytes(settings: Settings, redis: Redis) -> None:
+    account = cast(Any, SimpleNamespace(recorder=SimpleNamespace(ledger=None)))
+    raw = {k: answer(k * n).model_dump_json().encode() for k, n in (("a", 1), ("b", 1), ("c", 1), ("d", 300))}
+    bound = len(raw["a"]) + len(raw["b"]) + len(raw["c"]) // 2  # two small answers fit, not three
+    hits = OneTripHits(settings.model_copy(update={"hit_memo_bytes": bound}), redis, account)
+    hits.remember("a", raw["a"])
+    hits.remember("b", raw["b"])
+    hits.remember("c", raw["c"])
+    assert list(hits.answers) == ["b", "c"] and hits.held_bytes == len(raw["b"]) + len(raw["c"])
+    hits.remember("c", raw["c"])  # remembered again: counted once
+    assert hits.held_bytes == len(raw["b"]) + len(raw["c"])
+    assert len(raw["d"]) > bound
+    hits.remember("d", raw["d"])  # larger than the whole memo: not kept, and nothing else pushed out for it
+    assert list(hits.answers) == ["b", "c"]
+    hits.forget("b")
+    assert list(hits.answers) == ["c"] and hits.held_bytes == len(raw["c"])

@@ -4,7 +4,8 @@ On a Redis Cluster a hit's keys sit in three slots (the job's, the cache entry's
 its exactly-once record and its fold into the aggregates are three round trips (dedup.py, ledger.py). One server
 runs one script over them all: the lookup and, when the entry holds the answer the dedup process expected, the
 record and the fold, atomically. The record needs the result, which is built from the answer: so the process
-remembers the answers it found lately (``hit_memo_entries`` cache keys, the least recently used go first), builds
+remembers the answers it found lately (``hit_memo_entries`` cache keys and ``hit_memo_bytes`` of their JSON, the
+least recently used go first), builds
 the result before it asks, and the script records it only when the entry holds that very answer (its SHA-1).
 A key's first hit in a process, or one whose entry changed, gets the entry back instead; it is remembered, and the
 hit is recorded and folded by a second script: two round trips.
@@ -125,8 +126,10 @@ class OneTripHits:
         self.keys = settings.keys
         self.account = account
         self.ledger = account.recorder.ledger
-        self.capacity = settings.hit_memo_entries
+        self.capacity, self.byte_capacity = settings.hit_memo_entries, settings.hit_memo_bytes
         self.answers: OrderedDict[str, tuple[str, Outcome]] = OrderedDict()  # cache key -> (SHA-1, answer)
+        self.sizes: dict[str, int] = {}  # cache key -> its entry's length: the memo's bound in bytes
+        self.held_bytes = 0
         self._serve = NamedScript(redis, _SERVE_LAYOUT, _SERVE, "one-trip hit", one_server=True)
         self._record = NamedScript(redis, _RECORD_SERVED_LAYOUT, _RECORD_SERVED, "one-trip record", one_server=True)
 
@@ -163,7 +166,7 @@ class OneTripHits:
         if state in ("served", "entry"):
             return "served" if state == "served" else "unrecorded", [ready]
         if state not in ("answered", "cached"):  # no entry any more: a lease taken or found
-            self.answers.pop(env.cache_key, None)
+            self.forget(env.cache_key)
         return state, value
 
     async def record(self, env: Envelope, raw: bytes) -> Handled:
@@ -189,14 +192,20 @@ class OneTripHits:
 
     def remember(self, cache_key: str, raw: bytes, answer: Outcome | None = None) -> None:
         """Keep the entry's answer ``raw`` (``answer``, parsed) as this key's expected one; the least recently used
-        key goes beyond the capacity."""
-        if self.capacity <= 0:
+        keys go beyond the capacity in keys or in bytes, and an answer larger than the whole memo is not kept."""
+        self.forget(cache_key)
+        if self.capacity <= 0 or len(raw) > self.byte_capacity:
             return
         parsed = answer if answer is not None else Outcome.model_validate_json(raw)
         self.answers[cache_key] = (hashlib.sha1(raw).hexdigest(), parsed)  # SHA-1: Redis's sha1hex
-        self.answers.move_to_end(cache_key)
-        while len(self.answers) > self.capacity:
-            self.answers.popitem(last=False)
+        self.sizes[cache_key] = len(raw)
+        self.held_bytes += len(raw)
+        while len(self.answers) > self.capacity or self.held_bytes > self.byte_capacity:
+            self.forget(next(iter(self.answers)))
+
+    def forget(self, cache_key: str) -> None:
+        if self.answers.pop(cache_key, None) is not None:
+            self.held_bytes -= self.sizes.pop(cache_key)
 
     def _calls(self, ready: Prepared) -> tuple[dict[str, str], dict[str, Scalar]]:
         """The record's and the fold's keys and arguments for ``ready``."""
