@@ -160,6 +160,7 @@ async def test_a_remembered_key_whose_entry_is_gone_takes_the_lease(settings: Se
     assert await redis.get(settings.keys.inflight(KEY)) == b"acme/lead"
     assert await ledger_entries(redis, settings) == ["h-1"]
     assert stage.one_trip is not None and KEY not in stage.one_trip.answers  # forgotten with its entry
+    assert stage.one_trip.held_bytes == 0 and not stage.one_trip.sizes
 
 
 async def test_an_entry_already_there_and_redis_away_go_the_ledgers_way(
@@ -177,7 +178,8 @@ async def test_an_entry_already_there_and_redis_away_go_the_ledgers_way(
     assert (await aggregates(redis, settings))["jobs"] == 1
     # Redis away on the second trip: answered, and the ledger written after the reply (the account stage's way).
     assert stage.one_trip is not None
-    stage.one_trip.answers.clear()
+    stage.one_trip.clear()
+    assert not stage.one_trip.answers and stage.one_trip.held_bytes == 0
 
     async def away(**_: Any) -> Any:
         raise RedisConnectionError("gone")

@@ -203,6 +203,11 @@ class OneTripHits:
         while len(self.answers) > self.capacity or self.held_bytes > self.byte_capacity:
             self.forget(next(iter(self.answers)))
 
+    def clear(self) -> None:
+        self.answers.clear()
+        self.sizes.clear()
+        self.held_bytes = 0
+
     def forget(self, cache_key: str) -> None:
         if self.answers.pop(cache_key, None) is not None:
             self.held_bytes -= self.sizes.pop(cache_key)
