@@ -63,5 +63,7 @@ class JobResult(BaseModel):
     error: ErrorInfo | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     tenant: str | None = None
+    # From intake to when the result was made: before its record and reply, which store and send this very result
+    # (a one-trip hit's is made before its lookup).
     latency_ms: float | None = None
     retries: int = 0  # provider call retries this job needed, across fallbacks
