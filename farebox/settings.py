@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     # most hit_memo_bytes of entry JSON in all: the least recently used go first, and a larger answer is not kept.
     hit_memo_entries: int = Field(1024, ge=0, le=1_000_000)
     hit_memo_bytes: int = Field(16 * 1024 * 1024, ge=0)
+    # A stage process's garbage collector (farebox/stages/main.py): once started, what it holds (modules, schemas,
+    # the tokenizer's tables, the catalog) is frozen out of collections (gc_freeze), and the youngest generation is
+    # collected every gc_gen0_threshold allocations, not Python's 700 (0: Python's). Collections took 13% of the
+    # stages' CPU before (bench/gc_probe.py).
+    gc_freeze: bool = True
+    gc_gen0_threshold: int = Field(10_000, ge=0, le=1_000_000)
 
     # The batch lane (farebox/stages/batch_lane.py): a batch whose worker has not renewed its claim this long is
     # taken over by another (a worker killed with its batches); provider batches are polled from

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -191,6 +192,18 @@ def batch_cores(
     return cores
 
 
+def settle_collector(settings: Settings) -> None:
+    """Tune this process's garbage collector for a stage's life: what is there once started stays for good, so it
+    is collected once and frozen (no later collection walks it), and young objects are collected less often (most
+    go by reference counting anyway)."""
+    if settings.gc_gen0_threshold:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
+    if settings.gc_freeze:
+        gc.collect()
+        gc.freeze()
+
+
 async def run_stage(
     settings: Settings,
     stage: str,
@@ -199,8 +212,10 @@ async def run_stage(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
     lanes: tuple[str, ...] = LANES,
+    own_process: bool = False,
 ) -> None:
-    """Run one stage (or ``all``) until ``stop`` is set, serving the queues of ``lanes``."""
+    """Run one stage (or ``all``) until ``stop`` is set, serving the queues of ``lanes``. ``own_process``: the
+    process is the stage's alone (``settle_collector`` once the stage is built)."""
     stop = stop or asyncio.Event()
     redis = make_redis(settings)
     try:
@@ -219,6 +234,8 @@ async def run_stage(
         cores += stage_cores(settings, one, one_provider, store, redis, calls)
     # A worker of one lane serves only its queues; cores with none there (feedback, dead letters) stay out.
     workers = [w for w in (Worker(settings, core, providers, lanes=lanes) for core in cores) if w.queues]
+    if own_process:
+        settle_collector(settings)
     probes = health.watch(redis.ping, [w.readiness for w in workers])  # /livez and /readyz (farebox/health.py)
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -269,7 +286,7 @@ def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tup
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes)
+        await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes, own_process=True)
 
     # uvloop's event loop and transports cost less CPU per message than asyncio's own.
     uvloop.run(main())

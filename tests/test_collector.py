@@ -1,0 +1,68 @@
+"""A stage process's garbage collector: frozen once the stage is built, its youngest generation collected less often
+(farebox/stages/main.py ``settle_collector``; bench/gc_probe.py measures what it saves)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from farebox.settings import Settings
+from farebox.stages import main as stage_main
+
+SETTLE = """
+import gc, json
+from farebox.settings import Settings
+from farebox.stages.main import settle_collector
+before = gc.get_threshold()
+settle_collector(Settings(**json.loads({overrides!r})))
+print(json.dumps({{"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold(), "before": before}}))
+"""
+
+
+def settled(overrides: dict[str, Any]) -> dict[str, Any]:
+    code = SETTLE.format(overrides=json.dumps(overrides))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_a_stage_process_freezes_what_it_holds_and_collects_young_objects_less_often() -> None:
+    got = settled({})
+    assert got["frozen"] > 10_000  # the modules, schemas and settings of a started process
+    assert got["threshold"] == [10_000, *got["before"][1:]]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "frozen", "gen0"),
+    [
+        ({"gc_freeze": False}, False, 10_000),
+        ({"gc_gen0_threshold": 0}, True, None),
+        ({"gc_freeze": False, "gc_gen0_threshold": 0}, False, None),
+        ({"gc_gen0_threshold": 50_000}, True, 50_000),
+    ],
+)
+def test_the_settings_turn_each_part_off(overrides: dict[str, Any], frozen: bool, gen0: int | None) -> None:
+    got = settled(overrides)
+    assert (got["frozen"] > 0) == frozen
+    assert got["threshold"][0] == (gen0 if gen0 is not None else got["before"][0])
+
+
+def test_the_stage_command_settles_its_process_and_a_pipeline_in_a_test_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def fake_run_stage(settings: Settings, stage: str, **kwargs: Any) -> None:
+        calls.append({"stage": stage, **kwargs})
+
+    real = stage_main.run_stage
+    monkeypatch.setattr(stage_main, "run_stage", fake_run_stage)
+    assert stage_main.worker_main(Settings(metrics_port=0), "dedup", None) == 0
+    assert calls and calls[0]["stage"] == "dedup" and calls[0]["own_process"] is True
+    # In-process pipelines (tests/support/pipeline.py) call run_stage without it: the test process is not frozen.
+    assert inspect.signature(real).parameters["own_process"].default is False
