@@ -18,6 +18,7 @@ from farebox.redis_connect import parse_redis_url
 CATALOG_DIR = Path(str(files("farebox.catalog")))
 
 AMQP_SCHEMES = ("amqp", "amqps")
+PYTHON_GEN0_THRESHOLD = 700  # gc.get_threshold()[0] of a fresh CPython
 
 
 class InvalidAmqpUrl(ValueError):
@@ -150,10 +151,11 @@ class Settings(BaseSettings):
     # most hit_memo_bytes of entry JSON in all: the least recently used go first, and a larger answer is not kept.
     hit_memo_entries: int = Field(1024, ge=0, le=1_000_000)
     hit_memo_bytes: int = Field(16 * 1024 * 1024, ge=0)
-    # A stage process's garbage collector (farebox/stages/main.py): once started, what it holds (modules, schemas,
-    # the tokenizer's tables, the catalog) is frozen out of collections (gc_freeze), and the youngest generation is
-    # collected every gc_gen0_threshold allocations, not Python's 700 (0: Python's). Collections took 13% of the
-    # stages' CPU before (bench/gc_probe.py).
+    # A stage process's garbage collector (farebox/stages/main.py): once its stage is built, what it holds
+    # (modules, schemas, the policy and catalog) is frozen out of collections (gc_freeze; what is loaded later,
+    # such as the tokenizer's tables on the first job, is not), and the youngest generation is collected every
+    # gc_gen0_threshold allocations, not Python's 700 (0: Python's; below 700 is refused, it would collect more
+    # often). Collections took 13% of the stages' CPU before (bench/gc_probe.py).
     gc_freeze: bool = True
     gc_gen0_threshold: int = Field(10_000, ge=0, le=1_000_000)
 
@@ -181,6 +183,13 @@ class Settings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @field_validator("gc_gen0_threshold")
+    @classmethod
+    def _gen0_threshold_python_or_above(cls, threshold: int) -> int:
+        if 0 < threshold < PYTHON_GEN0_THRESHOLD:
+            raise ValueError(f"0 (Python's own) or at least {PYTHON_GEN0_THRESHOLD}: fewer collect more often")
+        return threshold
 
     @field_validator("amqp_url")
     @classmethod

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import signal
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from farebox.settings import Settings
 from farebox.stages import main as stage_main
@@ -62,7 +65,31 @@ def test_the_stage_command_settles_its_process_and_a_pipeline_in_a_test_does_not
 
     real = stage_main.run_stage
     monkeypatch.setattr(stage_main, "run_stage", fake_run_stage)
+    handlers = {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS}
     assert stage_main.worker_main(Settings(metrics_port=0), "dedup", None) == 0
+    # Its event loop's SIGTERM and SIGINT handlers went with it: this process still stops on Ctrl-C.
+    assert {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS} == handlers
     assert calls and calls[0]["stage"] == "dedup" and calls[0]["own_process"] is True
     # In-process pipelines (tests/support/pipeline.py) call run_stage without it: the test process is not frozen.
     assert inspect.signature(real).parameters["own_process"].default is False
+
+
+@pytest.mark.parametrize(("threshold", "accepted"), [(0, True), (1, False), (699, False), (700, True)])
+def test_a_gen0_threshold_below_pythons_own_is_refused(threshold: int, accepted: bool) -> None:
+    if accepted:
+        assert Settings(gc_gen0_threshold=threshold).gc_gen0_threshold == threshold
+    else:
+        with pytest.raises(ValidationError, match="gc_gen0_threshold"):
+            Settings(gc_gen0_threshold=threshold)
+
+
+@pytest.mark.parametrize(("own_process", "settled_times"), [(True, 1), (False, 0)])
+async def test_run_stage_settles_the_collector_once_its_stage_is_built_when_the_process_is_its_own(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, own_process: bool, settled_times: int
+) -> None:
+    calls: list[Settings] = []
+    monkeypatch.setattr(stage_main, "settle_collector", calls.append)  # the test process is never frozen
+    stop = asyncio.Event()
+    stop.set()  # built, then wound down at once
+    await asyncio.wait_for(stage_main.run_stage(settings, "route", stop=stop, own_process=own_process), 60)
+    assert calls == [settings] * settled_times

@@ -275,6 +275,9 @@ async def wind_down(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tuple[str, ...] = LANES) -> int:
     if settings.metrics_port:
         with contextlib.suppress(OSError):
@@ -284,9 +287,14 @@ def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tup
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
-        await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes, own_process=True)
+        try:
+            await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes, own_process=True)
+        finally:
+            # The loop does not take its handlers with it: a caller that goes on (a test) gets its own back.
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
 
     # uvloop's event loop and transports cost less CPU per message than asyncio's own.
     uvloop.run(main())
