@@ -60,6 +60,14 @@ def synthetic(n_groups: int = 6, per_group: int = 60, seed: int = 1) -> OutcomeS
         ("x = y + 1", "math_share", 2 / 10),
         ("ABcd", "upper_share", 2 / 5),
         ("photosynthesis is", "long_word_share", 0.5),
+        # the two most alike options: "red apple" and "green apple" share 1 of 3 words; case is ignored
+        ("Which?\nA. red apple\nB. Green Apple\nC. a pear", "option_overlap_max", 1 / 3),
+        ("Which?\nA. 12 m/s\nB. 12 m/s\nC. 3 m/s", "option_overlap_max", 1.0),  # words and numbers alike
+        ("Which?\nA. cat\nB. dog", "option_overlap_max", 0.0),
+        ("Which?\nA. (i)\nB. (ii)", "option_overlap_max", 0.0),
+        ("Which?\nA. ---\nB. ...", "option_overlap_max", 1.0),  # two options without a word: alike
+        ("no options here", "option_overlap_max", 0.0),
+        ("Which?\nA. only one", "option_overlap_max", 0.0),
     ],
 )
 def test_lexical_features_table(text: str, name: str, expected: float) -> None:

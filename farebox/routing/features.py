@@ -21,6 +21,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _OPTION = re.compile(r"^\s*\(?[A-Ja-j][.)]\s+(.*)$", re.MULTILINE)
 _MATH = frozenset("=+*/^<>|\\$%")
+_TERM = re.compile(r"[a-z0-9]+")
 
 
 def question_text(text: str) -> str:
@@ -31,6 +32,25 @@ def question_text(text: str) -> str:
 
 def _options(text: str) -> list[str]:
     return _OPTION.findall(text)
+
+
+@lru_cache(maxsize=8)
+def _option_terms(text: str) -> tuple[frozenset[str], ...]:
+    """The lower-cased words and numbers of each option."""
+    return tuple(frozenset(_TERM.findall(option.lower())) for option in _options(text))
+
+
+def _option_overlap_max(text: str) -> float:
+    """How alike the two most alike options are (the Jaccard index of their words; 0 without two options).
+    Distractors that differ from the answer by a word or two make a question hard whatever its subject, so this
+    carries to subjects the router never saw (README, "What it is worth")."""
+    terms = _option_terms(text)
+    best = 0.0
+    for i, a in enumerate(terms):
+        for b in terms[i + 1 :]:
+            union = len(a | b)
+            best = max(best, len(a & b) / union if union else 1.0)
+    return best
 
 
 def has_options(text: str) -> bool:
@@ -113,6 +133,7 @@ FEATURES: dict[str, Callable[[str], float]] = {
     "log_numbers": _log_numbers,
     "log_lines": _log_lines,
     "log_sentences": _log_sentences,
+    "option_overlap_max": _option_overlap_max,
 }
 
 
