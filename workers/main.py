@@ -292,7 +292,7 @@ def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tup
         try:
             await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes, own_process=True)
         finally:
-            # The loop does not take its handlers with it: a caller that goes on (a test) gets its own back.
+            # The loop does not take its handlers with it: a caller that goes on (a test) gets the default ones back.
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 

@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from itertools import combinations
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,23 +35,12 @@ def _options(text: str) -> list[str]:
     return _OPTION.findall(text)
 
 
-@lru_cache(maxsize=8)
-def _option_terms(text: str) -> tuple[frozenset[str], ...]:
-    """The lower-cased words and numbers of each option."""
-    return tuple(frozenset(_TERM.findall(option.lower())) for option in _options(text))
-
-
 def _option_overlap_max(text: str) -> float:
     """How alike the two most alike options are (the Jaccard index of their words; 0 without two options).
     Distractors that differ from the answer by a word or two make a question hard whatever its subject, so this
     carries to subjects the router never saw (README, "What it is worth")."""
-    terms = _option_terms(text)
-    best = 0.0
-    for i, a in enumerate(terms):
-        for b in terms[i + 1 :]:
-            union = len(a | b)
-            best = max(best, len(a & b) / union if union else 1.0)
-    return best
+    terms = [frozenset(_TERM.findall(option.lower())) for option in _options(text)]
+    return max((len(a & b) / len(a | b) if a or b else 1.0 for a, b in combinations(terms, 2)), default=0.0)
 
 
 def has_options(text: str) -> bool:
