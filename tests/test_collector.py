@@ -55,8 +55,20 @@ def test_the_settings_turn_each_part_off(overrides: dict[str, Any], frozen: bool
     assert got["threshold"][0] == (gen0 if gen0 is not None else got["before"][0])
 
 
+def _own_sigterm_handler(signum: int, frame: object) -> None:
+    """A caller's own handler, which the stage command must hand back."""
+
+
+@pytest.mark.parametrize(
+    "caller_handlers",
+    [
+        {},  # whatever the test run has
+        {signal.SIGINT: signal.SIG_IGN},  # a run under nohup or started with & in a shell
+        {signal.SIGTERM: _own_sigterm_handler, signal.SIGINT: signal.default_int_handler},
+    ],
+)
 def test_the_stage_command_settles_its_process_and_a_pipeline_in_a_test_does_not(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caller_handlers: dict[signal.Signals, Any]
 ) -> None:
     calls: list[dict[str, Any]] = []
 
@@ -65,10 +77,17 @@ def test_the_stage_command_settles_its_process_and_a_pipeline_in_a_test_does_not
 
     real = stage_main.run_stage
     monkeypatch.setattr(stage_main, "run_stage", fake_run_stage)
-    handlers = {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS}
-    assert stage_main.worker_main(Settings(metrics_port=0), "dedup", None) == 0
-    # Its event loop's SIGTERM and SIGINT handlers went with it: this process still stops on Ctrl-C.
-    assert {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS} == handlers
+    before = {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS}
+    try:
+        for sig, handler in caller_handlers.items():
+            signal.signal(sig, handler)
+        handlers = {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS}
+        assert stage_main.worker_main(Settings(metrics_port=0), "dedup", None) == 0
+        # Its event loop's SIGTERM and SIGINT handlers went with it, and the caller's own came back.
+        assert {sig: signal.getsignal(sig) for sig in stage_main.STOP_SIGNALS} == handlers
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     assert calls and calls[0]["stage"] == "dedup" and calls[0]["own_process"] is True
     # In-process pipelines (tests/support/pipeline.py) call run_stage without it: the test process is not frozen.
     assert inspect.signature(real).parameters["own_process"].default is False
@@ -87,9 +106,22 @@ def test_a_gen0_threshold_below_pythons_own_is_refused(threshold: int, accepted:
 async def test_run_stage_settles_the_collector_once_its_stage_is_built_when_the_process_is_its_own(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, own_process: bool, settled_times: int
 ) -> None:
-    calls: list[Settings] = []
-    monkeypatch.setattr(stage_main, "settle_collector", calls.append)  # the test process is never frozen
+    events: list[str] = []
+    real_cores = stage_main.stage_cores
+
+    def cores_built(*args: Any) -> Any:
+        built = real_cores(*args)
+        events.append("built")
+        return built
+
+    def settled(got: Settings) -> None:  # the test process is never frozen
+        assert got is settings
+        events.append("settled")
+
+    monkeypatch.setattr(stage_main, "stage_cores", cores_built)
+    monkeypatch.setattr(stage_main, "settle_collector", settled)
     stop = asyncio.Event()
     stop.set()  # built, then wound down at once
     await asyncio.wait_for(stage_main.run_stage(settings, "route", stop=stop, own_process=own_process), 60)
-    assert calls == [settings] * settled_times
+    # Frozen after what the stage holds for good (its policy, router, clients) exists, not before.
+    assert events == ["built"] + ["settled"] * settled_times

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from farebox.routing.evaluation import apgr, quality_curve
-from farebox.routing.features import FEATURES, MAX_CHARS, lexical_features
+from farebox.routing.features import FEATURES, MAX_CHARS, MAX_COMPARED_OPTIONS, lexical_features
 from farebox.routing.learned import (
     BUILTIN,
     RouterFileError,
@@ -65,13 +65,37 @@ def synthetic(n_groups: int = 6, per_group: int = 60, seed: int = 1) -> OutcomeS
         ("Which?\nA. 12 m/s\nB. 12 m/s\nC. 3 m/s", "option_overlap_max", 1.0),  # words and numbers alike
         ("Which?\nA. cat\nB. dog", "option_overlap_max", 0.0),
         ("Which?\nA. (i)\nB. (ii)", "option_overlap_max", 0.0),
-        ("Which?\nA. ---\nB. ...", "option_overlap_max", 1.0),  # two options without a word: alike
+        ("Which?\nA. cat\nB. dog\nC. Cat", "option_overlap_max", 1.0),  # the best pair is A and C, not neighbours
+        ("Which?\nA. 12 m/s\nB. 13 m/s", "option_overlap_max", 0.5),  # {m, s} of {12, 13, m, s}
+        ("Which?\nA. ---\nB. ...", "option_overlap_max", 0.0),  # options without a word say nothing
+        ("Which?\nA. ---\nB. a word", "option_overlap_max", 0.0),
+        ("Вопрос?\nA. кошка и собака\nB. кошка и мышь\nC. дом", "option_overlap_max", 0.5),  # any script's words
+        ("問題?\nA. 東京\nB. 東京\nC. 大阪", "option_overlap_max", 1.0),
+        ("Ερώτηση;\nA. κόκκινο μήλο\nB. πράσινο Μήλο", "option_overlap_max", 1 / 3),  # Greek, case ignored
         ("no options here", "option_overlap_max", 0.0),
         ("Which?\nA. only one", "option_overlap_max", 0.0),
     ],
 )
 def test_lexical_features_table(text: str, name: str, expected: float) -> None:
     assert lexical_features([text], [name])[0, 0] == pytest.approx(expected)
+
+
+def _numbered_options(count: int, alike: tuple[int, int]) -> str:
+    """``count`` option lines with distinct words, except the two at ``alike`` (1-based), which say the same."""
+    words = [f"answer{i}" for i in range(1, count + 1)]
+    words[alike[1] - 1] = words[alike[0] - 1]
+    return "Which?\n" + "".join(f"{'ABCDEFGHIJ'[i % 10]}. {word}\n" for i, word in enumerate(words))
+
+
+@pytest.mark.parametrize(
+    ("count", "alike", "expected"),
+    [(10, (1, 10), 1.0), (12, (1, 10), 1.0), (12, (11, 12), 0.0), (12, (1, 11), 0.0), (300, (299, 300), 0.0)],
+)
+def test_option_overlap_compares_only_the_first_options(count: int, alike: tuple[int, int], expected: float) -> None:
+    # A prompt of a thousand option-like lines costs the route stage 45 pairs, not a million.
+    assert MAX_COMPARED_OPTIONS == 10
+    text = _numbered_options(count, alike)[:MAX_CHARS]
+    assert lexical_features([text], ["option_overlap_max"])[0, 0] == pytest.approx(expected)
 
 
 def test_features_read_only_the_first_max_chars() -> None:

@@ -287,14 +287,17 @@ def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tup
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Removing a loop's handler installs Python's default one, not what was there: a caller that goes on (a
+        # test run under nohup, which ignores SIGINT) gets its own handlers back from here.
+        saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         try:
             await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes, own_process=True)
         finally:
-            # The loop does not take its handlers with it: a caller that goes on (a test) gets the default ones back.
-            for sig in STOP_SIGNALS:
+            for sig, handler in saved.items():
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
 
     # uvloop's event loop and transports cost less CPU per message than asyncio's own.
     uvloop.run(main())

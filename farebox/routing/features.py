@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from itertools import combinations
+from itertools import combinations, islice
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,7 +22,10 @@ _WORD = re.compile(r"[A-Za-z]+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _OPTION = re.compile(r"^\s*\(?[A-Ja-j][.)]\s+(.*)$", re.MULTILINE)
 _MATH = frozenset("=+*/^<>|\\$%")
-_TERM = re.compile(r"[a-z0-9]+")
+# Letters and digits of any script: a Russian or Greek question's options have words too.
+_TERM = re.compile(r"[^\W_]+")
+# MMLU offers 4-7 options; a prompt of a thousand option-like lines must not cost a million comparisons.
+MAX_COMPARED_OPTIONS = 10
 
 
 def question_text(text: str) -> str:
@@ -36,11 +39,13 @@ def _options(text: str) -> list[str]:
 
 
 def _option_overlap_max(text: str) -> float:
-    """How alike the two most alike options are (the Jaccard index of their words; 0 without two options).
-    Distractors that differ from the answer by a word or two make a question hard whatever its subject, so this
-    carries to subjects the router never saw (README, "What it is worth")."""
-    terms = [frozenset(_TERM.findall(option.lower())) for option in _options(text)]
-    return max((len(a & b) / len(a | b) if a or b else 1.0 for a, b in combinations(terms, 2)), default=0.0)
+    """How alike the two most alike of the first ``MAX_COMPARED_OPTIONS`` option lines are: the Jaccard index of
+    their words, 0 for a pair where either has none (``---`` says nothing of how alike two answers are), 0 without
+    two options. Distractors that differ from the answer by a word or two make a question hard whatever its
+    subject, so this carries to subjects the router never saw (README, "What it is worth")."""
+    options = islice(_OPTION.finditer(text), MAX_COMPARED_OPTIONS)
+    terms = [frozenset(_TERM.findall(option.group(1).lower())) for option in options]
+    return max((len(a & b) / len(a | b) if a and b else 0.0 for a, b in combinations(terms, 2)), default=0.0)
 
 
 def has_options(text: str) -> bool:
