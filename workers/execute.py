@@ -1,12 +1,15 @@
 """Execute stage, one per provider: call the provider with retries, fall back down the router's
 candidate list when a provider gives out, and hand the answer to the account stage.
 
-A provider answer is stored in Redis (keyed by job id) before it is handed on, so a redelivery
-after a crash re-uses it instead of calling (and paying) again.
+A provider answer is stored in Redis (keyed by job id) before the job is acked, so a redelivery
+after a crash re-uses it instead of calling (and paying) again. The write goes out beside the hand-on,
+under its publish confirm, and is awaited before the ack: a fresh job does not wait a Redis round trip
+for it, and a crash before the ack finds the answer kept as surely as when it was written first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -140,8 +143,9 @@ class ExecuteStage(EnvelopeStage):
             latency_s=round(latency, 4),
             retries=retries,
         )
-        await self._keep_outcome(env.record, outcome)
-        return Handled([envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)])
+        keeping = asyncio.ensure_future(self._keep_outcome(env.record, outcome))
+        handed_on = envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)
+        return Handled([handed_on], after_publish=lambda: keeping)
 
     async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
         assert env.route is not None
@@ -180,7 +184,11 @@ class ExecuteStage(EnvelopeStage):
         return Outcome.model_validate_json(raw) if raw else None
 
     async def _keep_outcome(self, record: JobRecord, outcome: Outcome) -> None:
+        """Never raises: it ends the job's handling after its publishes are confirmed, where an error would
+        publish them again; a write that failed only costs a repeat call if this exact message is redelivered."""
         try:
             await self.redis.set(self.settings.keys.outcome(record), outcome.model_dump_json(), ex=OUTCOME_TTL_S)
         except REDIS_DOWN:
-            pass  # only costs a repeat call if this exact message is redelivered
+            pass
+        except Exception as err:  # a Redis refusing the write (out of memory, an ACL): the answer goes on
+            log.warning("execute: the answer of %s was not kept (%s: %s)", record, type(err).__name__, err)

@@ -1,0 +1,100 @@
+"""The execute stage keeps a provider's answer in Redis before the job is acked, beside its hand-on to the account
+stage rather than before it (farebox/stages/execute.py), against the real Redis and the emulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from farebox.routing.store import CatalogStore
+from farebox.schemas import Envelope, Job, Outcome, RouteDecision
+from farebox.settings import Settings
+from farebox.stages.execute import ExecuteStage
+from farebox.stages.main import Closable, stage_cores
+from farebox.stages.stage import Delivery, Handled
+from tests.conftest import EmulatorStats
+
+
+@pytest.fixture
+async def execute(settings: Settings, redis: Redis, emulator: str) -> AsyncIterator[ExecuteStage]:
+    """The openai execute stage as `farebox worker execute --provider openai` builds it, calling the emulator."""
+    s = settings.model_copy(update={"emulator_url": emulator})
+    calls: list[Closable] = []
+    (stage,) = stage_cores(s, "execute", "openai", CatalogStore(s.catalog, s.policy), redis, calls)
+    assert isinstance(stage, ExecuteStage)
+    yield stage
+    for call in calls:
+        await call.aclose()
+
+
+def routed(job_id: str) -> Envelope:
+    job = Job(job_id=job_id, tenant="acme", prompt="keep my answer")
+    route = RouteDecision(provider="openai", model="gpt-4o-mini", reason="test", candidates=("openai/gpt-4o-mini",))
+    return Envelope(job_id=job_id, job=job, received_at=time.time(), route=route, reply_to="r")
+
+
+async def handle(stage: ExecuteStage, env: Envelope, redelivered: bool = False) -> Handled:
+    return await stage.handle(env, Delivery(queue=stage.input_queues()[0], body=b"", redelivered=redelivered))
+
+
+def handed_on(h: Handled) -> Outcome:
+    (published,) = h.publishes
+    outcome = Envelope.model_validate_json(published.body).outcome
+    assert outcome is not None
+    return outcome
+
+
+async def test_the_answer_is_kept_before_the_ack_not_before_the_hand_on(
+    execute: ExecuteStage, redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = routed("keep-1")
+    key = settings.keys.outcome(env.record)
+    real_set = redis.set
+
+    async def slow_set(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.2)  # a slow Redis: the hand-on does not wait for it
+        return await real_set(*args, **kwargs)
+
+    monkeypatch.setattr(execute.redis, "set", slow_set)
+    handled = await handle(execute, env)
+    assert await redis.exists(key) == 0  # handed on while the write is under way
+    assert handled.after_publish is not None  # the runtime awaits it after the confirms, before the ack
+    await handled.after_publish()
+    assert Outcome.model_validate_json(await redis.get(key)) == handed_on(handled)
+
+
+async def test_a_redelivered_job_hands_on_the_kept_answer_without_a_second_call(
+    execute: ExecuteStage, emulator_stats: EmulatorStats
+) -> None:
+    env = routed("keep-2")
+    first = await handle(execute, env)
+    assert first.after_publish is not None
+    await first.after_publish()
+    calls = await emulator_stats.total()
+    again = await handle(execute, env, redelivered=True)  # a crash after the write, before the ack
+    assert handed_on(again) == handed_on(first)
+    assert await emulator_stats.total() == calls
+
+
+@pytest.mark.parametrize("error", [RedisConnectionError("gone"), ResponseError("OOM command not allowed")])
+async def test_a_failed_write_never_fails_the_job_after_its_publishes(
+    execute: ExecuteStage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    async def failing_set(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(execute.redis, "set", failing_set)
+    handled = await handle(execute, routed("keep-3"))
+    assert handled.after_publish is not None
+    with caplog.at_level(logging.WARNING, logger="farebox.execute"):
+        await handled.after_publish()  # raising here would publish the job again
+    assert handed_on(handled).content
+    assert ("was not kept" in caplog.text) == isinstance(error, ResponseError)
