@@ -93,6 +93,19 @@ def test_the_stage_command_settles_its_process_and_a_pipeline_in_a_test_does_not
     assert inspect.signature(real).parameters["own_process"].default is False
 
 
+def test_the_stage_command_gives_the_handlers_back_when_it_cannot_take_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SIGKILL's handler cannot be set: the second add fails after the first (SIGTERM's) succeeded.
+    monkeypatch.setattr(stage_main, "STOP_SIGNALS", (signal.SIGTERM, signal.SIGKILL))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _own_sigterm_handler)
+        with pytest.raises(RuntimeError, match="cannot be caught"):
+            stage_main.worker_main(Settings(metrics_port=0), "dedup", None)
+        assert signal.getsignal(signal.SIGTERM) is _own_sigterm_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize(("threshold", "accepted"), [(0, True), (1, False), (699, False), (700, True)])
 def test_a_gen0_threshold_below_pythons_own_is_refused(threshold: int, accepted: bool) -> None:
     if accepted:

@@ -71,6 +71,12 @@ def synthetic(n_groups: int = 6, per_group: int = 60, seed: int = 1) -> OutcomeS
         ("Which?\nA. ---\nB. a word", "option_overlap_max", 0.0),
         ("Вопрос?\nA. кошка и собака\nB. кошка и мышь\nC. дом", "option_overlap_max", 0.5),  # any script's words
         ("問題?\nA. 東京\nB. 東京\nC. 大阪", "option_overlap_max", 1.0),
+        ("प्रश्न?\nA. किताब\nB. कातिब", "option_overlap_max", 0.0),  # Hindi: vowel signs are part of a word
+        ("प्रश्न?\nA. लाल किताब\nB. नीली किताब", "option_overlap_max", 1 / 3),
+        # An option is one line: "A." with its text on a later line is none, and blank lines before the options
+        # belong to the question.
+        ("Q?\nA.\n\nfoo\nB.\n\nbar", "log_option_chars", 0.0),
+        ("Q?\n\n\nA. x\nB. y", "log_question_chars", np.log1p(5)),
         ("Ερώτηση;\nA. κόκκινο μήλο\nB. πράσινο Μήλο", "option_overlap_max", 1 / 3),  # Greek, case ignored
         ("no options here", "option_overlap_max", 0.0),
         ("Which?\nA. only one", "option_overlap_max", 0.0),

@@ -290,14 +290,16 @@ def worker_main(settings: Settings, stage: str, provider: str | None, lanes: tup
         # Removing a loop's handler installs Python's default one, not what was there: a caller that goes on (a
         # test run under nohup, which ignores SIGINT) gets its own handlers back from here.
         saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, stop.set)
         try:
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, stop.set)
             await run_stage(settings, stage, provider=provider, stop=stop, lanes=lanes, own_process=True)
         finally:
             for sig, handler in saved.items():
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, handler)
+                loop.remove_signal_handler(sig)  # False for one never added: nothing to do
+                if handler is not None:  # None: a handler set from C, which Python cannot put back
+                    with contextlib.suppress(OSError, ValueError):  # a signal no handler may take
+                        signal.signal(sig, handler)
 
     # uvloop's event loop and transports cost less CPU per message than asyncio's own.
     uvloop.run(main())
