@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from farebox.routing.pii import apply_redactions, iban_ok, luhn_ok, scan
@@ -22,6 +24,8 @@ def _found(text: str) -> list[tuple[str, str]]:
         ("or +1 415 555 0107.", [("phone", "+1 415 555 0107")]),
         ("London +44 20 7946 0958", [("phone", "+44 20 7946 0958")]),
         ("Paris +33 1 23 45 67 89", [("phone", "+33 1 23 45 67 89")]),
+        ("Berlin +49 (30) 901820", [("phone", "+49 (30) 901820")]),
+        ("+1-415-555-0100, ext. 12", [("phone", "+1-415-555-0100")]),
         ("office (415) 555-0100", [("phone", "(415) 555-0100")]),
         ("cell 415-555-0100", [("phone", "415-555-0100")]),
         ("cell 415.555.0100", [("phone", "415.555.0100")]),
@@ -34,6 +38,9 @@ def _found(text: str) -> list[tuple[str, str]]:
         ("My SSN is 078-05-1120, please", [("ssn", "078-05-1120")]),
         ("ssn 123 45 6789", [("ssn", "123 45 6789")]),
         ("SSN: 123456789", [("ssn", "123456789")]),
+        ("ssn   is \t 123456789", [("ssn", "123456789")]),
+        ("social security number#123456789", [("ssn", "123456789")]),
+        ("SSNis123456789", [("ssn", "123456789")]),
         # IBAN (mod-97), grouped and compact, followed by an upper-case word
         ("IBAN DE89 3704 0044 0532 0130 00 belongs to", [("iban", "DE89 3704 0044 0532 0130 00")]),
         ("GB82WEST12345698765432", [("iban", "GB82WEST12345698765432")]),
@@ -127,3 +134,24 @@ def test_luhn(digits: str, ok: bool) -> None:
 )
 def test_iban_checksum(iban: str, ok: bool) -> None:
     assert iban_ok(iban) is ok
+
+
+@pytest.mark.parametrize(
+    ("text", "old_seconds"),
+    [
+        # Blanks after "ssn" with no number: the old pattern split the run between its two ``\s*`` every way
+        # (quadratic: 16,000 blanks took 7.5 s, 30,000 about 26 s).
+        ("12345 ssn" + " " * 30_000 + "x", 26),
+        ("12345 social security" + "\t" * 30_000, 26),
+        # "+" and long digit runs: the old phone groups re-cut each run ~10,000 ways (2.7 s per 100,000 chars).
+        ((" +" + "1" * 29) * 10_000, 8),
+    ],
+    ids=["ssn-blanks", "social-security-tabs", "plus-digit-runs"],
+)
+def test_scan_of_hostile_text_ends_quickly(text: str, old_seconds: float) -> None:
+    """A prompt is scanned on the route stage's event loop: a pattern that backtracks without bound stalls
+    the stage (and every job behind it). The bound is far above what the patterns take (a few ms) and far
+    below what the old ones did, so the test fails on a regression, not on a slow machine."""
+    started = time.process_time()
+    scan(text)
+    assert time.process_time() - started < min(2.0, old_seconds / 4)

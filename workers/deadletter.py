@@ -358,7 +358,7 @@ class DeadLetterStage:
             )
         )
         # The record first: a caller who has its answer finds the record already there.
-        return Handled([record, *handled.publishes], after_publish=handled.after_publish)
+        return replace(handled, publishes=[record, *handled.publishes])
 
     def _refuse(self, item: DeadLetter, origin: Origin, err: Forbidden, delivery: Delivery) -> Handled:
         # Answered here, with no ledger entry (as DedupStage.fail): the job_id of a message that may not act for

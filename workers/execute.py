@@ -3,8 +3,9 @@ candidate list when a provider gives out, and hand the answer to the account sta
 
 A provider answer is stored in Redis (keyed by job id) before the job is acked, so a redelivery
 after a crash re-uses it instead of calling (and paying) again. The write goes out beside the hand-on,
-under its publish confirm, and is awaited before the ack: a fresh job does not wait a Redis round trip
-for it, and a crash before the ack finds the answer kept as surely as when it was written first.
+under its publish confirm, and the message is settled only once it has finished (``Handled.beside``): acked,
+or requeued when the hand-on failed, so a fresh job does not wait a Redis round trip for it, and a redelivery
+finds the answer kept as surely as when it was written first.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class ExecuteStage(EnvelopeStage):
         )
         keeping = asyncio.ensure_future(self._keep_outcome(env.record, outcome))
         handed_on = envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)
-        return Handled([handed_on], after_publish=lambda: keeping)
+        return Handled([handed_on], beside=keeping)
 
     async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
         assert env.route is not None

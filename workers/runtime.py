@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -197,6 +198,9 @@ class Worker:
                 )
                 return
             attempt += 1
+            # Tried again as the broker would redeliver it: a stage that reads ``redelivered`` (execute's kept
+            # answer, dedup's own lease) must know that an earlier attempt may have done part of the work.
+            delivery = dataclasses.replace(delivery, redelivered=True, delivery_count=attempt - 1)
             await asyncio.sleep(verdict)
 
     async def _attempt(self, delivery: Delivery, release: Callable[[], None]) -> Literal[True] | float:
@@ -205,30 +209,38 @@ class Worker:
         publishes are queued, so an idle flush of the batcher takes them."""
         sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
         release = _once(release)
+        beside: Awaitable[None] | None = None
         try:
-            # A job waits for its slot undecoded: a batch's jobs decoded at once would hold up the event loop,
-            # and the interactive job behind them.
-            async with self._slots.slot(slot_lane(self._topology, delivery)):
-                item, verdict = await self._decide(delivery)
-            held = isinstance(verdict, Handled) and verdict.resume is not None
-            if held:
-                release()  # a job that waits is not busy: part-full batches go out without it
-            while isinstance(verdict, Handled) and verdict.resume is not None:  # outside the slots
-                verdict = await self._handled(item, delivery, verdict.resume)
-            if isinstance(verdict, Handled):
-                sending = self._enqueue(verdict, batching=not held)
+            try:
+                # A job waits for its slot undecoded: a batch's jobs decoded at once would hold up the event loop,
+                # and the interactive job behind them.
+                async with self._slots.slot(slot_lane(self._topology, delivery)):
+                    item, verdict = await self._decide(delivery)
+                held = isinstance(verdict, Handled) and verdict.resume is not None
+                if held:
+                    release()  # a job that waits is not busy: part-full batches go out without it
+                while isinstance(verdict, Handled) and verdict.resume is not None:  # outside the slots
+                    verdict = await self._handled(item, delivery, verdict.resume)
+                if isinstance(verdict, Handled):
+                    beside = verdict.beside
+                    sending = self._enqueue(verdict, batching=not held)
+            finally:
+                release()
+            if isinstance(verdict, FareboxError):
+                await self._dead_letter(delivery, verdict)
+                return True
+            if not isinstance(verdict, Handled):
+                return verdict
+            direct, confirms = sending
+            for p in direct:
+                await self._publish(p)
+            for confirmed in confirms:
+                await confirmed
         finally:
-            release()
-        if isinstance(verdict, FareboxError):
-            await self._dead_letter(delivery, verdict)
-            return True
-        if not isinstance(verdict, Handled):
-            return verdict
-        direct, confirms = sending
-        for p in direct:
-            await self._publish(p)
-        for confirmed in confirms:
-            await confirmed
+            if beside is not None:
+                # Acked or requeued (a publish failed), the message is settled after it: a redelivery finds what it
+                # wrote. Shielded, so a stop that cancels this attempt does not cut the write short either.
+                await asyncio.shield(beside)
         if verdict.after_publish is not None:
             await verdict.after_publish()
         return True

@@ -40,6 +40,9 @@ class Handled:
     # Runs after every publish is confirmed and before the ack (the account stage finishes a
     # ledger write here when Redis was away at first).
     after_publish: Callable[[], Awaitable[None]] | None = None
+    # Work begun beside the publishes (the execute stage keeps the provider's answer): the message is acked, or
+    # requeued when a publish failed, only once it has finished, so a redelivery finds what it wrote. Never raises.
+    beside: Awaitable[None] | None = None
     # Not an answer yet: the job waits (a coalesced waiter held by the dedup stage), outside the stage's slots,
     # and this gives what it becomes; the input stays unacked meanwhile. Its publishes are sent at once.
     resume: Callable[[], Awaitable[Handled]] | None = None

@@ -1,0 +1,116 @@
+"""The stage runtime's ``Handled.beside``: work begun beside a job's publishes (the execute stage's kept answer)
+has finished before the message is settled, acked or requeued; and a job of a batch tried again in the shell is
+handed to the core as a redelivery (farebox/stages/runtime.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from farebox.errors import FareboxError
+from farebox.settings import Settings
+from farebox.stages import runtime
+from farebox.stages.stage import Delivery, Handled, Publish
+
+
+class Core:
+    """Hands each job on with a slow write beside it, and remembers the deliveries it was given."""
+
+    name = "testbeside"
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.writes: list[asyncio.Task[None]] = []
+        self.written = 0
+
+    def input_queues(self) -> list[str]:
+        return []
+
+    def decode(self, delivery: Delivery) -> Any:
+        return delivery
+
+    async def write(self) -> None:
+        await asyncio.sleep(0.05)
+        self.written += 1
+
+    async def handle(self, item: Any, delivery: Delivery) -> Handled:
+        self.deliveries.append(delivery)
+        self.writes.append(asyncio.ensure_future(self.write()))
+        return Handled([Publish(routing_key="next", body=b"{}")], beside=self.writes[-1])
+
+    def fail(self, item: Any, err: FareboxError) -> Handled:
+        return Handled([])
+
+
+def worker(core: Core, publish: Any) -> runtime.Worker:
+    w = runtime.Worker(Settings(batch_max=1), core, [])
+    w._publish = publish  # type: ignore[method-assign]
+    return w
+
+
+async def failing(p: Publish) -> None:
+    await asyncio.sleep(0)
+    raise RuntimeError("the publish failed")
+
+
+async def test_a_failed_publish_is_raised_only_after_the_write_beside_it_finished() -> None:
+    core = Core()
+    with pytest.raises(RuntimeError):
+        await worker(core, failing)._attempt(Delivery("q", b"{}"), lambda: None)
+    # The caller (on_message) requeues now: a redelivery must find what the write left.
+    assert core.written == 1
+
+
+async def test_a_confirmed_job_is_settled_after_the_write_beside_it_and_before_after_publish() -> None:
+    core = Core()
+    seen: list[int] = []
+
+    async def confirmed(p: Publish) -> None:
+        pass
+
+    async def handle(item: Any, delivery: Delivery) -> Handled:
+        handled = await Core.handle(core, item, delivery)
+
+        async def after() -> None:
+            seen.append(core.written)
+
+        return Handled(handled.publishes, beside=handled.beside, after_publish=after)
+
+    core.handle = handle  # type: ignore[method-assign]
+    assert await worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None) is True
+    assert core.written == 1 and seen == [1]
+
+
+async def test_a_cancelled_attempt_leaves_the_write_beside_it_running_to_its_end() -> None:
+    core = Core()
+
+    async def confirmed(p: Publish) -> None:
+        pass
+
+    attempt = asyncio.create_task(worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None))
+    await asyncio.sleep(0.01)  # published; the attempt waits for the write (0.05 s), and a stop cancels it
+    assert not attempt.done()
+    attempt.cancel()
+    await asyncio.gather(attempt, return_exceptions=True)
+    (write,) = core.writes
+    await asyncio.wait_for(write, 2)  # a cancelled write would raise CancelledError here
+    assert core.written == 1
+
+
+async def test_a_job_of_a_batch_tried_again_in_the_shell_is_a_redelivery() -> None:
+    core = Core()
+    failures = [RuntimeError("the publish failed")]
+
+    async def flaky(p: Publish) -> None:
+        if failures:
+            raise failures.pop()
+
+    w = worker(core, flaky)
+    assert w.settings.delivery_limit > 3
+    await asyncio.wait_for(w._job_of_batch(Delivery("q", b"{}", delivery_count=2), lambda: None), 5)
+    first, again = core.deliveries
+    assert (first.redelivered, first.delivery_count) == (False, 2)
+    # As the broker would mark it: the core may find the work of the first attempt (execute's kept answer).
+    assert (again.redelivered, again.delivery_count) == (True, 3)
