@@ -68,8 +68,8 @@ async def test_the_answer_is_kept_before_the_ack_not_before_the_hand_on(
     monkeypatch.setattr(execute.redis, "set", slow_set)
     handled = await handle(execute, env)
     assert await redis.exists(key) == 0  # handed on while the write is under way
-    assert handled.beside is not None  # the runtime awaits it before the message is settled
-    await handled.beside
+    assert handled.settle_after is not None  # the runtime awaits it before the message is settled
+    await handled.settle_after
     assert Outcome.model_validate_json(await redis.get(key)) == handed_on(handled)
 
 
@@ -78,8 +78,8 @@ async def test_a_redelivered_job_hands_on_the_kept_answer_without_a_second_call(
 ) -> None:
     env = routed("keep-2")
     first = await handle(execute, env)
-    assert first.beside is not None
-    await first.beside
+    assert first.settle_after is not None
+    await first.settle_after
     calls = await emulator_stats.total()
     again = await handle(execute, env, redelivered=True)  # a crash after the write, before the ack
     assert handed_on(again) == handed_on(first)
@@ -95,9 +95,9 @@ async def test_a_failed_write_never_fails_the_job_after_its_publishes(
 
     monkeypatch.setattr(execute.redis, "set", failing_set)
     handled = await handle(execute, routed("keep-3"))
-    assert handled.beside is not None
+    assert handled.settle_after is not None
     with caplog.at_level(logging.WARNING, logger="farebox.execute"):
-        await handled.beside  # raising here would publish the job again
+        await handled.settle_after  # raising here would publish the job again
     assert handed_on(handled).content
     assert ("was not kept" in caplog.text) == isinstance(error, ResponseError)
 

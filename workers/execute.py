@@ -3,7 +3,7 @@ candidate list when a provider gives out, and hand the answer to the account sta
 
 A provider answer is stored in Redis (keyed by job id) before the job is acked, so a redelivery
 after a crash re-uses it instead of calling (and paying) again. The write goes out beside the hand-on,
-under its publish confirm, and the message is settled only once it has finished (``Handled.beside``): acked,
+under its publish confirm, and the message is settled only once it has finished (``Handled.settle_after``): acked,
 or requeued when the hand-on failed, so a fresh job does not wait a Redis round trip for it, and a redelivery
 finds the answer kept as surely as when it was written first.
 """
@@ -146,7 +146,7 @@ class ExecuteStage(EnvelopeStage):
         )
         keeping = asyncio.ensure_future(self._keep_outcome(env.record, outcome))
         handed_on = envelope_publish(env.model_copy(update={"outcome": outcome}), self.account_queue)
-        return Handled([handed_on], beside=keeping)
+        return Handled([handed_on], settle_after=keeping)
 
     async def _fall_back(self, env: Envelope, err: RetryableError) -> Handled:
         assert env.route is not None

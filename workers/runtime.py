@@ -209,7 +209,7 @@ class Worker:
         publishes are queued, so an idle flush of the batcher takes them."""
         sending: tuple[list[Publish], list[asyncio.Future[None]]] = ([], [])
         release = _once(release)
-        beside: Awaitable[None] | None = None
+        settle_after: asyncio.Future[None] | None = None
         try:
             try:
                 # A job waits for its slot undecoded: a batch's jobs decoded at once would hold up the event loop,
@@ -222,7 +222,7 @@ class Worker:
                 while isinstance(verdict, Handled) and verdict.resume is not None:  # outside the slots
                     verdict = await self._handled(item, delivery, verdict.resume)
                 if isinstance(verdict, Handled):
-                    beside = verdict.beside
+                    settle_after = verdict.settle_after
                     sending = self._enqueue(verdict, batching=not held)
             finally:
                 release()
@@ -237,10 +237,10 @@ class Worker:
             for confirmed in confirms:
                 await confirmed
         finally:
-            if beside is not None:
+            if settle_after is not None:
                 # Acked or requeued (a publish failed), the message is settled after it: a redelivery finds what it
-                # wrote. Shielded, so a stop that cancels this attempt does not cut the write short either.
-                await asyncio.shield(beside)
+                # wrote. Shielded, so a stop that cancels this attempt does not cancel the write with it.
+                await asyncio.shield(settle_after)
         if verdict.after_publish is not None:
             await verdict.after_publish()
         return True

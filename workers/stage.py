@@ -5,6 +5,7 @@ Cores never touch channels or acks; the shell in farebox/stages/runtime.py does 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,9 +41,10 @@ class Handled:
     # Runs after every publish is confirmed and before the ack (the account stage finishes a
     # ledger write here when Redis was away at first).
     after_publish: Callable[[], Awaitable[None]] | None = None
-    # Work begun beside the publishes (the execute stage keeps the provider's answer): the message is acked, or
-    # requeued when a publish failed, only once it has finished, so a redelivery finds what it wrote. Never raises.
-    beside: Awaitable[None] | None = None
+    # Work begun beside the publishes, already running (the execute stage keeps the provider's answer): the message
+    # is acked, or requeued when a publish failed, only once it has finished, so a redelivery finds what it wrote.
+    # Never raises. Only a final verdict's counts: a held one's (``resume``) is not awaited.
+    settle_after: asyncio.Future[None] | None = None
     # Not an answer yet: the job waits (a coalesced waiter held by the dedup stage), outside the stage's slots,
     # and this gives what it becomes; the input stays unacked meanwhile. Its publishes are sent at once.
     resume: Callable[[], Awaitable[Handled]] | None = None

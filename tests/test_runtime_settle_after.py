@@ -1,4 +1,4 @@
-"""The stage runtime's ``Handled.beside``: work begun beside a job's publishes (the execute stage's kept answer)
+"""The stage runtime's ``Handled.settle_after``: work begun beside a job's publishes (the execute stage's kept answer)
 has finished before the message is settled, acked or requeued; and a job of a batch tried again in the shell is
 handed to the core as a redelivery (farebox/stages/runtime.py)."""
 
@@ -18,7 +18,7 @@ from farebox.stages.stage import Delivery, Handled, Publish
 class Core:
     """Hands each job on with a slow write beside it, and remembers the deliveries it was given."""
 
-    name = "testbeside"
+    name = "testsettle"
 
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
@@ -38,7 +38,7 @@ class Core:
     async def handle(self, item: Any, delivery: Delivery) -> Handled:
         self.deliveries.append(delivery)
         self.writes.append(asyncio.ensure_future(self.write()))
-        return Handled([Publish(routing_key="next", body=b"{}")], beside=self.writes[-1])
+        return Handled([Publish(routing_key="next", body=b"{}")], settle_after=self.writes[-1])
 
     def fail(self, item: Any, err: FareboxError) -> Handled:
         return Handled([])
@@ -76,7 +76,7 @@ async def test_a_confirmed_job_is_settled_after_the_write_beside_it_and_before_a
         async def after() -> None:
             seen.append(core.written)
 
-        return Handled(handled.publishes, beside=handled.beside, after_publish=after)
+        return Handled(handled.publishes, settle_after=handled.settle_after, after_publish=after)
 
     core.handle = handle  # type: ignore[method-assign]
     assert await worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None) is True
