@@ -10,6 +10,9 @@ message:
 * ``BlockedError``: the job is fine but policy refuses it (personal data, budget). Also ends in an
   error result, with its own code so callers can tell refusal from failure.
 
+Anything else a stage raises (a bug, a library's error, a Rust extension's panic: ``library_panic``) is
+retried like a ``RetryableError`` up to the delivery limit, then dead-lettered with an ``internal`` result.
+
 ``code`` is the stable ``error.code`` of the result (see CONTRACT.md). ``str(err)`` is the
 message shown to the caller: it must be actionable and must never contain prompt text or secrets.
 """
@@ -73,6 +76,13 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     TimeoutError,
     OSError,
 )
+
+
+def library_panic(err: BaseException) -> bool:
+    """A Rust extension's panic (pyo3's ``PanicException``: tiktoken's on a pathological text). It is a
+    BaseException, which ``except Exception`` misses, yet it is one job's failure, not the process's: the stage
+    retries the job as after any other error, up to the delivery limit. pyo3 exposes no importable class."""
+    return type(err).__name__ == "PanicException"
 
 
 class FareboxError(Exception):

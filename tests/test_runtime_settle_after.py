@@ -1,6 +1,7 @@
 """The stage runtime's ``Handled.settle_after``: work begun beside a job's publishes (the execute stage's kept answer)
 has finished before the message is settled, acked or requeued; and a job of a batch tried again in the shell is
-handed to the core as a redelivery (farebox/stages/runtime.py)."""
+handed to the core as a redelivery; a library's panic (a BaseException) is one job's failure
+(farebox/stages/runtime.py)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,30 @@ async def test_a_job_of_a_batch_tried_again_in_the_shell_is_a_redelivery() -> No
     assert (first.redelivered, first.delivery_count) == (False, 2)
     # As the broker would mark it: the core may find the work of the first attempt (execute's kept answer).
     assert (again.redelivered, again.delivery_count) == (True, 3)
+
+
+class PanicException(BaseException):
+    """Named as pyo3's is (tiktoken's, say): a BaseException."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "retried"),
+    [(PanicException("tiktoken panicked"), True), (ValueError("a bug"), True), (KeyboardInterrupt(), False)],
+    ids=["library-panic", "exception", "keyboard-interrupt"],
+)
+async def test_a_library_panic_is_one_jobs_failure_and_a_cancel_is_not(raised: BaseException, retried: bool) -> None:
+    core = Core()
+
+    async def handle(item: Any, delivery: Delivery) -> Handled:
+        raise raised
+
+    async def confirmed(p: Publish) -> None:
+        pass
+
+    core.handle = handle  # type: ignore[method-assign]
+    attempt = worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None)
+    if retried:
+        assert await attempt == 0.5  # retried after a delay, up to the delivery limit, then dead-lettered
+    else:
+        with pytest.raises(type(raised)):
+            await attempt

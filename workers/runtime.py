@@ -38,6 +38,7 @@ from farebox.errors import (
     FareboxError,
     PermanentError,
     RetryableError,
+    library_panic,
 )
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, publish_confirmed
@@ -272,7 +273,9 @@ class Worker:
             delay = min(err.retry_after_s or 1.0, 10.0)
             log.warning("stage %s: job %s will be retried in %.1fs: %s", stage, _job_id(env), delay, err)
             return delay
-        except Exception:
+        except BaseException as err:
+            if not isinstance(err, Exception) and not library_panic(err):
+                raise  # a cancel or an exit: the process's, not this job's
             metrics.ERRORS.labels(stage, "internal").inc()
             log.exception(
                 "stage %s: job %s failed (delivery %d); it will be retried",
