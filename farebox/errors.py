@@ -85,6 +85,12 @@ def library_panic(err: BaseException) -> bool:
     return type(err).__name__ == "PanicException"
 
 
+def job_failure(err: BaseException) -> bool:
+    """Whether ``err`` is one job's failure, which the stage shell answers (retry, dead-letter), rather than
+    the process's own end (a cancel, an exit, a KeyboardInterrupt), which it lets through."""
+    return isinstance(err, Exception) or library_panic(err)
+
+
 class FareboxError(Exception):
     """Base of every error farebox raises on purpose."""
 

@@ -6,10 +6,12 @@ handed to the core as a redelivery; a library's panic (a BaseException) is one j
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from farebox.constants import H_BATCH
 from farebox.errors import FareboxError
 from farebox.settings import Settings
 from farebox.stages import runtime
@@ -142,3 +144,63 @@ async def test_a_library_panic_is_one_jobs_failure_and_a_cancel_is_not(raised: B
     else:
         with pytest.raises(type(raised)):
             await attempt
+
+
+def incoming(body: bytes, headers: dict[str, Any] | None = None) -> Any:
+    """What the runtime reads of an aio-pika message."""
+    return SimpleNamespace(
+        body=body,
+        headers=headers or {},
+        redelivered=False,
+        timestamp=None,
+        reply_to=None,
+        correlation_id=None,
+        message_id="m-1",
+        user_id=None,
+    )
+
+
+class PanickingDecode(Core):
+    def decode(self, delivery: Delivery) -> Any:
+        if delivery.body == b"bad":
+            raise PanicException("pydantic-core panicked")
+        return delivery
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, bool]]:
+    seen: list[dict[str, bool]] = []
+
+    async def settle(message: Any, *, ack: bool = False, requeue: bool = False) -> None:
+        seen.append({"ack": ack, "requeue": requeue})
+
+    monkeypatch.setattr(runtime, "settle", settle)
+    return seen
+
+
+async def published(p: Publish) -> None:
+    pass
+
+
+async def test_a_message_whose_decode_panics_is_requeued_not_left_unsettled(settled: list[dict[str, bool]]) -> None:
+    on_message = worker(PanickingDecode(), published)._callback("q")
+    await asyncio.wait_for(on_message(incoming(b"bad")), 5)
+    assert settled == [{"ack": False, "requeue": True}]  # the broker's delivery limit then dead-letters it
+
+
+async def test_a_job_of_a_batch_whose_decode_panics_is_dead_lettered_alone(
+    settled: list[dict[str, bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = PanickingDecode()
+    w = runtime.Worker(Settings(batch_max=1, delivery_limit=2), core, [])
+    w._publish = published  # type: ignore[method-assign]
+    dead: list[bytes] = []
+
+    async def dead_letter(delivery: Delivery, err: Exception) -> None:
+        dead.append(delivery.body)
+
+    monkeypatch.setattr(w, "_dead_letter", dead_letter)
+    batch = incoming(b"good\nbad", {H_BATCH: 2})
+    await asyncio.wait_for(w._callback("q")(batch), 10)
+    assert [d.body for d in core.deliveries] == [b"good"] and dead == [b"bad"]
+    assert settled == [{"ack": True, "requeue": False}]  # the good job is not published again

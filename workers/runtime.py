@@ -38,7 +38,7 @@ from farebox.errors import (
     FareboxError,
     PermanentError,
     RetryableError,
-    library_panic,
+    job_failure,
 )
 from farebox.patches import aiormq_writes
 from farebox.publishing import Backoff, publish_confirmed
@@ -135,7 +135,9 @@ class Worker:
             owed = Unhandled(self._busy, self._done_handling, self._topology.lane_of(queue))
             try:
                 await self._process(message, queue, owed)
-            except Exception:  # the shell must never die on one message
+            except BaseException as err:  # the shell must never die on one message
+                if not job_failure(err):
+                    raise
                 log.exception("stage %s: unexpected failure handling a message", self.core.name)
                 await settle(message, requeue=True)
             finally:
@@ -183,7 +185,9 @@ class Worker:
         while True:
             try:
                 verdict = await self._attempt(delivery, release)
-            except Exception:  # publishing failed in a way _publish does not wait out
+            except BaseException as err:  # publishing failed in a way _publish does not wait out, a decode panicked
+                if not job_failure(err):
+                    raise
                 log.exception("stage %s: job of a batch failed (attempt %d)", self.core.name, attempt)
                 verdict = 0.5
             if verdict is True:
@@ -274,7 +278,7 @@ class Worker:
             log.warning("stage %s: job %s will be retried in %.1fs: %s", stage, _job_id(env), delay, err)
             return delay
         except BaseException as err:
-            if not isinstance(err, Exception) and not library_panic(err):
+            if not job_failure(err):
                 raise  # a cancel or an exit: the process's, not this job's
             metrics.ERRORS.labels(stage, "internal").inc()
             log.exception(
