@@ -11,7 +11,7 @@ demo:                 ## the pipeline on a sample backfill, results and a cost s
 test:                 ## the default suite: needs RabbitMQ and Redis (started if local and down)
 	bash scripts/test.sh
 
-unit: setup           ## pure unit tests, no services, under a minute
+unit: setup           ## pure unit tests, no services, about two minutes
 	$(PY) -m pytest -q -m unit -p no:cacheprovider
 
 chaos: setup          ## the long fault, outage and load runs (kill -9, cuts, big backfills)
