@@ -203,8 +203,8 @@ class Worker:
                 )
                 return
             attempt += 1
-            # Tried again as the broker would redeliver it: a stage that reads ``redelivered`` (execute's kept
-            # answer, dedup's own lease) must know that an earlier attempt may have done part of the work.
+            # Tried again as the broker would redeliver it: a stage that reads ``redelivered`` (execute, for the answer
+            # it kept) must know that an earlier attempt may have done part of the work.
             delivery = dataclasses.replace(delivery, redelivered=True, delivery_count=attempt - 1)
             await asyncio.sleep(verdict)
 

@@ -49,7 +49,7 @@ _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 
 # E.164 and international: "+" country code then groups; US: (415) 555-0100, 415-555-0100, 415.555.0100.
 # The groups are atomic: a long run of digits can be cut into them some 10,000 ways, each tried again before
-# ``(?!\d)`` fails (100,000 characters of "+1111..." took 2.7 s; now 15 ms).
+# ``(?!\d)`` fails (100,000 characters of " +" and 29 digits, again and again, took 2.9 s; now 33 ms).
 _PHONE_INTL = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?>[ .-]?\(?\d{1,5}\)?){1,5}(?!\d)")
 _PHONE_US = re.compile(r"\d{3}([ .-])\d{3}\1\d{4}(?![\d-])")  # one separator throughout: 415-555-0100
 _PHONE_US_PAREN = re.compile(r"\(\d{3}\) ?\d{3}[ .-]\d{4}(?![\d-])")  # (415) 555-0100
