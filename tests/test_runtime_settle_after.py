@@ -47,10 +47,14 @@ class Core:
         return Handled([])
 
 
-def worker(core: Core, publish: Any) -> runtime.Worker:
-    w = runtime.Worker(Settings(batch_max=1), core, [])
+def worker(core: Core, publish: Any, settings: Settings | None = None) -> runtime.Worker:
+    w = runtime.Worker(settings or Settings(batch_max=1), core, [])
     w._publish = publish  # type: ignore[method-assign]
     return w
+
+
+async def published(p: Publish) -> None:
+    """A publish the broker confirmed."""
 
 
 async def failing(p: Publish) -> None:
@@ -70,9 +74,6 @@ async def test_a_confirmed_job_is_settled_after_the_write_beside_it_and_before_a
     core = Core()
     seen: list[int] = []
 
-    async def confirmed(p: Publish) -> None:
-        pass
-
     async def handle(item: Any, delivery: Delivery) -> Handled:
         handled = await Core.handle(core, item, delivery)
 
@@ -82,17 +83,14 @@ async def test_a_confirmed_job_is_settled_after_the_write_beside_it_and_before_a
         return Handled(handled.publishes, settle_after=handled.settle_after, after_publish=after)
 
     core.handle = handle  # type: ignore[method-assign]
-    assert await worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None) is True
+    assert await worker(core, published)._attempt(Delivery("q", b"{}"), lambda: None) is True
     assert core.written == 1 and seen == [1]
 
 
 async def test_a_cancelled_attempt_leaves_the_write_beside_it_running_to_its_end() -> None:
     core = Core()
 
-    async def confirmed(p: Publish) -> None:
-        pass
-
-    attempt = asyncio.create_task(worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None))
+    attempt = asyncio.create_task(worker(core, published)._attempt(Delivery("q", b"{}"), lambda: None))
     await asyncio.sleep(0.01)  # published; the attempt waits for the write (0.05 s), and a stop cancels it
     assert not attempt.done()
     attempt.cancel()
@@ -134,11 +132,8 @@ async def test_a_library_panic_is_one_jobs_failure_and_a_cancel_is_not(raised: B
     async def handle(item: Any, delivery: Delivery) -> Handled:
         raise raised
 
-    async def confirmed(p: Publish) -> None:
-        pass
-
     core.handle = handle  # type: ignore[method-assign]
-    attempt = worker(core, confirmed)._attempt(Delivery("q", b"{}"), lambda: None)
+    attempt = worker(core, published)._attempt(Delivery("q", b"{}"), lambda: None)
     if retried:
         assert await attempt == 0.5  # retried after a delay, up to the delivery limit, then dead-lettered
     else:
@@ -178,10 +173,6 @@ def settled(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, bool]]:
     return seen
 
 
-async def published(p: Publish) -> None:
-    pass
-
-
 async def test_a_message_whose_decode_panics_is_requeued_not_left_unsettled(settled: list[dict[str, bool]]) -> None:
     on_message = worker(PanickingDecode(), published)._callback("q")
     await asyncio.wait_for(on_message(incoming(b"bad")), 5)
@@ -192,8 +183,7 @@ async def test_a_job_of_a_batch_whose_decode_panics_is_dead_lettered_alone(
     settled: list[dict[str, bool]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     core = PanickingDecode()
-    w = runtime.Worker(Settings(batch_max=1, delivery_limit=2), core, [])
-    w._publish = published  # type: ignore[method-assign]
+    w = worker(core, published, Settings(batch_max=1, delivery_limit=2))
     dead: list[bytes] = []
 
     async def dead_letter(delivery: Delivery, err: Exception) -> None:
